@@ -1,0 +1,198 @@
+//! The response body the layer hands out: a stored body, the inner body untouched, or the
+//! inner body streamed to the client while a copy is kept for the store (up to a limit).
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::stats::{bump, CacheStats};
+
+type OnComplete = Box<dyn FnOnce(Bytes, Option<HeaderMap>) + Send + Sync>;
+
+/// Collects a copy of a streamed body; hands it over when the body ended within the limit.
+pub(crate) struct Tee {
+    chunks: Vec<Bytes>,
+    size: usize,
+    limit: usize,
+    trailers: Option<HeaderMap>,
+    stats: CacheStats,
+    on_complete: OnComplete,
+}
+
+impl Tee {
+    pub(crate) fn new(limit: usize, stats: CacheStats, on_complete: OnComplete) -> Self {
+        Tee {
+            chunks: Vec::new(),
+            size: 0,
+            limit,
+            trailers: None,
+            stats,
+            on_complete,
+        }
+    }
+
+    /// Records a frame; false when the body went over the limit (the copy is then dropped).
+    fn observe(&mut self, frame: &Frame<Bytes>) -> bool {
+        if let Some(data) = frame.data_ref() {
+            self.size += data.len();
+            if self.size > self.limit {
+                bump(&self.stats.inner.oversize);
+                return false;
+            }
+            if !data.is_empty() {
+                self.chunks.push(data.clone());
+            }
+        } else if let Some(trailers) = frame.trailers_ref() {
+            self.trailers = Some(trailers.clone());
+        }
+        true
+    }
+
+    fn complete(self) {
+        let body = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.into_iter().next().expect("one chunk"),
+            _ => {
+                let mut all = Vec::with_capacity(self.size);
+                for c in &self.chunks {
+                    all.extend_from_slice(c);
+                }
+                Bytes::from(all)
+            }
+        };
+        (self.on_complete)(body, self.trailers);
+    }
+}
+
+pin_project! {
+    /// The body of a response that went through [`Cache`](crate::Cache).
+    pub struct CacheBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Stored { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        Passthrough { #[pin] inner: B },
+        Filling { #[pin] inner: B, tee: Option<Tee> },
+    }
+}
+
+impl<B: Body> CacheBody<B> {
+    pub(crate) fn stored(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        CacheBody {
+            kind: Kind::Stored {
+                data: Some(data),
+                trailers,
+            },
+        }
+    }
+
+    pub(crate) fn passthrough(inner: B) -> Self {
+        CacheBody {
+            kind: Kind::Passthrough { inner },
+        }
+    }
+
+    pub(crate) fn filling(inner: B, tee: Tee) -> Self {
+        if inner.is_end_stream() {
+            // Nobody will poll an empty body: store it now.
+            tee.complete();
+            return Self::passthrough(inner);
+        }
+        CacheBody {
+            kind: Kind::Filling {
+                inner,
+                tee: Some(tee),
+            },
+        }
+    }
+}
+
+fn to_bytes<D: Buf>(mut d: D) -> Bytes {
+    d.copy_to_bytes(d.remaining())
+}
+
+impl<B> Body for CacheBody<B>
+where
+    B: Body,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Stored { data, trailers } => {
+                if let Some(d) = data.take().filter(|d| !d.is_empty()) {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            KindProj::Passthrough { inner } => inner
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map(|f| f.map_data(to_bytes)))),
+            KindProj::Filling { mut inner, tee } => {
+                let polled = ready!(inner.as_mut().poll_frame(cx));
+                let polled = polled.map(|r| r.map(|f| f.map_data(to_bytes)));
+                match &polled {
+                    Some(Ok(frame)) => {
+                        if tee.as_mut().is_some_and(|t| !t.observe(frame)) {
+                            *tee = None;
+                        }
+                        // hyper stops polling once the body says it ended: finish here.
+                        if inner.is_end_stream() {
+                            if let Some(t) = tee.take() {
+                                t.complete();
+                            }
+                        }
+                    }
+                    Some(Err(_)) => *tee = None,
+                    None => {
+                        if let Some(t) = tee.take() {
+                            t.complete();
+                        }
+                    }
+                }
+                Poll::Ready(polled)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Stored { data, trailers } => {
+                data.as_ref().is_none_or(|d| d.is_empty()) && trailers.is_none()
+            }
+            Kind::Passthrough { inner } | Kind::Filling { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Stored { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Passthrough { inner } | Kind::Filling { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for CacheBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match &self.kind {
+            Kind::Stored { .. } => "CacheBody::Stored",
+            Kind::Passthrough { .. } => "CacheBody::Passthrough",
+            Kind::Filling { .. } => "CacheBody::Filling",
+        })
+    }
+}

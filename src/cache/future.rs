@@ -1,0 +1,96 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::{HeaderMap, Response};
+use pin_project_lite::pin_project;
+
+use super::body::CacheBody;
+
+/// How a request was served, for the status headers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Outcome {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+type Boxed<B, E> = Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send>>;
+type Annotate = Box<dyn FnOnce(&mut HeaderMap) + Send>;
+
+pin_project! {
+    /// The future of [`Cache`](crate::Cache).
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        state: State<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B, E> {
+        // Requests the cache does not touch: no allocation, no store call.
+        Passthrough { #[pin] fut: F },
+        // Requests that bypass the cache: the inner response, with status headers added.
+        Annotated { #[pin] fut: F, annotate: Option<Annotate> },
+        // Lookups: the hit path and the miss path (see `Cache::call`).
+        Cached { fut: Boxed<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn passthrough(fut: F) -> Self {
+        ResponseFuture {
+            state: State::Passthrough { fut },
+        }
+    }
+
+    pub(crate) fn annotated(
+        fut: F,
+        annotate: impl FnOnce(&mut HeaderMap) + Send + 'static,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Annotated {
+                fut,
+                annotate: Some(Box::new(annotate)),
+            },
+        }
+    }
+
+    pub(crate) fn boxed(fut: Boxed<B, E>) -> Self {
+        ResponseFuture {
+            state: State::Cached { fut },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
+{
+    type Output = Result<Response<CacheBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Passthrough { fut } => {
+                let res = ready!(fut.poll(cx))?;
+                Poll::Ready(Ok(res.map(CacheBody::passthrough)))
+            }
+            StateProj::Annotated { fut, annotate } => {
+                let mut res = ready!(fut.poll(cx))?;
+                if let Some(a) = annotate.take() {
+                    a(res.headers_mut());
+                }
+                Poll::Ready(Ok(res.map(CacheBody::passthrough)))
+            }
+            StateProj::Cached { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}

@@ -1,0 +1,169 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+use tower_layer::Layer;
+
+use super::service::Cache;
+use crate::key::{EntryKey, QueryFilter};
+use crate::policy::RouteTable;
+use crate::stats::{Breaker, CacheStats};
+use crate::store::Store;
+
+/// Default largest body stored (larger ones stream through unstored).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A tower layer that answers GET and HEAD requests from a [`Store`] and fills it on misses.
+///
+/// It doubles as its builder. Clones, and every service it makes, share one state (the store,
+/// the route table and the counters) behind an `Arc`, so `Layer::layer` may run once per route.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{routing::get, Router};
+/// use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable};
+///
+/// let routes = RouteTable::new()
+///     .route("/events/{id}", RoutePolicy::ttl(Duration::from_secs(300)).tags(["events", "event:{id}"]));
+/// let cache = CacheLayer::new(MemoryStore::new(64 << 20))
+///     .routes(routes)
+///     .ignore_query_params(["utm_*"]);
+/// let app: Router = Router::new()
+///     .route("/events/{id}", get(|| async { "event" }))
+///     .layer(cache);
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct CacheLayer<St> {
+    pub(crate) shared: Arc<Shared<St>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Shared<St> {
+    pub(crate) store: St,
+    pub(crate) routes: RouteTable,
+    pub(crate) query_filter: QueryFilter,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) status_name: Arc<str>,
+    pub(crate) x_cache: bool,
+    pub(crate) stats: CacheStats,
+}
+
+impl<St: std::fmt::Debug> std::fmt::Debug for CacheLayer<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheLayer")
+            .field("store", &self.shared.store)
+            .field("routes", &self.shared.routes)
+            .field("max_body_bytes", &self.shared.max_body_bytes)
+            .finish()
+    }
+}
+
+impl<St: Store> CacheLayer<St> {
+    /// A layer over `store` with an empty route table: only responses that carry their own
+    /// freshness (`Cache-Control: s-maxage`/`max-age`, `Expires`, a [`CacheHint`](crate::CacheHint))
+    /// are cached until routes are added.
+    pub fn new(store: St) -> Self {
+        CacheLayer {
+            shared: Arc::new(Shared {
+                store,
+                routes: RouteTable::new(),
+                query_filter: QueryFilter::default(),
+                max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                status_name: Arc::from("tower-cache-aside"),
+                x_cache: true,
+                stats: CacheStats::new(Breaker::new(5, Duration::from_secs(1))),
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Shared<St>)) -> Self {
+        f(Arc::make_mut(&mut self.shared));
+        self
+    }
+
+    /// Sets the route table (per-route TTL, tags, scope, statuses, vary).
+    pub fn routes(self, routes: RouteTable) -> Self {
+        self.edit(|s| s.routes = routes)
+    }
+
+    /// Leaves these query parameters out of the key. A trailing `*` matches a prefix:
+    /// `["utm_*", "fbclid"]`.
+    pub fn ignore_query_params<I, T>(self, params: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        self.edit(|s| {
+            for p in params {
+                s.query_filter.add(p.as_ref());
+            }
+        })
+    }
+
+    /// Largest body stored, in bytes (default 1 MiB). Larger bodies stream through untouched.
+    pub fn max_body_bytes(self, max: usize) -> Self {
+        self.edit(|s| s.max_body_bytes = max)
+    }
+
+    /// The cache's name in `Cache-Status` (RFC 9211; default `tower-cache-aside`).
+    ///
+    /// # Panics
+    /// If `name` is not a valid header value token.
+    #[track_caller]
+    pub fn cache_status_name(self, name: &str) -> Self {
+        assert!(
+            !name.is_empty()
+                && HeaderValue::from_str(name).is_ok()
+                && !name.contains([';', ',', ' ']),
+            "cache_status_name `{name}` must be a token (no spaces, `;` or `,`)"
+        );
+        self.edit(|s| s.status_name = Arc::from(name))
+    }
+
+    /// Whether responses carry `X-Cache: HIT|MISS|BYPASS` besides `Cache-Status` (default on).
+    pub fn x_cache_header(self, on: bool) -> Self {
+        self.edit(|s| s.x_cache = on)
+    }
+
+    /// Circuit breaker: after `failures` consecutive store errors, skip the store for
+    /// `cooldown`, then probe it with one request (default 5 failures, 1 s). Resets counters:
+    /// call it before [`CacheLayer::stats`].
+    pub fn circuit_breaker(self, failures: u32, cooldown: Duration) -> Self {
+        self.edit(|s| s.stats = CacheStats::new(Breaker::new(failures, cooldown)))
+    }
+
+    /// The layer's counters (shared with every service it made).
+    pub fn stats(&self) -> CacheStats {
+        self.shared.stats.clone()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.shared.store
+    }
+
+    /// The key a GET or HEAD request with these parts would be cached under, or `None` when
+    /// it would not be looked up (another method, an uncached route, a bypass).
+    pub fn entry_key(&self, parts: &Parts) -> Option<EntryKey> {
+        match self.shared.plan(parts) {
+            super::service::Plan::Lookup { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+impl<S, St: Store> Layer<S> for CacheLayer<St> {
+    type Service = Cache<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Cache {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+pub(crate) static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");

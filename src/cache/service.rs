@@ -1,0 +1,410 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, RANGE};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::body::{CacheBody, Tee};
+use super::future::{Outcome, ResponseFuture};
+use super::layer::{Shared, CACHE_STATUS, X_CACHE};
+use crate::entry::{now_ms, Entry};
+use crate::key::{derive_key, EntryKey, ScopeKey};
+use crate::policy::{decide, is_valid_tag, CacheHint, Decision, Freshness, Route, Scope};
+use crate::stats::bump;
+use crate::store::{Fill, FillOutcome, Store};
+
+/// The service made by [`CacheLayer`](crate::CacheLayer).
+#[derive(Clone)]
+pub struct Cache<S, St> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared<St>>,
+}
+
+impl<S: std::fmt::Debug, St> std::fmt::Debug for Cache<S, St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("inner", &self.inner).finish()
+    }
+}
+
+/// What to do with one request, decided before anything is awaited.
+pub(crate) enum Plan {
+    /// Not ours: another method or an uncached route. Untouched.
+    Skip,
+    /// A cacheable route, but this request must not share an entry.
+    Bypass(&'static str),
+    Lookup {
+        key: EntryKey,
+        route: Arc<Route>,
+        tags: Vec<String>,
+    },
+}
+
+/// What the lookup step found.
+enum Found {
+    Hit(Entry),
+    Miss {
+        fence: u64,
+    },
+    /// The store failed or the breaker is open: serve from the origin, do not fill.
+    Unavailable,
+}
+
+impl<St: Store> Shared<St> {
+    pub(crate) fn plan(&self, parts: &Parts) -> Plan {
+        if parts.method != Method::GET && parts.method != Method::HEAD {
+            return Plan::Skip;
+        }
+        let matched = self.routes.find(parts.uri.path());
+        let route = matched.route;
+        if route.policy.freshness == Freshness::Never {
+            return Plan::Skip;
+        }
+        if parts.headers.contains_key(RANGE) {
+            return Plan::Bypass("range");
+        }
+        let has_credentials =
+            parts.headers.contains_key(AUTHORIZATION) || parts.headers.contains_key(COOKIE);
+        let user;
+        let scope = match &route.policy.scope {
+            Scope::Shared if has_credentials => return Plan::Bypass("credentials"),
+            Scope::Shared | Scope::Public => ScopeKey::Shared,
+            Scope::PerUser(name_user) => {
+                user = name_user(parts);
+                match &user {
+                    Some(u) => ScopeKey::User(u),
+                    None if has_credentials => return Plan::Bypass("unknown-user"),
+                    None => ScopeKey::Anonymous,
+                }
+            }
+        };
+        let key = derive_key(
+            &route.id,
+            parts,
+            &route.policy.vary,
+            &self.query_filter,
+            scope,
+        );
+        Plan::Lookup {
+            key,
+            tags: route.tags(&matched.params),
+            route: route.clone(),
+        }
+    }
+
+    async fn lookup(&self, key: &EntryKey, now_ms: u64) -> Found {
+        let counters = &self.stats.inner;
+        if !counters.breaker.allow() {
+            bump(&counters.breaker_skips);
+            return Found::Unavailable;
+        }
+        let lookup = match self.store.lookup(key).await {
+            Ok(l) => l,
+            Err(e) => {
+                bump(&counters.store_errors);
+                counters.breaker.failure();
+                tracing::debug!(error = %e, %key, "cache lookup failed; passing through");
+                return Found::Unavailable;
+            }
+        };
+        counters.breaker.success();
+        let Some(bytes) = lookup.value else {
+            return Found::Miss {
+                fence: lookup.fence,
+            };
+        };
+        match Entry::decode(bytes) {
+            Ok(entry) if entry.remaining(now_ms).is_some() => Found::Hit(entry),
+            Ok(_) => Found::Miss {
+                fence: lookup.fence,
+            },
+            Err(e) => {
+                bump(&counters.decode_errors);
+                tracing::warn!(%key, reason = e.0, "unreadable cache entry; treating as a miss");
+                Found::Miss {
+                    fence: lookup.fence,
+                }
+            }
+        }
+    }
+
+    fn status_value(&self, detail: std::fmt::Arguments<'_>) -> HeaderValue {
+        let v = format!("{}; {}", self.status_name, detail);
+        HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("tower-cache-aside"))
+    }
+
+    pub(crate) fn mark(
+        &self,
+        headers: &mut HeaderMap,
+        outcome: Outcome,
+        detail: std::fmt::Arguments<'_>,
+    ) {
+        headers.append(&CACHE_STATUS, self.status_value(detail));
+        if self.x_cache {
+            let v = match outcome {
+                Outcome::Hit => "HIT",
+                Outcome::Miss => "MISS",
+                Outcome::Bypass => "BYPASS",
+            };
+            headers.insert(&X_CACHE, HeaderValue::from_static(v));
+        }
+    }
+
+    fn hit_response<B: Body>(
+        &self,
+        entry: Entry,
+        head: bool,
+        now_ms: u64,
+    ) -> Response<CacheBody<B>> {
+        let ttl = entry.remaining(now_ms).map_or(0, |d| d.as_secs());
+        let age = entry.age_secs(now_ms);
+        let mut headers = entry.headers;
+        if !headers.contains_key(CONTENT_LENGTH) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+        }
+        headers.insert(http::header::AGE, HeaderValue::from(age));
+        self.mark(&mut headers, Outcome::Hit, format_args!("hit; ttl={ttl}"));
+        let body = if head {
+            CacheBody::stored(bytes::Bytes::new(), None)
+        } else {
+            CacheBody::stored(entry.body, entry.trailers)
+        };
+        let mut res = Response::new(body);
+        *res.status_mut() = entry.status;
+        *res.headers_mut() = headers;
+        res
+    }
+}
+
+impl<St: Store> Shared<St> {
+    /// Decides whether a miss's response is stored, and wraps its body accordingly.
+    fn miss_response<B: Body>(
+        self: &Arc<Self>,
+        res: Response<B>,
+        key: EntryKey,
+        route: &Route,
+        mut tags: Vec<String>,
+        fence: Option<u64>,
+    ) -> Response<CacheBody<B>> {
+        let counters = &self.stats.inner;
+        bump(&counters.misses);
+        let (mut parts, body) = res.into_parts();
+        let Some(fence) = fence else {
+            self.mark(
+                &mut parts.headers,
+                Outcome::Miss,
+                format_args!("fwd=miss; detail=store-unavailable"),
+            );
+            return Response::from_parts(parts, CacheBody::passthrough(body));
+        };
+        let hint = parts.extensions.get::<CacheHint>();
+        let (lifetime, initial_age_s) =
+            match decide(&route.policy, parts.status.as_u16(), &parts.headers, hint) {
+                Decision::Store {
+                    lifetime,
+                    initial_age_s,
+                } => (lifetime, initial_age_s),
+                Decision::Skip(why) => {
+                    bump(&counters.uncacheable);
+                    self.mark(
+                        &mut parts.headers,
+                        Outcome::Miss,
+                        format_args!("fwd=miss; detail={why}"),
+                    );
+                    return Response::from_parts(parts, CacheBody::passthrough(body));
+                }
+            };
+        let declared_len = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > self.max_body_bytes as u64) {
+            bump(&counters.oversize);
+            self.mark(
+                &mut parts.headers,
+                Outcome::Miss,
+                format_args!("fwd=miss; detail=too-large"),
+            );
+            return Response::from_parts(parts, CacheBody::passthrough(body));
+        }
+        if let Some(hint) = hint {
+            for t in &hint.tags {
+                if is_valid_tag(t) {
+                    tags.push(t.clone());
+                } else {
+                    tracing::warn!(route = %route.id, "skipping an invalid tag from a CacheHint");
+                }
+            }
+        }
+        let entry = Entry {
+            status: parts.status,
+            headers: storable_headers(&parts.headers),
+            body: bytes::Bytes::new(),
+            trailers: None,
+            stored_at_ms: now_ms(),
+            lifetime_ms: lifetime.as_millis().min(u128::from(u64::MAX)) as u64,
+            initial_age_s,
+            fence,
+            tags,
+        };
+        self.mark(
+            &mut parts.headers,
+            Outcome::Miss,
+            format_args!("fwd=miss; stored"),
+        );
+        let shared = self.clone();
+        let tee = Tee::new(
+            self.max_body_bytes,
+            self.stats.clone(),
+            Box::new(move |body, trailers| {
+                shared.spawn_fill(
+                    key,
+                    Entry {
+                        body,
+                        trailers,
+                        ..entry
+                    },
+                )
+            }),
+        );
+        Response::from_parts(parts, CacheBody::filling(body, tee))
+    }
+
+    /// Writes the entry in the background: the client never waits for the store on a miss.
+    fn spawn_fill(self: Arc<Self>, key: EntryKey, entry: Entry) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!("no Tokio runtime to fill the cache from; entry dropped");
+            return;
+        };
+        runtime.spawn(async move {
+            let counters = &self.stats.inner;
+            if !counters.breaker.allow() {
+                bump(&counters.breaker_skips);
+                return;
+            }
+            let ttl = entry.remaining(entry.stored_at_ms).unwrap_or_default();
+            let fill = Fill::new(key, entry.encode(), ttl, entry.tags, entry.fence);
+            match self.store.fill(fill).await {
+                Ok(FillOutcome::Stored) => {
+                    counters.breaker.success();
+                    bump(&counters.fills);
+                }
+                Ok(FillOutcome::Fenced) => {
+                    counters.breaker.success();
+                    bump(&counters.fills_fenced);
+                }
+                Err(e) => {
+                    bump(&counters.store_errors);
+                    counters.breaker.failure();
+                    tracing::debug!(error = %e, "cache fill failed");
+                }
+            }
+        });
+    }
+}
+
+/// The headers worth storing: no hop-by-hop headers (RFC 9110 §7.6.1), no `Age` (recomputed
+/// on every hit) and no `Set-Cookie` (never stored anyway).
+fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    const HOP_BY_HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "age",
+    ];
+    let listed: Vec<String> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || n == "set-cookie" || listed.iter().any(|l| l == n) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S, St>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+{
+    type Response = Response<CacheBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let (key, route, tags) = match self.shared.plan(&parts) {
+            Plan::Skip => {
+                return ResponseFuture::passthrough(
+                    self.inner.call(Request::from_parts(parts, body)),
+                )
+            }
+            Plan::Bypass(why) => {
+                bump(&self.shared.stats.inner.bypasses);
+                let fut = self.inner.call(Request::from_parts(parts, body));
+                let shared = self.shared.clone();
+                return ResponseFuture::annotated(fut, move |headers| {
+                    shared.mark(
+                        headers,
+                        Outcome::Bypass,
+                        format_args!("fwd=bypass; detail={why}"),
+                    )
+                });
+            }
+            Plan::Lookup { key, route, tags } => (key, route, tags),
+        };
+        // The clone was not polled ready; keep it and hand the ready one to the future.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let head = parts.method == Method::HEAD;
+        ResponseFuture::boxed(Box::pin(async move {
+            // The hit path, top to bottom: one store round trip, no inner call.
+            let now = now_ms();
+            let fence = match shared.lookup(&key, now).await {
+                Found::Hit(entry) => {
+                    bump(&shared.stats.inner.hits);
+                    return Ok(shared.hit_response(entry, head, now));
+                }
+                Found::Miss { fence } => Some(fence),
+                Found::Unavailable => None,
+            };
+            let res = inner.call(Request::from_parts(parts, body)).await?;
+            if head {
+                // A HEAD response has no body to store, and storing it would poison GET.
+                bump(&shared.stats.inner.misses);
+                let (mut parts, body) = res.into_parts();
+                shared.mark(
+                    &mut parts.headers,
+                    Outcome::Miss,
+                    format_args!("fwd=miss; detail=head"),
+                );
+                return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
+            }
+            Ok(shared.miss_response(res, key, &route, tags, fence))
+        }))
+    }
+}

@@ -1,0 +1,289 @@
+//! The stored entry: a versioned, compact binary encoding of one response.
+//!
+//! Layout (little endian), version 1:
+//! ```text
+//! "TCA" 0x01 | status u16 | stored_at_ms u64 | lifetime_ms u64 | initial_age_s u32 | fence u64
+//! | tags:     u16 count, each (u16 len, bytes)
+//! | headers:  u16 count, each (u16 name len, name, u32 value len, value)
+//! | trailers: u8 present, then as headers when present
+//! | body:     u32 len, bytes (must end the buffer)
+//! ```
+//! Decoding checks every length and every header name and value; anything else is a
+//! [`DecodeError`], which the layer treats as a miss (and the next fill overwrites it).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+const MAGIC: [u8; 4] = *b"TCA\x01";
+
+/// One cached response with the metadata the layer needs to serve it.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+    /// When the response was received, in milliseconds since the Unix epoch.
+    pub(crate) stored_at_ms: u64,
+    /// Freshness lifetime (RFC 9111 §4.2.1) from the response's point of view.
+    pub(crate) lifetime_ms: u64,
+    /// The `Age` the origin response already had.
+    pub(crate) initial_age_s: u32,
+    /// The store's invalidation sequence observed before the origin was called.
+    pub(crate) fence: u64,
+    pub(crate) tags: Vec<String>,
+}
+
+/// The stored bytes are not an entry this version can read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecodeError(pub(crate) &'static str);
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Entry {
+    /// Age in whole seconds at `now_ms`, as sent in the `Age` header (RFC 9111 §4.2.3).
+    pub(crate) fn age_secs(&self, now_ms: u64) -> u64 {
+        let resident_ms = now_ms.saturating_sub(self.stored_at_ms);
+        u64::from(self.initial_age_s) + resident_ms / 1000
+    }
+
+    /// Time left until the entry goes stale, or `None` when it already is.
+    pub(crate) fn remaining(&self, now_ms: u64) -> Option<Duration> {
+        let resident_ms = now_ms.saturating_sub(self.stored_at_ms);
+        let used = u64::from(self.initial_age_s) * 1000 + resident_ms;
+        (used < self.lifetime_ms).then(|| Duration::from_millis(self.lifetime_ms - used))
+    }
+
+    pub(crate) fn encode(&self) -> Bytes {
+        let mut size = 4 + 2 + 8 + 8 + 4 + 8 + 2 + 2 + 1 + 4 + self.body.len();
+        size += self.tags.iter().map(|t| 2 + t.len()).sum::<usize>();
+        size += header_size(&self.headers);
+        size += self.trailers.as_ref().map_or(0, |t| 2 + header_size(t));
+        let mut out = BytesMut::with_capacity(size);
+        out.put_slice(&MAGIC);
+        out.put_u16_le(self.status.as_u16());
+        out.put_u64_le(self.stored_at_ms);
+        out.put_u64_le(self.lifetime_ms);
+        out.put_u32_le(self.initial_age_s);
+        out.put_u64_le(self.fence);
+        let tags: Vec<&String> = self
+            .tags
+            .iter()
+            .filter(|t| t.len() <= u16::MAX as usize)
+            .collect();
+        out.put_u16_le(tags.len().min(u16::MAX as usize) as u16);
+        for t in tags.into_iter().take(u16::MAX as usize) {
+            out.put_u16_le(t.len() as u16);
+            out.put_slice(t.as_bytes());
+        }
+        put_headers(&mut out, &self.headers);
+        match &self.trailers {
+            Some(t) => {
+                out.put_u8(1);
+                put_headers(&mut out, t);
+            }
+            None => out.put_u8(0),
+        }
+        out.put_u32_le(self.body.len() as u32);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    pub(crate) fn decode(buf: Bytes) -> Result<Entry, DecodeError> {
+        let mut r = Reader { buf: &buf, pos: 0 };
+        if r.take(4)? != MAGIC {
+            return Err(DecodeError("not an entry of format version 1"));
+        }
+        let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("bad status"))?;
+        let stored_at_ms = r.u64()?;
+        let lifetime_ms = r.u64()?;
+        let initial_age_s = r.u32()?;
+        let fence = r.u64()?;
+        let n_tags = r.u16()? as usize;
+        let mut tags = Vec::with_capacity(n_tags.min(64));
+        for _ in 0..n_tags {
+            let len = r.u16()? as usize;
+            let t = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError("bad tag"))?;
+            tags.push(t.to_owned());
+        }
+        let headers = r.headers(&buf)?;
+        let trailers = match r.u8()? {
+            0 => None,
+            1 => Some(r.headers(&buf)?),
+            _ => return Err(DecodeError("bad trailer flag")),
+        };
+        let body_len = r.u32()? as usize;
+        if r.pos + body_len != buf.len() {
+            return Err(DecodeError("body length does not match"));
+        }
+        let body = buf.slice(r.pos..);
+        Ok(Entry {
+            status,
+            headers,
+            body,
+            trailers,
+            stored_at_ms,
+            lifetime_ms,
+            initial_age_s,
+            fence,
+            tags,
+        })
+    }
+}
+
+fn header_size(h: &HeaderMap) -> usize {
+    2 + h
+        .iter()
+        .map(|(n, v)| 2 + n.as_str().len() + 4 + v.len())
+        .sum::<usize>()
+}
+
+fn put_headers(out: &mut BytesMut, h: &HeaderMap) {
+    // Header names are short and values are bounded by the HTTP stack; skip anything absurd.
+    let fits = |n: &HeaderName, v: &HeaderValue| {
+        n.as_str().len() <= u16::MAX as usize && v.len() <= u32::MAX as usize
+    };
+    let count = h
+        .iter()
+        .filter(|(n, v)| fits(n, v))
+        .count()
+        .min(u16::MAX as usize);
+    out.put_u16_le(count as u16);
+    for (n, v) in h.iter().filter(|(n, v)| fits(n, v)).take(count) {
+        out.put_u16_le(n.as_str().len() as u16);
+        out.put_slice(n.as_str().as_bytes());
+        out.put_u32_le(v.len() as u32);
+        out.put_slice(v.as_bytes());
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(DecodeError("length overflow"))?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(DecodeError("truncated"))?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn headers(&mut self, whole: &Bytes) -> Result<HeaderMap, DecodeError> {
+        let n = self.u16()? as usize;
+        let mut map = HeaderMap::with_capacity(n.min(64));
+        for _ in 0..n {
+            let len = self.u16()? as usize;
+            let name = HeaderName::from_bytes(self.take(len)?)
+                .map_err(|_| DecodeError("bad header name"))?;
+            let len = self.u32()? as usize;
+            let start = self.pos;
+            self.take(len)?;
+            // Zero-copy: the value shares the buffer the store returned.
+            let value = HeaderValue::from_maybe_shared(whole.slice(start..start + len))
+                .map_err(|_| DecodeError("bad header value"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        headers.insert("x-bin", HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        Entry {
+            status: StatusCode::NOT_FOUND,
+            headers,
+            body: Bytes::from_static(b"{\"hello\":1}"),
+            trailers: Some(trailers),
+            stored_at_ms: 1_700_000_000_000,
+            lifetime_ms: 300_000,
+            initial_age_s: 7,
+            fence: 42,
+            tags: vec!["events".into(), "event:1".into()],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let e = sample();
+        let d = Entry::decode(e.encode()).unwrap();
+        assert_eq!(d.status, e.status);
+        assert_eq!(d.headers, e.headers);
+        assert_eq!(d.body, e.body);
+        assert_eq!(d.trailers, e.trailers);
+        assert_eq!(
+            (d.stored_at_ms, d.lifetime_ms, d.initial_age_s, d.fence),
+            (e.stored_at_ms, 300_000, 7, 42)
+        );
+        assert_eq!(d.tags, e.tags);
+    }
+
+    #[test]
+    fn every_truncation_and_every_single_byte_flip_is_an_error_or_a_valid_entry() {
+        let bytes = sample().encode();
+        for cut in 0..bytes.len() {
+            assert!(Entry::decode(bytes.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        for i in 0..bytes.len() {
+            let mut v = bytes.to_vec();
+            v[i] ^= 0xff;
+            let _ = Entry::decode(Bytes::from(v)); // must not panic
+        }
+        assert!(Entry::decode(Bytes::from_static(b"")).is_err());
+        assert!(Entry::decode(Bytes::from_static(b"hello world, not an entry")).is_err());
+        let mut long = bytes.to_vec();
+        long.push(0);
+        assert!(Entry::decode(Bytes::from(long)).is_err());
+    }
+
+    #[test]
+    fn freshness_and_age() {
+        let e = sample();
+        let t = e.stored_at_ms;
+        assert_eq!(e.age_secs(t), 7);
+        assert_eq!(e.age_secs(t + 2_500), 9);
+        assert_eq!(e.age_secs(t - 5_000), 7, "clock skew saturates");
+        assert_eq!(e.remaining(t), Some(Duration::from_millis(293_000)));
+        assert_eq!(e.remaining(t + 293_000), None);
+    }
+}

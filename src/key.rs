@@ -1,0 +1,252 @@
+//! Cache key derivation: the one place that decides which request inputs select a response.
+//!
+//! Every input that can change the response is hashed (promise 3: no unkeyed inputs): the
+//! method class, the host, the path, the query with its parameters sorted (minus an ignore
+//! list), the values of the route's declared `Vary` headers and the user scope. Raw request
+//! text never reaches a store key; only the route id (configuration) and the digest do.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::{HeaderName, HOST};
+use http::request::Parts;
+use sha2::{Digest, Sha256};
+
+/// The key of one cached response: the route it belongs to and a SHA-256 digest of the
+/// request inputs that select it.
+///
+/// Stores turn it into their own key format; [`ValkeyStore`](crate::ValkeyStore) writes
+/// `{namespace}:{schema}:e:{route}:{hex digest}`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct EntryKey {
+    route: Arc<str>,
+    digest: [u8; 32],
+}
+
+impl EntryKey {
+    /// Builds a key from a route id and a digest (for custom stores and tests).
+    pub fn new(route: impl Into<Arc<str>>, digest: [u8; 32]) -> Self {
+        EntryKey {
+            route: route.into(),
+            digest,
+        }
+    }
+
+    /// The id of the route this entry belongs to.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// The SHA-256 digest of the request inputs.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
+    /// Appends `{route}:{hex digest}` to `out` (no intermediate allocation).
+    pub fn write_to(&self, out: &mut String) {
+        out.push_str(&self.route);
+        out.push(':');
+        push_hex(out, &self.digest);
+    }
+}
+
+impl fmt::Debug for EntryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::with_capacity(self.route.len() + 65);
+        self.write_to(&mut s);
+        f.write_str(&s)
+    }
+}
+
+impl fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 0xf) as usize] as char);
+    }
+}
+
+/// Query parameters left out of the key, such as tracking parameters (`utm_*`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct QueryFilter {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl QueryFilter {
+    pub(crate) fn add(&mut self, pattern: &str) {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => self.prefixes.push(prefix.to_owned()),
+            None => self.exact.push(pattern.to_owned()),
+        }
+    }
+
+    fn ignores(&self, pair: &str) -> bool {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        self.exact.iter().any(|e| e == name) || self.prefixes.iter().any(|p| name.starts_with(p))
+    }
+}
+
+/// Who a response is for, as it enters the key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ScopeKey<'a> {
+    Shared,
+    Anonymous,
+    User(&'a str),
+}
+
+/// Derives the key of a GET or HEAD request (both share the GET entry).
+pub(crate) fn derive_key(
+    route: &Arc<str>,
+    parts: &Parts,
+    vary: &[HeaderName],
+    query_filter: &QueryFilter,
+    scope: ScopeKey<'_>,
+) -> EntryKey {
+    let mut h = Sha256::new();
+    // Each field is length-prefixed, so no two different inputs hash the same bytes.
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(b"GET");
+    field(host(parts).as_bytes());
+    field(parts.uri.path().as_bytes());
+    // The query as a sorted list of its `&`-separated pairs, ignored ones left out.
+    match parts.uri.query() {
+        None | Some("") => field(&0u64.to_le_bytes()),
+        Some(q) if !q.contains('&') => {
+            let kept = !query_filter.ignores(q);
+            field(&u64::from(kept).to_le_bytes());
+            if kept {
+                field(q.as_bytes());
+            }
+        }
+        Some(q) => {
+            let mut pairs: Vec<&str> = q
+                .split('&')
+                .filter(|p| !p.is_empty() && !query_filter.ignores(p))
+                .collect();
+            pairs.sort_unstable();
+            field(&(pairs.len() as u64).to_le_bytes());
+            for p in pairs {
+                field(p.as_bytes());
+            }
+        }
+    }
+    for name in vary {
+        field(name.as_str().as_bytes());
+        let values = parts.headers.get_all(name);
+        field(&(values.iter().count() as u64).to_le_bytes());
+        for v in values {
+            field(v.as_bytes());
+        }
+    }
+    match scope {
+        ScopeKey::Shared => field(b"s"),
+        ScopeKey::Anonymous => field(b"a"),
+        ScopeKey::User(u) => {
+            field(b"u");
+            field(u.as_bytes());
+        }
+    }
+    EntryKey {
+        route: route.clone(),
+        digest: h.finalize().into(),
+    }
+}
+
+/// The request's host, lower-cased: the `Host` header, else the URI authority (HTTP/2).
+fn host(parts: &Parts) -> std::borrow::Cow<'_, str> {
+    let raw = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        raw.to_ascii_lowercase().into()
+    } else {
+        raw.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn key(uri: &str, headers: &[(&str, &str)], vary: &[&str], filter: &QueryFilter) -> EntryKey {
+        let mut b = Request::get(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let (parts, ()) = b.body(()).unwrap().into_parts();
+        let vary: Vec<HeaderName> = vary.iter().map(|v| v.parse().unwrap()).collect();
+        derive_key(&Arc::from("r"), &parts, &vary, filter, ScopeKey::Shared)
+    }
+
+    #[test]
+    fn query_order_does_not_split_keys() {
+        let f = QueryFilter::default();
+        assert_eq!(
+            key("/a?x=1&y=2", &[], &[], &f),
+            key("/a?y=2&x=1", &[], &[], &f)
+        );
+        assert_ne!(
+            key("/a?x=1&y=2", &[], &[], &f),
+            key("/a?x=2&y=1", &[], &[], &f)
+        );
+        assert_ne!(key("/a?x=1", &[], &[], &f), key("/a", &[], &[], &f));
+    }
+
+    #[test]
+    fn ignored_params_are_dropped() {
+        let mut f = QueryFilter::default();
+        f.add("utm_*");
+        f.add("fbclid");
+        assert_eq!(
+            key("/a?x=1&utm_source=z", &[], &[], &f),
+            key("/a?x=1", &[], &[], &f)
+        );
+        assert_eq!(key("/a?fbclid=9", &[], &[], &f), key("/a", &[], &[], &f));
+        assert_ne!(key("/a?fbclidx=9", &[], &[], &f), key("/a", &[], &[], &f));
+    }
+
+    #[test]
+    fn host_path_and_vary_split_keys() {
+        let f = QueryFilter::default();
+        let a = key("/a", &[("host", "a.example")], &[], &f);
+        assert_ne!(a, key("/a", &[("host", "b.example")], &[], &f));
+        assert_eq!(a, key("/a", &[("host", "A.example")], &[], &f));
+        assert_ne!(key("/a/b", &[], &[], &f), key("/a%2Fb", &[], &[], &f));
+        let en = key("/a", &[("accept-language", "en")], &["accept-language"], &f);
+        let fr = key("/a", &[("accept-language", "fr")], &["accept-language"], &f);
+        assert_ne!(en, fr);
+        // an undeclared header does not split
+        assert_eq!(
+            key("/a", &[("x-other", "1")], &[], &f),
+            key("/a", &[("x-other", "2")], &[], &f)
+        );
+    }
+
+    #[test]
+    fn framing_prevents_ambiguity() {
+        let f = QueryFilter::default();
+        assert_ne!(key("/a?b&c", &[], &[], &f), key("/a?b%26c", &[], &[], &f));
+        assert_ne!(key("/ab?", &[], &[], &f), key("/a?b", &[], &[], &f));
+    }
+
+    #[test]
+    fn display_is_route_and_hex() {
+        let k = EntryKey::new("events", [0xab; 32]);
+        assert_eq!(k.to_string(), format!("events:{}", "ab".repeat(32)));
+    }
+}

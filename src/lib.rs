@@ -1,0 +1,24 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs, unsafe_code, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod cache;
+mod entry;
+mod error;
+mod key;
+mod policy;
+mod stats;
+mod store;
+
+pub use cache::{Cache, CacheBody, CacheLayer, ResponseFuture, DEFAULT_MAX_BODY_BYTES};
+pub use error::{ConfigError, StoreError};
+pub use key::EntryKey;
+pub use policy::{
+    is_valid_tag, CacheHint, RoutePolicy, RouteTable, Scope, DEFAULT_STATUSES, MAX_TAG_LEN,
+};
+pub use stats::{CacheStats, StatsSnapshot};
+#[cfg(feature = "memory")]
+pub use store::memory::MemoryStore;
+#[cfg(feature = "valkey")]
+pub use store::valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};
+pub use store::{Fill, FillOutcome, Lookup, Store};

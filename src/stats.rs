@@ -1,0 +1,223 @@
+//! Counters and the circuit breaker: what the layer did, and whether it talks to the store.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Live counters of one [`CacheLayer`](crate::CacheLayer) (clones share them).
+///
+/// ```
+/// use tower_cache_aside::{CacheLayer, MemoryStore};
+///
+/// let layer = CacheLayer::new(MemoryStore::new(64 << 20));
+/// let stats = layer.stats();
+/// assert_eq!(stats.snapshot().hits, 0);
+/// ```
+#[derive(Clone, Debug)]
+pub struct CacheStats {
+    pub(crate) inner: Arc<Counters>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) breaker: Breaker,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) bypasses: AtomicU64,
+    pub(crate) fills: AtomicU64,
+    pub(crate) fills_fenced: AtomicU64,
+    pub(crate) uncacheable: AtomicU64,
+    pub(crate) oversize: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) decode_errors: AtomicU64,
+    pub(crate) breaker_skips: AtomicU64,
+}
+
+/// A point-in-time copy of the counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Requests answered from the store.
+    pub hits: u64,
+    /// Lookups that found nothing usable (the inner service was called).
+    pub misses: u64,
+    /// Cacheable-route requests that skipped the cache (credentials, `Range`, ...).
+    pub bypasses: u64,
+    /// Responses written to the store.
+    pub fills: u64,
+    /// Fills refused because an invalidation happened after the lookup (the stale-set race).
+    pub fills_fenced: u64,
+    /// Misses whose response may not be stored (status, `Set-Cookie`, `no-store`, ...).
+    pub uncacheable: u64,
+    /// Misses whose body was over the size limit and streamed through unstored.
+    pub oversize: u64,
+    /// Store operations that failed or timed out.
+    pub store_errors: u64,
+    /// Stored values that were not a readable entry (treated as misses).
+    pub decode_errors: u64,
+    /// Store operations skipped because the circuit breaker was open.
+    pub breaker_skips: u64,
+    /// Times the circuit breaker opened.
+    pub breaker_trips: u64,
+    /// Whether the breaker is open now (the store is being skipped).
+    pub breaker_open: bool,
+}
+
+impl StatsSnapshot {
+    /// Hits divided by hits plus misses (0 when there were none).
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+}
+
+impl CacheStats {
+    pub(crate) fn new(breaker: Breaker) -> Self {
+        let z = || AtomicU64::new(0);
+        CacheStats {
+            inner: Arc::new(Counters {
+                breaker,
+                hits: z(),
+                misses: z(),
+                bypasses: z(),
+                fills: z(),
+                fills_fenced: z(),
+                uncacheable: z(),
+                oversize: z(),
+                store_errors: z(),
+                decode_errors: z(),
+                breaker_skips: z(),
+            }),
+        }
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let c = &self.inner;
+        StatsSnapshot {
+            hits: c.hits.load(Relaxed),
+            misses: c.misses.load(Relaxed),
+            bypasses: c.bypasses.load(Relaxed),
+            fills: c.fills.load(Relaxed),
+            fills_fenced: c.fills_fenced.load(Relaxed),
+            uncacheable: c.uncacheable.load(Relaxed),
+            oversize: c.oversize.load(Relaxed),
+            store_errors: c.store_errors.load(Relaxed),
+            decode_errors: c.decode_errors.load(Relaxed),
+            breaker_skips: c.breaker_skips.load(Relaxed),
+            breaker_trips: c.breaker.trips.load(Relaxed),
+            breaker_open: c.breaker.is_open(),
+        }
+    }
+}
+
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+/// Skips the store after `threshold` consecutive failures, for `cooldown`; then lets one
+/// probe through, whose success closes it again.
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    epoch: Instant,
+    failures: AtomicU32,
+    /// Milliseconds since `epoch` until which the breaker is open; 0 when closed.
+    open_until_ms: AtomicU64,
+    probing: AtomicBool,
+    pub(crate) trips: AtomicU64,
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+        Breaker {
+            threshold: threshold.max(1),
+            cooldown,
+            epoch: Instant::now(),
+            failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            trips: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// May the next store operation run?
+    pub(crate) fn allow(&self) -> bool {
+        let until = self.open_until_ms.load(Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if self.now_ms() < until {
+            return false;
+        }
+        // Cool-down over: exactly one caller probes.
+        self.probing
+            .compare_exchange(false, true, Relaxed, Relaxed)
+            .is_ok()
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        self.open_until_ms.load(Relaxed) != 0
+    }
+
+    pub(crate) fn success(&self) {
+        self.failures.store(0, Relaxed);
+        if self.open_until_ms.load(Relaxed) != 0 {
+            self.open_until_ms.store(0, Relaxed);
+            self.probing.store(false, Relaxed);
+            tracing::info!("cache store reachable again; circuit breaker closed");
+        }
+    }
+
+    pub(crate) fn failure(&self) {
+        let n = self.failures.fetch_add(1, Relaxed) + 1;
+        let was_probe = self.probing.swap(false, Relaxed);
+        if was_probe || (n >= self.threshold && self.open_until_ms.load(Relaxed) == 0) {
+            self.open_until_ms
+                .store(self.now_ms() + self.cooldown.as_millis() as u64, Relaxed);
+            if !was_probe {
+                self.trips.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    failures = n,
+                    "cache store failing; circuit breaker open, passing requests through"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_and_probes_after_cooldown() {
+        let b = Breaker::new(3, Duration::from_millis(30));
+        b.failure();
+        b.failure();
+        assert!(b.allow());
+        b.failure();
+        assert!(b.is_open());
+        assert!(!b.allow());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.allow(), "one probe");
+        assert!(!b.allow(), "only one probe");
+        b.failure(); // probe failed: open again
+        assert!(!b.allow());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.allow());
+        b.success();
+        assert!(!b.is_open());
+        assert!(b.allow() && b.allow());
+        assert_eq!(b.trips.load(Relaxed), 1);
+    }
+}

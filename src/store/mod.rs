@@ -1,0 +1,91 @@
+//! Where entries live. [`Store`] is the small async trait every backend implements; the
+//! layer owns the rules (keys, freshness, fail-open) and a store only moves bytes.
+//!
+//! - [`MemoryStore`](crate::MemoryStore): in-process, bounded by bytes; needs no server.
+//! - [`ValkeyStore`](crate::ValkeyStore): Valkey or Redis through a `bb8-redis` pool.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::StoreError;
+use crate::key::EntryKey;
+
+#[cfg(feature = "memory")]
+pub(crate) mod memory;
+#[cfg(feature = "valkey")]
+pub(crate) mod valkey;
+
+/// What a lookup found.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct Lookup {
+    /// The stored bytes, if any (an encoded entry, or garbage: the layer checks).
+    pub value: Option<Bytes>,
+    /// The store's invalidation sequence at the time of the lookup, read atomically with the
+    /// value. A later fill passes it back so the store can refuse data that an invalidation
+    /// made stale in between.
+    pub fence: u64,
+}
+
+impl Lookup {
+    /// A lookup result.
+    pub fn new(value: Option<Bytes>, fence: u64) -> Self {
+        Lookup { value, fence }
+    }
+}
+
+/// A value to store.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Fill {
+    /// Where to store it.
+    pub key: EntryKey,
+    /// The encoded entry.
+    pub value: Bytes,
+    /// How long the store keeps it.
+    pub ttl: Duration,
+    /// The entry's tags (validated).
+    pub tags: Vec<String>,
+    /// The fence returned by the lookup that preceded this fill.
+    pub fence: u64,
+}
+
+impl Fill {
+    /// A fill request.
+    pub fn new(key: EntryKey, value: Bytes, ttl: Duration, tags: Vec<String>, fence: u64) -> Self {
+        Fill {
+            key,
+            value,
+            ttl,
+            tags,
+            fence,
+        }
+    }
+}
+
+/// Whether a fill was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FillOutcome {
+    /// The value is stored.
+    Stored,
+    /// The store refused it: one of its tags was invalidated after the fence.
+    Fenced,
+}
+
+/// A cache backend. Implementations must be cheap to clone (share state through an `Arc`).
+///
+/// Every method should bound its own time (the layer adds no timeout of its own) and must
+/// not panic on any stored value.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Reads the value under `key` and the current fence, in one step.
+    fn lookup(&self, key: &EntryKey) -> impl Future<Output = Result<Lookup, StoreError>> + Send;
+
+    /// Stores a value unless an invalidation made it stale since `fill.fence`.
+    fn fill(&self, fill: Fill) -> impl Future<Output = Result<FillOutcome, StoreError>> + Send;
+
+    /// Removes the value under `key`; returns whether there was one.
+    fn remove(&self, key: &EntryKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}

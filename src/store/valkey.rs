@@ -1,0 +1,375 @@
+//! The Valkey / Redis store on a `bb8-redis` pool.
+//!
+//! Hot path: one cloned `MultiplexedConnection` is kept outside the pool, so a lookup is one
+//! round trip (`MGET entry fence`) with no checkout and no PING. When that connection breaks
+//! (an I/O error or a timeout) it is dropped and the next operation takes a fresh one from
+//! the pool, which PINGs on checkout and so replaces the broken one: after a server restart
+//! caching resumes by itself. Every operation, reconnecting included, runs under one
+//! timeout, so a dead or paused server costs a request at most that long.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bb8_redis::bb8;
+use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError};
+use bb8_redis::RedisConnectionManager;
+use bytes::Bytes;
+
+use super::{Fill, FillOutcome, Lookup, Store};
+use crate::error::{ConfigError, StoreError};
+use crate::key::EntryKey;
+
+/// The entry format's schema version, part of every key: bumping it orphans old entries.
+const SCHEMA: u32 = 1;
+
+/// Default bound on one store operation.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// A store in Valkey or Redis, reached through a `bb8-redis` pool.
+///
+/// Clones share the pool. Keys are `{namespace}:1:e:{route}:{sha256 hex}`; the fence is
+/// `{namespace}:1:seq`.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_cache_aside::ValkeyStore;
+///
+/// # fn main() -> Result<(), tower_cache_aside::ConfigError> {
+/// // VALKEY_URL, else REDIS_URL, else redis://127.0.0.1:6379
+/// let store = ValkeyStore::from_env()?;
+///
+/// let store = ValkeyStore::builder()
+///     .url("redis://:secret@127.0.0.1:6380/0")
+///     .namespace("myapp")
+///     .operation_timeout(Duration::from_millis(50))
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ValkeyStore {
+    inner: Arc<ValkeyInner>,
+}
+
+struct ValkeyInner {
+    pool: bb8::Pool<RedisConnectionManager>,
+    conn: RwLock<Option<MultiplexedConnection>>,
+    entry_prefix: String,
+    seq_key: String,
+    operation_timeout: Duration,
+    display_url: String,
+}
+
+impl std::fmt::Debug for ValkeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValkeyStore")
+            .field("url", &self.inner.display_url)
+            .field("prefix", &self.inner.entry_prefix)
+            .field("operation_timeout", &self.inner.operation_timeout)
+            .finish()
+    }
+}
+
+/// Configures a [`ValkeyStore`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ValkeyStoreBuilder {
+    url: Option<String>,
+    namespace: String,
+    operation_timeout: Duration,
+    connect_timeout: Duration,
+    pool_size: u32,
+}
+
+impl Default for ValkeyStoreBuilder {
+    fn default() -> Self {
+        ValkeyStoreBuilder {
+            url: None,
+            namespace: "tca".to_owned(),
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            connect_timeout: Duration::from_secs(2),
+            pool_size: 4,
+        }
+    }
+}
+
+impl ValkeyStoreBuilder {
+    /// The server URL: `redis://[user][:password@]host[:port][/db]`, `valkey://...`, or
+    /// `rediss://` / `valkeys://` for TLS (with the `tls` feature). Without one, the builder
+    /// reads the environment (see [`ValkeyStore::from_env`]).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Prefix of every key this store writes (default `tca`). Letters, digits, `_-.:`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Bound on one operation, reconnecting included (default 100 ms). A request waits at
+    /// most this long for the store before it is passed through.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Bound on opening a connection in the background (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Most connections the pool opens (default 4). Requests share one multiplexed
+    /// connection; the pool supplies replacements.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// Builds the store. Nothing is connected yet: the first operation connects, so an
+    /// application starts even while the server is down.
+    pub fn build(self) -> Result<ValkeyStore, ConfigError> {
+        let url = match self.url {
+            Some(u) => u,
+            None => url_from_env(),
+        };
+        let ns = &self.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+        {
+            return Err(ConfigError::new(format!(
+                "namespace `{ns}` is not valid: use 1 to 64 letters, digits, `_`, `-`, `.` or `:`"
+            )));
+        }
+        let display_url = redact(&url);
+        let manager = RedisConnectionManager::new(url.as_str()).map_err(|e| {
+            ConfigError::new(format!(
+                "cannot use `{display_url}` as a Valkey URL ({e}); expected redis://[:password@]host[:port][/db]"
+            ))
+        })?;
+        // Checkouts are rare (only to replace a broken connection), so the PING bb8 does on
+        // checkout costs nothing on the hot path and weeds out dead connections.
+        let pool = bb8::Pool::builder()
+            .max_size(self.pool_size)
+            .min_idle(None)
+            .test_on_check_out(true)
+            .connection_timeout(self.connect_timeout)
+            .build_unchecked(manager);
+        Ok(ValkeyStore {
+            inner: Arc::new(ValkeyInner {
+                pool,
+                conn: RwLock::new(None),
+                entry_prefix: format!("{ns}:{SCHEMA}:e:"),
+                seq_key: format!("{ns}:{SCHEMA}:seq"),
+                operation_timeout: self.operation_timeout,
+                display_url,
+            }),
+        })
+    }
+}
+
+fn url_from_env() -> String {
+    ["VALKEY_URL", "REDIS_URL"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The URL with any password replaced, for logs.
+fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((auth, host)) = rest.rsplit_once('@') {
+            let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+            return format!("{scheme}://{user}:***@{host}");
+        }
+    }
+    url.to_owned()
+}
+
+impl ValkeyStore {
+    /// A builder with the defaults.
+    pub fn builder() -> ValkeyStoreBuilder {
+        ValkeyStoreBuilder::default()
+    }
+
+    /// A store at `url` with the defaults.
+    pub fn new(url: impl Into<String>) -> Result<Self, ConfigError> {
+        Self::builder().url(url).build()
+    }
+
+    /// A store at `VALKEY_URL`, else `REDIS_URL`, else `redis://127.0.0.1:6379`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::builder().build()
+    }
+
+    /// The server address, password redacted.
+    pub fn url(&self) -> &str {
+        &self.inner.display_url
+    }
+
+    /// Round-trips a PING; returns how long it took.
+    pub async fn ping(&self) -> Result<Duration, StoreError> {
+        let start = Instant::now();
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+            .await?;
+        Ok(start.elapsed())
+    }
+
+    fn entry_key(&self, key: &EntryKey) -> String {
+        let mut s = String::with_capacity(self.inner.entry_prefix.len() + key.route().len() + 65);
+        s.push_str(&self.inner.entry_prefix);
+        key.write_to(&mut s);
+        s
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(c) = self
+            .inner
+            .conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            return Ok(c.clone());
+        }
+        let pooled = self.inner.pool.get().await.map_err(|e| match e {
+            bb8::RunError::User(e) => classify(e),
+            bb8::RunError::TimedOut => StoreError::Timeout,
+        })?;
+        let conn = pooled.clone();
+        drop(pooled);
+        *self.inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn discard_connection(&self) {
+        self.inner
+            .conn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Runs one command on the shared connection under the operation timeout.
+    async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let attempt = async {
+            let conn = self.connection().await?;
+            command(conn).await.map_err(classify)
+        };
+        let result = match tokio::time::timeout(self.inner.operation_timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout),
+        };
+        // A timed-out connection may be half-open: replace it rather than wait on it again.
+        if let Err(StoreError::Timeout | StoreError::Unavailable(_)) = &result {
+            self.discard_connection();
+        }
+        result
+    }
+}
+
+fn classify(e: RedisError) -> StoreError {
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+    {
+        StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::Server(Box::new(e))
+    }
+}
+
+/// Reads a sequence number leniently: anything unreadable counts as 0.
+fn parse_seq(raw: Option<Vec<u8>>) -> u64 {
+    raw.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Store for ValkeyStore {
+    async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
+        let entry_key = self.entry_key(key);
+        let seq_key = &self.inner.seq_key;
+        let (value, seq) = self
+            .run(|mut c| async move {
+                redis::cmd("MGET")
+                    .arg(&entry_key)
+                    .arg(seq_key)
+                    .query_async::<(Option<Bytes>, Option<Vec<u8>>)>(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(Lookup {
+            value,
+            fence: parse_seq(seq),
+        })
+    }
+
+    async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
+        let ttl_ms = fill.ttl.as_millis().min(u128::from(u64::MAX)) as u64;
+        if ttl_ms == 0 {
+            return Ok(FillOutcome::Stored);
+        }
+        let entry_key = self.entry_key(&fill.key);
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(&entry_key)
+                .arg(fill.value.as_ref())
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await?;
+        Ok(FillOutcome::Stored)
+    }
+
+    async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
+        let entry_key = self.entry_key(key);
+        let n: i64 = self
+            .run(|mut c| async move { redis::cmd("DEL").arg(&entry_key).query_async(&mut c).await })
+            .await?;
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn bad_configuration_is_explained() {
+        let e = ValkeyStore::builder().url("nonsense").build().unwrap_err();
+        assert!(e.to_string().contains("redis://"), "{e}");
+        let e = ValkeyStore::builder()
+            .url("redis://127.0.0.1")
+            .namespace("bad space")
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("namespace"), "{e}");
+    }
+
+    #[test]
+    fn lenient_sequence() {
+        assert_eq!(parse_seq(Some(b"17".to_vec())), 17);
+        assert_eq!(parse_seq(Some(b"x".to_vec())), 0);
+        assert_eq!(parse_seq(None), 0);
+    }
+}
