@@ -74,7 +74,10 @@ async fn killed_server_fails_open(kind: Kind) {
     assert_eq!(calls.get() - before, 200, "every request reached the app");
     assert!(slowest < BOUND, "a request waited {slowest:?}");
     assert!(s.store_errors >= 1 && s.breaker_trips >= 1, "{s:?}");
-    assert!(s.breaker_skips > 150, "the breaker spared most requests the store: {s:?}");
+    assert!(
+        s.breaker_skips > 150,
+        "the breaker spared most requests the store: {s:?}"
+    );
 }
 
 async fn paused_server_costs_at_most_the_timeout(kind: Kind) {
@@ -98,12 +101,18 @@ async fn paused_server_costs_at_most_the_timeout(kind: Kind) {
     let s = stats.snapshot();
     report("paused", kind, slowest, &s);
     assert!(slowest < BOUND, "a request waited {slowest:?}");
-    assert!(slowest >= OP_TIMEOUT / 2, "some request should have waited for the timeout");
+    assert!(
+        slowest >= OP_TIMEOUT / 2,
+        "some request should have waited for the timeout"
+    );
     assert!(s.breaker_trips >= 1, "{s:?}");
     server.resume();
     let resumed = wait_for_hit(&app, Duration::from_secs(10)).await;
     eprintln!("paused [{kind:?}]: caching resumed {resumed:?} after SIGCONT");
-    assert!(resumed.is_some(), "caching never resumed after the server was resumed");
+    assert!(
+        resumed.is_some(),
+        "caching never resumed after the server was resumed"
+    );
 }
 
 async fn restarted_server_resumes_caching(kind: Kind) {
@@ -139,7 +148,10 @@ async fn auth_works_and_a_wrong_password_fails_open(kind: Kind) {
         .operation_timeout(OP_TIMEOUT)
         .build()
         .unwrap();
-    assert!(!format!("{wrong:?}").contains("wrong"), "passwords are redacted");
+    assert!(
+        !format!("{wrong:?}").contains("wrong"),
+        "passwords are redacted"
+    );
     let l = layer(wrong);
     let stats = l.stats();
     let (app, calls) = app(l);
@@ -154,7 +166,13 @@ async fn pass_through_when_never_reachable(kind: Kind) {
     let server = Server::start(kind);
     let url = server.url();
     drop(server);
-    let l = layer(ValkeyStore::builder().url(url).operation_timeout(OP_TIMEOUT).build().unwrap());
+    let l = layer(
+        ValkeyStore::builder()
+            .url(url)
+            .operation_timeout(OP_TIMEOUT)
+            .build()
+            .unwrap(),
+    );
     let (app, calls) = app(l);
     let slowest = hammer(&app, 30).await;
     assert!(slowest < BOUND);

@@ -43,6 +43,8 @@ pub(crate) enum Plan {
 }
 
 /// What the lookup step found.
+// Lives for one step on the stack; boxing the entry would allocate on every hit.
+#[allow(clippy::large_enum_variant)]
 enum Found {
     Hit(Entry),
     Miss {

@@ -7,7 +7,7 @@
 //! caching resumes by itself. Every operation, reconnecting included, runs under one
 //! timeout, so a dead or paused server costs a request at most that long.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bb8_redis::bb8;
@@ -51,7 +51,12 @@ pub struct ValkeyStore {
 }
 
 struct ValkeyInner {
-    pool: bb8::Pool<RedisConnectionManager>,
+    /// Created on first use: bb8 spawns its reaper task when a pool is built, which needs a
+    /// Tokio runtime, and a store may well be built before the runtime starts.
+    pool: OnceLock<bb8::Pool<RedisConnectionManager>>,
+    manager: RedisConnectionManager,
+    pool_size: u32,
+    connect_timeout: Duration,
     conn: RwLock<Option<MultiplexedConnection>>,
     entry_prefix: String,
     seq_key: String,
@@ -151,17 +156,12 @@ impl ValkeyStoreBuilder {
                 "cannot use `{display_url}` as a Valkey URL ({e}); expected redis://[:password@]host[:port][/db]"
             ))
         })?;
-        // Checkouts are rare (only to replace a broken connection), so the PING bb8 does on
-        // checkout costs nothing on the hot path and weeds out dead connections.
-        let pool = bb8::Pool::builder()
-            .max_size(self.pool_size)
-            .min_idle(None)
-            .test_on_check_out(true)
-            .connection_timeout(self.connect_timeout)
-            .build_unchecked(manager);
         Ok(ValkeyStore {
             inner: Arc::new(ValkeyInner {
-                pool,
+                pool: OnceLock::new(),
+                manager,
+                pool_size: self.pool_size,
+                connect_timeout: self.connect_timeout,
                 conn: RwLock::new(None),
                 entry_prefix: format!("{ns}:{SCHEMA}:e:"),
                 seq_key: format!("{ns}:{SCHEMA}:seq"),
@@ -237,7 +237,18 @@ impl ValkeyStore {
         {
             return Ok(c.clone());
         }
-        let pooled = self.inner.pool.get().await.map_err(|e| match e {
+        let inner = &self.inner;
+        // Checkouts are rare (only to replace a broken connection), so the PING bb8 does on
+        // checkout costs nothing on the hot path and weeds out dead connections.
+        let pool = inner.pool.get_or_init(|| {
+            bb8::Pool::builder()
+                .max_size(inner.pool_size)
+                .min_idle(None)
+                .test_on_check_out(true)
+                .connection_timeout(inner.connect_timeout)
+                .build_unchecked(inner.manager.clone())
+        });
+        let pooled = pool.get().await.map_err(|e| match e {
             bb8::RunError::User(e) => classify(e),
             bb8::RunError::TimedOut => StoreError::Timeout,
         })?;
@@ -364,6 +375,13 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(e.to_string().contains("namespace"), "{e}");
+    }
+
+    #[test]
+    fn builds_outside_a_runtime() {
+        // Stores are often built in a sync `main` before the runtime starts.
+        let store = ValkeyStore::new("redis://127.0.0.1:1").unwrap();
+        assert_eq!(store.url(), "redis://127.0.0.1:1");
     }
 
     #[test]

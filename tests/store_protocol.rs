@@ -1,0 +1,127 @@
+//! What the Valkey store sends: one round trip per hit, the documented key layout, TTLs.
+
+mod support;
+
+use std::time::Duration;
+
+use bb8_redis::redis as rds;
+use support::*;
+use tower_cache_aside::CacheLayer;
+
+async fn raw(server: &Server) -> rds::aio::MultiplexedConnection {
+    rds::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// `cmdstat_<name>:calls=N,...` lines of `INFO commandstats`, as (name, calls).
+async fn command_calls(conn: &mut rds::aio::MultiplexedConnection) -> Vec<(String, u64)> {
+    let info: String = rds::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+async fn one_round_trip_per_hit(kind: Kind) {
+    let server = Server::start(kind);
+    let l = CacheLayer::new(valkey_store(&server)).routes(routes());
+    let stats = l.stats();
+    let (app, calls) = app(l);
+    get(&app, "/items/1").await;
+    fills_reach(&stats, 1).await;
+    get(&app, "/items/1").await; // the connection is warm
+    let mut conn = raw(&server).await;
+    let _: () = rds::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    const HITS: u64 = 100;
+    for _ in 0..HITS {
+        assert_eq!(get(&app, "/items/1").await.x_cache(), "HIT");
+    }
+    let counts = command_calls(&mut conn).await;
+    // Our own INFO call is the only other command the server saw.
+    let ours: Vec<_> = counts
+        .iter()
+        .filter(|(n, _)| n != "info" && n != "config|resetstat")
+        .collect();
+    eprintln!("[{kind:?}] commands for {HITS} hits: {ours:?}");
+    assert_eq!(
+        ours,
+        vec![&("mget".to_owned(), HITS)],
+        "exactly one MGET per hit, nothing else"
+    );
+    assert_eq!(calls.get(), 1);
+}
+
+async fn key_layout_and_ttl(kind: Kind) {
+    let server = Server::start(kind);
+    let store = tower_cache_aside::ValkeyStore::builder()
+        .url(server.url())
+        .namespace("demo")
+        .build()
+        .unwrap();
+    let l = CacheLayer::new(store).routes(routes());
+    let stats = l.stats();
+    let (app, _) = app(l);
+    get(&app, "/items/42?secret=do-not-leak").await;
+    fills_reach(&stats, 1).await;
+    let mut conn = raw(&server).await;
+    let keys: Vec<String> = rds::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let key = &keys[0];
+    let hex = key
+        .strip_prefix("demo:1:e:items_id:")
+        .expect("documented layout");
+    assert_eq!(hex.len(), 64);
+    assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(
+        !key.contains("secret"),
+        "raw request text never reaches a key"
+    );
+    let ttl: i64 = rds::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 55_000 && ttl <= 60_000,
+        "route TTL 60 s, got {ttl} ms"
+    );
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+macro_rules! for_servers {
+    ($($case:ident),* $(,)?) => {
+        mod valkey {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Kind::Valkey).await } )*
+        }
+        mod redis {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Kind::Redis).await } )*
+        }
+    };
+}
+
+for_servers!(one_round_trip_per_hit, key_layout_and_ttl);
