@@ -1,1 +1,129 @@
-fn main() {}
+//! Micro-benchmarks of the hot path, run with `cargo bench --bench hot_path`.
+//!
+//! Starts its own `valkey-server` on a free loopback port (the test harness's), so the
+//! Valkey figures sit beside their baseline in one run: a raw `GET` of the same size over a
+//! redis-rs `MultiplexedConnection`. Compare ratios, not absolute times.
+
+#[path = "../tests/support/server.rs"]
+#[allow(dead_code)]
+mod server;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8_redis::redis;
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceExt};
+use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable, Store, ValkeyStore};
+
+const BODY: usize = 1024;
+
+fn routes() -> RouteTable {
+    RouteTable::new().route(
+        "/events/{id}",
+        RoutePolicy::ttl(Duration::from_secs(300)).tags(["events", "event:{id}"]),
+    )
+}
+
+type Handler = tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
+
+fn handler() -> Handler {
+    let body = Bytes::from(vec![b'x'; BODY]);
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let body = body.clone();
+        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+    }))
+}
+
+async fn call<S, B>(mut svc: S, uri: &str) -> usize
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible>,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let req = Request::get(uri).header("host", "bench.local").body(Full::default()).unwrap();
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    res.into_body().collect().await.unwrap().to_bytes().len()
+}
+
+fn layered<St: Store>(store: St) -> impl Service<Request<Full<Bytes>>, Response = Response<tower_cache_aside::CacheBody<Full<Bytes>>>, Error = Infallible> + Clone {
+    tower::ServiceBuilder::new().layer(CacheLayer::new(store).routes(routes())).service(handler())
+}
+
+fn key_derivation(c: &mut Criterion) {
+    let layer = CacheLayer::new(MemoryStore::new(1 << 20)).routes(routes()).ignore_query_params(["utm_*"]);
+    let (parts, ()) = Request::get("/events/12345?status=open&page=2&server=7&utm_source=x")
+        .header("host", "api.example.com")
+        .body(())
+        .unwrap()
+        .into_parts();
+    c.bench_function("key: route match + sha256 (4 query params)", |b| {
+        b.iter(|| layer.entry_key(std::hint::black_box(&parts)).unwrap())
+    });
+}
+
+fn memory_paths(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let bare = handler();
+    let cached = layered(MemoryStore::new(64 << 20));
+    rt.block_on(async {
+        call(cached.clone(), "/events/1").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    let mut g = c.benchmark_group("memory");
+    g.bench_function("bare handler", |b| b.to_async(&rt).iter(|| call(bare.clone(), "/events/1")));
+    g.bench_function("hit", |b| b.to_async(&rt).iter(|| call(cached.clone(), "/events/1")));
+    g.finish();
+}
+
+fn valkey_paths(c: &mut Criterion) {
+    let server = server::Server::start(server::Kind::Valkey);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let raw = rt.block_on(async {
+        let mut conn = redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET").arg("raw").arg(vec![b'x'; BODY]).query_async(&mut conn).await.unwrap();
+        conn
+    });
+    let store = ValkeyStore::builder().url(server.url()).build().unwrap();
+    let cached = layered(store);
+    rt.block_on(async {
+        call(cached.clone(), "/events/1").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    let miss_counter = Arc::new(AtomicU64::new(0));
+    let mut g = c.benchmark_group("valkey");
+    g.bench_function("raw GET 1 KiB (MultiplexedConnection)", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut conn = raw.clone();
+            async move {
+                let v: Vec<u8> = redis::cmd("GET").arg("raw").query_async(&mut conn).await.unwrap();
+                v.len()
+            }
+        })
+    });
+    g.bench_function("hit 1 KiB", |b| b.to_async(&rt).iter(|| call(cached.clone(), "/events/1")));
+    g.bench_function("miss + background fill 1 KiB", |b| {
+        b.to_async(&rt).iter(|| {
+            let n = miss_counter.fetch_add(1, Ordering::Relaxed);
+            let svc = cached.clone();
+            async move { call(svc, &format!("/events/{n}?miss")).await }
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = key_derivation, memory_paths, valkey_paths
+}
+criterion_main!(benches);
