@@ -30,7 +30,8 @@ fn routes() -> RouteTable {
     )
 }
 
-type Handler = tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
+type Handler =
+    tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
 
 fn handler() -> Handler {
     let body = Bytes::from(vec![b'x'; BODY]);
@@ -46,17 +47,30 @@ where
     B: http_body::Body,
     B::Error: std::fmt::Debug,
 {
-    let req = Request::get(uri).header("host", "bench.local").body(Full::default()).unwrap();
+    let req = Request::get(uri)
+        .header("host", "bench.local")
+        .body(Full::default())
+        .unwrap();
     let res = svc.ready().await.unwrap().call(req).await.unwrap();
     res.into_body().collect().await.unwrap().to_bytes().len()
 }
 
-fn layered<St: Store>(store: St) -> impl Service<Request<Full<Bytes>>, Response = Response<tower_cache_aside::CacheBody<Full<Bytes>>>, Error = Infallible> + Clone {
-    tower::ServiceBuilder::new().layer(CacheLayer::new(store).routes(routes())).service(handler())
+fn layered<St: Store>(
+    store: St,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<tower_cache_aside::CacheBody<Full<Bytes>>>,
+    Error = Infallible,
+> + Clone {
+    tower::ServiceBuilder::new()
+        .layer(CacheLayer::new(store).routes(routes()))
+        .service(handler())
 }
 
 fn key_derivation(c: &mut Criterion) {
-    let layer = CacheLayer::new(MemoryStore::new(1 << 20)).routes(routes()).ignore_query_params(["utm_*"]);
+    let layer = CacheLayer::new(MemoryStore::new(1 << 20))
+        .routes(routes())
+        .ignore_query_params(["utm_*"]);
     let (parts, ()) = Request::get("/events/12345?status=open&page=2&server=7&utm_source=x")
         .header("host", "api.example.com")
         .body(())
@@ -68,7 +82,10 @@ fn key_derivation(c: &mut Criterion) {
 }
 
 fn memory_paths(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let bare = handler();
     let cached = layered(MemoryStore::new(64 << 20));
     rt.block_on(async {
@@ -76,21 +93,33 @@ fn memory_paths(c: &mut Criterion) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
     let mut g = c.benchmark_group("memory");
-    g.bench_function("bare handler", |b| b.to_async(&rt).iter(|| call(bare.clone(), "/events/1")));
-    g.bench_function("hit", |b| b.to_async(&rt).iter(|| call(cached.clone(), "/events/1")));
+    g.bench_function("bare handler", |b| {
+        b.to_async(&rt).iter(|| call(bare.clone(), "/events/1"))
+    });
+    g.bench_function("hit", |b| {
+        b.to_async(&rt).iter(|| call(cached.clone(), "/events/1"))
+    });
     g.finish();
 }
 
 fn valkey_paths(c: &mut Criterion) {
     let server = server::Server::start(server::Kind::Valkey);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let raw = rt.block_on(async {
         let mut conn = redis::Client::open(server.url())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        let _: () = redis::cmd("SET").arg("raw").arg(vec![b'x'; BODY]).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("raw")
+            .arg(vec![b'x'; BODY])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         conn
     });
     let store = ValkeyStore::builder().url(server.url()).build().unwrap();
@@ -105,12 +134,18 @@ fn valkey_paths(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             let mut conn = raw.clone();
             async move {
-                let v: Vec<u8> = redis::cmd("GET").arg("raw").query_async(&mut conn).await.unwrap();
+                let v: Vec<u8> = redis::cmd("GET")
+                    .arg("raw")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
                 v.len()
             }
         })
     });
-    g.bench_function("hit 1 KiB", |b| b.to_async(&rt).iter(|| call(cached.clone(), "/events/1")));
+    g.bench_function("hit 1 KiB", |b| {
+        b.to_async(&rt).iter(|| call(cached.clone(), "/events/1"))
+    });
     g.bench_function("miss + background fill 1 KiB", |b| {
         b.to_async(&rt).iter(|| {
             let n = miss_counter.fetch_add(1, Ordering::Relaxed);

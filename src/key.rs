@@ -117,7 +117,7 @@ pub(crate) fn derive_key(
         h.update(bytes);
     };
     field(b"GET");
-    field(host(parts).as_bytes());
+    field(&host(parts));
     field(parts.uri.path().as_bytes());
     // The query as a sorted list of its `&`-separated pairs, ignored ones left out.
     match parts.uri.query() {
@@ -163,15 +163,17 @@ pub(crate) fn derive_key(
     }
 }
 
-/// The request's host, lower-cased: the `Host` header, else the URI authority (HTTP/2).
-fn host(parts: &Parts) -> std::borrow::Cow<'_, str> {
-    let raw = parts
-        .headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("");
-    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+/// The request's host, lower-cased: the `Host` header's bytes (UTF-8 or not), else the URI
+/// authority (HTTP/2).
+fn host(parts: &Parts) -> std::borrow::Cow<'_, [u8]> {
+    let raw = match parts.headers.get(HOST) {
+        Some(h) => h.as_bytes(),
+        None => parts
+            .uri
+            .authority()
+            .map_or(&b""[..], |a| a.as_str().as_bytes()),
+    };
+    if raw.iter().any(u8::is_ascii_uppercase) {
         raw.to_ascii_lowercase().into()
     } else {
         raw.into()
@@ -230,6 +232,16 @@ mod tests {
         let en = key("/a", &[("accept-language", "en")], &["accept-language"], &f);
         let fr = key("/a", &[("accept-language", "fr")], &["accept-language"], &f);
         assert_ne!(en, fr);
+        // Hosts that are not UTF-8 still split keys (no fallback to a shared empty host).
+        let odd = |h: &[u8]| {
+            let (mut parts, ()) = Request::get("/a").body(()).unwrap().into_parts();
+            parts
+                .headers
+                .insert(HOST, http::HeaderValue::from_bytes(h).unwrap());
+            derive_key(&Arc::from("r"), &parts, &[], &f, ScopeKey::Shared)
+        };
+        assert_ne!(odd(b"\xffa"), odd(b"\xffb"));
+        assert_ne!(odd(b"\xffa"), key("/a", &[], &[], &f));
         // an undeclared header does not split
         assert_eq!(
             key("/a", &[("x-other", "1")], &[], &f),

@@ -370,6 +370,59 @@ mod cases {
         assert_eq!(calls.get(), 2);
     }
 
+    pub async fn odd_inputs_are_served_safely<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, calls) = app(l);
+        let odd_host = axum::http::HeaderValue::from_bytes(b"h\xffst").unwrap();
+        let odd_lang = axum::http::HeaderValue::from_bytes(b"fr\xfe").unwrap();
+        let long_query = format!(
+            "/items?{}",
+            (0..400)
+                .map(|i| format!("k{i}=v{i}"))
+                .collect::<Vec<_>>()
+                .join("&")
+        );
+        let requests: Vec<Box<dyn Fn() -> Request<Body>>> = vec![
+            Box::new(move || {
+                let mut r = Request::get("/echo-host").body(Body::empty()).unwrap();
+                r.headers_mut().insert("host", odd_host.clone());
+                r
+            }),
+            Box::new(move || {
+                let mut r = Request::get("/lang").body(Body::empty()).unwrap();
+                r.headers_mut().insert("accept-language", odd_lang.clone());
+                r
+            }),
+            Box::new(move || {
+                Request::get(long_query.as_str())
+                    .body(Body::empty())
+                    .unwrap()
+            }),
+            Box::new(|| {
+                Request::get("/items/%FF%FE%00")
+                    .body(Body::empty())
+                    .unwrap()
+            }),
+        ];
+        for (i, make) in requests.iter().enumerate() {
+            let first = send(&app, make()).await;
+            assert_eq!(
+                (first.status.as_u16(), first.x_cache()),
+                (200, "MISS"),
+                "request {i}"
+            );
+            fills_reach(&stats, i as u64 + 1).await;
+            let again = send(&app, make()).await;
+            assert_eq!(
+                (again.x_cache(), &again.body),
+                ("HIT", &first.body),
+                "request {i}"
+            );
+        }
+        assert_eq!(calls.get(), 4);
+    }
+
     pub async fn concurrent_clients_all_get_correct_bodies<St: Store>(store: St) {
         let l = layer(store);
         let (app, _calls) = app(l);
@@ -428,4 +481,5 @@ behaviour_suite!(
     handler_annotations_and_headers_set_freshness,
     entries_expire,
     concurrent_clients_all_get_correct_bodies,
+    odd_inputs_are_served_safely,
 );

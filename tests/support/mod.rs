@@ -88,7 +88,11 @@ pub fn routes() -> RouteTable {
         .route("/me", min().per_user(bearer))
         .route("/short", RoutePolicy::ttl(Duration::from_millis(1200)))
         .route("/uncached", RoutePolicy::never())
+        .route("/slow", min())
 }
+
+/// How long `/slow` takes.
+pub const SLOW: Duration = Duration::from_millis(300);
 
 /// Sizes of the streamed `/big` body.
 pub const BIG_CHUNK: usize = 16 * 1024;
@@ -223,6 +227,17 @@ pub fn app<St: Store>(layer: CacheLayer<St>) -> (Router, Calls) {
             })),
         )
         .route("/plain", route_get(h(|_| "plain".into_response())))
+        .route(
+            "/slow",
+            route_get({
+                let calls = calls.clone();
+                move || async move {
+                    calls.bump();
+                    tokio::time::sleep(SLOW).await;
+                    "slow"
+                }
+            }),
+        )
         .layer(layer);
     (router, calls)
 }

@@ -17,6 +17,7 @@ pub enum Kind {
 pub struct Server {
     pub kind: Kind,
     pub port: u16,
+    tls: bool,
     password: Option<String>,
     child: Option<Child>,
     dir: PathBuf,
@@ -78,7 +79,45 @@ impl Server {
         let mut s = Server {
             kind,
             port,
+            tls: false,
             password: password.map(str::to_owned),
+            child: None,
+            dir,
+        };
+        s.spawn();
+        s
+    }
+
+    /// A Redis server that speaks only TLS, with a fresh self-signed certificate.
+    pub fn start_tls(kind: Kind) -> Server {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tca-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (scripts/test installs it)");
+        assert!(ok.success());
+        let mut s = Server {
+            kind,
+            port,
+            tls: true,
+            password: None,
             child: None,
             dir,
         };
@@ -88,9 +127,19 @@ impl Server {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(binary(self.kind));
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        if self.tls {
+            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(self.dir.join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(self.dir.join("key.pem"))
+                .arg("--tls-ca-cert-file")
+                .arg(self.dir.join("cert.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.arg("--port").arg(self.port.to_string());
+        }
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -105,7 +154,11 @@ impl Server {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+            if self.tls {
+                if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return;
+                }
+            } else if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 s.set_read_timeout(Some(Duration::from_millis(500))).ok();
                 let mut buf = [0u8; 64];
                 if s.write_all(b"PING\r\n").is_ok() {
@@ -123,6 +176,10 @@ impl Server {
     }
 
     pub fn url(&self) -> String {
+        if self.tls {
+            // Self-signed test certificate: skip verification (the `#insecure` fragment).
+            return format!("rediss://127.0.0.1:{}/0#insecure", self.port);
+        }
         match &self.password {
             Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
             None => format!("redis://127.0.0.1:{}/0", self.port),
