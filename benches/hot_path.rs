@@ -143,6 +143,28 @@ fn valkey_paths(c: &mut Criterion) {
             }
         })
     });
+    // What bb8-redis does by default: a PING on every checkout, so two round trips.
+    let pool = rt.block_on(async {
+        bb8_redis::bb8::Pool::builder()
+            .max_size(4)
+            .build(bb8_redis::RedisConnectionManager::new(server.url()).unwrap())
+            .await
+            .unwrap()
+    });
+    g.bench_function("bb8 default checkout (PING) + GET 1 KiB", |b| {
+        b.to_async(&rt).iter(|| {
+            let pool = pool.clone();
+            async move {
+                let mut conn = pool.get().await.unwrap();
+                let v: Vec<u8> = redis::cmd("GET")
+                    .arg("raw")
+                    .query_async(&mut *conn)
+                    .await
+                    .unwrap();
+                v.len()
+            }
+        })
+    });
     g.bench_function("hit 1 KiB", |b| {
         b.to_async(&rt).iter(|| call(cached.clone(), "/events/1"))
     });

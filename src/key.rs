@@ -15,8 +15,16 @@ use sha2::{Digest, Sha256};
 /// The key of one cached response: the route it belongs to and a SHA-256 digest of the
 /// request inputs that select it.
 ///
-/// Stores turn it into their own key format; [`ValkeyStore`](crate::ValkeyStore) writes
-/// `{namespace}:{schema}:e:{route}:{hex digest}`.
+/// Stores turn it into their own key format; `ValkeyStore` writes
+/// `{namespace}:{schema}:e:{route}:{hex digest}`. [`CacheLayer::entry_key`](crate::CacheLayer::entry_key)
+/// tells the key of a request.
+///
+/// ```
+/// use tower_cache_aside::EntryKey;
+///
+/// let key = EntryKey::new("events_id", [0u8; 32]);
+/// assert_eq!(key.to_string(), format!("events_id:{}", "0".repeat(64)));
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct EntryKey {
     route: Arc<str>,

@@ -37,6 +37,21 @@ pub fn is_valid_tag(tag: &str) -> bool {
 type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
 /// Whose response a cached entry is, and so who may be served it.
+///
+/// Put the cache layer inside your authentication layer, so that the extensions a per-user
+/// function reads are already set when the cache sees the request.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_cache_aside::{RoutePolicy, Scope};
+///
+/// #[derive(Clone)]
+/// struct UserId(u64); // put in the request extensions by your auth layer
+///
+/// let per_user = RoutePolicy::ttl(Duration::from_secs(60))
+///     .scope(Scope::per_user(|parts| parts.extensions.get::<UserId>().map(|u| u.0.to_string())));
+/// let for_everyone = RoutePolicy::ttl(Duration::from_secs(600)).scope(Scope::Public);
+/// ```
 #[derive(Clone, Default)]
 pub enum Scope {
     /// One entry for everyone. Requests carrying `Authorization` or `Cookie` bypass the cache

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::Request;
 use bytes::Bytes;
 use support::*;
-use tower_cache_aside::{CacheLayer, Fill, Store};
+use tower_cache_aside::{CacheLayer, Fill, MemoryStore, Store};
 
 fn layer<St: Store>(store: St) -> CacheLayer<St> {
     CacheLayer::new(store)
@@ -175,6 +175,15 @@ mod cases {
         fills_reach(&stats, 2).await;
         let r = get_with(&app, "/public", &[("authorization", "Bearer bob")]).await;
         assert_eq!(r.x_cache(), "HIT");
+        // Apps that authenticate by other headers declare them.
+        let l = layer(MemoryStore::new(1 << 20)).credential_headers([
+            "authorization",
+            "cookie",
+            "x-api-key",
+        ]);
+        let (app2, _) = support::app(l);
+        let r = get_with(&app2, "/items/7", &[("x-api-key", "k")]).await;
+        assert_eq!(r.x_cache(), "BYPASS");
         // Range requests never share the full entry.
         let r = get_with(&app, "/items/7", &[("range", "bytes=0-1")]).await;
         assert_eq!(r.x_cache(), "BYPASS");

@@ -14,6 +14,9 @@ use crate::store::Store;
 /// Default largest body stored (larger ones stream through unstored).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// The most `max_body_bytes` accepts: Valkey's largest value.
+const MAX_BODY_LIMIT: usize = 512 * 1024 * 1024;
+
 /// A tower layer that answers GET and HEAD requests from a [`Store`] and fills it on misses.
 ///
 /// It doubles as its builder. Clones, and every service it makes, share one state (the store,
@@ -47,6 +50,7 @@ pub(crate) struct Shared<St> {
     pub(crate) max_body_bytes: usize,
     pub(crate) status_name: Arc<str>,
     pub(crate) x_cache: bool,
+    pub(crate) credential_headers: Vec<HeaderName>,
     pub(crate) stats: CacheStats,
 }
 
@@ -73,6 +77,7 @@ impl<St: Store> CacheLayer<St> {
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 status_name: Arc::from("tower-cache-aside"),
                 x_cache: true,
+                credential_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],
                 stats: CacheStats::new(Breaker::new(5, Duration::from_secs(1))),
             }),
         }
@@ -102,9 +107,32 @@ impl<St: Store> CacheLayer<St> {
         })
     }
 
-    /// Largest body stored, in bytes (default 1 MiB). Larger bodies stream through untouched.
+    /// Largest body stored, in bytes (default 1 MiB, at most 512 MiB, Valkey's largest
+    /// value). Larger bodies stream through untouched.
     pub fn max_body_bytes(self, max: usize) -> Self {
-        self.edit(|s| s.max_body_bytes = max)
+        self.edit(|s| s.max_body_bytes = max.min(MAX_BODY_LIMIT))
+    }
+
+    /// Request headers that carry credentials (default `Authorization` and `Cookie`). A
+    /// request with any of them bypasses routes whose [`Scope`](crate::Scope) is `Shared`.
+    /// Add your own, such as `x-api-key`, if your app authenticates by them.
+    ///
+    /// # Panics
+    /// If a name is not a valid header name.
+    #[track_caller]
+    pub fn credential_headers<I, T>(self, headers: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let names: Vec<HeaderName> = headers
+            .into_iter()
+            .map(|h| {
+                HeaderName::from_bytes(h.as_ref().as_bytes())
+                    .unwrap_or_else(|_| panic!("`{}` is not a valid header name", h.as_ref()))
+            })
+            .collect();
+        self.edit(|s| s.credential_headers = names)
     }
 
     /// The cache's name in `Cache-Status` (RFC 9211; default `tower-cache-aside`).

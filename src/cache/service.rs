@@ -1,11 +1,12 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, RANGE};
+use http::header::{CONNECTION, CONTENT_LENGTH, RANGE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
+use tracing::Instrument;
 
 use super::body::{CacheBody, Tee};
 use super::future::{Outcome, ResponseFuture};
@@ -67,8 +68,10 @@ impl<St: Store> Shared<St> {
         if parts.headers.contains_key(RANGE) {
             return Plan::Bypass("range");
         }
-        let has_credentials =
-            parts.headers.contains_key(AUTHORIZATION) || parts.headers.contains_key(COOKIE);
+        let has_credentials = self
+            .credential_headers
+            .iter()
+            .any(|h| parts.headers.contains_key(h));
         let user;
         let scope = match &route.policy.scope {
             Scope::Shared if has_credentials => return Plan::Bypass("credentials"),
@@ -282,7 +285,8 @@ impl<St: Store> Shared<St> {
             tracing::debug!("no Tokio runtime to fill the cache from; entry dropped");
             return;
         };
-        runtime.spawn(async move {
+        let span = tracing::debug_span!("cache.fill", route = key.route());
+        let fill = async move {
             let counters = &self.stats.inner;
             if !counters.breaker.allow() {
                 bump(&counters.breaker_skips);
@@ -305,7 +309,8 @@ impl<St: Store> Shared<St> {
                     tracing::debug!(error = %e, "cache fill failed");
                 }
             }
-        });
+        };
+        runtime.spawn(fill.instrument(span));
     }
 }
 
@@ -387,7 +392,8 @@ where
         ResponseFuture::boxed(Box::pin(async move {
             // The hit path, top to bottom: one store round trip, no inner call.
             let now = now_ms();
-            let fence = match shared.lookup(&key, now).await {
+            let span = tracing::debug_span!("cache.lookup", route = key.route());
+            let fence = match shared.lookup(&key, now).instrument(span).await {
                 Found::Hit(entry) => {
                     bump(&shared.stats.inner.hits);
                     return Ok(shared.hit_response(entry, head, now));

@@ -78,7 +78,33 @@ pub enum FillOutcome {
 /// A cache backend. Implementations must be cheap to clone (share state through an `Arc`).
 ///
 /// Every method should bound its own time (the layer adds no timeout of its own) and must
-/// not panic on any stored value.
+/// not panic on any stored value. Values are opaque bytes: the layer encodes and decodes
+/// entries, and treats anything unreadable as a miss.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::{Arc, Mutex};
+/// use tower_cache_aside::{EntryKey, Fill, FillOutcome, Lookup, Store, StoreError};
+///
+/// /// A toy store without expiry (use `MemoryStore` for real).
+/// #[derive(Clone, Default)]
+/// struct MapStore(Arc<Mutex<HashMap<EntryKey, bytes::Bytes>>>);
+///
+/// impl Store for MapStore {
+///     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
+///         Ok(Lookup::new(self.0.lock().unwrap().get(key).cloned(), 0))
+///     }
+///     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
+///         self.0.lock().unwrap().insert(fill.key, fill.value);
+///         Ok(FillOutcome::Stored)
+///     }
+///     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
+///         Ok(self.0.lock().unwrap().remove(key).is_some())
+///     }
+/// }
+///
+/// let layer = tower_cache_aside::CacheLayer::new(MapStore::default());
+/// ```
 pub trait Store: Clone + Send + Sync + 'static {
     /// Reads the value under `key` and the current fence, in one step.
     fn lookup(&self, key: &EntryKey) -> impl Future<Output = Result<Lookup, StoreError>> + Send;
