@@ -21,4 +21,4 @@ pub use stats::{CacheStats, StatsSnapshot};
 pub use store::memory::MemoryStore;
 #[cfg(feature = "valkey")]
 pub use store::valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};
-pub use store::{Fill, FillOutcome, Lookup, Store};
+pub use store::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};

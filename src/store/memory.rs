@@ -1,25 +1,29 @@
-//! The in-process store: a byte-bounded moka cache with per-entry TTLs.
+//! The in-process store: a byte-bounded moka cache with per-entry TTLs, a tag index and the
+//! same fence rule as Valkey (a fill whose tags were cleared after its lookup is refused).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::{Fill, FillOutcome, Lookup, Store};
+use super::{Fill, FillOutcome, Invalidation, Lookup, Store, FENCE_WINDOW};
 use crate::error::StoreError;
 use crate::key::EntryKey;
 
-/// Bookkeeping bytes counted per entry on top of its key and value (moka's node, the
-/// `Arc`s and the map slot, measured roughly).
+/// Bookkeeping bytes counted per entry on top of its key, value and tags (moka's node, the
+/// `Arc`s, the map slot and the tag index slots, measured roughly).
 const ENTRY_OVERHEAD: u32 = 160;
 
 /// An in-process store bounded by bytes: the embedded default that needs no server.
 ///
-/// Clones share the same cache. Entries are evicted least-recently-used (moka's TinyLFU)
-/// when the byte budget is reached, and expire after their TTL.
+/// Clones share the same cache. Entries are evicted by moka's TinyLFU policy when the byte
+/// budget is reached, and expire after their TTL. Tags are indexed in memory; the index
+/// shrinks as entries leave.
 ///
 /// ```
 /// use tower_cache_aside::{CacheLayer, MemoryStore};
@@ -33,13 +37,28 @@ pub struct MemoryStore {
 
 struct MemoryInner {
     cache: Cache<EntryKey, MemValue>,
+    /// The invalidation sequence (the fence) and the last purge.
     sequence: AtomicU64,
+    purged: AtomicU64,
+    /// Fills and clears take this lock, so no clear slips between a fill's check and write.
+    index: Mutex<TagIndex>,
+    /// Entries that left the cache, for the index to forget. Kept apart from `index` because
+    /// moka may call the eviction listener while a fill or clear holds `index`.
+    departed: Arc<Mutex<Vec<(EntryKey, Arc<[String]>)>>>,
+}
+
+#[derive(Default)]
+struct TagIndex {
+    members: HashMap<String, HashSet<EntryKey>>,
+    /// Each tag's last clear: its sequence and when the record may be forgotten.
+    cleared: HashMap<String, (u64, Instant)>,
 }
 
 #[derive(Clone)]
 struct MemValue {
     bytes: Bytes,
     ttl: Duration,
+    tags: Arc<[String]>,
 }
 
 struct PerEntryTtl;
@@ -63,42 +82,81 @@ impl Expiry<EntryKey, MemValue> for PerEntryTtl {
 impl MemoryStore {
     /// A store holding at most `max_bytes` of keys, entries and bookkeeping.
     pub fn new(max_bytes: u64) -> Self {
+        let departed: Arc<Mutex<Vec<(EntryKey, Arc<[String]>)>>> = Arc::default();
+        let listener_queue = departed.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &EntryKey, v: &MemValue| {
-                let size = k.route().len() + 32 + v.bytes.len();
-                u32::try_from(size)
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(ENTRY_OVERHEAD)
+                let tags: usize = v.tags.iter().map(|t| t.len() + 56).sum();
+                let size = k.route().len() + 32 + v.bytes.len() + tags;
+                u32::try_from(size).unwrap_or(u32::MAX).saturating_add(ENTRY_OVERHEAD)
             })
             .expire_after(PerEntryTtl)
+            .eviction_listener(move |key: Arc<EntryKey>, value: MemValue, cause| {
+                // A replaced entry keeps its key: the new value re-indexes it.
+                if cause != RemovalCause::Replaced && !value.tags.is_empty() {
+                    lock(&listener_queue).push(((*key).clone(), value.tags));
+                }
+            })
             .build();
         MemoryStore {
             inner: Arc::new(MemoryInner {
                 cache,
                 sequence: AtomicU64::new(0),
+                purged: AtomicU64::new(0),
+                index: Mutex::default(),
+                departed,
             }),
         }
     }
 
-    /// Number of entries (approximate until pending maintenance has run).
+    /// Number of entries (after pending maintenance has run).
     pub fn entry_count(&self) -> u64 {
         self.inner.cache.run_pending_tasks();
         self.inner.cache.entry_count()
     }
 
-    /// Bytes in use as counted against the budget.
+    /// Bytes in use as counted against the budget (after pending maintenance has run).
     pub fn weighted_size(&self) -> u64 {
         self.inner.cache.run_pending_tasks();
         self.inner.cache.weighted_size()
     }
 
-    /// Stores raw bytes under a key, bypassing the entry format (for tests of what the layer
-    /// does with garbage).
-    #[doc(hidden)]
-    pub fn insert_raw(&self, key: EntryKey, bytes: Bytes, ttl: Duration) {
-        self.inner.cache.insert(key, MemValue { bytes, ttl });
+    /// Number of tags that index at least one entry, and of clear records kept (after
+    /// pending maintenance has run): both return to zero once entries expire and the fence
+    /// window has passed.
+    pub fn index_size(&self) -> (usize, usize) {
+        self.inner.cache.run_pending_tasks();
+        let mut index = self.index();
+        let now = Instant::now();
+        index.cleared.retain(|_, (_, until)| *until > now);
+        (index.members.len(), index.cleared.len())
     }
+
+    /// Locks the tag index, first forgetting entries that left the cache.
+    fn index(&self) -> MutexGuard<'_, TagIndex> {
+        let departed = std::mem::take(&mut *lock(&self.inner.departed));
+        let mut index = lock(&self.inner.index);
+        for (key, tags) in departed {
+            // The key may have been filled again since: keep it indexed then.
+            if self.inner.cache.contains_key(&key) {
+                continue;
+            }
+            for tag in tags.iter() {
+                if let Some(set) = index.members.get_mut(tag) {
+                    set.remove(&key);
+                    if set.is_empty() {
+                        index.members.remove(tag);
+                    }
+                }
+            }
+        }
+        index
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -113,17 +171,37 @@ impl std::fmt::Debug for MemoryStore {
 impl Store for MemoryStore {
     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
         let fence = self.inner.sequence.load(Ordering::Acquire);
+        let purged = self.inner.purged.load(Ordering::Acquire);
         let value = self.inner.cache.get(key).map(|v| v.bytes);
-        Ok(Lookup { value, fence })
+        Ok(Lookup {
+            value,
+            fence,
+            purged,
+        })
     }
 
     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
         if fill.ttl.is_zero() {
             return Ok(FillOutcome::Stored);
         }
+        let mut index = self.index();
+        let now = Instant::now();
+        let cleared_after_fence = |tag: &String| {
+            index
+                .cleared
+                .get(tag)
+                .is_some_and(|(seq, until)| *seq > fill.fence && *until > now)
+        };
+        if self.inner.purged.load(Ordering::Acquire) > fill.fence || fill.tags.iter().any(cleared_after_fence) {
+            return Ok(FillOutcome::Fenced);
+        }
+        for tag in &fill.tags {
+            index.members.entry(tag.clone()).or_default().insert(fill.key.clone());
+        }
         let value = MemValue {
             bytes: fill.value,
             ttl: fill.ttl,
+            tags: fill.tags.into(),
         };
         self.inner.cache.insert(fill.key, value);
         Ok(FillOutcome::Stored)
@@ -131,5 +209,33 @@ impl Store for MemoryStore {
 
     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
         Ok(self.inner.cache.remove(key).is_some())
+    }
+
+    async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
+        let mut index = self.index();
+        let seq = self.inner.sequence.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = Instant::now();
+        if index.cleared.len() > 4096 {
+            index.cleared.retain(|_, (_, until)| *until > now);
+        }
+        let mut removed = 0;
+        for tag in tags {
+            index.cleared.insert(tag.clone(), (seq, now + FENCE_WINDOW));
+            for key in index.members.remove(tag).unwrap_or_default() {
+                if self.inner.cache.remove(&key).is_some() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(Invalidation { seq, removed })
+    }
+
+    async fn purge(&self) -> Result<u64, StoreError> {
+        let mut index = self.index();
+        let seq = self.inner.sequence.fetch_add(1, Ordering::AcqRel) + 1;
+        self.inner.purged.store(seq, Ordering::Release);
+        self.inner.cache.invalidate_all();
+        index.members.clear();
+        Ok(seq)
     }
 }

@@ -17,6 +17,11 @@ pub(crate) mod memory;
 #[cfg(feature = "valkey")]
 pub(crate) mod valkey;
 
+/// How long a tag's clear is remembered, and so the longest a miss may take between its
+/// lookup and its fill: the layer drops fills older than this rather than risk storing data
+/// from before a clear whose record has expired.
+pub const FENCE_WINDOW: Duration = Duration::from_secs(600);
+
 /// What a lookup found.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
@@ -27,12 +32,82 @@ pub struct Lookup {
     /// value. A later fill passes it back so the store can refuse data that an invalidation
     /// made stale in between.
     pub fence: u64,
+    /// The sequence of the last purge: an entry filled with an older fence is dead.
+    pub purged: u64,
 }
 
 impl Lookup {
     /// A lookup result.
     pub fn new(value: Option<Bytes>, fence: u64) -> Self {
-        Lookup { value, fence }
+        Lookup {
+            value,
+            fence,
+            purged: 0,
+        }
+    }
+
+    /// Sets the sequence of the last purge.
+    #[must_use]
+    pub fn purged(mut self, purged: u64) -> Self {
+        self.purged = purged;
+        self
+    }
+}
+
+/// What a tag clear did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Invalidation {
+    /// The invalidation sequence the clear was given.
+    pub seq: u64,
+    /// How many stored entries it removed.
+    pub removed: u64,
+}
+
+impl Invalidation {
+    /// An invalidation result.
+    pub fn new(seq: u64, removed: u64) -> Self {
+        Invalidation { seq, removed }
+    }
+}
+
+/// A clear announced on a namespace's channel (see [`ValkeyStore::subscribe`](crate::ValkeyStore::subscribe)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notice {
+    /// These tags were cleared at `seq`.
+    Cleared {
+        /// The invalidation sequence.
+        seq: u64,
+        /// The tags.
+        tags: Vec<String>,
+    },
+    /// The whole namespace was purged at `seq`.
+    Purged {
+        /// The invalidation sequence.
+        seq: u64,
+    },
+    /// The subscription was (re)established after a break: clears published meanwhile were
+    /// missed (pub/sub is at-most-once), so local copies must be dropped.
+    Resubscribed,
+}
+
+impl Notice {
+    /// Reads a channel message: `v1 {seq} tags {tag} {tag}...` or `v1 {seq} purge`.
+    pub(crate) fn parse(message: &str) -> Option<Notice> {
+        let mut words = message.split(' ');
+        if words.next()? != "v1" {
+            return None;
+        }
+        let seq = words.next()?.parse().ok()?;
+        match words.next()? {
+            "tags" => Some(Notice::Cleared {
+                seq,
+                tags: words.filter(|w| !w.is_empty()).map(str::to_owned).collect(),
+            }),
+            "purge" => Some(Notice::Purged { seq }),
+            _ => None,
+        }
     }
 }
 
@@ -114,4 +189,31 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Removes the value under `key`; returns whether there was one.
     fn remove(&self, key: &EntryKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Clears every entry carrying any of `tags`, and refuses later fills whose fence
+    /// predates the clear.
+    fn invalidate(&self, tags: &[String]) -> impl Future<Output = Result<Invalidation, StoreError>> + Send;
+
+    /// Makes every stored entry dead at once; returns the purge's sequence.
+    fn purge(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_parse() {
+        assert_eq!(
+            Notice::parse("v1 7 tags events event:1"),
+            Some(Notice::Cleared {
+                seq: 7,
+                tags: vec!["events".into(), "event:1".into()]
+            })
+        );
+        assert_eq!(Notice::parse("v1 9 purge"), Some(Notice::Purged { seq: 9 }));
+        for bad in ["", "v2 1 purge", "v1 x purge", "v1 1 other", "v1"] {
+            assert_eq!(Notice::parse(bad), None, "{bad}");
+        }
+    }
 }

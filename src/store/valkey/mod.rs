@@ -15,7 +15,10 @@ use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError};
 use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 
-use super::{Fill, FillOutcome, Lookup, Store};
+use futures_util::StreamExt;
+use tokio::sync::broadcast;
+
+use super::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
 use crate::error::{ConfigError, StoreError};
 use crate::key::EntryKey;
 
@@ -27,8 +30,19 @@ pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// A store in Valkey or Redis, reached through a `bb8-redis` pool.
 ///
-/// Clones share the pool. Keys are `{namespace}:1:e:{route}:{sha256 hex}`; the fence is
-/// `{namespace}:1:seq`.
+/// Clones share the pool. The key layout (`{ns}` is the namespace, `1` the schema version):
+///
+/// | key | type | holds |
+/// |---|---|---|
+/// | `{ns}:1:e:{route}:{sha256 hex}` | string | an entry |
+/// | `{ns}:1:seq` | integer | the invalidation sequence (the fence) |
+/// | `{ns}:1:purged` | integer | the sequence of the last purge |
+/// | `{ns}:1:t:{tag}` | sorted set | entry keys carrying the tag, scored by expiry |
+/// | `{ns}:1:c:{tag}` | integer | the sequence of the tag's last clear (lives 10 min) |
+/// | `{ns}:1:inv` | channel | published clears |
+///
+/// A tag appears verbatim when it is at most 64 bytes of `[A-Za-z0-9_.:-]`, else as `#`
+/// and its sha256. Every index and record expires.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -51,6 +65,10 @@ pub struct ValkeyStore {
 }
 
 struct ValkeyInner {
+    client: redis::Client,
+    namespace: String,
+    /// Subscribers share one pub/sub connection; `None` until the first subscribe.
+    notices: std::sync::Mutex<Option<broadcast::Sender<Notice>>>,
     /// Created on first use: bb8 spawns its reaper task when a pool is built, which needs a
     /// Tokio runtime, and a store may well be built before the runtime starts.
     pool: OnceLock<bb8::Pool<RedisConnectionManager>>,
@@ -60,6 +78,8 @@ struct ValkeyInner {
     conn: RwLock<Option<MultiplexedConnection>>,
     entry_prefix: String,
     seq_key: String,
+    purged_key: String,
+    channel: String,
     operation_timeout: Duration,
     display_url: String,
 }
@@ -151,11 +171,13 @@ impl ValkeyStoreBuilder {
             )));
         }
         let display_url = redact(&url);
-        let manager = RedisConnectionManager::new(url.as_str()).map_err(|e| {
+        let bad_url = |e: RedisError| {
             ConfigError::new(format!(
                 "cannot use `{display_url}` as a Valkey URL ({e}); expected redis://[:password@]host[:port][/db]"
             ))
-        })?;
+        };
+        let manager = RedisConnectionManager::new(url.as_str()).map_err(bad_url)?;
+        let client = redis::Client::open(url.as_str()).map_err(bad_url)?;
         Ok(ValkeyStore {
             inner: Arc::new(ValkeyInner {
                 pool: OnceLock::new(),
@@ -163,8 +185,13 @@ impl ValkeyStoreBuilder {
                 pool_size: self.pool_size,
                 connect_timeout: self.connect_timeout,
                 conn: RwLock::new(None),
+                client,
+                namespace: ns.clone(),
+                notices: std::sync::Mutex::new(None),
                 entry_prefix: format!("{ns}:{SCHEMA}:e:"),
                 seq_key: format!("{ns}:{SCHEMA}:seq"),
+                purged_key: format!("{ns}:{SCHEMA}:purged"),
+                channel: format!("{ns}:{SCHEMA}:inv"),
                 operation_timeout: self.operation_timeout,
                 display_url,
             }),
@@ -218,6 +245,38 @@ impl ValkeyStore {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
             .await?;
         Ok(start.elapsed())
+    }
+
+    /// The index and clear-record keys of a tag.
+    fn tag_keys(&self, tag: &str) -> (String, String) {
+        let ns = &self.inner.namespace;
+        let safe = tag.len() <= 64 && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+        let name = if safe {
+            tag.to_owned()
+        } else {
+            let mut n = String::from("#");
+            crate::key::push_hex(&mut n, &<sha2::Sha256 as sha2::Digest>::digest(tag.as_bytes()));
+            n
+        };
+        (format!("{ns}:{SCHEMA}:t:{name}"), format!("{ns}:{SCHEMA}:c:{name}"))
+    }
+
+    /// Announcements of every clear in this namespace, from any instance. The first call
+    /// opens a dedicated pub/sub connection, shared by all subscribers, that re-subscribes by
+    /// itself after the server comes back and then sends [`Notice::Resubscribed`]: clears
+    /// published while it was away were missed (pub/sub is at-most-once), so whoever keeps
+    /// local copies must drop them. The connection closes when the last subscriber is dropped.
+    ///
+    /// Must be called inside a Tokio runtime.
+    pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        let mut slot = self.inner.notices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = slot.as_ref().filter(|tx| tx.receiver_count() > 0) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = broadcast::channel(1024);
+        *slot = Some(tx.clone());
+        tokio::spawn(run_subscription(self.inner.clone(), tx));
+        rx
     }
 
     fn entry_key(&self, key: &EntryKey) -> String {
@@ -288,6 +347,69 @@ impl ValkeyStore {
     }
 }
 
+/// Keeps one pub/sub connection subscribed and forwards what it hears, until nobody listens.
+async fn run_subscription(inner: Arc<ValkeyInner>, tx: broadcast::Sender<Notice>) {
+    const PING_EVERY: Duration = Duration::from_secs(2);
+    let mut backoff = Duration::from_millis(50);
+    let mut first = true;
+    while tx.receiver_count() > 0 {
+        let connected = tokio::time::timeout(inner.connect_timeout, async {
+            let mut pubsub = inner.client.get_async_pubsub().await?;
+            pubsub.subscribe(&inner.channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        })
+        .await;
+        let pubsub = match connected {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cache invalidation subscription failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        if !first {
+            tracing::info!("cache invalidation subscription re-established");
+            let _ = tx.send(Notice::Resubscribed);
+        }
+        first = false;
+        let (mut sink, mut stream) = pubsub.split();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(msg) = msg else { break };
+                    let Ok(text) = msg.get_payload::<String>() else { continue };
+                    match Notice::parse(&text) {
+                        Some(n) => { let _ = tx.send(n); }
+                        None => tracing::warn!("ignoring an unreadable invalidation message"),
+                    }
+                }
+                _ = ping.tick() => {
+                    if tx.receiver_count() == 0 {
+                        return;
+                    }
+                    // A half-open connection hears nothing: a ping that goes unanswered ends it.
+                    let pong = tokio::time::timeout(inner.connect_timeout, sink.ping::<()>()).await;
+                    if !matches!(pong, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+            }
+        }
+        // Lost: anything published until we are back is missed.
+        let _ = tx.send(Notice::Resubscribed);
+        tracing::warn!("cache invalidation subscription lost; reconnecting");
+    }
+}
+
 fn classify(e: RedisError) -> StoreError {
     if e.is_io_error()
         || e.is_connection_dropped()
@@ -307,22 +429,31 @@ fn parse_seq(raw: Option<Vec<u8>>) -> u64 {
         .unwrap_or(0)
 }
 
+static FILL: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("fill.lua")));
+static INVALIDATE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("invalidate.lua")));
+static PURGE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("purge.lua")));
+
 impl Store for ValkeyStore {
     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
         let entry_key = self.entry_key(key);
-        let seq_key = &self.inner.seq_key;
-        let (value, seq) = self
+        let inner = &self.inner;
+        let (value, seq, purged) = self
             .run(|mut c| async move {
                 redis::cmd("MGET")
                     .arg(&entry_key)
-                    .arg(seq_key)
-                    .query_async::<(Option<Bytes>, Option<Vec<u8>>)>(&mut c)
+                    .arg(&inner.seq_key)
+                    .arg(&inner.purged_key)
+                    .query_async::<(Option<Bytes>, Option<Vec<u8>>, Option<Vec<u8>>)>(&mut c)
                     .await
             })
             .await?;
         Ok(Lookup {
             value,
             fence: parse_seq(seq),
+            purged: parse_seq(purged),
         })
     }
 
@@ -331,18 +462,21 @@ impl Store for ValkeyStore {
         if ttl_ms == 0 {
             return Ok(FillOutcome::Stored);
         }
-        let entry_key = self.entry_key(&fill.key);
-        self.run(|mut c| async move {
-            redis::cmd("SET")
-                .arg(&entry_key)
-                .arg(fill.value.as_ref())
-                .arg("PX")
-                .arg(ttl_ms)
-                .query_async::<()>(&mut c)
-                .await
+        let mut invocation = FILL.prepare_invoke();
+        invocation.key(self.entry_key(&fill.key)).key(&self.inner.purged_key);
+        for tag in &fill.tags {
+            let (index, cleared) = self.tag_keys(tag);
+            invocation.key(index).key(cleared);
+        }
+        invocation.arg(fill.value.as_ref()).arg(ttl_ms).arg(fill.fence);
+        let stored: i64 = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(if stored == 1 {
+            FillOutcome::Stored
+        } else {
+            FillOutcome::Fenced
         })
-        .await?;
-        Ok(FillOutcome::Stored)
     }
 
     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
@@ -351,6 +485,35 @@ impl Store for ValkeyStore {
             .run(|mut c| async move { redis::cmd("DEL").arg(&entry_key).query_async(&mut c).await })
             .await?;
         Ok(n > 0)
+    }
+
+    async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
+        let mut invocation = INVALIDATE.prepare_invoke();
+        invocation.key(&self.inner.seq_key);
+        for tag in tags {
+            let (index, cleared) = self.tag_keys(tag);
+            invocation.key(index).key(cleared);
+        }
+        invocation
+            .arg(&self.inner.channel)
+            .arg(FENCE_WINDOW.as_millis() as u64);
+        for tag in tags {
+            invocation.arg(tag);
+        }
+        let (seq, removed): (u64, u64) = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(Invalidation { seq, removed })
+    }
+
+    async fn purge(&self) -> Result<u64, StoreError> {
+        let mut invocation = PURGE.prepare_invoke();
+        invocation
+            .key(&self.inner.seq_key)
+            .key(&self.inner.purged_key)
+            .arg(&self.inner.channel);
+        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
     }
 }
 
