@@ -9,6 +9,7 @@ mod key;
 mod policy;
 mod stats;
 mod store;
+mod tags;
 
 pub use cache::{Cache, CacheBody, CacheLayer, ResponseFuture, DEFAULT_MAX_BODY_BYTES};
 pub use error::{ConfigError, StoreError};
@@ -17,6 +18,7 @@ pub use policy::{
     is_valid_tag, CacheHint, RoutePolicy, RouteTable, Scope, DEFAULT_STATUSES, MAX_TAG_LEN,
 };
 pub use stats::{CacheStats, StatsSnapshot};
+pub use tags::MAX_TAGS_PER_RESPONSE;
 #[cfg(feature = "memory")]
 pub use store::memory::MemoryStore;
 #[cfg(feature = "valkey")]

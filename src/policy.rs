@@ -440,9 +440,9 @@ impl TagTemplate {
             TagPart::Literal(l) => l.bytes().all(|b| b.is_ascii_graphic()) && !l.contains('}'),
             TagPart::Param(_) => true,
         });
-        if parts.is_empty() || !literal_ok || template.len() > MAX_TAG_LEN {
+        if parts.is_empty() || !literal_ok || template.len() > MAX_TAG_LEN || template.starts_with('~') {
             return Err(ConfigError::new(format!(
-                "tag `{template}` is not valid: tags are 1 to {MAX_TAG_LEN} bytes of visible ASCII"
+                "tag `{template}` is not valid: tags are 1 to {MAX_TAG_LEN} bytes of visible ASCII, not starting with `~`"
             )));
         }
         Ok(TagTemplate { parts })

@@ -1,5 +1,6 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, CONTENT_LENGTH, RANGE};
 use http::request::Parts;
@@ -13,7 +14,9 @@ use super::future::{Outcome, ResponseFuture};
 use super::layer::{Shared, CACHE_STATUS, X_CACHE};
 use crate::entry::{now_ms, Entry};
 use crate::key::{derive_key, EntryKey, ScopeKey};
-use crate::policy::{decide, is_valid_tag, CacheHint, Decision, Freshness, Route, Scope};
+use crate::policy::{decide, CacheHint, Decision, Freshness, Route, Scope};
+use crate::store::FENCE_WINDOW;
+use crate::tags::{push_tags, request_host, take_entry_tags, uri_tag};
 use crate::stats::bump;
 use crate::store::{Fill, FillOutcome, Store};
 
@@ -43,13 +46,27 @@ pub(crate) enum Plan {
     },
 }
 
+/// The invalidation sequence a lookup saw, and when: the fill must present it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fence {
+    pub(crate) seq: u64,
+    pub(crate) at: Instant,
+}
+
+impl Fence {
+    /// Fills older than this are dropped: the clear records that would refuse them may be gone.
+    pub(crate) fn expired(&self) -> bool {
+        self.at.elapsed() + Duration::from_secs(30) > FENCE_WINDOW
+    }
+}
+
 /// What the lookup step found.
 // Lives for one step on the stack; boxing the entry would allocate on every hit.
 #[allow(clippy::large_enum_variant)]
 enum Found {
     Hit(Entry),
     Miss {
-        fence: u64,
+        fence: Fence,
     },
     /// The store failed or the breaker is open: serve from the origin, do not fill.
     Unavailable,
@@ -92,9 +109,11 @@ impl<St: Store> Shared<St> {
             &self.query_filter,
             scope,
         );
+        let mut tags = route.tags(&matched.params);
+        tags.push(uri_tag(request_host(parts), parts.uri.path()));
         Plan::Lookup {
             key,
-            tags: route.tags(&matched.params),
+            tags,
             route: route.clone(),
         }
     }
@@ -115,22 +134,22 @@ impl<St: Store> Shared<St> {
             }
         };
         counters.breaker.success();
+        let fence = Fence {
+            seq: lookup.fence,
+            at: Instant::now(),
+        };
         let Some(bytes) = lookup.value else {
-            return Found::Miss {
-                fence: lookup.fence,
-            };
+            return Found::Miss { fence };
         };
         match Entry::decode(bytes) {
+            // An entry filled before the last purge is dead.
+            Ok(entry) if entry.fence < lookup.purged => Found::Miss { fence },
             Ok(entry) if entry.remaining(now_ms).is_some() => Found::Hit(entry),
-            Ok(_) => Found::Miss {
-                fence: lookup.fence,
-            },
+            Ok(_) => Found::Miss { fence },
             Err(e) => {
                 bump(&counters.decode_errors);
                 tracing::warn!(%key, reason = e.0, "unreadable cache entry; treating as a miss");
-                Found::Miss {
-                    fence: lookup.fence,
-                }
+                Found::Miss { fence }
             }
         }
     }
@@ -191,7 +210,7 @@ impl<St: Store> Shared<St> {
         key: EntryKey,
         route: &Route,
         mut tags: Vec<String>,
-        fence: Option<u64>,
+        fence: Option<Fence>,
     ) -> Response<CacheBody<B>> {
         let counters = &self.stats.inner;
         bump(&counters.misses);
@@ -237,14 +256,9 @@ impl<St: Store> Shared<St> {
             return Response::from_parts(parts, CacheBody::passthrough(body));
         }
         if let Some(hint) = hint {
-            for t in &hint.tags {
-                if is_valid_tag(t) {
-                    tags.push(t.clone());
-                } else {
-                    tracing::warn!(route = %route.id, "skipping an invalid tag from a CacheHint");
-                }
-            }
+            push_tags(&mut tags, hint.tags.iter().map(String::as_str), "CacheHint");
         }
+        take_entry_tags(&mut parts.headers, &mut tags);
         let entry = Entry {
             status: parts.status,
             headers: storable_headers(&parts.headers),
@@ -253,7 +267,7 @@ impl<St: Store> Shared<St> {
             stored_at_ms: now_ms(),
             lifetime_ms: lifetime.as_millis().min(u128::from(u64::MAX)) as u64,
             initial_age_s,
-            fence,
+            fence: fence.seq,
             tags,
         };
         self.mark(
@@ -273,6 +287,7 @@ impl<St: Store> Shared<St> {
                         trailers,
                         ..entry
                     },
+                    fence,
                 )
             }),
         );
@@ -280,7 +295,12 @@ impl<St: Store> Shared<St> {
     }
 
     /// Writes the entry in the background: the client never waits for the store on a miss.
-    fn spawn_fill(self: Arc<Self>, key: EntryKey, entry: Entry) {
+    fn spawn_fill(self: Arc<Self>, key: EntryKey, entry: Entry, fence: Fence) {
+        if fence.expired() {
+            bump(&self.stats.inner.fills_fenced);
+            tracing::debug!(%key, "miss took longer than the fence window; not stored");
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::debug!("no Tokio runtime to fill the cache from; entry dropped");
             return;
