@@ -8,7 +8,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use http::header::{HeaderName, HOST};
+use http::header::HeaderName;
 use http::request::Parts;
 use sha2::{Digest, Sha256};
 
@@ -171,16 +171,9 @@ pub(crate) fn derive_key(
     }
 }
 
-/// The request's host, lower-cased: the `Host` header's bytes (UTF-8 or not), else the URI
-/// authority (HTTP/2).
+/// The request's host, lower-cased (the raw bytes, UTF-8 or not).
 fn host(parts: &Parts) -> std::borrow::Cow<'_, [u8]> {
-    let raw = match parts.headers.get(HOST) {
-        Some(h) => h.as_bytes(),
-        None => parts
-            .uri
-            .authority()
-            .map_or(&b""[..], |a| a.as_str().as_bytes()),
-    };
+    let raw = crate::tags::request_host(&parts.headers, &parts.uri);
     if raw.iter().any(u8::is_ascii_uppercase) {
         raw.to_ascii_lowercase().into()
     } else {
@@ -191,6 +184,7 @@ fn host(parts: &Parts) -> std::borrow::Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HOST;
     use http::Request;
 
     fn key(uri: &str, headers: &[(&str, &str)], vary: &[&str], filter: &QueryFilter) -> EntryKey {

@@ -5,6 +5,8 @@
 mod cache;
 mod entry;
 mod error;
+mod handle;
+mod invalidate;
 mod key;
 mod policy;
 mod stats;
@@ -13,14 +15,17 @@ mod tags;
 
 pub use cache::{Cache, CacheBody, CacheLayer, ResponseFuture, DEFAULT_MAX_BODY_BYTES};
 pub use error::{ConfigError, StoreError};
+pub use handle::CacheHandle;
+pub use invalidate::{Invalidate, InvalidateLayer};
 pub use key::EntryKey;
 pub use policy::{
-    is_valid_tag, CacheHint, RoutePolicy, RouteTable, Scope, DEFAULT_STATUSES, MAX_TAG_LEN,
+    is_valid_tag, CacheHint, InvalidateTags, RoutePolicy, RouteTable, Scope, DEFAULT_STATUSES,
+    MAX_TAG_LEN,
 };
 pub use stats::{CacheStats, StatsSnapshot};
-pub use tags::MAX_TAGS_PER_RESPONSE;
 #[cfg(feature = "memory")]
 pub use store::memory::MemoryStore;
 #[cfg(feature = "valkey")]
 pub use store::valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};
 pub use store::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
+pub use tags::MAX_TAGS_PER_RESPONSE;

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, SET_COOKIE, VARY};
 use http::request::Parts;
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::error::ConfigError;
 
@@ -117,6 +117,9 @@ pub struct RoutePolicy {
     pub(crate) statuses: Vec<u16>,
     pub(crate) vary: Vec<HeaderName>,
     pub(crate) id: Option<String>,
+    pub(crate) clears: Option<Vec<String>>,
+    pub(crate) clears_on: Vec<(Method, Vec<String>)>,
+    pub(crate) clear_uri: bool,
     pub(crate) error: Option<ConfigError>,
 }
 
@@ -129,6 +132,9 @@ impl RoutePolicy {
             statuses: DEFAULT_STATUSES.to_vec(),
             vary: Vec::new(),
             id: None,
+            clears: None,
+            clears_on: Vec::new(),
+            clear_uri: true,
             error: None,
         }
     }
@@ -209,6 +215,40 @@ impl RoutePolicy {
         self
     }
 
+    /// The tags a successful POST, PUT, PATCH or DELETE on this route clears (by default the
+    /// route's own [`tags`](RoutePolicy::tags)). Templates name path parameters: `event:{id}`.
+    #[must_use]
+    pub fn clears<I, T>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.clears = Some(tags.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The tags a mutation with this method clears, instead of [`clears`](RoutePolicy::clears):
+    /// narrow (`[]`) or widen one method's reach.
+    #[must_use]
+    pub fn clears_on<I, T>(mut self, method: Method, tags: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.clears_on.retain(|(m, _)| *m != method);
+        self.clears_on
+            .push((method, tags.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Whether a mutation also clears the cached entries of its own URI (RFC 9111 §4.4; on
+    /// by default). The URI is host and path: every query variant and every user's entry.
+    #[must_use]
+    pub fn clear_uri(mut self, on: bool) -> Self {
+        self.clear_uri = on;
+        self
+    }
+
     /// Names the route in store keys (`{namespace}:{schema}:e:{id}:{digest}`); by default it
     /// is derived from the pattern. Letters, digits, `_`, `-` and `.` only.
     #[must_use]
@@ -258,6 +298,31 @@ impl CacheHint {
     pub fn tag(mut self, tag: impl Into<String>) -> Self {
         self.tags.push(tag.into());
         self
+    }
+}
+
+/// Tags a handler asks to clear after its mutation, put in the response extensions: for
+/// effects wider than its route's own tags (the `Cache-Group-Invalidation` header of
+/// RFC 9875 does the same).
+///
+/// ```
+/// use http::Response;
+/// use tower_cache_aside::InvalidateTags;
+///
+/// let mut res = Response::new("permissions updated");
+/// res.extensions_mut().insert(InvalidateTags::new(["user:42", "dashboard"]));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct InvalidateTags(pub(crate) Vec<String>);
+
+impl InvalidateTags {
+    /// Tags to clear.
+    pub fn new<I, T>(tags: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        InvalidateTags(tags.into_iter().map(Into::into).collect())
     }
 }
 
@@ -440,7 +505,11 @@ impl TagTemplate {
             TagPart::Literal(l) => l.bytes().all(|b| b.is_ascii_graphic()) && !l.contains('}'),
             TagPart::Param(_) => true,
         });
-        if parts.is_empty() || !literal_ok || template.len() > MAX_TAG_LEN || template.starts_with('~') {
+        if parts.is_empty()
+            || !literal_ok
+            || template.len() > MAX_TAG_LEN
+            || template.starts_with('~')
+        {
             return Err(ConfigError::new(format!(
                 "tag `{template}` is not valid: tags are 1 to {MAX_TAG_LEN} bytes of visible ASCII, not starting with `~`"
             )));
@@ -465,12 +534,30 @@ pub(crate) struct Route {
     pub(crate) id: Arc<str>,
     pub(crate) policy: RoutePolicy,
     templates: Vec<TagTemplate>,
+    clear_templates: Vec<TagTemplate>,
+    clear_on_templates: Vec<(Method, Vec<TagTemplate>)>,
 }
 
 impl Route {
     /// The route's tags, filled from the path parameters; invalid ones are skipped and logged.
     pub(crate) fn tags(&self, params: &matchit::Params<'_, '_>) -> Vec<String> {
-        self.templates
+        self.render(&self.templates, params)
+    }
+
+    /// The tags a mutation with `method` clears.
+    pub(crate) fn clear_tags(
+        &self,
+        method: &Method,
+        params: &matchit::Params<'_, '_>,
+    ) -> Vec<String> {
+        match self.clear_on_templates.iter().find(|(m, _)| m == method) {
+            Some((_, templates)) => self.render(templates, params),
+            None => self.render(&self.clear_templates, params),
+        }
+    }
+
+    fn render(&self, templates: &[TagTemplate], params: &matchit::Params<'_, '_>) -> Vec<String> {
+        templates
             .iter()
             .filter_map(|t| {
                 let tag = t.render(params);
@@ -528,11 +615,9 @@ impl RouteTable {
         RouteTable {
             router: matchit::Router::new(),
             routes: Vec::new(),
-            fallback: Arc::new(Route {
-                id: Arc::from("default"),
-                policy: RoutePolicy::from_response(),
-                templates: Vec::new(),
-            }),
+            fallback: Arc::new(
+                build_route("", RoutePolicy::from_response(), "default").expect("a valid default"),
+            ),
         }
     }
 
@@ -610,15 +695,27 @@ fn build_route(pattern: &str, policy: RoutePolicy, default_id: &str) -> Result<R
         )));
     }
     let params = pattern_params(pattern);
-    let templates = policy
-        .tags
+    let parse_all = |tags: &[String]| {
+        tags.iter()
+            .map(|t| TagTemplate::parse(t, &params, pattern))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let templates = parse_all(&policy.tags)?;
+    let clear_templates = match &policy.clears {
+        Some(tags) => parse_all(tags)?,
+        None => templates.clone(),
+    };
+    let clear_on_templates = policy
+        .clears_on
         .iter()
-        .map(|t| TagTemplate::parse(t, &params, pattern))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|(m, tags)| Ok((m.clone(), parse_all(tags)?)))
+        .collect::<Result<Vec<_>, ConfigError>>()?;
     Ok(Route {
         id: Arc::from(id),
         policy,
         templates,
+        clear_templates,
+        clear_on_templates,
     })
 }
 
@@ -803,6 +900,34 @@ mod tests {
         let m = t.find("/nope");
         assert_eq!(&*m.route.id, "default");
         assert_eq!(m.route.policy.freshness, Freshness::FromResponse);
+    }
+
+    #[test]
+    fn clear_rules_per_method() {
+        let t = RouteTable::new().route(
+            "/events/{id}",
+            ttl(300)
+                .tags(["events", "event:{id}"])
+                .clears_on(Method::PATCH, ["event:{id}"])
+                .clears_on(Method::POST, Vec::<String>::new()),
+        );
+        let m = t.find("/events/5");
+        assert_eq!(
+            m.route.clear_tags(&Method::DELETE, &m.params),
+            ["events", "event:5"]
+        );
+        assert_eq!(m.route.clear_tags(&Method::PATCH, &m.params), ["event:5"]);
+        assert!(m.route.clear_tags(&Method::POST, &m.params).is_empty());
+        let t = RouteTable::new().route(
+            "/users/{id}/permissions",
+            RoutePolicy::never().clears(["user:{id}"]),
+        );
+        let m = t.find("/users/9/permissions");
+        assert_eq!(m.route.clear_tags(&Method::PUT, &m.params), ["user:9"]);
+        let e = RouteTable::new()
+            .try_route("/a/{id}", ttl(1).clears(["x:{nope}"]))
+            .unwrap_err();
+        assert!(e.to_string().contains("does not have"));
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub(crate) struct Counters {
     pub(crate) store_errors: AtomicU64,
     pub(crate) decode_errors: AtomicU64,
     pub(crate) breaker_skips: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) invalidated_entries: AtomicU64,
+    pub(crate) clears_deferred: AtomicU64,
+    pub(crate) pending_clear_skips: AtomicU64,
 }
 
 /// A point-in-time copy of the counters.
@@ -57,6 +61,14 @@ pub struct StatsSnapshot {
     pub decode_errors: u64,
     /// Store operations skipped because the circuit breaker was open.
     pub breaker_skips: u64,
+    /// Tag clears that reached the store.
+    pub invalidations: u64,
+    /// Entries those clears removed.
+    pub invalidated_entries: u64,
+    /// Clears that could not reach the store and wait for a retry.
+    pub clears_deferred: u64,
+    /// Lookups skipped while a deferred clear was pending (the store may hold stale data).
+    pub pending_clear_skips: u64,
     /// Times the circuit breaker opened.
     pub breaker_trips: u64,
     /// Whether the breaker is open now (the store is being skipped).
@@ -91,6 +103,10 @@ impl CacheStats {
                 store_errors: z(),
                 decode_errors: z(),
                 breaker_skips: z(),
+                invalidations: z(),
+                invalidated_entries: z(),
+                clears_deferred: z(),
+                pending_clear_skips: z(),
             }),
         }
     }
@@ -109,6 +125,10 @@ impl CacheStats {
             store_errors: c.store_errors.load(Relaxed),
             decode_errors: c.decode_errors.load(Relaxed),
             breaker_skips: c.breaker_skips.load(Relaxed),
+            invalidations: c.invalidations.load(Relaxed),
+            invalidated_entries: c.invalidated_entries.load(Relaxed),
+            clears_deferred: c.clears_deferred.load(Relaxed),
+            pending_clear_skips: c.pending_clear_skips.load(Relaxed),
             breaker_trips: c.breaker.trips.load(Relaxed),
             breaker_open: c.breaker.is_open(),
         }

@@ -2,8 +2,7 @@
 //! the target URI, and which tags a mutation clears besides its route's.
 
 use http::header::{HeaderName, HOST};
-use http::request::Parts;
-use http::HeaderMap;
+use http::{HeaderMap, Uri};
 use sha2::{Digest, Sha256};
 
 use crate::policy::is_valid_tag;
@@ -18,7 +17,8 @@ pub(crate) static CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
 /// RFC 9875 `Cache-Groups` (a list of strings): standard, so left for downstream caches.
 pub(crate) static CACHE_GROUPS: HeaderName = HeaderName::from_static("cache-groups");
 /// RFC 9875 `Cache-Group-Invalidation` on responses to unsafe methods.
-pub(crate) static CACHE_GROUP_INVALIDATION: HeaderName = HeaderName::from_static("cache-group-invalidation");
+pub(crate) static CACHE_GROUP_INVALIDATION: HeaderName =
+    HeaderName::from_static("cache-group-invalidation");
 
 /// Tags starting with this are the crate's own (URI tags); user tags may not use it.
 pub(crate) const RESERVED_PREFIX: char = '~';
@@ -38,15 +38,20 @@ pub(crate) fn uri_tag(host: &[u8], path: &str) -> String {
     tag
 }
 
-pub(crate) fn request_host(parts: &Parts) -> &[u8] {
-    match parts.headers.get(HOST) {
+/// The request's host as sent: the `Host` header, else the URI authority (HTTP/2).
+pub(crate) fn request_host<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> &'a [u8] {
+    match headers.get(HOST) {
         Some(h) => h.as_bytes(),
-        None => parts.uri.authority().map_or(&b""[..], |a| a.as_str().as_bytes()),
+        None => uri.authority().map_or(&b""[..], |a| a.as_str().as_bytes()),
     }
 }
 
 /// Appends valid tags from `source`, up to the per-response limit; logs what it drops.
-pub(crate) fn push_tags<'a>(out: &mut Vec<String>, source: impl IntoIterator<Item = &'a str>, from: &str) {
+pub(crate) fn push_tags<'a>(
+    out: &mut Vec<String>,
+    source: impl IntoIterator<Item = &'a str>,
+    from: &str,
+) {
     for tag in source {
         let tag = tag.trim().trim_matches('"');
         if tag.is_empty() {
@@ -55,7 +60,10 @@ pub(crate) fn push_tags<'a>(out: &mut Vec<String>, source: impl IntoIterator<Ite
         if !is_valid_tag(tag) || tag.starts_with(RESERVED_PREFIX) {
             tracing::warn!(from, "skipping an invalid cache tag");
         } else if out.len() >= MAX_TAGS_PER_RESPONSE {
-            tracing::warn!(from, "too many cache tags on one response; dropping the rest");
+            tracing::warn!(
+                from,
+                "too many cache tags on one response; dropping the rest"
+            );
             return;
         } else if !out.iter().any(|t| t == tag) {
             out.push(tag.to_owned());
@@ -63,7 +71,11 @@ pub(crate) fn push_tags<'a>(out: &mut Vec<String>, source: impl IntoIterator<Ite
     }
 }
 
-fn header_words<'a>(headers: &'a HeaderMap, name: &HeaderName, separator: char) -> impl Iterator<Item = &'a str> {
+fn header_words<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+    separator: char,
+) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(name)
         .iter()
@@ -73,9 +85,17 @@ fn header_words<'a>(headers: &'a HeaderMap, name: &HeaderName, separator: char) 
 
 /// The tags a handler put on its response in headers, removing the cache-only ones.
 pub(crate) fn take_entry_tags(headers: &mut HeaderMap, out: &mut Vec<String>) {
-    push_tags(out, header_words(headers, &SURROGATE_KEY, ' '), "Surrogate-Key");
+    push_tags(
+        out,
+        header_words(headers, &SURROGATE_KEY, ' '),
+        "Surrogate-Key",
+    );
     push_tags(out, header_words(headers, &CACHE_TAG, ','), "Cache-Tag");
-    push_tags(out, header_words(headers, &CACHE_GROUPS, ','), "Cache-Groups");
+    push_tags(
+        out,
+        header_words(headers, &CACHE_GROUPS, ','),
+        "Cache-Groups",
+    );
     headers.remove(&SURROGATE_KEY);
     headers.remove(&CACHE_TAG);
 }

@@ -141,7 +141,11 @@ async fn auth_works_and_a_wrong_password_fails_open(kind: Kind) {
     get(&router, "/items/1").await;
     fills_reach(&stats, 1).await;
     assert_eq!(get(&router, "/items/1").await.x_cache(), "HIT");
-    assert_ne!(server.command(&["DBSIZE"]), ":0", "the authenticated store wrote");
+    assert_ne!(
+        server.command(&["DBSIZE"]),
+        ":0",
+        "the authenticated store wrote"
+    );
 
     let wrong = ValkeyStore::builder()
         .url(format!("redis://:wrong@127.0.0.1:{}/0", server.port))

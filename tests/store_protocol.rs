@@ -83,11 +83,17 @@ async fn key_layout_and_ttl(kind: Kind) {
     get(&app, "/items/42?secret=do-not-leak").await;
     fills_reach(&stats, 1).await;
     let mut conn = raw(&server).await;
-    let mut keys: Vec<String> = rds::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    let mut keys: Vec<String> = rds::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     keys.sort();
     assert_eq!(keys.len(), 4, "{keys:?}");
     let key = &keys[0];
-    let hex = key.strip_prefix("demo:1:e:items_id:").expect("documented layout");
+    let hex = key
+        .strip_prefix("demo:1:e:items_id:")
+        .expect("documented layout");
     assert_eq!(hex.len(), 64);
     assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()));
     // The route's tags verbatim, and the URI tag (reserved `~` prefix) hashed.
@@ -95,12 +101,28 @@ async fn key_layout_and_ttl(kind: Kind) {
     let uri = keys[1].strip_prefix("demo:1:t:#").expect("hashed tag");
     assert_eq!(uri.len(), 64);
     for k in &keys {
-        assert!(!k.contains("secret"), "raw request text never reaches a key");
-        let ttl: i64 = rds::cmd("PTTL").arg(k).query_async(&mut conn).await.unwrap();
-        assert!(ttl > 55_000 && ttl <= 60_000, "{k}: route TTL 60 s, got {ttl} ms");
+        assert!(
+            !k.contains("secret"),
+            "raw request text never reaches a key"
+        );
+        let ttl: i64 = rds::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 55_000 && ttl <= 60_000,
+            "{k}: route TTL 60 s, got {ttl} ms"
+        );
     }
-    let members: Vec<String> = rds::cmd("ZRANGE").arg("demo:1:t:items").arg(0).arg(-1).query_async(&mut conn).await.unwrap();
-    assert_eq!(&members, &[key.clone()]);
+    let members: Vec<String> = rds::cmd("ZRANGE")
+        .arg("demo:1:t:items")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members, vec![key.clone()]);
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
 

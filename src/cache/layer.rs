@@ -52,6 +52,7 @@ pub(crate) struct Shared<St> {
     pub(crate) x_cache: bool,
     pub(crate) credential_headers: Vec<HeaderName>,
     pub(crate) stats: CacheStats,
+    pub(crate) deferred: Arc<crate::invalidate::Deferred>,
 }
 
 impl<St: std::fmt::Debug> std::fmt::Debug for CacheLayer<St> {
@@ -79,6 +80,7 @@ impl<St: Store> CacheLayer<St> {
                 x_cache: true,
                 credential_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],
                 stats: CacheStats::new(Breaker::new(5, Duration::from_secs(1))),
+                deferred: Arc::default(),
             }),
         }
     }
@@ -165,6 +167,23 @@ impl<St: Store> CacheLayer<St> {
     /// The layer's counters (shared with every service it made).
     pub fn stats(&self) -> CacheStats {
         self.shared.stats.clone()
+    }
+
+    /// The layer that clears tags after mutations, sharing this layer's store, routes,
+    /// counters and breaker. Put it between this layer and the app (or on the mutating
+    /// routes): `.layer(cache.invalidate_layer()).layer(cache)` in axum, whose last layer
+    /// runs first.
+    pub fn invalidate_layer(&self) -> crate::InvalidateLayer<St> {
+        crate::InvalidateLayer {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A handle for handlers and background jobs: clear tags, purge, cache values.
+    pub fn handle(&self) -> crate::CacheHandle<St> {
+        crate::CacheHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// The store.

@@ -13,5 +13,7 @@ mod service;
 
 pub use body::CacheBody;
 pub use future::ResponseFuture;
+pub(crate) use layer::Shared;
 pub use layer::{CacheLayer, DEFAULT_MAX_BODY_BYTES};
 pub use service::Cache;
+pub(crate) use service::{Fence, Found};

@@ -15,10 +15,10 @@ use super::layer::{Shared, CACHE_STATUS, X_CACHE};
 use crate::entry::{now_ms, Entry};
 use crate::key::{derive_key, EntryKey, ScopeKey};
 use crate::policy::{decide, CacheHint, Decision, Freshness, Route, Scope};
-use crate::store::FENCE_WINDOW;
-use crate::tags::{push_tags, request_host, take_entry_tags, uri_tag};
 use crate::stats::bump;
+use crate::store::FENCE_WINDOW;
 use crate::store::{Fill, FillOutcome, Store};
+use crate::tags::{push_tags, request_host, take_entry_tags, uri_tag};
 
 /// The service made by [`CacheLayer`](crate::CacheLayer).
 #[derive(Clone)]
@@ -63,7 +63,7 @@ impl Fence {
 /// What the lookup step found.
 // Lives for one step on the stack; boxing the entry would allocate on every hit.
 #[allow(clippy::large_enum_variant)]
-enum Found {
+pub(crate) enum Found {
     Hit(Entry),
     Miss {
         fence: Fence,
@@ -110,7 +110,10 @@ impl<St: Store> Shared<St> {
             scope,
         );
         let mut tags = route.tags(&matched.params);
-        tags.push(uri_tag(request_host(parts), parts.uri.path()));
+        tags.push(uri_tag(
+            request_host(&parts.headers, &parts.uri),
+            parts.uri.path(),
+        ));
         Plan::Lookup {
             key,
             tags,
@@ -118,8 +121,13 @@ impl<St: Store> Shared<St> {
         }
     }
 
-    async fn lookup(&self, key: &EntryKey, now_ms: u64) -> Found {
+    pub(crate) async fn lookup(&self, key: &EntryKey, now_ms: u64) -> Found {
         let counters = &self.stats.inner;
+        if self.deferred.pending() {
+            // A clear has not reached the store yet: what it holds may predate a mutation.
+            bump(&counters.pending_clear_skips);
+            return Found::Unavailable;
+        }
         if !counters.breaker.allow() {
             bump(&counters.breaker_skips);
             return Found::Unavailable;
@@ -295,7 +303,7 @@ impl<St: Store> Shared<St> {
     }
 
     /// Writes the entry in the background: the client never waits for the store on a miss.
-    fn spawn_fill(self: Arc<Self>, key: EntryKey, entry: Entry, fence: Fence) {
+    pub(crate) fn spawn_fill(self: Arc<Self>, key: EntryKey, entry: Entry, fence: Fence) {
         if fence.expired() {
             bump(&self.stats.inner.fills_fenced);
             tracing::debug!(%key, "miss took longer than the fence window; not stored");

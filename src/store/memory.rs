@@ -44,8 +44,11 @@ struct MemoryInner {
     index: Mutex<TagIndex>,
     /// Entries that left the cache, for the index to forget. Kept apart from `index` because
     /// moka may call the eviction listener while a fill or clear holds `index`.
-    departed: Arc<Mutex<Vec<(EntryKey, Arc<[String]>)>>>,
+    departed: Arc<Mutex<Departed>>,
 }
+
+/// Keys that left the cache, with the tags they were indexed under.
+type Departed = Vec<(EntryKey, Arc<[String]>)>;
 
 #[derive(Default)]
 struct TagIndex {
@@ -82,14 +85,16 @@ impl Expiry<EntryKey, MemValue> for PerEntryTtl {
 impl MemoryStore {
     /// A store holding at most `max_bytes` of keys, entries and bookkeeping.
     pub fn new(max_bytes: u64) -> Self {
-        let departed: Arc<Mutex<Vec<(EntryKey, Arc<[String]>)>>> = Arc::default();
+        let departed: Arc<Mutex<Departed>> = Arc::default();
         let listener_queue = departed.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &EntryKey, v: &MemValue| {
                 let tags: usize = v.tags.iter().map(|t| t.len() + 56).sum();
                 let size = k.route().len() + 32 + v.bytes.len() + tags;
-                u32::try_from(size).unwrap_or(u32::MAX).saturating_add(ENTRY_OVERHEAD)
+                u32::try_from(size)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(ENTRY_OVERHEAD)
             })
             .expire_after(PerEntryTtl)
             .eviction_listener(move |key: Arc<EntryKey>, value: MemValue, cause| {
@@ -192,11 +197,17 @@ impl Store for MemoryStore {
                 .get(tag)
                 .is_some_and(|(seq, until)| *seq > fill.fence && *until > now)
         };
-        if self.inner.purged.load(Ordering::Acquire) > fill.fence || fill.tags.iter().any(cleared_after_fence) {
+        if self.inner.purged.load(Ordering::Acquire) > fill.fence
+            || fill.tags.iter().any(cleared_after_fence)
+        {
             return Ok(FillOutcome::Fenced);
         }
         for tag in &fill.tags {
-            index.members.entry(tag.clone()).or_default().insert(fill.key.clone());
+            index
+                .members
+                .entry(tag.clone())
+                .or_default()
+                .insert(fill.key.clone());
         }
         let value = MemValue {
             bytes: fill.value,

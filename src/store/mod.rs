@@ -159,22 +159,55 @@ pub enum FillOutcome {
 /// ```
 /// use std::collections::HashMap;
 /// use std::sync::{Arc, Mutex};
-/// use tower_cache_aside::{EntryKey, Fill, FillOutcome, Lookup, Store, StoreError};
+/// use tower_cache_aside::{EntryKey, Fill, FillOutcome, Invalidation, Lookup, Store, StoreError};
 ///
-/// /// A toy store without expiry (use `MemoryStore` for real).
+/// /// A toy store without expiry or bounds (use `MemoryStore` for real).
 /// #[derive(Clone, Default)]
-/// struct MapStore(Arc<Mutex<HashMap<EntryKey, bytes::Bytes>>>);
+/// struct MapStore(Arc<Mutex<Map>>);
+///
+/// #[derive(Default)]
+/// struct Map {
+///     entries: HashMap<EntryKey, (bytes::Bytes, Vec<String>)>,
+///     cleared: HashMap<String, u64>, // tag -> sequence of its last clear
+///     seq: u64,
+///     purged: u64,
+/// }
 ///
 /// impl Store for MapStore {
 ///     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
-///         Ok(Lookup::new(self.0.lock().unwrap().get(key).cloned(), 0))
+///         let m = self.0.lock().unwrap();
+///         Ok(Lookup::new(m.entries.get(key).map(|e| e.0.clone()), m.seq).purged(m.purged))
 ///     }
 ///     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
-///         self.0.lock().unwrap().insert(fill.key, fill.value);
+///         let mut m = self.0.lock().unwrap();
+///         let stale = m.purged > fill.fence
+///             || fill.tags.iter().any(|t| m.cleared.get(t).is_some_and(|&s| s > fill.fence));
+///         if stale {
+///             return Ok(FillOutcome::Fenced);
+///         }
+///         m.entries.insert(fill.key, (fill.value, fill.tags));
 ///         Ok(FillOutcome::Stored)
 ///     }
 ///     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
-///         Ok(self.0.lock().unwrap().remove(key).is_some())
+///         Ok(self.0.lock().unwrap().entries.remove(key).is_some())
+///     }
+///     async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
+///         let mut m = self.0.lock().unwrap();
+///         m.seq += 1;
+///         let seq = m.seq;
+///         for t in tags {
+///             m.cleared.insert(t.clone(), seq);
+///         }
+///         let before = m.entries.len();
+///         m.entries.retain(|_, (_, own)| !own.iter().any(|t| tags.contains(t)));
+///         Ok(Invalidation::new(seq, (before - m.entries.len()) as u64))
+///     }
+///     async fn purge(&self) -> Result<u64, StoreError> {
+///         let mut m = self.0.lock().unwrap();
+///         m.seq += 1;
+///         m.purged = m.seq;
+///         m.entries.clear();
+///         Ok(m.seq)
 ///     }
 /// }
 ///
@@ -192,7 +225,10 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Clears every entry carrying any of `tags`, and refuses later fills whose fence
     /// predates the clear.
-    fn invalidate(&self, tags: &[String]) -> impl Future<Output = Result<Invalidation, StoreError>> + Send;
+    fn invalidate(
+        &self,
+        tags: &[String],
+    ) -> impl Future<Output = Result<Invalidation, StoreError>> + Send;
 
     /// Makes every stored entry dead at once; returns the purge's sequence.
     fn purge(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;

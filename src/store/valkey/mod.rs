@@ -250,15 +250,24 @@ impl ValkeyStore {
     /// The index and clear-record keys of a tag.
     fn tag_keys(&self, tag: &str) -> (String, String) {
         let ns = &self.inner.namespace;
-        let safe = tag.len() <= 64 && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+        let safe = tag.len() <= 64
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
         let name = if safe {
             tag.to_owned()
         } else {
             let mut n = String::from("#");
-            crate::key::push_hex(&mut n, &<sha2::Sha256 as sha2::Digest>::digest(tag.as_bytes()));
+            crate::key::push_hex(
+                &mut n,
+                &<sha2::Sha256 as sha2::Digest>::digest(tag.as_bytes()),
+            );
             n
         };
-        (format!("{ns}:{SCHEMA}:t:{name}"), format!("{ns}:{SCHEMA}:c:{name}"))
+        (
+            format!("{ns}:{SCHEMA}:t:{name}"),
+            format!("{ns}:{SCHEMA}:c:{name}"),
+        )
     }
 
     /// Announcements of every clear in this namespace, from any instance. The first call
@@ -463,12 +472,17 @@ impl Store for ValkeyStore {
             return Ok(FillOutcome::Stored);
         }
         let mut invocation = FILL.prepare_invoke();
-        invocation.key(self.entry_key(&fill.key)).key(&self.inner.purged_key);
+        invocation
+            .key(self.entry_key(&fill.key))
+            .key(&self.inner.purged_key);
         for tag in &fill.tags {
             let (index, cleared) = self.tag_keys(tag);
             invocation.key(index).key(cleared);
         }
-        invocation.arg(fill.value.as_ref()).arg(ttl_ms).arg(fill.fence);
+        invocation
+            .arg(fill.value.as_ref())
+            .arg(ttl_ms)
+            .arg(fill.fence);
         let stored: i64 = self
             .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;

@@ -1,0 +1,164 @@
+//! [`CacheHandle`]: the cache from code, for handlers and background jobs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::Shared;
+use crate::error::StoreError;
+use crate::stats::CacheStats;
+use crate::store::{Invalidation, Store};
+use crate::tags::push_tags;
+
+/// A cloneable handle on a [`CacheLayer`](crate::CacheLayer)'s store, rules and counters
+/// (from [`CacheLayer::handle`](crate::CacheLayer::handle)).
+///
+/// ```
+/// # async fn demo() {
+/// use tower_cache_aside::{CacheLayer, MemoryStore};
+///
+/// let cache = CacheLayer::new(MemoryStore::new(64 << 20));
+/// let handle = cache.handle();
+/// // After a background job changed server 7:
+/// let cleared = handle.invalidate(["server:7", "servers"]).await;
+/// # }
+/// ```
+pub struct CacheHandle<St> {
+    pub(crate) shared: Arc<Shared<St>>,
+}
+
+impl<St> Clone for CacheHandle<St> {
+    fn clone(&self) -> Self {
+        CacheHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<St> std::fmt::Debug for CacheHandle<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheHandle")
+    }
+}
+
+impl<St: Store> CacheHandle<St> {
+    /// Clears every entry carrying any of `tags` (HTTP responses and values alike) and
+    /// reports how many it removed. Invalid tags are logged and skipped. When the store
+    /// cannot be reached the clear is deferred and retried, the store is bypassed until it
+    /// lands, and the error is returned.
+    pub async fn invalidate<I, T>(&self, tags: I) -> Result<Invalidation, StoreError>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let given: Vec<T> = tags.into_iter().collect();
+        let mut valid = Vec::with_capacity(given.len());
+        push_tags(
+            &mut valid,
+            given.iter().map(AsRef::as_ref),
+            "CacheHandle::invalidate",
+        );
+        self.shared.clear(valid).await
+    }
+
+    /// Makes every entry of the namespace dead at once (O(1): a purge sequence that lookups
+    /// compare with each entry's fence; the dead entries expire on their own).
+    pub async fn purge(&self) -> Result<u64, StoreError> {
+        self.shared.purge_all().await
+    }
+
+    /// The layer's counters.
+    pub fn stats(&self) -> CacheStats {
+        self.shared.stats.clone()
+    }
+}
+
+#[cfg(feature = "serde")]
+mod values {
+    use super::*;
+    use crate::cache::{Fence, Found};
+    use crate::entry::{now_ms, Entry};
+    use crate::key::EntryKey;
+    use sha2::{Digest, Sha256};
+
+    impl<St: Store> CacheHandle<St> {
+        /// Returns the value cached under `key`, or computes it with `compute`, caches it for
+        /// `ttl` under `tags` and returns it: the seed's `withCache`, for values that are not
+        /// HTTP responses. Values are JSON (serde). The same tags, fence and fail-open rules
+        /// apply as for responses: a store error means `compute` runs and nothing is cached;
+        /// an error from `compute` is returned and nothing is cached.
+        ///
+        /// `key` is hashed, so any text will do; put everything the value depends on in it
+        /// (`"stats:user:42"`).
+        ///
+        /// ```
+        /// # async fn demo() -> Result<(), std::io::Error> {
+        /// use std::time::Duration;
+        /// use tower_cache_aside::{CacheLayer, MemoryStore};
+        ///
+        /// let handle = CacheLayer::new(MemoryStore::new(1 << 20)).handle();
+        /// let total: u64 = handle
+        ///     .get_or_fill("events:count", Duration::from_secs(60), ["events"], || async {
+        ///         Ok::<_, std::io::Error>(12_345) // an expensive query
+        ///     })
+        ///     .await?;
+        /// # Ok(()) }
+        /// ```
+        pub async fn get_or_fill<T, I, Tag, F, Fut, E>(
+            &self,
+            key: &str,
+            ttl: Duration,
+            tags: I,
+            compute: F,
+        ) -> Result<T, E>
+        where
+            T: serde::Serialize + serde::de::DeserializeOwned,
+            I: IntoIterator<Item = Tag>,
+            Tag: AsRef<str>,
+            F: FnOnce() -> Fut,
+            Fut: std::future::Future<Output = Result<T, E>>,
+        {
+            let entry_key = EntryKey::new("data", Sha256::digest(key.as_bytes()).into());
+            let now = now_ms();
+            let fence: Option<Fence> = match self.shared.lookup(&entry_key, now).await {
+                Found::Hit(entry) => match serde_json::from_slice(&entry.body) {
+                    Ok(value) => {
+                        crate::stats::bump(&self.shared.stats.inner.hits);
+                        return Ok(value);
+                    }
+                    Err(e) => {
+                        crate::stats::bump(&self.shared.stats.inner.decode_errors);
+                        tracing::warn!(error = %e, "cached value does not deserialize; recomputing");
+                        None
+                    }
+                },
+                Found::Miss { fence } => Some(fence),
+                Found::Unavailable => None,
+            };
+            crate::stats::bump(&self.shared.stats.inner.misses);
+            let value = compute().await?;
+            let Some(fence) = fence else { return Ok(value) };
+            match serde_json::to_vec(&value) {
+                Ok(json) if json.len() <= self.shared.max_body_bytes && !ttl.is_zero() => {
+                    let given: Vec<Tag> = tags.into_iter().collect();
+                    let mut valid = Vec::new();
+                    push_tags(&mut valid, given.iter().map(AsRef::as_ref), "get_or_fill");
+                    let entry = Entry {
+                        status: http::StatusCode::OK,
+                        headers: http::HeaderMap::new(),
+                        body: json.into(),
+                        trailers: None,
+                        stored_at_ms: now_ms(),
+                        lifetime_ms: ttl.as_millis().min(u128::from(u64::MAX)) as u64,
+                        initial_age_s: 0,
+                        fence: fence.seq,
+                        tags: valid,
+                    };
+                    self.shared.clone().spawn_fill(entry_key, entry, fence);
+                }
+                Ok(_) => crate::stats::bump(&self.shared.stats.inner.oversize),
+                Err(e) => tracing::warn!(error = %e, "value does not serialize; not cached"),
+            }
+            Ok(value)
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Clears that could not reach the store, kept until a background retry lands them.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::cache::Shared;
+use crate::stats::bump;
+use crate::store::{Invalidation, Store};
+use crate::StoreError;
+
+/// Past this many deferred tags, the retry purges the namespace instead.
+const MAX_DEFERRED_TAGS: usize = 10_000;
+const RETRY_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Default)]
+pub(crate) struct Deferred {
+    /// Set while anything is deferred: read on every lookup, so an atomic.
+    active: AtomicBool,
+    state: Mutex<DeferredState>,
+}
+
+#[derive(Debug, Default)]
+struct DeferredState {
+    tags: HashSet<String>,
+    purge: bool,
+    retrying: bool,
+}
+
+impl Deferred {
+    pub(crate) fn pending(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    fn state(&self) -> MutexGuard<'_, DeferredState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<St: Store> Shared<St> {
+    /// Clears `tags` in the store now, or defers the clear when the store cannot be reached.
+    pub(crate) async fn clear(
+        self: &Arc<Self>,
+        tags: Vec<String>,
+    ) -> Result<Invalidation, StoreError> {
+        if tags.is_empty() {
+            return Ok(Invalidation::default());
+        }
+        let counters = &self.stats.inner;
+        // An open breaker means the store is known to be down: defer without waiting on it.
+        let result = if counters.breaker.allow() {
+            self.store.invalidate(&tags).await
+        } else {
+            Err(StoreError::Unavailable("circuit breaker open".into()))
+        };
+        match result {
+            Ok(done) => {
+                counters.breaker.success();
+                bump(&counters.invalidations);
+                counters
+                    .invalidated_entries
+                    .fetch_add(done.removed, Ordering::Relaxed);
+                Ok(done)
+            }
+            Err(e) => {
+                bump(&counters.store_errors);
+                counters.breaker.failure();
+                tracing::warn!(error = %e, ?tags, "cache clear failed; deferring it and bypassing the store until it lands");
+                self.defer(tags, false);
+                Err(e)
+            }
+        }
+    }
+
+    /// Purges the namespace now, or defers the purge.
+    pub(crate) async fn purge_all(self: &Arc<Self>) -> Result<u64, StoreError> {
+        match self.store.purge().await {
+            Ok(seq) => {
+                self.stats.inner.breaker.success();
+                bump(&self.stats.inner.invalidations);
+                Ok(seq)
+            }
+            Err(e) => {
+                bump(&self.stats.inner.store_errors);
+                self.stats.inner.breaker.failure();
+                self.defer(Vec::new(), true);
+                Err(e)
+            }
+        }
+    }
+
+    fn defer(self: &Arc<Self>, tags: Vec<String>, purge: bool) {
+        bump(&self.stats.inner.clears_deferred);
+        let mut state = self.deferred.state();
+        state.tags.extend(tags);
+        state.purge |= purge || state.tags.len() > MAX_DEFERRED_TAGS;
+        if state.purge {
+            state.tags.clear();
+        }
+        self.deferred.active.store(true, Ordering::Release);
+        if !state.retrying {
+            state.retrying = true;
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(self.clone().retry_deferred());
+                }
+                Err(_) => state.retrying = false,
+            }
+        }
+    }
+
+    async fn retry_deferred(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(RETRY_EVERY).await;
+            let (tags, purge) = {
+                let mut state = self.deferred.state();
+                if state.tags.is_empty() && !state.purge {
+                    // Checked and cleared under the lock, so no deferral is lost in between.
+                    self.deferred.active.store(false, Ordering::Release);
+                    state.retrying = false;
+                    tracing::info!("deferred cache clears landed; using the store again");
+                    return;
+                }
+                (
+                    std::mem::take(&mut state.tags),
+                    std::mem::take(&mut state.purge),
+                )
+            };
+            let result = if purge {
+                self.store.purge().await.map(|_| ())
+            } else {
+                let tags: Vec<String> = tags.iter().cloned().collect();
+                self.store.invalidate(&tags).await.map(|_| ())
+            };
+            if result.is_ok() {
+                self.stats.inner.breaker.success();
+                bump(&self.stats.inner.invalidations);
+            } else {
+                let mut state = self.deferred.state();
+                state.purge |= purge;
+                if !state.purge {
+                    state.tags.extend(tags);
+                }
+            }
+        }
+    }
+}

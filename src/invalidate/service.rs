@@ -1,0 +1,120 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{CONTENT_LOCATION, LOCATION};
+use http::{HeaderMap, Method, Request, Response, Uri};
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::cache::Shared;
+use crate::policy::InvalidateTags;
+use crate::store::Store;
+use crate::tags::{invalidation_header_tags, push_tags, request_host, uri_tag};
+
+/// The service made by [`InvalidateLayer`](crate::InvalidateLayer).
+pub struct Invalidate<S, St> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared<St>>,
+}
+
+impl<S: Clone, St> Clone for Invalidate<S, St> {
+    fn clone(&self) -> Self {
+        Invalidate {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, St> std::fmt::Debug for Invalidate<S, St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invalidate")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+fn is_mutation(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+}
+
+/// The path of a `Location`-like header when it points at the same host.
+fn same_origin_path(headers: &HeaderMap, name: &http::HeaderName, host: &[u8]) -> Option<String> {
+    let uri: Uri = headers.get(name)?.to_str().ok()?.parse().ok()?;
+    match uri.authority() {
+        None if uri.path().starts_with('/') => Some(uri.path().to_owned()),
+        Some(a) if a.as_str().as_bytes().eq_ignore_ascii_case(host) => Some(uri.path().to_owned()),
+        _ => None,
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Invalidate<S, St>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<ResBody>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        if !is_mutation(req.method()) {
+            return Box::pin(self.inner.call(req));
+        }
+        let matched = self.shared.routes.find(req.uri().path());
+        let route = matched.route.clone();
+        let mut tags = route.clear_tags(req.method(), &matched.params);
+        let host = request_host(req.headers(), req.uri()).to_vec();
+        if route.policy.clear_uri {
+            tags.push(uri_tag(&host, req.uri().path()));
+        }
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let result = inner.call(req).await;
+            let status = result.as_ref().map(|r| r.status());
+            if let Ok(s) = status {
+                if s.is_client_error() || s.is_informational() {
+                    return result;
+                }
+            }
+            if let Ok(res) = &result {
+                if let Some(emitted) = res.extensions().get::<InvalidateTags>() {
+                    push_tags(
+                        &mut tags,
+                        emitted.0.iter().map(String::as_str),
+                        "InvalidateTags",
+                    );
+                }
+                invalidation_header_tags(res.headers(), &mut tags);
+                if route.policy.clear_uri {
+                    for name in [&LOCATION, &CONTENT_LOCATION] {
+                        if let Some(path) = same_origin_path(res.headers(), name, &host) {
+                            tags.push(uri_tag(&host, &path));
+                        }
+                    }
+                }
+            }
+            let span = tracing::debug_span!("cache.invalidate", tags = tags.len());
+            // Fail-open: a failed clear is deferred (and the store bypassed) by `clear`.
+            let _ = shared.clear(tags).instrument(span).await;
+            result
+        })
+    }
+}
