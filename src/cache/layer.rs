@@ -53,6 +53,8 @@ pub(crate) struct Shared<St> {
     pub(crate) credential_headers: Vec<HeaderName>,
     pub(crate) stats: CacheStats,
     pub(crate) deferred: Arc<crate::invalidate::Deferred>,
+    /// Test-only: fills ignore the fence, to show the race test can fail.
+    pub(crate) unfenced: bool,
 }
 
 impl<St: std::fmt::Debug> std::fmt::Debug for CacheLayer<St> {
@@ -81,6 +83,7 @@ impl<St: Store> CacheLayer<St> {
                 credential_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],
                 stats: CacheStats::new(Breaker::new(5, Duration::from_secs(1))),
                 deferred: Arc::default(),
+                unfenced: false,
             }),
         }
     }
@@ -162,6 +165,13 @@ impl<St: Store> CacheLayer<St> {
     /// call it before [`CacheLayer::stats`].
     pub fn circuit_breaker(self, failures: u32, cooldown: Duration) -> Self {
         self.edit(|s| s.stats = CacheStats::new(Breaker::new(failures, cooldown)))
+    }
+
+    /// Makes fills ignore the invalidation fence, reopening the stale-set race. For the test
+    /// that shows the race test can fail; never use it in an application.
+    #[doc(hidden)]
+    pub fn disable_fence_for_tests(self) -> Self {
+        self.edit(|s| s.unfenced = true)
     }
 
     /// The layer's counters (shared with every service it made).

@@ -321,7 +321,8 @@ impl<St: Store> Shared<St> {
                 return;
             }
             let ttl = entry.remaining(entry.stored_at_ms).unwrap_or_default();
-            let fill = Fill::new(key, entry.encode(), ttl, entry.tags, entry.fence);
+            let fence = if self.unfenced { u64::MAX } else { entry.fence };
+            let fill = Fill::new(key, entry.encode(), ttl, entry.tags, fence);
             match self.store.fill(fill).await {
                 Ok(FillOutcome::Stored) => {
                     counters.breaker.success();
