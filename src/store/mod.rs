@@ -14,6 +14,8 @@ use crate::key::EntryKey;
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
+#[cfg(all(feature = "valkey", feature = "memory"))]
+pub(crate) mod tiered;
 #[cfg(feature = "valkey")]
 pub(crate) mod valkey;
 
@@ -87,9 +89,12 @@ pub enum Notice {
         /// The invalidation sequence.
         seq: u64,
     },
-    /// The subscription was (re)established after a break: clears published meanwhile were
-    /// missed (pub/sub is at-most-once), so local copies must be dropped.
-    Resubscribed,
+    /// The subscription is (re)established. Clears published before this, while it was
+    /// down, were missed (pub/sub is at-most-once): local copies must be dropped now.
+    Subscribed,
+    /// The subscription broke: until the next `Subscribed`, clears may be missed, so local
+    /// copies must not be served.
+    Lost,
 }
 
 impl Notice {

@@ -272,9 +272,11 @@ impl ValkeyStore {
 
     /// Announcements of every clear in this namespace, from any instance. The first call
     /// opens a dedicated pub/sub connection, shared by all subscribers, that re-subscribes by
-    /// itself after the server comes back and then sends [`Notice::Resubscribed`]: clears
-    /// published while it was away were missed (pub/sub is at-most-once), so whoever keeps
-    /// local copies must drop them. The connection closes when the last subscriber is dropped.
+    /// itself after the server comes back. It sends [`Notice::Subscribed`] each time it is
+    /// subscribed and [`Notice::Lost`] when it breaks: clears published in between were
+    /// missed (pub/sub is at-most-once), so whoever keeps local copies must stop serving them
+    /// at `Lost` and drop them at `Subscribed`. The connection closes when the last subscriber
+    /// is dropped.
     ///
     /// Must be called inside a Tokio runtime.
     pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
@@ -385,9 +387,9 @@ async fn run_subscription(inner: Arc<ValkeyInner>, tx: broadcast::Sender<Notice>
         backoff = Duration::from_millis(50);
         if !first {
             tracing::info!("cache invalidation subscription re-established");
-            let _ = tx.send(Notice::Resubscribed);
         }
         first = false;
+        let _ = tx.send(Notice::Subscribed);
         let (mut sink, mut stream) = pubsub.split();
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
@@ -413,8 +415,8 @@ async fn run_subscription(inner: Arc<ValkeyInner>, tx: broadcast::Sender<Notice>
                 }
             }
         }
-        // Lost: anything published until we are back is missed.
-        let _ = tx.send(Notice::Resubscribed);
+        // Anything published until we are back is missed.
+        let _ = tx.send(Notice::Lost);
         tracing::warn!("cache invalidation subscription lost; reconnecting");
     }
 }

@@ -1,0 +1,248 @@
+//! A near cache in front of Valkey: an in-process [`MemoryStore`] that answers repeat hits
+//! without a network round trip, kept coherent by the clears every instance publishes.
+//!
+//! Coherence rules:
+//! - The near tier is used only while the invalidation subscription is live; when it breaks
+//!   every near entry is dropped and lookups go to Valkey until it is back (clears published
+//!   meanwhile were missed).
+//! - Near entries live at most `max_near_ttl` (default 5 s): a bound on staleness should a
+//!   published clear ever be lost without the connection noticing.
+//! - The near tier numbers clears with Valkey's sequence, so the fence rule holds in both
+//!   tiers: a near fill fenced before a clear it has heard of is refused, and a clear heard
+//!   after a near fill removes it.
+//! - This instance's own clears apply to the near tier before the mutation's response is
+//!   sent; other instances' arrive within the pub/sub delivery time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::memory::MemoryStore;
+use super::valkey::ValkeyStore;
+use super::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store};
+use crate::entry::Entry;
+use crate::error::StoreError;
+use crate::key::EntryKey;
+
+/// Near entries live at most this long unless configured otherwise.
+pub const DEFAULT_MAX_NEAR_TTL: Duration = Duration::from_secs(5);
+
+/// A [`MemoryStore`] near cache in front of a [`ValkeyStore`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_cache_aside::{CacheLayer, MemoryStore, TieredStore, ValkeyStore};
+///
+/// # fn main() -> Result<(), tower_cache_aside::ConfigError> {
+/// let store = TieredStore::new(MemoryStore::new(32 << 20), ValkeyStore::from_env()?)
+///     .max_near_ttl(Duration::from_secs(2));
+/// let layer = CacheLayer::new(store);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct TieredStore {
+    inner: Arc<TierInner>,
+}
+
+struct TierInner {
+    near: MemoryStore,
+    far: ValkeyStore,
+    max_near_ttl: Duration,
+    /// The invalidation subscription is live: the near tier may answer.
+    live: AtomicBool,
+    /// The highest Valkey sequence seen: a safe (never too new) fence for near hits.
+    seen_seq: AtomicU64,
+    listening: OnceLock<()>,
+}
+
+impl std::fmt::Debug for TieredStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TieredStore")
+            .field("near", &self.inner.near)
+            .field("far", &self.inner.far)
+            .field("live", &self.inner.live.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl TieredStore {
+    /// `near` in front of `far`.
+    pub fn new(near: MemoryStore, far: ValkeyStore) -> Self {
+        TieredStore {
+            inner: Arc::new(TierInner {
+                near,
+                far,
+                max_near_ttl: DEFAULT_MAX_NEAR_TTL,
+                live: AtomicBool::new(false),
+                seen_seq: AtomicU64::new(0),
+                listening: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The longest a near entry lives (default 5 s).
+    #[must_use]
+    pub fn max_near_ttl(mut self, ttl: Duration) -> Self {
+        if Arc::get_mut(&mut self.inner).is_none() {
+            // Shared already (cloned before configuring): configure a fresh one.
+            self = TieredStore::new(self.inner.near.clone(), self.inner.far.clone());
+        }
+        Arc::get_mut(&mut self.inner)
+            .expect("unshared")
+            .max_near_ttl = ttl;
+        self
+    }
+
+    /// The near tier.
+    pub fn near(&self) -> &MemoryStore {
+        &self.inner.near
+    }
+
+    /// The far tier.
+    pub fn far(&self) -> &ValkeyStore {
+        &self.inner.far
+    }
+
+    /// Whether the near tier is in use (its invalidation subscription is live).
+    pub fn near_is_live(&self) -> bool {
+        self.inner.live.load(Ordering::Acquire)
+    }
+
+    fn listen(&self) {
+        self.inner.listening.get_or_init(|| {
+            let notices = self.inner.far.subscribe();
+            tokio::spawn(apply_notices(Arc::downgrade(&self.inner), notices));
+        });
+    }
+
+    fn saw(&self, seq: u64) {
+        self.inner.seen_seq.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    fn near_fill(
+        &self,
+        key: EntryKey,
+        value: bytes::Bytes,
+        ttl: Duration,
+        tags: Vec<String>,
+        fence: u64,
+    ) {
+        if !self.near_is_live() {
+            return;
+        }
+        let ttl = ttl.min(self.inner.max_near_ttl);
+        let fill = Fill::new(key, value, ttl, tags, fence);
+        // The memory store's futures finish on first poll.
+        let near = self.inner.near.clone();
+        let _ = futures_util::FutureExt::now_or_never(async move { near.fill(fill).await });
+    }
+}
+
+/// Applies what the subscription hears to the near tier, until the store is dropped.
+async fn apply_notices(tier: Weak<TierInner>, mut notices: broadcast::Receiver<Notice>) {
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let notice = tokio::select! {
+            n = notices.recv() => n,
+            _ = check.tick() => {
+                if tier.strong_count() == 0 { return; }
+                continue;
+            }
+        };
+        let Some(tier) = tier.upgrade() else { return };
+        match notice {
+            Ok(Notice::Cleared { seq, tags }) => {
+                tier.seen_seq.fetch_max(seq, Ordering::AcqRel);
+                tier.near.clear_at(&tags, seq);
+            }
+            Ok(Notice::Purged { seq }) => {
+                tier.seen_seq.fetch_max(seq, Ordering::AcqRel);
+                tier.near.purge_at(seq);
+            }
+            Ok(Notice::Subscribed) => {
+                tier.near.flush();
+                tier.live.store(true, Ordering::Release);
+            }
+            // Lost, or fell behind the channel: clears were missed.
+            Ok(Notice::Lost) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                tier.live.store(false, Ordering::Release);
+                tier.near.flush();
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                tier.live.store(false, Ordering::Release);
+                tier.near.flush();
+                return;
+            }
+        }
+    }
+}
+
+impl Store for TieredStore {
+    async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
+        self.listen();
+        if self.near_is_live() {
+            if let Ok(found) = self.inner.near.lookup(key).await {
+                if let Some(value) = found.value {
+                    let fence = self.inner.seen_seq.load(Ordering::Acquire);
+                    return Ok(Lookup::new(Some(value), fence));
+                }
+            }
+        }
+        let found = self.inner.far.lookup(key).await?;
+        self.saw(found.fence);
+        if let Some(value) = &found.value {
+            // Copy it near, with the tags and lifetime the entry itself carries.
+            if let Ok(entry) = Entry::decode(value.clone()) {
+                let remaining = entry.remaining(crate::entry::now_ms());
+                if let Some(ttl) = remaining.filter(|_| entry.fence >= found.purged) {
+                    self.near_fill(key.clone(), value.clone(), ttl, entry.tags, found.fence);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
+        let outcome = self.inner.far.fill(fill.clone()).await?;
+        if outcome == FillOutcome::Stored {
+            self.near_fill(fill.key, fill.value, fill.ttl, fill.tags, fill.fence);
+        }
+        Ok(outcome)
+    }
+
+    async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
+        let _ = self.inner.near.remove(key).await;
+        self.inner.far.remove(key).await
+    }
+
+    async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
+        let done = self.inner.far.invalidate(tags).await;
+        match &done {
+            Ok(d) => {
+                self.saw(d.seq);
+                self.inner.near.clear_at(tags, d.seq);
+            }
+            // Unknown outcome: the near copies must go in any case.
+            Err(_) => {
+                self.inner
+                    .near
+                    .clear_at(tags, self.inner.seen_seq.load(Ordering::Acquire) + 1);
+            }
+        }
+        done
+    }
+
+    async fn purge(&self) -> Result<u64, StoreError> {
+        let seq = self.inner.far.purge().await;
+        match &seq {
+            Ok(s) => {
+                self.saw(*s);
+                self.inner.near.purge_at(*s);
+            }
+            Err(_) => self.inner.near.flush(),
+        }
+        seq
+    }
+}

@@ -1,0 +1,214 @@
+//! Several app instances sharing one Valkey / Redis: clears made on one are seen by the
+//! others' next reads, with and without a near cache, and the subscription survives restarts.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::Request;
+use axum::routing::get as route_get;
+use axum::Router;
+use support::*;
+use tower_cache_aside::{
+    CacheLayer, MemoryStore, Notice, RoutePolicy, RouteTable, Store, TieredStore,
+};
+
+fn table() -> RouteTable {
+    RouteTable::new().route(
+        "/things/{id}",
+        RoutePolicy::ttl(Duration::from_secs(300)).tags(["thing:{id}"]),
+    )
+}
+
+/// An instance whose handler answers with the shared version counter.
+fn instance<St: Store>(store: St, version: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Router {
+    use std::sync::atomic::Ordering;
+    let cache = CacheLayer::new(store).routes(table());
+    let (read, write) = (version.clone(), version);
+    Router::new()
+        .route(
+            "/things/{id}",
+            route_get(move || {
+                let v = read.clone();
+                async move { format!("v{}", v.load(Ordering::SeqCst)) }
+            })
+            .put(move || {
+                let v = write.clone();
+                async move { format!("v{}", v.fetch_add(1, Ordering::SeqCst) + 1) }
+            }),
+        )
+        .layer(cache.invalidate_layer())
+        .layer(cache)
+}
+
+async fn until_hit(app: &Router, uri: &str) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = get(app, uri).await;
+        if r.x_cache() == "HIT" {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{uri} never became a hit");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn tiered(server: &Server) -> TieredStore {
+    TieredStore::new(MemoryStore::new(16 << 20), valkey_store(server))
+}
+
+async fn wait_live(store: &TieredStore) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.near_is_live() {
+        assert!(Instant::now() < deadline, "near tier never went live");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn a_clear_on_one_instance_is_seen_by_the_others(kind: Kind) {
+    let server = Server::start(kind);
+    let version = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let a = instance(valkey_store(&server), version.clone());
+    let near = tiered(&server);
+    let b_near = instance(near.clone(), version.clone());
+    let b_plain = instance(valkey_store(&server), version.clone());
+    // Wake the near tier's subscription, then fill through every instance.
+    get(&b_near, "/things/0").await;
+    wait_live(&near).await;
+    for app in [&a, &b_near, &b_plain] {
+        assert_eq!(until_hit(app, "/things/1").await.text(), "v0");
+    }
+    // b_near now answers from memory, without Valkey.
+    assert!(near.near().entry_count() >= 1);
+    for round in 1..=5u64 {
+        let w = send(&a, Request::put("/things/1").body(Body::empty()).unwrap()).await;
+        assert_eq!(w.text(), format!("v{round}"));
+        // The plain instance reads Valkey: the clear is already there.
+        let r = get(&b_plain, "/things/1").await;
+        assert_eq!((r.x_cache(), r.text()), ("MISS", format!("v{round}")));
+        // The near instance hears the clear over pub/sub (delivery time, bounded here).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let started = Instant::now();
+        loop {
+            let r = get(&b_near, "/things/1").await;
+            if r.text() == format!("v{round}") {
+                eprintln!(
+                    "[{kind:?}] round {round}: near instance saw the clear after {:?}",
+                    started.elapsed()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "near instance kept serving {}",
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        until_hit(&b_near, "/things/1").await;
+        until_hit(&b_plain, "/things/1").await;
+    }
+    // A clear made through the near instance applies to its own near tier before it answers.
+    let w = send(
+        &b_near,
+        Request::put("/things/1").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(w.text(), "v6");
+    assert_eq!(get(&b_near, "/things/1").await.text(), "v6");
+    assert_eq!(get(&a, "/things/1").await.text(), "v6");
+}
+
+async fn next(rx: &mut tokio::sync::broadcast::Receiver<Notice>) -> Notice {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a notice within 10 s")
+        .unwrap()
+}
+
+async fn the_subscription_survives_a_restart(kind: Kind) {
+    let mut server = Server::start(kind);
+    let store = valkey_store(&server);
+    let mut notices = store.subscribe();
+    assert_eq!(next(&mut notices).await, Notice::Subscribed);
+    let done = store.invalidate(&["a".to_owned()]).await.unwrap();
+    assert_eq!(
+        next(&mut notices).await,
+        Notice::Cleared {
+            seq: done.seq,
+            tags: vec!["a".into()]
+        }
+    );
+    server.kill();
+    assert_eq!(next(&mut notices).await, Notice::Lost);
+    server.restart();
+    assert_eq!(next(&mut notices).await, Notice::Subscribed);
+    // Give the shared command connection a moment to be replaced too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let done = loop {
+        match store.invalidate(&["b".to_owned(), "c".to_owned()]).await {
+            Ok(d) => break d,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("store never came back: {e}"),
+        }
+    };
+    assert_eq!(
+        next(&mut notices).await,
+        Notice::Cleared {
+            seq: done.seq,
+            tags: vec!["b".into(), "c".into()]
+        }
+    );
+    let seq = store.purge().await.unwrap();
+    assert_eq!(next(&mut notices).await, Notice::Purged { seq });
+}
+
+async fn the_near_tier_stops_answering_when_its_subscription_breaks(kind: Kind) {
+    let mut server = Server::start(kind);
+    let near = tiered(&server);
+    let version = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let app = instance(near.clone(), version.clone());
+    get(&app, "/things/0").await;
+    wait_live(&near).await;
+    until_hit(&app, "/things/1").await;
+    assert!(near.near().entry_count() >= 1);
+    server.kill();
+    // Valkey is gone, and with it the subscription: the near copies are dropped rather than
+    // served with clears possibly missed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while near.near_is_live() {
+        assert!(
+            Instant::now() < deadline,
+            "near tier stayed live without a subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(near.near().entry_count(), 0);
+    let r = get(&app, "/things/1").await;
+    assert_eq!((r.status.as_u16(), r.x_cache()), (200, "MISS"));
+    server.restart();
+    wait_live(&near).await;
+    until_hit(&app, "/things/1").await;
+}
+
+macro_rules! for_servers {
+    ($($case:ident),* $(,)?) => {
+        mod valkey {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Kind::Valkey).await } )*
+        }
+        mod redis {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Kind::Redis).await } )*
+        }
+    };
+}
+
+for_servers!(
+    a_clear_on_one_instance_is_seen_by_the_others,
+    the_subscription_survives_a_restart,
+    the_near_tier_stops_answering_when_its_subscription_breaks,
+);
