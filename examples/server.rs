@@ -9,6 +9,8 @@
 //! curl -si localhost:3000/events/1 | grep -iE 'x-cache|cache-status|age'   # MISS
 //! curl -si localhost:3000/events/1 | grep -iE 'x-cache|cache-status|age'   # HIT
 //! curl -s  localhost:3000/dashboard/stats -H 'Authorization: Bearer 1'      # per user
+//! curl -s  -X PATCH localhost:3000/events/1 -H 'content-type: application/json' -d '{"status":"error"}'
+//! curl -si localhost:3000/events/1 | grep -iE 'x-cache|status'             # MISS, new status
 //! curl -s  localhost:3000/cache/stats
 //! ```
 
@@ -30,12 +32,12 @@ use tower_cache_aside::{
 struct Event {
     id: u64,
     server: u64,
-    status: &'static str,
+    status: String,
     message: String,
 }
 
 struct Db {
-    events: Vec<Event>,
+    events: std::sync::RwLock<Vec<Event>>,
 }
 
 impl Db {
@@ -45,16 +47,23 @@ impl Db {
             .map(|id| Event {
                 id,
                 server: id % 40 + 1,
-                status: statuses[(id % 3) as usize],
+                status: statuses[(id % 3) as usize].to_owned(),
                 message: format!("event {id} on server {}", id % 40 + 1),
             })
             .collect();
-        Db { events }
+        Db {
+            events: std::sync::RwLock::new(events),
+        }
     }
 
-    async fn query<T>(&self, cost: Duration, f: impl FnOnce(&Self) -> T) -> T {
+    async fn query<T>(&self, cost: Duration, f: impl FnOnce(&[Event]) -> T) -> T {
         tokio::time::sleep(cost).await; // the round trip and work of a real query
-        f(self)
+        f(&self.events.read().unwrap())
+    }
+
+    async fn update<T>(&self, f: impl FnOnce(&mut Vec<Event>) -> T) -> T {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        f(&mut self.events.write().unwrap())
     }
 }
 
@@ -80,7 +89,13 @@ fn cache_routes() -> RouteTable {
             secs(60).per_user(user_id).tags(["dashboard"]),
         )
         .route("/events", secs(300).tags(["events"]))
-        .route("/events/{id}", secs(300).tags(["events", "event:{id}"]))
+        // A write to one event clears its page, the lists and the dashboards.
+        .route(
+            "/events/{id}",
+            secs(300)
+                .tags(["event:{id}"])
+                .clears(["events", "event:{id}", "dashboard"]),
+        )
         .route("/cache/stats", RoutePolicy::never())
         .fallback(RoutePolicy::never())
 }
@@ -96,8 +111,7 @@ async fn list_events(State(s): State<AppState>, Query(f): Query<EventFilter>) ->
     let page = f.page.unwrap_or(1).max(1);
     let events =
         s.db.query(Duration::from_millis(25), |db| {
-            db.events
-                .iter()
+            db.iter()
                 .filter(|e| f.status.as_deref().is_none_or(|st| e.status == st))
                 .filter(|e| f.server.is_none_or(|sv| e.server == sv))
                 .skip((page - 1) * 50)
@@ -112,12 +126,50 @@ async fn list_events(State(s): State<AppState>, Query(f): Query<EventFilter>) ->
 async fn get_event(State(s): State<AppState>, Path(id): Path<u64>) -> Response {
     let found =
         s.db.query(Duration::from_millis(25), |db| {
-            db.events.iter().find(|e| e.id == id).cloned()
+            db.iter().find(|e| e.id == id).cloned()
         })
         .await;
     match found {
         Some(e) => Json(e).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct StatusChange {
+    status: String,
+}
+
+async fn patch_event(
+    State(s): State<AppState>,
+    Path(id): Path<u64>,
+    Json(change): Json<StatusChange>,
+) -> Response {
+    let updated =
+        s.db.update(|events| {
+            let e = events.iter_mut().find(|e| e.id == id)?;
+            e.status = change.status;
+            Some(e.clone())
+        })
+        .await;
+    match updated {
+        Some(e) => Json(e).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn delete_event(State(s): State<AppState>, Path(id): Path<u64>) -> StatusCode {
+    let removed =
+        s.db.update(|events| {
+            let before = events.len();
+            events.retain(|e| e.id != id);
+            before != events.len()
+        })
+        .await;
+    if removed {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
     }
 }
 
@@ -132,7 +184,7 @@ async fn dashboard(State(s): State<AppState>, parts: Parts) -> Response {
     let counts = s
         .db
         .query(Duration::from_millis(200), |db| {
-            let by = |st: &str| db.events.iter().filter(|e| e.status == st).count();
+            let by = |st: &str| db.iter().filter(|e| e.status == st).count();
             serde_json::json!({ "user": user, "ok": by("ok"), "warning": by("warning"), "error": by("error") })
         })
         .await;
@@ -143,6 +195,7 @@ async fn cache_stats(State(s): State<AppState>) -> Json<serde_json::Value> {
     let st = s.stats.snapshot();
     Json(serde_json::json!({
         "hits": st.hits, "misses": st.misses, "bypasses": st.bypasses, "fills": st.fills,
+        "invalidations": st.invalidations, "invalidated_entries": st.invalidated_entries,
         "store_errors": st.store_errors, "breaker_open": st.breaker_open, "hit_rate": st.hit_rate(),
     }))
 }
@@ -157,9 +210,13 @@ fn app<St: Store>(store: St) -> Router {
     };
     Router::new()
         .route("/events", get(list_events))
-        .route("/events/{id}", get(get_event))
+        .route(
+            "/events/{id}",
+            get(get_event).patch(patch_event).delete(delete_event),
+        )
         .route("/dashboard/stats", get(dashboard))
         .route("/cache/stats", get(cache_stats))
+        .layer(cache.invalidate_layer())
         .layer(cache)
         .with_state(state)
 }
