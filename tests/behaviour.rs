@@ -1,5 +1,6 @@
 //! The behaviour suite, run against MemoryStore, Valkey and Redis alike.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -452,30 +453,7 @@ mod cases {
     }
 }
 
-macro_rules! suite_for {
-    ($store:ident, $fixture:expr, [$($case:ident),* $(,)?]) => {
-        mod $store {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let fx = $fixture;
-                    cases::$case(fx.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! behaviour_suite {
-    ($($case:ident),* $(,)?) => {
-        suite_for!(memory, memory(), [$($case),*]);
-        suite_for!(valkey, served(Kind::Valkey), [$($case),*]);
-        suite_for!(redis, served(Kind::Redis), [$($case),*]);
-    };
-}
-
-behaviour_suite!(
+store_suite!(
     hit_does_not_call_inner,
     query_order_does_not_split_keys,
     hosts_and_declared_vary_split_keys,

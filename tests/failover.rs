@@ -1,6 +1,7 @@
 //! Fail-open against real servers: killed, paused and restarted Valkey / Redis, and AUTH.
 //! Clients must never see an error, and a request waits at most about one operation timeout.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -209,22 +210,7 @@ async fn store_vanishes_mid_request(kind: Kind) {
     assert!(resumed.is_some());
 }
 
-macro_rules! for_servers {
-    ($($case:ident),* $(,)?) => {
-        mod valkey {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(Kind::Valkey).await } )*
-        }
-        mod redis {
-            use super::*;
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(Kind::Redis).await } )*
-        }
-    };
-}
-
-for_servers!(
+server_suite!(
     killed_server_fails_open,
     paused_server_costs_at_most_the_timeout,
     restarted_server_resumes_caching,

@@ -1,6 +1,7 @@
 //! Several app instances sharing one Valkey / Redis: clears made on one are seen by the
 //! others' next reads, with and without a near cache, and the subscription survives restarts.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
@@ -194,20 +195,7 @@ async fn the_near_tier_stops_answering_when_its_subscription_breaks(kind: Kind) 
     until_hit(&app, "/things/1").await;
 }
 
-macro_rules! for_servers {
-    ($($case:ident),* $(,)?) => {
-        mod valkey {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Kind::Valkey).await } )*
-        }
-        mod redis {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Kind::Redis).await } )*
-        }
-    };
-}
-
-for_servers!(
+server_suite!(
     a_clear_on_one_instance_is_seen_by_the_others,
     the_subscription_survives_a_restart,
     the_near_tier_stops_answering_when_its_subscription_breaks,

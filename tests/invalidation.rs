@@ -1,6 +1,7 @@
 //! Tags and invalidation against MemoryStore, Valkey and Redis: what a mutation clears, the
 //! stale-set race (with and without the fence), purge, values, and clears at scale.
 
+#[macro_use]
 mod support;
 
 use std::collections::HashMap;
@@ -471,30 +472,7 @@ mod cases {
     }
 }
 
-macro_rules! suite_for {
-    ($store:ident, $fixture:expr, [$($case:ident),* $(,)?]) => {
-        mod $store {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let fx = $fixture;
-                    cases::$case(fx.store.clone()).await;
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! invalidation_suite {
-    ($($case:ident),* $(,)?) => {
-        suite_for!(memory, memory(), [$($case),*]);
-        suite_for!(valkey, served(Kind::Valkey), [$($case),*]);
-        suite_for!(redis, served(Kind::Redis), [$($case),*]);
-    };
-}
-
-invalidation_suite!(
+store_suite!(
     mutation_clears_its_tags_and_nothing_else,
     statuses_decide_whether_to_clear,
     handler_emitted_tags_and_locations_clear,

@@ -1,5 +1,6 @@
 //! What the Valkey store sends: one round trip per hit, the documented key layout, TTLs.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -126,6 +127,24 @@ async fn key_layout_and_ttl(kind: Kind) {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
+/// Fills `n` one-byte entries, each tagged `shared` and `own:{i}`.
+async fn fill_tagged<St: tower_cache_aside::Store>(store: &St, n: u16, ttl: Duration, fence: u64) {
+    use tower_cache_aside::{EntryKey, Fill};
+    for i in 0..n {
+        let mut digest = [0u8; 32];
+        digest[..2].copy_from_slice(&i.to_le_bytes());
+        let tags = vec!["shared".to_owned(), format!("own:{i}")];
+        let fill = Fill::new(
+            EntryKey::new("r", digest),
+            bytes::Bytes::from_static(b"v"),
+            ttl,
+            tags,
+            fence,
+        );
+        store.fill(fill).await.unwrap();
+    }
+}
+
 async fn tag_indexes_expire_with_their_entries(kind: Kind) {
     use tower_cache_aside::{EntryKey, Fill, Store};
     let server = Server::start(kind);
@@ -136,19 +155,7 @@ async fn tag_indexes_expire_with_their_entries(kind: Kind) {
         .await
         .unwrap()
         .fence;
-    for i in 0..500u16 {
-        let mut digest = [0u8; 32];
-        digest[..2].copy_from_slice(&i.to_le_bytes());
-        let tags = vec!["shared".to_owned(), format!("own:{i}")];
-        let fill = Fill::new(
-            EntryKey::new("r", digest),
-            bytes::Bytes::from_static(b"v"),
-            Duration::from_millis(400),
-            tags,
-            fence,
-        );
-        store.fill(fill).await.unwrap();
-    }
+    fill_tagged(&store, 500, Duration::from_millis(400), fence).await;
     let size: u64 = rds::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
     assert_eq!(
         size,
@@ -182,21 +189,9 @@ async fn tag_indexes_expire_with_their_entries(kind: Kind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_tag_index_returns_to_zero() {
-    use tower_cache_aside::{EntryKey, Fill, MemoryStore, Store};
+    use tower_cache_aside::MemoryStore;
     let store = MemoryStore::new(16 << 20);
-    for i in 0..500u16 {
-        let mut digest = [0u8; 32];
-        digest[..2].copy_from_slice(&i.to_le_bytes());
-        let tags = vec!["shared".to_owned(), format!("own:{i}")];
-        let fill = Fill::new(
-            EntryKey::new("r", digest),
-            bytes::Bytes::from_static(b"v"),
-            Duration::from_millis(300),
-            tags,
-            0,
-        );
-        store.fill(fill).await.unwrap();
-    }
+    fill_tagged(&store, 500, Duration::from_millis(300), 0).await;
     assert_eq!(store.index_size(), (501, 0));
     // moka evicts expired entries on its timer wheel's next tick (about a second).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -228,20 +223,7 @@ async fn tls_connection_to_redis() {
     assert_eq!((calls.get(), stats.snapshot().store_errors), (1, 0));
 }
 
-macro_rules! for_servers {
-    ($($case:ident),* $(,)?) => {
-        mod valkey {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Kind::Valkey).await } )*
-        }
-        mod redis {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-               async fn $case() { super::$case(super::Kind::Redis).await } )*
-        }
-    };
-}
-
-for_servers!(
+server_suite!(
     one_round_trip_per_hit,
     key_layout_and_ttl,
     tag_indexes_expire_with_their_entries

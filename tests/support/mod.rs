@@ -3,6 +3,43 @@
 
 pub mod server;
 
+/// Runs every listed `cases::NAME(store)` against MemoryStore, Valkey and Redis.
+#[allow(unused_macros)]
+macro_rules! store_suite {
+    ($($case:ident),* $(,)?) => {
+        store_suite!(@one memory, memory(), [$($case),*]);
+        store_suite!(@one valkey, served(Kind::Valkey), [$($case),*]);
+        store_suite!(@one redis, served(Kind::Redis), [$($case),*]);
+    };
+    (@one $store:ident, $fixture:expr, [$($case:ident),*]) => {
+        mod $store {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let fx = $fixture;
+                    cases::$case(fx.store.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Runs every listed `NAME(kind)` against a Valkey and a Redis server.
+#[allow(unused_macros)]
+macro_rules! server_suite {
+    ($($case:ident),* $(,)?) => {
+        mod valkey {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Kind::Valkey).await } )*
+        }
+        mod redis {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+               async fn $case() { super::$case(super::Kind::Redis).await } )*
+        }
+    };
+}
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
