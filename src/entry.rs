@@ -1,8 +1,9 @@
 //! The stored entry: a versioned, compact binary encoding of one response.
 //!
-//! Layout (little endian), version 1:
+//! Layout (little endian), version 2:
 //! ```text
-//! "TCA" 0x01 | status u16 | stored_at_ms u64 | lifetime_ms u64 | initial_age_s u32 | fence u64
+//! "TCA" 0x02 | status u16 | stored_at_ms u64 | lifetime_ms u64 | initial_age_s u32 | fence u64
+//! | stale_while_revalidate_ms u64 | stale_if_error_ms u64
 //! | tags:     u16 count, each (u16 len, bytes)
 //! | headers:  u16 count, each (u16 name len, name, u32 value len, value)
 //! | trailers: u8 present, then as headers when present
@@ -16,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-const MAGIC: [u8; 4] = *b"TCA\x01";
+const MAGIC: [u8; 4] = *b"TCA\x02";
 
 /// One cached response with the metadata the layer needs to serve it.
 #[derive(Debug, Clone)]
@@ -33,7 +34,24 @@ pub(crate) struct Entry {
     pub(crate) initial_age_s: u32,
     /// The store's invalidation sequence observed before the origin was called.
     pub(crate) fence: u64,
+    /// How long after going stale the entry may still be served while one request refreshes
+    /// it (RFC 5861).
+    pub(crate) stale_while_revalidate_ms: u64,
+    /// How long after going stale the entry may be served when the origin fails.
+    pub(crate) stale_if_error_ms: u64,
     pub(crate) tags: Vec<String>,
+}
+
+/// Where an entry stands at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Staleness {
+    Fresh,
+    /// Stale, but may be served while one request refreshes it.
+    Revalidate,
+    /// Stale; may be served only if the origin fails.
+    IfError,
+    /// Past every window.
+    Dead,
 }
 
 /// The stored bytes are not an entry this version can read.
@@ -60,8 +78,35 @@ impl Entry {
         (used < self.lifetime_ms).then(|| Duration::from_millis(self.lifetime_ms - used))
     }
 
+    /// Milliseconds the entry has been stale at `now_ms` (0 while fresh).
+    fn stale_for_ms(&self, now_ms: u64) -> u64 {
+        let resident_ms = now_ms.saturating_sub(self.stored_at_ms);
+        (u64::from(self.initial_age_s) * 1000 + resident_ms).saturating_sub(self.lifetime_ms)
+    }
+
+    pub(crate) fn staleness(&self, now_ms: u64) -> Staleness {
+        if self.remaining(now_ms).is_some() {
+            return Staleness::Fresh;
+        }
+        let stale = self.stale_for_ms(now_ms);
+        if stale < self.stale_while_revalidate_ms {
+            Staleness::Revalidate
+        } else if stale < self.stale_if_error_ms {
+            Staleness::IfError
+        } else {
+            Staleness::Dead
+        }
+    }
+
+    /// How long the store keeps the entry: its remaining freshness plus its stale windows.
+    pub(crate) fn store_ttl(&self) -> Duration {
+        let fresh = self.remaining(self.stored_at_ms).unwrap_or_default();
+        let stale = self.stale_while_revalidate_ms.max(self.stale_if_error_ms);
+        fresh + Duration::from_millis(stale)
+    }
+
     pub(crate) fn encode(&self) -> Bytes {
-        let mut size = 4 + 2 + 8 + 8 + 4 + 8 + 2 + 2 + 1 + 4 + self.body.len();
+        let mut size = 4 + 2 + 8 + 8 + 4 + 8 + 16 + 2 + 2 + 1 + 4 + self.body.len();
         size += self.tags.iter().map(|t| 2 + t.len()).sum::<usize>();
         size += header_size(&self.headers);
         size += self.trailers.as_ref().map_or(0, |t| 2 + header_size(t));
@@ -72,6 +117,8 @@ impl Entry {
         out.put_u64_le(self.lifetime_ms);
         out.put_u32_le(self.initial_age_s);
         out.put_u64_le(self.fence);
+        out.put_u64_le(self.stale_while_revalidate_ms);
+        out.put_u64_le(self.stale_if_error_ms);
         let tags: Vec<&String> = self
             .tags
             .iter()
@@ -98,13 +145,15 @@ impl Entry {
     pub(crate) fn decode(buf: Bytes) -> Result<Entry, DecodeError> {
         let mut r = Reader { buf: &buf, pos: 0 };
         if r.take(4)? != MAGIC {
-            return Err(DecodeError("not an entry of format version 1"));
+            return Err(DecodeError("not an entry of format version 2"));
         }
         let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("bad status"))?;
         let stored_at_ms = r.u64()?;
         let lifetime_ms = r.u64()?;
         let initial_age_s = r.u32()?;
         let fence = r.u64()?;
+        let stale_while_revalidate_ms = r.u64()?;
+        let stale_if_error_ms = r.u64()?;
         let n_tags = r.u16()? as usize;
         let mut tags = Vec::with_capacity(n_tags.min(64));
         for _ in 0..n_tags {
@@ -132,6 +181,8 @@ impl Entry {
             lifetime_ms,
             initial_age_s,
             fence,
+            stale_while_revalidate_ms,
+            stale_if_error_ms,
             tags,
         })
     }
@@ -239,6 +290,8 @@ mod tests {
             lifetime_ms: 300_000,
             initial_age_s: 7,
             fence: 42,
+            stale_while_revalidate_ms: 10_000,
+            stale_if_error_ms: 60_000,
             tags: vec!["events".into(), "event:1".into()],
         }
     }
@@ -254,6 +307,10 @@ mod tests {
         assert_eq!(
             (d.stored_at_ms, d.lifetime_ms, d.initial_age_s, d.fence),
             (e.stored_at_ms, 300_000, 7, 42)
+        );
+        assert_eq!(
+            (d.stale_while_revalidate_ms, d.stale_if_error_ms),
+            (10_000, 60_000)
         );
         assert_eq!(d.tags, e.tags);
     }
@@ -285,5 +342,10 @@ mod tests {
         assert_eq!(e.age_secs(t - 5_000), 7, "clock skew saturates");
         assert_eq!(e.remaining(t), Some(Duration::from_millis(293_000)));
         assert_eq!(e.remaining(t + 293_000), None);
+        assert_eq!(e.staleness(t + 292_999), Staleness::Fresh);
+        assert_eq!(e.staleness(t + 293_000), Staleness::Revalidate);
+        assert_eq!(e.staleness(t + 303_000), Staleness::IfError);
+        assert_eq!(e.staleness(t + 353_000), Staleness::Dead);
+        assert_eq!(e.store_ttl(), Duration::from_millis(293_000 + 60_000));
     }
 }

@@ -131,7 +131,7 @@ mod values {
                         None
                     }
                 },
-                Found::Miss { fence } => Some(fence),
+                Found::Miss { fence } | Found::Stale { fence, .. } => Some(fence),
                 Found::Unavailable => None,
             };
             crate::stats::bump(&self.shared.stats.inner.misses);
@@ -151,9 +151,14 @@ mod values {
                         lifetime_ms: ttl.as_millis().min(u128::from(u64::MAX)) as u64,
                         initial_age_s: 0,
                         fence: fence.seq,
+                        stale_while_revalidate_ms: 0,
+                        stale_if_error_ms: 0,
                         tags: valid,
                     };
-                    self.shared.clone().spawn_fill(entry_key, entry, fence);
+                    let (encoded, ttl) = (entry.encode(), entry.store_ttl());
+                    self.shared
+                        .clone()
+                        .spawn_fill(entry_key, encoded, ttl, entry.tags, fence);
                 }
                 Ok(_) => crate::stats::bump(&self.shared.stats.inner.oversize),
                 Err(e) => tracing::warn!(error = %e, "value does not serialize; not cached"),

@@ -120,6 +120,8 @@ pub struct RoutePolicy {
     pub(crate) clears: Option<Vec<String>>,
     pub(crate) clears_on: Vec<(Method, Vec<String>)>,
     pub(crate) clear_uri: bool,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
     pub(crate) error: Option<ConfigError>,
 }
 
@@ -135,6 +137,8 @@ impl RoutePolicy {
             clears: None,
             clears_on: Vec::new(),
             clear_uri: true,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
             error: None,
         }
     }
@@ -249,6 +253,24 @@ impl RoutePolicy {
         self
     }
 
+    /// For this long after an entry goes stale, serve it at once and refresh it in the
+    /// background, one request per key (RFC 5861 `stale-while-revalidate`; a response's own
+    /// directive wins). Default: off.
+    #[must_use]
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_while_revalidate = window;
+        self
+    }
+
+    /// For this long after an entry goes stale, serve it when the inner service fails (a 5xx
+    /// or an error) instead of the failure (RFC 5861 `stale-if-error`; a response's own
+    /// directive wins). Default: off.
+    #[must_use]
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.stale_if_error = window;
+        self
+    }
+
     /// Names the route in store keys (`{namespace}:{schema}:e:{id}:{digest}`); by default it
     /// is derived from the pattern. Letters, digits, `_`, `-` and `.` only.
     #[must_use]
@@ -335,6 +357,9 @@ pub(crate) struct CacheControl {
     pub(crate) public: bool,
     pub(crate) max_age: Option<u64>,
     pub(crate) s_maxage: Option<u64>,
+    pub(crate) stale_while_revalidate: Option<u64>,
+    pub(crate) stale_if_error: Option<u64>,
+    pub(crate) must_revalidate: bool,
 }
 
 impl CacheControl {
@@ -358,8 +383,11 @@ impl CacheControl {
                     "no-cache" => cc.no_cache = true,
                     "private" => cc.private = true,
                     "public" => cc.public = true,
+                    "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
                     "max-age" => cc.max_age = Some(secs()),
                     "s-maxage" => cc.s_maxage = Some(secs()),
+                    "stale-while-revalidate" => cc.stale_while_revalidate = Some(secs()),
+                    "stale-if-error" => cc.stale_if_error = Some(secs()),
                     _ => {}
                 }
             }
@@ -374,6 +402,8 @@ pub(crate) enum Decision {
     Store {
         lifetime: Duration,
         initial_age_s: u32,
+        stale_while_revalidate: Duration,
+        stale_if_error: Duration,
     },
     Skip(&'static str),
 }
@@ -441,9 +471,23 @@ pub(crate) fn decide(
     if lifetime <= Duration::from_secs(u64::from(initial_age_s)) {
         return Decision::Skip("stale");
     }
+    // RFC 5861: the response's own windows win over the route's; `must-revalidate` and
+    // `proxy-revalidate` forbid serving stale at all.
+    let (swr, sie) = if cc.must_revalidate {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        (
+            cc.stale_while_revalidate
+                .map_or(policy.stale_while_revalidate, Duration::from_secs),
+            cc.stale_if_error
+                .map_or(policy.stale_if_error, Duration::from_secs),
+        )
+    };
     Decision::Store {
         lifetime,
         initial_age_s,
+        stale_while_revalidate: swr,
+        stale_if_error: sie,
     }
 }
 
@@ -779,6 +823,8 @@ mod tests {
         let store = |l| Decision::Store {
             lifetime: Duration::from_secs(l),
             initial_age_s: 0,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
         };
         assert_eq!(decide(&p, 200, &headers(&[]), None), store(300));
         assert_eq!(
@@ -831,8 +877,37 @@ mod tests {
             ),
             Decision::Store {
                 lifetime: Duration::from_secs(150),
-                initial_age_s: 100
+                initial_age_s: 100,
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
             }
+        );
+    }
+
+    #[test]
+    fn stale_windows() {
+        let p = ttl(60)
+            .stale_while_revalidate(Duration::from_secs(10))
+            .stale_if_error(Duration::from_secs(300));
+        let windows = |h: &[(&str, &str)]| match decide(&p, 200, &headers(h), None) {
+            Decision::Store {
+                stale_while_revalidate,
+                stale_if_error,
+                ..
+            } => (stale_while_revalidate.as_secs(), stale_if_error.as_secs()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(windows(&[]), (10, 300));
+        assert_eq!(
+            windows(&[(
+                "cache-control",
+                "max-age=5, stale-while-revalidate=30, stale-if-error=86400"
+            )]),
+            (30, 86400)
+        );
+        assert_eq!(
+            windows(&[("cache-control", "max-age=5, must-revalidate")]),
+            (0, 0)
         );
     }
 

@@ -35,6 +35,10 @@ pub(crate) struct Counters {
     pub(crate) invalidated_entries: AtomicU64,
     pub(crate) clears_deferred: AtomicU64,
     pub(crate) pending_clear_skips: AtomicU64,
+    pub(crate) collapsed: AtomicU64,
+    pub(crate) stale_hits: AtomicU64,
+    pub(crate) stale_on_error: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
 }
 
 /// A point-in-time copy of the counters.
@@ -69,6 +73,14 @@ pub struct StatsSnapshot {
     pub clears_deferred: u64,
     /// Lookups skipped while a deferred clear was pending (the store may hold stale data).
     pub pending_clear_skips: u64,
+    /// Waiters served what their flight's leader fetched (stampede protection).
+    pub collapsed: u64,
+    /// Stale entries served while being refreshed (`stale-while-revalidate`).
+    pub stale_hits: u64,
+    /// Stale entries served because the origin failed (`stale-if-error`).
+    pub stale_on_error: u64,
+    /// Background refreshes started.
+    pub refreshes: u64,
     /// Times the circuit breaker opened.
     pub breaker_trips: u64,
     /// Whether the breaker is open now (the store is being skipped).
@@ -107,6 +119,10 @@ impl CacheStats {
                 invalidated_entries: z(),
                 clears_deferred: z(),
                 pending_clear_skips: z(),
+                collapsed: z(),
+                stale_hits: z(),
+                stale_on_error: z(),
+                refreshes: z(),
             }),
         }
     }
@@ -129,6 +145,10 @@ impl CacheStats {
             invalidated_entries: c.invalidated_entries.load(Relaxed),
             clears_deferred: c.clears_deferred.load(Relaxed),
             pending_clear_skips: c.pending_clear_skips.load(Relaxed),
+            collapsed: c.collapsed.load(Relaxed),
+            stale_hits: c.stale_hits.load(Relaxed),
+            stale_on_error: c.stale_on_error.load(Relaxed),
+            refreshes: c.refreshes.load(Relaxed),
             breaker_trips: c.breaker.trips.load(Relaxed),
             breaker_open: c.breaker.is_open(),
         }

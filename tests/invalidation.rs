@@ -451,8 +451,8 @@ mod cases {
         let s = stats.snapshot();
         eprintln!(
             "fenced race: {reads} reads and {writes} writes checked, {violations} violations; \
-             {} hits, {} fills, {} fills refused by the fence",
-            s.hits, s.fills, s.fills_fenced
+             {} hits, {} collapsed, {} fills, {} fills refused by the fence",
+            s.hits, s.collapsed, s.fills, s.fills_fenced
         );
         assert!(
             reads > 200 && writes > 50,

@@ -86,6 +86,11 @@ pin_project! {
 }
 
 impl<B: Body> CacheBody<B> {
+    /// Whether a copy of this body is being kept for the store.
+    pub(crate) fn is_filling(&self) -> bool {
+        matches!(self.kind, Kind::Filling { .. })
+    }
+
     pub(crate) fn stored(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         CacheBody {
             kind: Kind::Stored {

@@ -11,6 +11,7 @@ use super::body::CacheBody;
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Outcome {
     Hit,
+    Stale,
     Miss,
     Bypass,
 }

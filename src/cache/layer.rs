@@ -55,6 +55,9 @@ pub(crate) struct Shared<St> {
     pub(crate) deferred: Arc<crate::invalidate::Deferred>,
     /// Test-only: fills ignore the fence, to show the race test can fail.
     pub(crate) unfenced: bool,
+    pub(crate) flights: Arc<super::flights::Flights>,
+    pub(crate) stampede_wait: Duration,
+    pub(crate) hit_for_miss: Duration,
 }
 
 impl<St: std::fmt::Debug> std::fmt::Debug for CacheLayer<St> {
@@ -84,6 +87,9 @@ impl<St: Store> CacheLayer<St> {
                 stats: CacheStats::new(Breaker::new(5, Duration::from_secs(1))),
                 deferred: Arc::default(),
                 unfenced: false,
+                flights: Arc::default(),
+                stampede_wait: Duration::from_secs(10),
+                hit_for_miss: Duration::from_secs(30),
             }),
         }
     }
@@ -172,6 +178,19 @@ impl<St: Store> CacheLayer<St> {
     #[doc(hidden)]
     pub fn disable_fence_for_tests(self) -> Self {
         self.edit(|s| s.unfenced = true)
+    }
+
+    /// Stampede protection: how long a miss waits for another request already fetching the
+    /// same key (default 10 s) before asking the origin itself. Zero turns coalescing off.
+    pub fn stampede_wait(self, wait: Duration) -> Self {
+        self.edit(|s| s.stampede_wait = wait)
+    }
+
+    /// How long a key whose response could not be stored is remembered, so that concurrent
+    /// misses for it go to the origin at once instead of waiting on each other (Varnish's
+    /// hit-for-miss; default 30 s). It never stops a later cacheable response from being stored.
+    pub fn hit_for_miss(self, window: Duration) -> Self {
+        self.edit(|s| s.hit_for_miss = window)
     }
 
     /// The layer's counters (shared with every service it made).

@@ -7,6 +7,7 @@
 //! HEAD is answered from the GET entry on a hit and never stored. Other methods pass through.
 
 mod body;
+mod flights;
 mod future;
 mod layer;
 mod service;

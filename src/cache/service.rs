@@ -10,9 +10,10 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::body::{CacheBody, Tee};
+use super::flights::{wait_for, FlightGuard, Join, Landed};
 use super::future::{Outcome, ResponseFuture};
 use super::layer::{Shared, CACHE_STATUS, X_CACHE};
-use crate::entry::{now_ms, Entry};
+use crate::entry::{now_ms, Entry, Staleness};
 use crate::key::{derive_key, EntryKey, ScopeKey};
 use crate::policy::{decide, CacheHint, Decision, Freshness, Route, Scope};
 use crate::stats::bump;
@@ -65,6 +66,11 @@ impl Fence {
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Found {
     Hit(Entry),
+    /// Past its freshness but within a stale window (RFC 5861).
+    Stale {
+        entry: Entry,
+        fence: Fence,
+    },
     Miss {
         fence: Fence,
     },
@@ -152,8 +158,11 @@ impl<St: Store> Shared<St> {
         match Entry::decode(bytes) {
             // An entry filled before the last purge is dead.
             Ok(entry) if entry.fence < lookup.purged => Found::Miss { fence },
-            Ok(entry) if entry.remaining(now_ms).is_some() => Found::Hit(entry),
-            Ok(_) => Found::Miss { fence },
+            Ok(entry) => match entry.staleness(now_ms) {
+                Staleness::Fresh => Found::Hit(entry),
+                Staleness::Revalidate | Staleness::IfError => Found::Stale { entry, fence },
+                Staleness::Dead => Found::Miss { fence },
+            },
             Err(e) => {
                 bump(&counters.decode_errors);
                 tracing::warn!(%key, reason = e.0, "unreadable cache entry; treating as a miss");
@@ -177,6 +186,7 @@ impl<St: Store> Shared<St> {
         if self.x_cache {
             let v = match outcome {
                 Outcome::Hit => "HIT",
+                Outcome::Stale => "STALE",
                 Outcome::Miss => "MISS",
                 Outcome::Bypass => "BYPASS",
             };
@@ -184,20 +194,39 @@ impl<St: Store> Shared<St> {
         }
     }
 
+    /// Answers from a stored entry; `served` says how, for the status headers.
     fn hit_response<B: Body>(
         &self,
         entry: Entry,
         head: bool,
         now_ms: u64,
+        served: Served,
     ) -> Response<CacheBody<B>> {
-        let ttl = entry.remaining(now_ms).map_or(0, |d| d.as_secs());
         let age = entry.age_secs(now_ms);
+        let ttl = entry.remaining(now_ms).map_or(0, |d| d.as_secs());
+        let stale = (age as i64).saturating_sub((entry.lifetime_ms / 1000) as i64);
         let mut headers = entry.headers;
         if !headers.contains_key(CONTENT_LENGTH) {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
         }
         headers.insert(http::header::AGE, HeaderValue::from(age));
-        self.mark(&mut headers, Outcome::Hit, format_args!("hit; ttl={ttl}"));
+        match served {
+            Served::Fresh => {
+                self.mark(&mut headers, Outcome::Hit, format_args!("hit; ttl={ttl}"));
+            }
+            Served::Collapsed => self.mark(
+                &mut headers,
+                Outcome::Hit,
+                format_args!("fwd=miss; collapsed"),
+            ),
+            Served::Stale(why) => {
+                self.mark(
+                    &mut headers,
+                    Outcome::Stale,
+                    format_args!("hit; ttl=-{stale}; detail={why}"),
+                );
+            }
+        }
         let body = if head {
             CacheBody::stored(bytes::Bytes::new(), None)
         } else {
@@ -210,6 +239,15 @@ impl<St: Store> Shared<St> {
     }
 }
 
+/// How a stored entry came to be served.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Served {
+    Fresh,
+    /// A waiter got what its flight's leader fetched.
+    Collapsed,
+    Stale(&'static str),
+}
+
 impl<St: Store> Shared<St> {
     /// Decides whether a miss's response is stored, and wraps its body accordingly.
     fn miss_response<B: Body>(
@@ -219,6 +257,7 @@ impl<St: Store> Shared<St> {
         route: &Route,
         mut tags: Vec<String>,
         fence: Option<Fence>,
+        flight: Option<FlightGuard>,
     ) -> Response<CacheBody<B>> {
         let counters = &self.stats.inner;
         bump(&counters.misses);
@@ -232,13 +271,26 @@ impl<St: Store> Shared<St> {
             return Response::from_parts(parts, CacheBody::passthrough(body));
         };
         let hint = parts.extensions.get::<CacheHint>();
-        let (lifetime, initial_age_s) =
+        let uncacheable = |flight: Option<FlightGuard>| {
+            if let Some(f) = flight {
+                f.land(Landed::Uncacheable, self.hit_for_miss);
+            }
+        };
+        let (lifetime, initial_age_s, swr, sie) =
             match decide(&route.policy, parts.status.as_u16(), &parts.headers, hint) {
                 Decision::Store {
                     lifetime,
                     initial_age_s,
-                } => (lifetime, initial_age_s),
+                    stale_while_revalidate,
+                    stale_if_error,
+                } => (
+                    lifetime,
+                    initial_age_s,
+                    stale_while_revalidate,
+                    stale_if_error,
+                ),
                 Decision::Skip(why) => {
+                    uncacheable(flight);
                     bump(&counters.uncacheable);
                     self.mark(
                         &mut parts.headers,
@@ -255,6 +307,7 @@ impl<St: Store> Shared<St> {
             .and_then(|v| v.parse::<u64>().ok());
         let known_len = declared_len.unwrap_or(0).max(body.size_hint().lower());
         if known_len > self.max_body_bytes as u64 {
+            uncacheable(flight);
             bump(&counters.oversize);
             self.mark(
                 &mut parts.headers,
@@ -276,6 +329,8 @@ impl<St: Store> Shared<St> {
             lifetime_ms: lifetime.as_millis().min(u128::from(u64::MAX)) as u64,
             initial_age_s,
             fence: fence.seq,
+            stale_while_revalidate_ms: swr.as_millis().min(u128::from(u64::MAX)) as u64,
+            stale_if_error_ms: sie.as_millis().min(u128::from(u64::MAX)) as u64,
             tags,
         };
         self.mark(
@@ -288,22 +343,31 @@ impl<St: Store> Shared<St> {
             self.max_body_bytes,
             self.stats.clone(),
             Box::new(move |body, trailers| {
-                shared.spawn_fill(
-                    key,
-                    Entry {
-                        body,
-                        trailers,
-                        ..entry
-                    },
-                    fence,
-                )
+                let entry = Entry {
+                    body,
+                    trailers,
+                    ..entry
+                };
+                let encoded = entry.encode();
+                if let Some(f) = flight {
+                    f.land(Landed::Entry(encoded.clone()), Duration::ZERO);
+                }
+                shared.spawn_fill(key, encoded, entry.store_ttl(), entry.tags, fence);
             }),
         );
         Response::from_parts(parts, CacheBody::filling(body, tee))
     }
 
-    /// Writes the entry in the background: the client never waits for the store on a miss.
-    pub(crate) fn spawn_fill(self: Arc<Self>, key: EntryKey, entry: Entry, fence: Fence) {
+    /// Writes an encoded entry in the background: the client never waits for the store on a
+    /// miss.
+    pub(crate) fn spawn_fill(
+        self: Arc<Self>,
+        key: EntryKey,
+        encoded: bytes::Bytes,
+        ttl: Duration,
+        tags: Vec<String>,
+        fence: Fence,
+    ) {
         if fence.expired() {
             bump(&self.stats.inner.fills_fenced);
             tracing::debug!(%key, "miss took longer than the fence window; not stored");
@@ -320,10 +384,12 @@ impl<St: Store> Shared<St> {
                 bump(&counters.breaker_skips);
                 return;
             }
-            let ttl = entry.remaining(entry.stored_at_ms).unwrap_or_default();
-            let fence = if self.unfenced { u64::MAX } else { entry.fence };
-            let fill = Fill::new(key, entry.encode(), ttl, entry.tags, fence);
-            match self.store.fill(fill).await {
+            let fence = if self.unfenced { u64::MAX } else { fence.seq };
+            match self
+                .store
+                .fill(Fill::new(key, encoded, ttl, tags, fence))
+                .await
+            {
                 Ok(FillOutcome::Stored) => {
                     counters.breaker.success();
                     bump(&counters.fills);
@@ -382,6 +448,8 @@ where
     St: Store,
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
 {
     type Response = Response<CacheBody<ResBody>>;
     type Error = S::Error;
@@ -419,21 +487,75 @@ where
         let shared = self.shared.clone();
         let head = parts.method == Method::HEAD;
         ResponseFuture::boxed(Box::pin(async move {
+            let req = Request::from_parts(parts, body);
+            let counters = &shared.stats.inner;
             // The hit path, top to bottom: one store round trip, no inner call.
             let now = now_ms();
             let span = tracing::debug_span!("cache.lookup", route = key.route());
-            let fence = match shared.lookup(&key, now).instrument(span).await {
+            let (fence, stale) = match shared.lookup(&key, now).instrument(span).await {
                 Found::Hit(entry) => {
-                    bump(&shared.stats.inner.hits);
-                    return Ok(shared.hit_response(entry, head, now));
+                    bump(&counters.hits);
+                    return Ok(shared.hit_response(entry, head, now, Served::Fresh));
                 }
-                Found::Miss { fence } => Some(fence),
-                Found::Unavailable => None,
+                Found::Stale { entry, fence } if entry.staleness(now) == Staleness::Revalidate => {
+                    // Serve it now; this request, in the background, refreshes it (once).
+                    bump(&counters.stale_hits);
+                    if !head {
+                        if let Some(flight) = shared.flights.lead(&key) {
+                            bump(&counters.refreshes);
+                            let refresh = shared
+                                .clone()
+                                .refresh(inner, req, key, route, tags, fence, flight);
+                            tokio::spawn(refresh);
+                        }
+                    }
+                    let served = Served::Stale("stale-while-revalidate");
+                    return Ok(shared.hit_response(entry, head, now, served));
+                }
+                Found::Stale { entry, fence } => (Some(fence), Some(entry)),
+                Found::Miss { fence } => (Some(fence), None),
+                Found::Unavailable => (None, None),
             };
-            let res = inner.call(Request::from_parts(parts, body)).await?;
+            // Stampede protection: one request per key calls the origin; the rest wait.
+            let mut flight = None;
+            if fence.is_some() && !head && !shared.stampede_wait.is_zero() {
+                match shared.flights.join(&key) {
+                    Join::Leader(guard) => flight = Some(guard),
+                    Join::Waiter(rx) => match wait_for(rx, shared.stampede_wait).await {
+                        Landed::Entry(bytes) => {
+                            // The leader's data is ours only if no clear happened between
+                            // its lookup and ours: a write acknowledged before we started
+                            // would have moved the fence past the leader's.
+                            let entry = Entry::decode(bytes).ok();
+                            let ours = entry.filter(|e| fence.is_some_and(|f| e.fence >= f.seq));
+                            if let Some(entry) = ours {
+                                bump(&counters.collapsed);
+                                let served = Served::Collapsed;
+                                return Ok(shared.hit_response(entry, head, now_ms(), served));
+                            }
+                        }
+                        Landed::Uncacheable | Landed::Failed => {}
+                    },
+                    Join::Alone => {}
+                }
+            }
+            let result = inner.call(req).await;
+            // Stale-if-error: an origin failure is answered with the stale entry.
+            if let Some(entry) = stale {
+                let failed = match &result {
+                    Ok(res) => res.status().is_server_error(),
+                    Err(_) => true,
+                };
+                if failed {
+                    bump(&counters.stale_on_error);
+                    let served = Served::Stale("stale-if-error");
+                    return Ok(shared.hit_response(entry, head, now_ms(), served));
+                }
+            }
+            let res = result?;
             if head {
                 // A HEAD response has no body to store, and storing it would poison GET.
-                bump(&shared.stats.inner.misses);
+                bump(&counters.misses);
                 let (mut parts, body) = res.into_parts();
                 shared.mark(
                     &mut parts.headers,
@@ -442,7 +564,36 @@ where
                 );
                 return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
             }
-            Ok(shared.miss_response(res, key, &route, tags, fence))
+            Ok(shared.miss_response(res, key, &route, tags, fence, flight))
         }))
+    }
+}
+
+impl<St: Store> Shared<St> {
+    /// Refreshes a stale entry in the background with the request that found it stale.
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh<S, ReqBody, ResBody>(
+        self: Arc<Self>,
+        mut inner: S,
+        req: Request<ReqBody>,
+        key: EntryKey,
+        route: Arc<Route>,
+        tags: Vec<String>,
+        fence: Fence,
+        flight: FlightGuard,
+    ) where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: Body,
+    {
+        use http_body_util::BodyExt;
+        let Ok(res) = inner.call(req).await else {
+            return; // the guard tells any waiter it failed
+        };
+        let res = self.miss_response(res, key, &route, tags, Some(fence), Some(flight));
+        // Drain the body so the copy completes and is stored.
+        let body = res.into_body();
+        if body.is_filling() {
+            let _ = body.collect().await;
+        }
     }
 }

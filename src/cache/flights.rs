@@ -1,0 +1,210 @@
+//! Stampede protection: concurrent misses for one key call the inner service once per
+//! instance. The first becomes the leader; the others wait (bounded) for what it got. When
+//! the leader's response turns out not to be storable, the key is remembered as
+//! "hit-for-miss" for a while, as Varnish does, so later misses go straight to the origin
+//! instead of queueing behind each other.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::key::EntryKey;
+
+/// What a leader's miss ended in, as its waiters see it.
+#[derive(Clone, Debug)]
+pub(crate) enum Landed {
+    /// A storable response: the encoded entry, served to waiters as a hit.
+    Entry(Bytes),
+    /// Not storable (status, `Set-Cookie`, `private`...): waiters ask the origin themselves.
+    Uncacheable,
+    /// The leader failed, was cancelled, or its body was too large or broke.
+    Failed,
+}
+
+type Slot = watch::Sender<Option<Landed>>;
+
+/// Most keys remembered as hit-for-miss; past it the memory is dropped (it is only a hint).
+const MAX_HIT_FOR_MISS: usize = 100_000;
+
+#[derive(Debug, Default)]
+pub(crate) struct Flights {
+    in_flight: Mutex<HashMap<EntryKey, Slot>>,
+    hit_for_miss: Mutex<HashMap<EntryKey, Instant>>,
+}
+
+pub(crate) enum Join {
+    Leader(FlightGuard),
+    Waiter(watch::Receiver<Option<Landed>>),
+    /// Recently uncacheable: go to the origin without waiting.
+    Alone,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Flights {
+    pub(crate) fn join(self: &Arc<Self>, key: &EntryKey) -> Join {
+        if let Some(until) = lock(&self.hit_for_miss).get(key) {
+            if *until > Instant::now() {
+                return Join::Alone;
+            }
+        }
+        let mut map = lock(&self.in_flight);
+        if let Some(slot) = map.get(key) {
+            return Join::Waiter(slot.subscribe());
+        }
+        let (tx, _) = watch::channel(None);
+        map.insert(key.clone(), tx);
+        Join::Leader(FlightGuard {
+            flights: self.clone(),
+            key: key.clone(),
+            landed: false,
+        })
+    }
+
+    /// Starts a flight only if none is under way (for background refreshes).
+    pub(crate) fn lead(self: &Arc<Self>, key: &EntryKey) -> Option<FlightGuard> {
+        match self.join(key) {
+            Join::Leader(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    fn remember_uncacheable(&self, key: &EntryKey, window: Duration) {
+        if window.is_zero() {
+            return;
+        }
+        let mut hfm = lock(&self.hit_for_miss);
+        let now = Instant::now();
+        if hfm.len() >= MAX_HIT_FOR_MISS {
+            hfm.retain(|_, until| *until > now);
+            if hfm.len() >= MAX_HIT_FOR_MISS {
+                hfm.clear();
+            }
+        }
+        hfm.insert(key.clone(), now + window);
+    }
+
+    fn forget_uncacheable(&self, key: &EntryKey) {
+        let mut hfm = lock(&self.hit_for_miss);
+        if !hfm.is_empty() {
+            hfm.remove(key);
+        }
+    }
+
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        lock(&self.in_flight).len()
+    }
+}
+
+/// Held by the leader of a flight; tells the waiters how it ended, even if dropped.
+pub(crate) struct FlightGuard {
+    flights: Arc<Flights>,
+    key: EntryKey,
+    landed: bool,
+}
+
+impl FlightGuard {
+    pub(crate) fn land(mut self, landed: Landed, hit_for_miss: Duration) {
+        match &landed {
+            Landed::Uncacheable => self.flights.remember_uncacheable(&self.key, hit_for_miss),
+            Landed::Entry(_) => self.flights.forget_uncacheable(&self.key),
+            Landed::Failed => {}
+        }
+        self.finish(landed);
+    }
+
+    fn finish(&mut self, landed: Landed) {
+        self.landed = true;
+        if let Some(slot) = lock(&self.flights.in_flight).remove(&self.key) {
+            let _ = slot.send(Some(landed));
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if !self.landed {
+            self.finish(Landed::Failed);
+        }
+    }
+}
+
+/// Waits for the leader, at most `wait`; a timeout counts as a failure.
+pub(crate) async fn wait_for(mut rx: watch::Receiver<Option<Landed>>, wait: Duration) -> Landed {
+    let landed = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+    match landed {
+        Ok(Ok(v)) => v.clone().unwrap_or(Landed::Failed),
+        _ => Landed::Failed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_leader_many_waiters() {
+        let flights = Arc::new(Flights::default());
+        let key = EntryKey::new("r", [1; 32]);
+        let Join::Leader(guard) = flights.join(&key) else {
+            panic!("first is leader")
+        };
+        let waiters: Vec<_> = (0..3)
+            .map(|_| match flights.join(&key) {
+                Join::Waiter(rx) => tokio::spawn(wait_for(rx, Duration::from_secs(5))),
+                _ => panic!("others wait"),
+            })
+            .collect();
+        guard.land(
+            Landed::Entry(Bytes::from_static(b"e")),
+            Duration::from_secs(1),
+        );
+        for w in waiters {
+            assert!(matches!(w.await.unwrap(), Landed::Entry(_)));
+        }
+        assert_eq!(flights.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_leader_releases_waiters_and_uncacheable_is_remembered() {
+        let flights = Arc::new(Flights::default());
+        let key = EntryKey::new("r", [2; 32]);
+        let Join::Leader(guard) = flights.join(&key) else {
+            panic!()
+        };
+        let Join::Waiter(rx) = flights.join(&key) else {
+            panic!()
+        };
+        drop(guard);
+        assert!(matches!(
+            wait_for(rx, Duration::from_secs(5)).await,
+            Landed::Failed
+        ));
+        let Join::Leader(guard) = flights.join(&key) else {
+            panic!()
+        };
+        guard.land(Landed::Uncacheable, Duration::from_secs(60));
+        assert!(matches!(flights.join(&key), Join::Alone));
+        assert!(flights.lead(&key).is_none());
+    }
+
+    #[tokio::test]
+    async fn waiting_is_bounded() {
+        let flights = Arc::new(Flights::default());
+        let key = EntryKey::new("r", [3; 32]);
+        let _leader = flights.join(&key);
+        let Join::Waiter(rx) = flights.join(&key) else {
+            panic!()
+        };
+        assert!(matches!(
+            wait_for(rx, Duration::from_millis(20)).await,
+            Landed::Failed
+        ));
+    }
+}
