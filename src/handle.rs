@@ -158,7 +158,7 @@ mod values {
                     let (encoded, ttl) = (entry.encode(), entry.store_ttl());
                     self.shared
                         .clone()
-                        .spawn_fill(entry_key, encoded, ttl, entry.tags, fence);
+                        .spawn_fill(entry_key, encoded, ttl, entry.tags, fence, None);
                 }
                 Ok(_) => crate::stats::bump(&self.shared.stats.inner.oversize),
                 Err(e) => tracing::warn!(error = %e, "value does not serialize; not cached"),

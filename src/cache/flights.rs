@@ -109,20 +109,39 @@ pub(crate) struct FlightGuard {
     landed: bool,
 }
 
+/// Keeps a landed flight visible until its entry is in the store, so that requests arriving
+/// meanwhile take the landed entry (or, for a stale entry, do not start a second refresh)
+/// instead of finding the store not yet filled.
+pub(crate) struct Landing {
+    flights: Arc<Flights>,
+    key: EntryKey,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        lock(&self.flights.in_flight).remove(&self.key);
+    }
+}
+
 impl FlightGuard {
-    pub(crate) fn land(mut self, landed: Landed, hit_for_miss: Duration) {
+    /// Tells the waiters; the flight stays visible until the returned `Landing` is dropped.
+    pub(crate) fn land(mut self, landed: Landed, hit_for_miss: Duration) -> Landing {
         match &landed {
             Landed::Uncacheable => self.flights.remember_uncacheable(&self.key, hit_for_miss),
             Landed::Entry(_) => self.flights.forget_uncacheable(&self.key),
             Landed::Failed => {}
         }
-        self.finish(landed);
+        self.send(landed);
+        Landing {
+            flights: self.flights.clone(),
+            key: self.key.clone(),
+        }
     }
 
-    fn finish(&mut self, landed: Landed) {
+    fn send(&mut self, landed: Landed) {
         self.landed = true;
-        if let Some(slot) = lock(&self.flights.in_flight).remove(&self.key) {
-            let _ = slot.send(Some(landed));
+        if let Some(slot) = lock(&self.flights.in_flight).get(&self.key) {
+            slot.send_replace(Some(landed));
         }
     }
 }
@@ -130,7 +149,8 @@ impl FlightGuard {
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         if !self.landed {
-            self.finish(Landed::Failed);
+            self.send(Landed::Failed);
+            lock(&self.flights.in_flight).remove(&self.key);
         }
     }
 }

@@ -10,7 +10,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::body::{CacheBody, Tee};
-use super::flights::{wait_for, FlightGuard, Join, Landed};
+use super::flights::{wait_for, FlightGuard, Join, Landed, Landing};
 use super::future::{Outcome, ResponseFuture};
 use super::layer::{Shared, CACHE_STATUS, X_CACHE};
 use crate::entry::{now_ms, Entry, Staleness};
@@ -273,7 +273,7 @@ impl<St: Store> Shared<St> {
         let hint = parts.extensions.get::<CacheHint>();
         let uncacheable = |flight: Option<FlightGuard>| {
             if let Some(f) = flight {
-                f.land(Landed::Uncacheable, self.hit_for_miss);
+                drop(f.land(Landed::Uncacheable, self.hit_for_miss));
             }
         };
         let (lifetime, initial_age_s, swr, sie) =
@@ -349,10 +349,9 @@ impl<St: Store> Shared<St> {
                     ..entry
                 };
                 let encoded = entry.encode();
-                if let Some(f) = flight {
-                    f.land(Landed::Entry(encoded.clone()), Duration::ZERO);
-                }
-                shared.spawn_fill(key, encoded, entry.store_ttl(), entry.tags, fence);
+                let landing =
+                    flight.map(|f| f.land(Landed::Entry(encoded.clone()), Duration::ZERO));
+                shared.spawn_fill(key, encoded, entry.store_ttl(), entry.tags, fence, landing);
             }),
         );
         Response::from_parts(parts, CacheBody::filling(body, tee))
@@ -367,6 +366,7 @@ impl<St: Store> Shared<St> {
         ttl: Duration,
         tags: Vec<String>,
         fence: Fence,
+        landing: Option<Landing>,
     ) {
         if fence.expired() {
             bump(&self.stats.inner.fills_fenced);
@@ -379,6 +379,8 @@ impl<St: Store> Shared<St> {
         };
         let span = tracing::debug_span!("cache.fill", route = key.route());
         let fill = async move {
+            // Dropped when this task ends: the flight stays visible until the store has it.
+            let _landing = landing;
             let counters = &self.stats.inner;
             if !counters.breaker.allow() {
                 bump(&counters.breaker_skips);
@@ -586,6 +588,10 @@ impl<St: Store> Shared<St> {
         ResBody: Body,
     {
         use http_body_util::BodyExt;
+        // Another refresh may have landed between our lookup and our taking the lead.
+        if let Found::Hit(_) = self.lookup(&key, now_ms()).await {
+            return;
+        }
         let Ok(res) = inner.call(req).await else {
             return; // the guard tells any waiter it failed
         };
