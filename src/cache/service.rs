@@ -40,11 +40,7 @@ pub(crate) enum Plan {
     Skip,
     /// A cacheable route, but this request must not share an entry.
     Bypass(&'static str),
-    Lookup {
-        key: EntryKey,
-        route: Arc<Route>,
-        tags: Vec<String>,
-    },
+    Lookup { key: EntryKey, route: Arc<Route> },
 }
 
 /// The invalidation sequence a lookup saw, and when: the fill must present it.
@@ -115,16 +111,19 @@ impl<St: Store> Shared<St> {
             &self.query_filter,
             scope,
         );
-        let mut tags = route.tags(&matched.params);
-        tags.push(uri_tag(
-            request_host(&parts.headers, &parts.uri),
-            parts.uri.path(),
-        ));
         Plan::Lookup {
             key,
-            tags,
             route: route.clone(),
         }
+    }
+
+    /// The tags an entry for this request carries: its route's, filled from the path, and
+    /// its URI's. Only misses need them, so hits never pay for rendering them.
+    fn entry_tags(&self, headers: &HeaderMap, uri: &http::Uri) -> Vec<String> {
+        let matched = self.routes.find(uri.path());
+        let mut tags = matched.route.tags(&matched.params);
+        tags.push(uri_tag(request_host(headers, uri), uri.path()));
+        tags
     }
 
     pub(crate) async fn lookup(&self, key: &EntryKey, now_ms: u64) -> Found {
@@ -463,7 +462,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let (parts, body) = req.into_parts();
-        let (key, route, tags) = match self.shared.plan(&parts) {
+        let (key, route) = match self.shared.plan(&parts) {
             Plan::Skip => {
                 return ResponseFuture::passthrough(
                     self.inner.call(Request::from_parts(parts, body)),
@@ -481,7 +480,7 @@ where
                     )
                 });
             }
-            Plan::Lookup { key, route, tags } => (key, route, tags),
+            Plan::Lookup { key, route } => (key, route),
         };
         // The clone was not polled ready; keep it and hand the ready one to the future.
         let clone = self.inner.clone();
@@ -507,7 +506,7 @@ where
                             bump(&counters.refreshes);
                             let refresh = shared
                                 .clone()
-                                .refresh(inner, req, key, route, tags, fence, flight);
+                                .refresh(inner, req, key, route, fence, flight);
                             tokio::spawn(refresh);
                         }
                     }
@@ -541,6 +540,7 @@ where
                     Join::Alone => {}
                 }
             }
+            let tags = shared.entry_tags(req.headers(), req.uri());
             let result = inner.call(req).await;
             // Stale-if-error: an origin failure is answered with the stale entry.
             if let Some(entry) = stale {
@@ -580,7 +580,6 @@ impl<St: Store> Shared<St> {
         req: Request<ReqBody>,
         key: EntryKey,
         route: Arc<Route>,
-        tags: Vec<String>,
         fence: Fence,
         flight: FlightGuard,
     ) where
@@ -592,6 +591,7 @@ impl<St: Store> Shared<St> {
         if let Found::Hit(_) = self.lookup(&key, now_ms()).await {
             return;
         }
+        let tags = self.entry_tags(req.headers(), req.uri());
         let Ok(res) = inner.call(req).await else {
             return; // the guard tells any waiter it failed
         };

@@ -297,19 +297,19 @@ impl ValkeyStore {
         s
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
-        if let Some(c) = self
-            .inner
+    fn cached_connection(&self) -> Option<MultiplexedConnection> {
+        self.inner
             .conn
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            return Ok(c.clone());
-        }
+            .clone()
+    }
+
+    /// Takes a fresh connection from the pool and keeps a clone of it for every later
+    /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
+    /// does on checkout costs nothing on the hot path and weeds out dead connections.
+    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
         let inner = &self.inner;
-        // Checkouts are rare (only to replace a broken connection), so the PING bb8 does on
-        // checkout costs nothing on the hot path and weeds out dead connections.
         let pool = inner.pool.get_or_init(|| {
             bb8::Pool::builder()
                 .max_size(inner.pool_size)
@@ -322,9 +322,12 @@ impl ValkeyStore {
             bb8::RunError::User(e) => classify(e),
             bb8::RunError::TimedOut => StoreError::Timeout,
         })?;
-        let conn = pooled.clone();
+        let mut conn = pooled.clone();
         drop(pooled);
-        *self.inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        // redis-rs bounds every command on this connection (500 ms by default): use ours, so
+        // the hot path runs under a single timer.
+        conn.set_response_timeout(inner.operation_timeout);
+        *inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         Ok(conn)
     }
 
@@ -336,19 +339,22 @@ impl ValkeyStore {
             .take();
     }
 
-    /// Runs one command on the shared connection under the operation timeout.
+    /// Runs one command on the shared connection, bounded by the operation timeout (the
+    /// connection's own response timeout, plus an outer one when it must reconnect first).
     async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let attempt = async {
-            let conn = self.connection().await?;
-            command(conn).await.map_err(classify)
-        };
-        let result = match tokio::time::timeout(self.inner.operation_timeout, attempt).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout),
+        let result = match self.cached_connection() {
+            Some(conn) => command(conn).await.map_err(classify),
+            None => {
+                let attempt = async { command(self.connect().await?).await.map_err(classify) };
+                match tokio::time::timeout(self.inner.operation_timeout, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Timeout),
+                }
+            }
         };
         // A timed-out connection may be half-open: replace it rather than wait on it again.
         if let Err(StoreError::Timeout | StoreError::Unavailable(_)) = &result {
@@ -422,6 +428,9 @@ async fn run_subscription(inner: Arc<ValkeyInner>, tx: broadcast::Sender<Notice>
 }
 
 fn classify(e: RedisError) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::Timeout;
+    }
     if e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()

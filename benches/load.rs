@@ -1,0 +1,288 @@
+//! The end-to-end load benchmark: `scripts/load` (or `cargo bench --bench load`).
+//!
+//! Starts its own Valkey on a free loopback port and, in this process, one axum server per
+//! case; drives each with `wrk -t1 -c50` for a bounded time (LOAD_SECS, default 5) and prints
+//! one table of req/s, p50 and p99 with the ratios the project targets. Varnish joins when
+//! `varnishd` is installed. Everything shares this machine's cores, as in production-like
+//! single-box measurements: compare ratios from one run, not absolute numbers across runs.
+//! Then it fills a near cache with a million distinct keys and reports its memory.
+
+#[path = "../tests/support/server.rs"]
+#[allow(dead_code)]
+mod server;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use axum::extract::Path;
+use axum::routing::get;
+use axum::Router;
+use bb8_redis::redis;
+use bytes::Bytes;
+use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable, Store, TieredStore, ValkeyStore};
+
+const BODY: usize = 1024;
+
+struct Row {
+    name: &'static str,
+    rps: f64,
+    p50: String,
+    p99: String,
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+fn body() -> Bytes {
+    Bytes::from(vec![b'x'; BODY])
+}
+
+fn static_app() -> Router {
+    let b = body();
+    Router::new().route("/static", get(move || {
+        let b = b.clone();
+        async move { b }
+    }))
+}
+
+fn slow_app() -> Router {
+    let b = body();
+    Router::new().route(
+        "/slow/{n}",
+        get(move |Path(_n): Path<String>| {
+            let b = b.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                b
+            }
+        }),
+    )
+}
+
+fn cached<St: Store>(app: Router, store: St) -> Router {
+    let routes = RouteTable::new()
+        .route("/static", RoutePolicy::ttl(Duration::from_secs(300)).tags(["static"]))
+        .route("/slow/{n}", RoutePolicy::ttl(Duration::from_secs(300)).tags(["slow:{n}"]));
+    let cache = CacheLayer::new(store).routes(routes);
+    app.layer(cache)
+}
+
+/// Runs wrk against `url`; `unique` makes every request's path distinct (always a miss).
+fn wrk(name: &'static str, url: &str, secs: u64, unique: bool) -> Row {
+    let script = std::env::temp_dir().join("tca-unique.lua");
+    std::fs::write(
+        &script,
+        "local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, wrk.path .. math.random(1, 2000000000) .. '-' .. n)\nend\n",
+    )
+    .unwrap();
+    let run = |secs: u64| {
+        let mut cmd = Command::new("wrk");
+        cmd.args(["-t1", "-c50", &format!("-d{secs}s"), "--latency"]);
+        if unique {
+            cmd.arg("-s").arg(&script);
+        }
+        cmd.arg(url).stderr(Stdio::null());
+        let out = cmd.output().expect("wrk (scripts/load installs it)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(1); // warm up connections, caches and the JIT of the CPU's branch predictors
+    let text = run(secs);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let pct = |p: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| "?".into())
+    };
+    let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if let Some(e) = errors {
+        eprintln!("{name}: {}", e.trim());
+    }
+    Row {
+        name,
+        rps,
+        p50: pct("50%"),
+        p99: pct("99%"),
+    }
+}
+
+fn varnish(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std::path::PathBuf)> {
+    let varnishd = ["/usr/sbin/varnishd", "/usr/bin/varnishd"].into_iter().find(|p| std::path::Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let dir = std::env::temp_dir().join(format!("tca-varnish-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let vcl = dir.join("bench.vcl");
+    std::fs::write(
+        &vcl,
+        format!(
+            "vcl 4.1;\nbackend default {{ .host = \"127.0.0.1\"; .port = \"{}\"; }}\nsub vcl_backend_response {{ set beresp.ttl = 300s; }}\n",
+            backend.port()
+        ),
+    )
+    .ok()?;
+    let child = Command::new(varnishd)
+        .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-f"])
+        .arg(&vcl)
+        .args(["-s", "malloc,64m", "-n"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Some((child, addr, dir));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("load benchmark: run it with `scripts/load` or `cargo bench --bench load`");
+        return;
+    }
+    let secs: u64 = std::env::var("LOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let valkey = server::Server::start(server::Kind::Valkey);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let url = valkey.url();
+
+    let (addrs, _guard) = rt.block_on(async {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET").arg("raw").arg(vec![b'x'; BODY]).query_async(&mut conn).await.unwrap();
+        let raw_conn = conn.clone();
+        let raw = Router::new().route("/static", get(move || {
+            let mut c = raw_conn.clone();
+            async move { Bytes::from(redis::cmd("GET").arg("raw").query_async::<Vec<u8>>(&mut c).await.unwrap()) }
+        }));
+        let pool = bb8_redis::bb8::Pool::builder()
+            .max_size(50)
+            .build(bb8_redis::RedisConnectionManager::new(url.as_str()).unwrap())
+            .await
+            .unwrap();
+        let bb8_default = Router::new().route("/static", get(move || {
+            let pool = pool.clone();
+            async move {
+                let mut c = pool.get().await.unwrap();
+                Bytes::from(redis::cmd("GET").arg("raw").query_async::<Vec<u8>>(&mut *c).await.unwrap())
+            }
+        }));
+        let valkey_store = || ValkeyStore::builder().url(url.as_str()).build().unwrap();
+        let tiered = TieredStore::new(MemoryStore::new(64 << 20), valkey_store());
+        let addrs = [
+            serve(static_app()).await,
+            serve(raw).await,
+            serve(bb8_default).await,
+            serve(cached(static_app(), valkey_store())).await,
+            serve(cached(static_app(), tiered.clone())).await,
+            serve(cached(static_app(), MemoryStore::new(64 << 20))).await,
+            serve(slow_app()).await,
+            serve(cached(slow_app(), valkey_store())).await,
+        ];
+        // Warm the cached routes (and let the near tier's subscription come up).
+        for a in &addrs[3..6] {
+            for _ in 0..3 {
+                raw_get(*a, "/static").await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        (addrs, tiered)
+    });
+    let v = varnish(addrs[0]);
+
+    let mut rows = vec![
+        wrk("bare axum handler (static 1 KiB)", &format!("http://{}/static", addrs[0]), secs, false),
+        wrk("handler + raw Valkey GET (multiplexed)", &format!("http://{}/static", addrs[1]), secs, false),
+        wrk("handler + bb8-redis default (PING/checkout)", &format!("http://{}/static", addrs[2]), secs, false),
+        wrk("CacheLayer hit, ValkeyStore", &format!("http://{}/static", addrs[3]), secs, false),
+        wrk("CacheLayer hit, TieredStore (near)", &format!("http://{}/static", addrs[4]), secs, false),
+        wrk("CacheLayer hit, MemoryStore", &format!("http://{}/static", addrs[5]), secs, false),
+        wrk("handler sleeping 1 ms, no cache", &format!("http://{}/slow/", addrs[6]), secs, true),
+        wrk("CacheLayer miss + fill over the 1 ms handler", &format!("http://{}/slow/", addrs[7]), secs, true),
+    ];
+    if let Some((_, addr, _)) = &v {
+        rows.push(wrk("Varnish 7 hit in front of the bare handler", &format!("http://{addr}/static"), secs, false));
+    }
+    if let Some((mut child, _, dir)) = v {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    println!("\n| case | req/s | p50 | p99 |\n|---|---:|---:|---:|");
+    for r in &rows {
+        println!("| {} | {:.0} | {} | {} |", r.name, r.rps, r.p50, r.p99);
+    }
+    let rps = |i: usize| rows.get(i).map_or(f64::NAN, |r| r.rps);
+    let varnish_rps = rows.get(8).map_or(f64::NAN, |r| r.rps);
+    println!("\n| target | measured | goal |\n|---|---:|---:|");
+    let ratio = |what: &str, a: f64, b: f64, goal: f64| {
+        let r = a / b;
+        let verdict = if r.is_nan() { "n/a" } else if r >= goal { "met" } else { "missed" };
+        println!("| {what} | {r:.2} | ≥ {goal:.2} ({verdict}) |");
+    };
+    ratio("Valkey hit / raw multiplexed GET", rps(3), rps(1), 0.95);
+    ratio("Valkey hit / Varnish hit", rps(3), varnish_rps, 1.0);
+    ratio("near-cache hit / bare handler", rps(4), rps(0), 0.90);
+    ratio("near-cache hit / Varnish hit", rps(4), varnish_rps, 1.5);
+    ratio("miss + fill / 1 ms handler alone", rps(7), rps(6), 0.95);
+    ratio("bb8 default / raw multiplexed GET (for reference)", rps(2), rps(1), 0.0);
+
+    // Memory: a 64 MiB near cache after a million distinct 1 KiB entries.
+    rt.block_on(async {
+        use tower_cache_aside::{EntryKey, Fill};
+        const BUDGET: u64 = 64 << 20;
+        let before = rss_bytes();
+        let store = MemoryStore::new(BUDGET);
+        for i in 0..1_000_000u64 {
+            // A buffer of its own per entry, as real responses have.
+            let value = Bytes::from(vec![(i % 251) as u8; BODY]);
+            let mut digest = [0u8; 32];
+            digest[..8].copy_from_slice(&i.to_le_bytes());
+            let tags = vec![format!("t:{}", i % 1000)];
+            let fill = Fill::new(EntryKey::new("load", digest), value, Duration::from_secs(300), tags, 0);
+            store.fill(fill).await.unwrap();
+        }
+        let entries = store.entry_count();
+        let counted = store.weighted_size();
+        let after = rss_bytes();
+        println!(
+            "\nnear cache of {} MiB after 1,000,000 distinct 1 KiB keys: {} entries, {:.1} MiB counted, \
+             process RSS grew {:.1} MiB ({:+.1} MiB over the budget)",
+            BUDGET >> 20,
+            entries,
+            counted as f64 / 1048576.0,
+            after.saturating_sub(before) as f64 / 1048576.0,
+            (after.saturating_sub(before) as f64 - BUDGET as f64) / 1048576.0
+        );
+    });
+    drop(valkey);
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket (the benchmark needs no HTTP client crate).
+async fn raw_get(addr: SocketAddr, path: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+}
