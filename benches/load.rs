@@ -20,7 +20,9 @@ use axum::routing::get;
 use axum::Router;
 use bb8_redis::redis;
 use bytes::Bytes;
-use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable, Store, TieredStore, ValkeyStore};
+use tower_cache_aside::{
+    CacheLayer, MemoryStore, RoutePolicy, RouteTable, Store, TieredStore, ValkeyStore,
+};
 
 const BODY: usize = 1024;
 
@@ -44,10 +46,13 @@ fn body() -> Bytes {
 
 fn static_app() -> Router {
     let b = body();
-    Router::new().route("/static", get(move || {
-        let b = b.clone();
-        async move { b }
-    }))
+    Router::new().route(
+        "/static",
+        get(move || {
+            let b = b.clone();
+            async move { b }
+        }),
+    )
 }
 
 fn slow_app() -> Router {
@@ -66,8 +71,14 @@ fn slow_app() -> Router {
 
 fn cached<St: Store>(app: Router, store: St) -> Router {
     let routes = RouteTable::new()
-        .route("/static", RoutePolicy::ttl(Duration::from_secs(300)).tags(["static"]))
-        .route("/slow/{n}", RoutePolicy::ttl(Duration::from_secs(300)).tags(["slow:{n}"]));
+        .route(
+            "/static",
+            RoutePolicy::ttl(Duration::from_secs(300)).tags(["static"]),
+        )
+        .route(
+            "/slow/{n}",
+            RoutePolicy::ttl(Duration::from_secs(300)).tags(["slow:{n}"]),
+        );
     let cache = CacheLayer::new(store).routes(routes);
     app.layer(cache)
 }
@@ -103,7 +114,9 @@ fn wrk(name: &'static str, url: &str, secs: u64, unique: bool) -> Row {
             .find_map(|l| l.strip_prefix(p).map(|v| v.trim().to_owned()))
             .unwrap_or_else(|| "?".into())
     };
-    let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
     if let Some(e) = errors {
         eprintln!("{name}: {}", e.trim());
     }
@@ -116,8 +129,14 @@ fn wrk(name: &'static str, url: &str, secs: u64, unique: bool) -> Row {
 }
 
 fn varnish(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std::path::PathBuf)> {
-    let varnishd = ["/usr/sbin/varnishd", "/usr/bin/varnishd"].into_iter().find(|p| std::path::Path::new(p).exists())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let varnishd = ["/usr/sbin/varnishd", "/usr/bin/varnishd"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
     let dir = std::env::temp_dir().join(format!("tca-varnish-{}", std::process::id()));
     std::fs::create_dir_all(&dir).ok()?;
     let vcl = dir.join("bench.vcl");
@@ -150,7 +169,11 @@ fn varnish(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std:
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -159,32 +182,64 @@ fn main() {
         println!("load benchmark: run it with `scripts/load` or `cargo bench --bench load`");
         return;
     }
-    let secs: u64 = std::env::var("LOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let secs: u64 = std::env::var("LOAD_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let valkey = server::Server::start(server::Kind::Valkey);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let url = valkey.url();
 
     let (addrs, _guard) = rt.block_on(async {
         let client = redis::Client::open(url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("SET").arg("raw").arg(vec![b'x'; BODY]).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("raw")
+            .arg(vec![b'x'; BODY])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         let raw_conn = conn.clone();
-        let raw = Router::new().route("/static", get(move || {
-            let mut c = raw_conn.clone();
-            async move { Bytes::from(redis::cmd("GET").arg("raw").query_async::<Vec<u8>>(&mut c).await.unwrap()) }
-        }));
+        let raw = Router::new().route(
+            "/static",
+            get(move || {
+                let mut c = raw_conn.clone();
+                async move {
+                    Bytes::from(
+                        redis::cmd("GET")
+                            .arg("raw")
+                            .query_async::<Vec<u8>>(&mut c)
+                            .await
+                            .unwrap(),
+                    )
+                }
+            }),
+        );
         let pool = bb8_redis::bb8::Pool::builder()
             .max_size(50)
             .build(bb8_redis::RedisConnectionManager::new(url.as_str()).unwrap())
             .await
             .unwrap();
-        let bb8_default = Router::new().route("/static", get(move || {
-            let pool = pool.clone();
-            async move {
-                let mut c = pool.get().await.unwrap();
-                Bytes::from(redis::cmd("GET").arg("raw").query_async::<Vec<u8>>(&mut *c).await.unwrap())
-            }
-        }));
+        let bb8_default = Router::new().route(
+            "/static",
+            get(move || {
+                let pool = pool.clone();
+                async move {
+                    let mut c = pool.get().await.unwrap();
+                    Bytes::from(
+                        redis::cmd("GET")
+                            .arg("raw")
+                            .query_async::<Vec<u8>>(&mut *c)
+                            .await
+                            .unwrap(),
+                    )
+                }
+            }),
+        );
         let valkey_store = || ValkeyStore::builder().url(url.as_str()).build().unwrap();
         let tiered = TieredStore::new(MemoryStore::new(64 << 20), valkey_store());
         let addrs = [
@@ -208,18 +263,76 @@ fn main() {
     });
     let v = varnish(addrs[0]);
 
-    let mut rows = vec![
-        wrk("bare axum handler (static 1 KiB)", &format!("http://{}/static", addrs[0]), secs, false),
-        wrk("handler + raw Valkey GET (multiplexed)", &format!("http://{}/static", addrs[1]), secs, false),
-        wrk("handler + bb8-redis default (PING/checkout)", &format!("http://{}/static", addrs[2]), secs, false),
-        wrk("CacheLayer hit, ValkeyStore", &format!("http://{}/static", addrs[3]), secs, false),
-        wrk("CacheLayer hit, TieredStore (near)", &format!("http://{}/static", addrs[4]), secs, false),
-        wrk("CacheLayer hit, MemoryStore", &format!("http://{}/static", addrs[5]), secs, false),
-        wrk("handler sleeping 1 ms, no cache", &format!("http://{}/slow/", addrs[6]), secs, true),
-        wrk("CacheLayer miss + fill over the 1 ms handler", &format!("http://{}/slow/", addrs[7]), secs, true),
+    // LOAD_ONLY=1,3 runs just those cases (by index in the table), for A/B comparisons.
+    let only: Option<Vec<usize>> = std::env::var("LOAD_ONLY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect());
+    let wanted = |i: usize| only.as_ref().is_none_or(|o| o.contains(&i));
+    let cases: [(&'static str, String, bool); 8] = [
+        (
+            "bare axum handler (static 1 KiB)",
+            format!("http://{}/static", addrs[0]),
+            false,
+        ),
+        (
+            "handler + raw Valkey GET (multiplexed)",
+            format!("http://{}/static", addrs[1]),
+            false,
+        ),
+        (
+            "handler + bb8-redis default (PING/checkout)",
+            format!("http://{}/static", addrs[2]),
+            false,
+        ),
+        (
+            "CacheLayer hit, ValkeyStore",
+            format!("http://{}/static", addrs[3]),
+            false,
+        ),
+        (
+            "CacheLayer hit, TieredStore (near)",
+            format!("http://{}/static", addrs[4]),
+            false,
+        ),
+        (
+            "CacheLayer hit, MemoryStore",
+            format!("http://{}/static", addrs[5]),
+            false,
+        ),
+        (
+            "handler sleeping 1 ms, no cache",
+            format!("http://{}/slow/", addrs[6]),
+            true,
+        ),
+        (
+            "CacheLayer miss + fill over the 1 ms handler",
+            format!("http://{}/slow/", addrs[7]),
+            true,
+        ),
     ];
-    if let Some((_, addr, _)) = &v {
-        rows.push(wrk("Varnish 7 hit in front of the bare handler", &format!("http://{addr}/static"), secs, false));
+    let mut rows: Vec<Row> = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, url, unique))| {
+            if wanted(i) {
+                wrk(name, &url, secs, unique)
+            } else {
+                Row {
+                    name,
+                    rps: f64::NAN,
+                    p50: "-".into(),
+                    p99: "-".into(),
+                }
+            }
+        })
+        .collect();
+    if let Some((_, addr, _)) = v.as_ref().filter(|_| wanted(8)) {
+        rows.push(wrk(
+            "Varnish 7 hit in front of the bare handler",
+            &format!("http://{addr}/static"),
+            secs,
+            false,
+        ));
     }
     if let Some((mut child, _, dir)) = v {
         let _ = child.kill();
@@ -236,7 +349,13 @@ fn main() {
     println!("\n| target | measured | goal |\n|---|---:|---:|");
     let ratio = |what: &str, a: f64, b: f64, goal: f64| {
         let r = a / b;
-        let verdict = if r.is_nan() { "n/a" } else if r >= goal { "met" } else { "missed" };
+        let verdict = if r.is_nan() {
+            "n/a"
+        } else if r >= goal {
+            "met"
+        } else {
+            "missed"
+        };
         println!("| {what} | {r:.2} | ≥ {goal:.2} ({verdict}) |");
     };
     ratio("Valkey hit / raw multiplexed GET", rps(3), rps(1), 0.95);
@@ -244,9 +363,17 @@ fn main() {
     ratio("near-cache hit / bare handler", rps(4), rps(0), 0.90);
     ratio("near-cache hit / Varnish hit", rps(4), varnish_rps, 1.5);
     ratio("miss + fill / 1 ms handler alone", rps(7), rps(6), 0.95);
-    ratio("bb8 default / raw multiplexed GET (for reference)", rps(2), rps(1), 0.0);
+    ratio(
+        "bb8 default / raw multiplexed GET (for reference)",
+        rps(2),
+        rps(1),
+        0.0,
+    );
 
     // Memory: a 64 MiB near cache after a million distinct 1 KiB entries.
+    if !wanted(9) {
+        return;
+    }
     rt.block_on(async {
         use tower_cache_aside::{EntryKey, Fill};
         const BUDGET: u64 = 64 << 20;

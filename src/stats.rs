@@ -79,7 +79,7 @@ pub struct StatsSnapshot {
     pub stale_hits: u64,
     /// Stale entries served because the origin failed (`stale-if-error`).
     pub stale_on_error: u64,
-    /// Background refreshes started.
+    /// Background refreshes that called the origin.
     pub refreshes: u64,
     /// Times the circuit breaker opened.
     pub breaker_trips: u64,

@@ -40,7 +40,10 @@ pub(crate) enum Plan {
     Skip,
     /// A cacheable route, but this request must not share an entry.
     Bypass(&'static str),
-    Lookup { key: EntryKey, route: Arc<Route> },
+    Lookup {
+        key: EntryKey,
+        route: Arc<Route>,
+    },
 }
 
 /// The invalidation sequence a lookup saw, and when: the fill must present it.
@@ -147,32 +150,41 @@ impl<St: Store> Shared<St> {
             }
         };
         counters.breaker.success();
-        let fence = Fence {
+        // Only misses need the fence's clock reading.
+        let fence = || Fence {
             seq: lookup.fence,
             at: Instant::now(),
         };
         let Some(bytes) = lookup.value else {
-            return Found::Miss { fence };
+            return Found::Miss { fence: fence() };
         };
         match Entry::decode(bytes) {
             // An entry filled before the last purge is dead.
-            Ok(entry) if entry.fence < lookup.purged => Found::Miss { fence },
+            Ok(entry) if entry.fence < lookup.purged => Found::Miss { fence: fence() },
             Ok(entry) => match entry.staleness(now_ms) {
                 Staleness::Fresh => Found::Hit(entry),
-                Staleness::Revalidate | Staleness::IfError => Found::Stale { entry, fence },
-                Staleness::Dead => Found::Miss { fence },
+                Staleness::Revalidate | Staleness::IfError => Found::Stale {
+                    entry,
+                    fence: fence(),
+                },
+                Staleness::Dead => Found::Miss { fence: fence() },
             },
             Err(e) => {
                 bump(&counters.decode_errors);
                 tracing::warn!(%key, reason = e.0, "unreadable cache entry; treating as a miss");
-                Found::Miss { fence }
+                Found::Miss { fence: fence() }
             }
         }
     }
 
     fn status_value(&self, detail: std::fmt::Arguments<'_>) -> HeaderValue {
-        let v = format!("{}; {}", self.status_name, detail);
-        HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("tower-cache-aside"))
+        use std::io::Write;
+        // One allocation: the bytes the header value keeps.
+        let mut v = Vec::with_capacity(self.status_name.len() + 48);
+        v.extend_from_slice(self.status_name.as_bytes());
+        let _ = write!(v, "; {detail}");
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+            .unwrap_or_else(|_| HeaderValue::from_static("tower-cache-aside"))
     }
 
     pub(crate) fn mark(
@@ -503,7 +515,6 @@ where
                     bump(&counters.stale_hits);
                     if !head {
                         if let Some(flight) = shared.flights.lead(&key) {
-                            bump(&counters.refreshes);
                             let refresh = shared
                                 .clone()
                                 .refresh(inner, req, key, route, fence, flight);
@@ -591,6 +602,7 @@ impl<St: Store> Shared<St> {
         if let Found::Hit(_) = self.lookup(&key, now_ms()).await {
             return;
         }
+        bump(&self.stats.inner.refreshes);
         let tags = self.entry_tags(req.headers(), req.uri());
         let Ok(res) = inner.call(req).await else {
             return; // the guard tells any waiter it failed

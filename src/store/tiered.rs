@@ -194,7 +194,7 @@ impl Store for TieredStore {
         self.saw(found.fence);
         if let Some(value) = &found.value {
             // Copy it near, with the tags and lifetime the entry itself carries.
-            if let Ok(entry) = Entry::decode(value.clone()) {
+            if let Ok(entry) = Entry::decode_with_tags(value.clone()) {
                 let remaining = entry.remaining(crate::entry::now_ms());
                 if let Some(ttl) = remaining.filter(|_| entry.fence >= found.purged) {
                     self.near_fill(key.clone(), value.clone(), ttl, entry.tags, found.fence);
