@@ -496,7 +496,7 @@ where
         };
         // The clone was not polled ready; keep it and hand the ready one to the future.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let head = parts.method == Method::HEAD;
         ResponseFuture::boxed(Box::pin(async move {
@@ -528,57 +528,88 @@ where
                 Found::Miss { fence } => (Some(fence), None),
                 Found::Unavailable => (None, None),
             };
-            // Stampede protection: one request per key calls the origin; the rest wait.
-            let mut flight = None;
-            if fence.is_some() && !head && !shared.stampede_wait.is_zero() {
-                match shared.flights.join(&key) {
-                    Join::Leader(guard) => flight = Some(guard),
-                    Join::Waiter(rx) => match wait_for(rx, shared.stampede_wait).await {
-                        Landed::Entry(bytes) => {
-                            // The leader's data is ours only if no clear happened between
-                            // its lookup and ours: a write acknowledged before we started
-                            // would have moved the fence past the leader's.
-                            let entry = Entry::decode(bytes).ok();
-                            let ours = entry.filter(|e| fence.is_some_and(|f| e.fence >= f.seq));
-                            if let Some(entry) = ours {
-                                bump(&counters.collapsed);
-                                let served = Served::Collapsed;
-                                return Ok(shared.hit_response(entry, head, now_ms(), served));
-                            }
-                        }
-                        Landed::Uncacheable | Landed::Failed => {}
-                    },
-                    Join::Alone => {}
-                }
-            }
-            let tags = shared.entry_tags(req.headers(), req.uri());
-            let result = inner.call(req).await;
-            // Stale-if-error: an origin failure is answered with the stale entry.
-            if let Some(entry) = stale {
-                let failed = match &result {
-                    Ok(res) => res.status().is_server_error(),
-                    Err(_) => true,
-                };
-                if failed {
-                    bump(&counters.stale_on_error);
-                    let served = Served::Stale("stale-if-error");
-                    return Ok(shared.hit_response(entry, head, now_ms(), served));
-                }
-            }
-            let res = result?;
-            if head {
-                // A HEAD response has no body to store, and storing it would poison GET.
-                bump(&counters.misses);
-                let (mut parts, body) = res.into_parts();
-                shared.mark(
-                    &mut parts.headers,
-                    Outcome::Miss,
-                    format_args!("fwd=miss; detail=head"),
-                );
-                return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
-            }
-            Ok(shared.miss_response(res, key, &route, tags, fence, flight))
+            // Misses run in a future of their own, so a hit's future stays small to allocate
+            // and move.
+            Box::pin(
+                shared
+                    .clone()
+                    .fetch(inner, req, key, route, head, fence, stale),
+            )
+            .await
         }))
+    }
+}
+
+impl<St: Store> Shared<St> {
+    /// The miss path: call the origin (once per key, with stampede protection), answer with
+    /// a stale entry if it fails and one is allowed, and store what it returns if allowed.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch<S, ReqBody, ResBody>(
+        self: Arc<Self>,
+        mut inner: S,
+        req: Request<ReqBody>,
+        key: EntryKey,
+        route: Arc<Route>,
+        head: bool,
+        fence: Option<Fence>,
+        stale: Option<Entry>,
+    ) -> Result<Response<CacheBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: Body,
+    {
+        let shared = &self;
+        let counters = &self.stats.inner;
+        // Stampede protection: one request per key calls the origin; the rest wait.
+        let mut flight = None;
+        if fence.is_some() && !head && !shared.stampede_wait.is_zero() {
+            match shared.flights.join(&key) {
+                Join::Leader(guard) => flight = Some(guard),
+                Join::Waiter(rx) => match wait_for(rx, shared.stampede_wait).await {
+                    Landed::Entry(bytes) => {
+                        // The leader's data is ours only if no clear happened between
+                        // its lookup and ours: a write acknowledged before we started
+                        // would have moved the fence past the leader's.
+                        let entry = Entry::decode(bytes).ok();
+                        let ours = entry.filter(|e| fence.is_some_and(|f| e.fence >= f.seq));
+                        if let Some(entry) = ours {
+                            bump(&counters.collapsed);
+                            let served = Served::Collapsed;
+                            return Ok(shared.hit_response(entry, head, now_ms(), served));
+                        }
+                    }
+                    Landed::Uncacheable | Landed::Failed => {}
+                },
+                Join::Alone => {}
+            }
+        }
+        let tags = shared.entry_tags(req.headers(), req.uri());
+        let result = inner.call(req).await;
+        // Stale-if-error: an origin failure is answered with the stale entry.
+        if let Some(entry) = stale {
+            let failed = match &result {
+                Ok(res) => res.status().is_server_error(),
+                Err(_) => true,
+            };
+            if failed {
+                bump(&counters.stale_on_error);
+                let served = Served::Stale("stale-if-error");
+                return Ok(shared.hit_response(entry, head, now_ms(), served));
+            }
+        }
+        let res = result?;
+        if head {
+            // A HEAD response has no body to store, and storing it would poison GET.
+            bump(&counters.misses);
+            let (mut parts, body) = res.into_parts();
+            shared.mark(
+                &mut parts.headers,
+                Outcome::Miss,
+                format_args!("fwd=miss; detail=head"),
+            );
+            return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
+        }
+        Ok(shared.miss_response(res, key, &route, tags, fence, flight))
     }
 }
 
