@@ -15,9 +15,12 @@ use super::{Fill, FillOutcome, Invalidation, Lookup, Store, FENCE_WINDOW};
 use crate::error::StoreError;
 use crate::key::EntryKey;
 
-/// Bookkeeping bytes counted per entry on top of its key, value and tags (moka's node, the
-/// `Arc`s, the map slot and the tag index slots, measured roughly).
-const ENTRY_OVERHEAD: u32 = 160;
+/// Bytes counted per entry on top of its key, value and tags: moka's node, deques and timer
+/// slots, the `Arc`s, the allocator's slack. Measured (benches/load.rs fills a 64 MiB store
+/// with a million 1 KiB entries and compares the process's growth with the budget).
+const ENTRY_OVERHEAD: usize = 560;
+/// Bytes counted per tag of an entry: its string, its slot in the tag index's set.
+const TAG_OVERHEAD: usize = 120;
 
 /// An in-process store bounded by bytes: the embedded default that needs no server.
 ///
@@ -90,11 +93,9 @@ impl MemoryStore {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &EntryKey, v: &MemValue| {
-                let tags: usize = v.tags.iter().map(|t| t.len() + 56).sum();
-                let size = k.route().len() + 32 + v.bytes.len() + tags;
-                u32::try_from(size)
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(ENTRY_OVERHEAD)
+                let tags: usize = v.tags.iter().map(|t| t.len() + TAG_OVERHEAD).sum();
+                let size = k.route().len() + 32 + v.bytes.len() + tags + ENTRY_OVERHEAD;
+                u32::try_from(size).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)
             .eviction_listener(move |key: Arc<EntryKey>, value: MemValue, cause| {
