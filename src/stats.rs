@@ -88,13 +88,15 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
-    /// Hits divided by hits plus misses (0 when there were none).
+    /// The share of looked-up requests answered without calling the app: fresh hits, stale
+    /// hits and collapsed waiters, over those plus misses (0 when there were none).
     pub fn hit_rate(&self) -> f64 {
-        let total = self.hits + self.misses;
+        let served = self.hits + self.stale_hits + self.collapsed;
+        let total = served + self.misses;
         if total == 0 {
             0.0
         } else {
-            self.hits as f64 / total as f64
+            served as f64 / total as f64
         }
     }
 }

@@ -1,0 +1,794 @@
+//! The seed's dashboard app (events, workflows, servers, logs, users, webhooks) on SQLite,
+//! with its caching policy declared in one place: [`cache_routes`]. Shared by the `server`
+//! and `loadgen` examples and by `tests/demo.rs`.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{request::Parts, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tower_cache_aside::{CacheHint, CacheLayer, CacheStats, RoutePolicy, RouteTable, Scope, Store};
+
+/// How much data to seed.
+#[derive(Clone, Copy, Debug)]
+pub struct Seed {
+    pub users: i64,
+    pub servers: i64,
+    pub workflows: i64,
+    pub events: i64,
+    pub logs: i64,
+    pub webhooks: i64,
+}
+
+impl Seed {
+    /// Realistic volumes for the demo.
+    pub const FULL: Seed = Seed {
+        users: 50,
+        servers: 40,
+        workflows: 400,
+        events: 300_000,
+        logs: 300_000,
+        webhooks: 30,
+    };
+    /// Small volumes for tests.
+    pub const SMALL: Seed = Seed {
+        users: 5,
+        servers: 4,
+        workflows: 10,
+        events: 500,
+        logs: 500,
+        webhooks: 3,
+    };
+}
+
+/// The user an auth layer established (from `Authorization: Bearer <user id>`).
+#[derive(Clone, Copy, Debug)]
+pub struct UserId(pub i64);
+
+/// The database: a few SQLite connections on one file, used from blocking threads, and a
+/// count of the queries run (the figure caching is meant to reduce).
+pub struct Db {
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+    pub queries: AtomicU64,
+    path: PathBuf,
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct DbError(String);
+
+impl IntoResponse for DbError {
+    fn into_response(self) -> Response {
+        (StatusCode::INTERNAL_SERVER_ERROR, self.0).into_response()
+    }
+}
+
+impl Db {
+    /// Creates and seeds a fresh database file in the temp directory.
+    pub fn create(seed: Seed) -> rusqlite::Result<Db> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "tca-demo-{}-{}.db",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let mut conn = Connection::open(&path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;
+             CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL, permissions TEXT NOT NULL);
+             CREATE TABLE servers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, region TEXT NOT NULL, status TEXT NOT NULL, config TEXT NOT NULL);
+             CREATE TABLE workflows (id INTEGER PRIMARY KEY, name TEXT NOT NULL, server_id INTEGER NOT NULL, status TEXT NOT NULL, steps INTEGER NOT NULL);
+             CREATE TABLE events (id INTEGER PRIMARY KEY, server_id INTEGER NOT NULL, workflow_id INTEGER NOT NULL, status TEXT NOT NULL, message TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 1);
+             CREATE INDEX events_status ON events(status, id);
+             CREATE INDEX events_server ON events(server_id, id);
+             CREATE TABLE logs (id INTEGER PRIMARY KEY, server_id INTEGER NOT NULL, level TEXT NOT NULL, line TEXT NOT NULL);
+             CREATE INDEX logs_server ON logs(server_id, id);
+             CREATE TABLE webhooks (id INTEGER PRIMARY KEY, url TEXT NOT NULL, event TEXT NOT NULL, active INTEGER NOT NULL);",
+        )?;
+        let tx = conn.transaction()?;
+        {
+            let statuses = ["ok", "warning", "error", "pending"];
+            let levels = ["info", "info", "info", "warn", "error"];
+            let mut st = tx.prepare("INSERT INTO users (id, name, email, permissions) VALUES (?1, ?2, ?3, '[\"read\"]')")?;
+            for id in 1..=seed.users {
+                st.execute(params![
+                    id,
+                    format!("user {id}"),
+                    format!("user{id}@example.com")
+                ])?;
+            }
+            let mut st = tx.prepare("INSERT INTO servers (id, name, region, status, config) VALUES (?1, ?2, ?3, 'up', '{}')")?;
+            for id in 1..=seed.servers {
+                st.execute(params![
+                    id,
+                    format!("srv-{id:03}"),
+                    ["eu", "us", "ap"][(id % 3) as usize]
+                ])?;
+            }
+            let mut st = tx.prepare("INSERT INTO workflows (id, name, server_id, status, steps) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            for id in 1..=seed.workflows {
+                st.execute(params![
+                    id,
+                    format!("workflow {id}"),
+                    id % seed.servers + 1,
+                    statuses[(id % 4) as usize],
+                    id % 12 + 1
+                ])?;
+            }
+            let mut st = tx.prepare("INSERT INTO events (id, server_id, workflow_id, status, message) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            for id in 1..=seed.events {
+                let server = id * 7 % seed.servers + 1;
+                st.execute(params![
+                    id,
+                    server,
+                    id % seed.workflows + 1,
+                    statuses[(id * 13 % 4) as usize],
+                    format!("event {id} on srv-{server:03}")
+                ])?;
+            }
+            let mut st = tx
+                .prepare("INSERT INTO logs (id, server_id, level, line) VALUES (?1, ?2, ?3, ?4)")?;
+            for id in 1..=seed.logs {
+                st.execute(params![
+                    id,
+                    id % seed.servers + 1,
+                    levels[(id % 5) as usize],
+                    format!("log line {id}")
+                ])?;
+            }
+            let mut st = tx.prepare(
+                "INSERT INTO webhooks (id, url, event, active) VALUES (?1, ?2, 'event.created', 1)",
+            )?;
+            for id in 1..=seed.webhooks {
+                st.execute(params![id, format!("https://hooks.example.com/{id}")])?;
+            }
+        }
+        tx.commit()?;
+        drop(conn);
+        let conns = (0..4)
+            .map(|_| {
+                let c = Connection::open(&path)?;
+                c.busy_timeout(Duration::from_secs(5))?;
+                Ok(Mutex::new(c))
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Db {
+            conns,
+            next: AtomicUsize::new(0),
+            queries: AtomicU64::new(0),
+            path,
+        })
+    }
+
+    /// Runs `f` on one of the connections in a blocking thread, counting it as one query.
+    pub async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || {
+            db.queries.fetch_add(1, Ordering::Relaxed);
+            let i = db.next.fetch_add(1, Ordering::Relaxed) % db.conns.len();
+            let conn = db.conns[i].lock().unwrap_or_else(|e| e.into_inner());
+            f(&conn)
+        })
+        .await
+        .map_err(|e| DbError(e.to_string()))?
+        .map_err(|e| DbError(e.to_string()))
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Arc<Db>,
+    pub stats: Option<CacheStats>,
+    pub store_name: &'static str,
+}
+
+fn user_of(parts: &Parts) -> Option<String> {
+    parts.extensions.get::<UserId>().map(|u| u.0.to_string())
+}
+
+/// The whole caching policy, in one screen: the seed's TTL table, tags and invalidations.
+pub fn cache_routes() -> RouteTable {
+    let ttl = |s| RoutePolicy::ttl(Duration::from_secs(s));
+    // Everyone signs in, but most data is the same for everyone: `Public` scope.
+    let public = |s| ttl(s).scope(Scope::Public);
+    RouteTable::new()
+        .route(
+            "/dashboard/stats",
+            ttl(60).per_user(user_of).tags(["dashboard"]),
+        )
+        .route(
+            "/events",
+            public(300).tags(["events"]).clears(["events", "dashboard"]),
+        )
+        .route(
+            "/events/{id}",
+            public(300)
+                .tags(["event:{id}"])
+                .clears(["events", "event:{id}", "dashboard"]),
+        )
+        .route(
+            "/workflows",
+            public(300)
+                .tags(["workflows"])
+                .clears(["workflows", "dashboard"]),
+        )
+        .route(
+            "/workflows/{id}",
+            public(300)
+                .tags(["workflow:{id}"])
+                .clears(["workflows", "workflow:{id}", "dashboard"]),
+        )
+        .route("/servers", public(900).tags(["servers"]))
+        .route(
+            "/servers/{id}",
+            public(900)
+                .tags(["server:{id}"])
+                .clears(["servers", "server:{id}", "logs:{id}"]),
+        )
+        .route("/servers/{id}/logs", public(120).tags(["logs:{id}"]))
+        .route("/users/{id}", public(600).tags(["user:{id}"]))
+        // A permission change clears everything cached for that user (dashboards carry it).
+        .route(
+            "/users/{id}/permissions",
+            RoutePolicy::never().clears(["user:{id}"]),
+        )
+        .route("/webhooks", public(300).tags(["webhooks"]))
+        .fallback(RoutePolicy::never())
+}
+
+/// Puts `UserId` in the request when `Authorization: Bearer <id>` names one.
+async fn auth(mut req: Request, next: Next) -> Response {
+    let user = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|id| id.trim().parse::<i64>().ok());
+    if let Some(id) = user {
+        req.extensions_mut().insert(UserId(id));
+    }
+    next.run(req).await
+}
+
+/// The app; with `cache` it is behind the cache and invalidation layers.
+pub fn app<St: Store>(
+    db: Arc<Db>,
+    cache: Option<CacheLayer<St>>,
+    store_name: &'static str,
+) -> Router {
+    let state = AppState {
+        db,
+        stats: cache.as_ref().map(|c| c.stats()),
+        store_name,
+    };
+    let routes = Router::new()
+        .route("/dashboard/stats", get(dashboard))
+        .route("/events", get(list_events).post(create_event))
+        .route(
+            "/events/{id}",
+            get(get_event)
+                .put(update_event)
+                .patch(update_event)
+                .delete(delete_event),
+        )
+        .route("/workflows", get(list_workflows).post(create_workflow))
+        .route("/workflows/{id}", get(get_workflow).put(update_workflow))
+        .route("/servers", get(list_servers))
+        .route("/servers/{id}", get(get_server).put(update_server))
+        .route("/servers/{id}/logs", get(server_logs))
+        .route("/users/{id}", get(get_user))
+        .route("/users/{id}/permissions", put(set_permissions))
+        .route("/webhooks", get(list_webhooks))
+        .route("/cache/stats", get(cache_stats))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics));
+    let routes = match cache {
+        Some(cache) => routes.layer(cache.invalidate_layer()).layer(cache),
+        None => routes,
+    };
+    routes.layer(middleware::from_fn(auth)).with_state(state)
+}
+
+fn event_json(r: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
+    Ok(
+        json!({"id": r.get::<_, i64>(0)?, "server_id": r.get::<_, i64>(1)?, "workflow_id": r.get::<_, i64>(2)?,
+              "status": r.get::<_, String>(3)?, "message": r.get::<_, String>(4)?, "version": r.get::<_, i64>(5)?}),
+    )
+}
+
+const EVENT_COLS: &str = "id, server_id, workflow_id, status, message, version";
+
+fn found(v: Option<Value>) -> Response {
+    match v {
+        Some(v) => Json(v).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn dashboard(State(s): State<AppState>, parts: Parts) -> Result<Response, DbError> {
+    let Some(UserId(user)) = parts.extensions.get::<UserId>().copied() else {
+        return Ok((
+            StatusCode::UNAUTHORIZED,
+            "send Authorization: Bearer <user id>",
+        )
+            .into_response());
+    };
+    let stats = s
+        .db
+        .run(move |c| {
+            let name: Option<String> = c.query_row("SELECT name FROM users WHERE id = ?1", [user], |r| r.get(0)).optional()?;
+            let mut by_status = serde_json::Map::new();
+            let mut st = c.prepare("SELECT status, COUNT(*) FROM events GROUP BY status")?;
+            for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (k, v) = row?;
+                by_status.insert(k, v.into());
+            }
+            let mut st = c.prepare("SELECT server_id, COUNT(*) AS n FROM events WHERE status = 'error' GROUP BY server_id ORDER BY n DESC LIMIT 5")?;
+            let noisy: Vec<Value> = st
+                .query_map([], |r| Ok(json!({"server_id": r.get::<_, i64>(0)?, "errors": r.get::<_, i64>(1)?})))?
+                .collect::<rusqlite::Result<_>>()?;
+            let workflows: i64 = c.query_row("SELECT COUNT(*) FROM workflows WHERE status != 'ok'", [], |r| r.get(0))?;
+            Ok(json!({"user": {"id": user, "name": name}, "events_by_status": by_status, "noisiest_servers": noisy, "workflows_needing_attention": workflows}))
+        })
+        .await?;
+    let mut res = ([("cache-control", "private")], Json(stats)).into_response();
+    // Tagged with its user, so a permission change for that user clears it.
+    res.extensions_mut()
+        .insert(CacheHint::default().tag(format!("user:{user}")));
+    Ok(res)
+}
+
+#[derive(Deserialize)]
+struct EventFilter {
+    status: Option<String>,
+    server: Option<i64>,
+    page: Option<i64>,
+}
+
+async fn list_events(
+    State(s): State<AppState>,
+    Query(f): Query<EventFilter>,
+) -> Result<Json<Value>, DbError> {
+    let page = f.page.unwrap_or(1).max(1);
+    let rows = s
+        .db
+        .run(move |c| {
+            let sql = format!(
+                "SELECT {EVENT_COLS} FROM events WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR server_id = ?2) ORDER BY id DESC LIMIT 50 OFFSET ?3"
+            );
+            let mut st = c.prepare_cached(&sql)?;
+            let rows = st.query_map(params![f.status, f.server, (page - 1) * 50], event_json)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await?;
+    Ok(Json(json!({"page": page, "events": rows})))
+}
+
+async fn get_event(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, DbError> {
+    let v =
+        s.db.run(move |c| {
+            c.query_row(
+                &format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"),
+                [id],
+                event_json,
+            )
+            .optional()
+        })
+        .await?;
+    Ok(found(v))
+}
+
+#[derive(Deserialize)]
+struct NewEvent {
+    server_id: i64,
+    workflow_id: Option<i64>,
+    status: Option<String>,
+    message: String,
+}
+
+async fn create_event(
+    State(s): State<AppState>,
+    Json(e): Json<NewEvent>,
+) -> Result<Response, DbError> {
+    let v = s
+        .db
+        .run(move |c| {
+            c.execute(
+                "INSERT INTO events (server_id, workflow_id, status, message) VALUES (?1, ?2, ?3, ?4)",
+                params![e.server_id, e.workflow_id.unwrap_or(1), e.status.unwrap_or_else(|| "pending".into()), e.message],
+            )?;
+            let id = c.last_insert_rowid();
+            c.query_row(&format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"), [id], event_json)
+        })
+        .await?;
+    let location = format!("/events/{}", v["id"]);
+    Ok((StatusCode::CREATED, [("location", location)], Json(v)).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventChange {
+    status: Option<String>,
+    message: Option<String>,
+}
+
+async fn update_event(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+    Json(ch): Json<EventChange>,
+) -> Result<Response, DbError> {
+    let v = s
+        .db
+        .run(move |c| {
+            let n = c.execute(
+                "UPDATE events SET status = COALESCE(?2, status), message = COALESCE(?3, message), version = version + 1 WHERE id = ?1",
+                params![id, ch.status, ch.message],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            c.query_row(&format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"), [id], event_json).optional()
+        })
+        .await?;
+    Ok(found(v))
+}
+
+async fn delete_event(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, DbError> {
+    let n =
+        s.db.run(move |c| c.execute("DELETE FROM events WHERE id = ?1", [id]))
+            .await?;
+    Ok(if n == 0 {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::NO_CONTENT
+    })
+}
+
+fn workflow_json(r: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
+    Ok(
+        json!({"id": r.get::<_, i64>(0)?, "name": r.get::<_, String>(1)?, "server_id": r.get::<_, i64>(2)?,
+              "status": r.get::<_, String>(3)?, "steps": r.get::<_, i64>(4)?}),
+    )
+}
+
+async fn list_workflows(State(s): State<AppState>) -> Result<Json<Value>, DbError> {
+    let rows =
+        s.db.run(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, name, server_id, status, steps FROM workflows ORDER BY id",
+            )?;
+            let rows = st.query_map([], workflow_json)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await?;
+    Ok(Json(json!({"workflows": rows})))
+}
+
+async fn get_workflow(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, DbError> {
+    let v =
+        s.db.run(move |c| {
+            c.query_row(
+                "SELECT id, name, server_id, status, steps FROM workflows WHERE id = ?1",
+                [id],
+                workflow_json,
+            )
+            .optional()
+        })
+        .await?;
+    Ok(found(v))
+}
+
+#[derive(Deserialize)]
+struct WorkflowChange {
+    name: Option<String>,
+    status: Option<String>,
+    server_id: Option<i64>,
+    steps: Option<i64>,
+}
+
+async fn create_workflow(
+    State(s): State<AppState>,
+    Json(w): Json<WorkflowChange>,
+) -> Result<Response, DbError> {
+    let v =
+        s.db.run(move |c| {
+            c.execute(
+                "INSERT INTO workflows (name, server_id, status, steps) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    w.name.unwrap_or_else(|| "new workflow".into()),
+                    w.server_id.unwrap_or(1),
+                    w.status.unwrap_or_else(|| "pending".into()),
+                    w.steps.unwrap_or(1)
+                ],
+            )?;
+            let id = c.last_insert_rowid();
+            c.query_row(
+                "SELECT id, name, server_id, status, steps FROM workflows WHERE id = ?1",
+                [id],
+                workflow_json,
+            )
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn update_workflow(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+    Json(w): Json<WorkflowChange>,
+) -> Result<Response, DbError> {
+    let v = s
+        .db
+        .run(move |c| {
+            let n = c.execute(
+                "UPDATE workflows SET name = COALESCE(?2, name), status = COALESCE(?3, status), server_id = COALESCE(?4, server_id), steps = COALESCE(?5, steps) WHERE id = ?1",
+                params![id, w.name, w.status, w.server_id, w.steps],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            c.query_row("SELECT id, name, server_id, status, steps FROM workflows WHERE id = ?1", [id], workflow_json).optional()
+        })
+        .await?;
+    Ok(found(v))
+}
+
+fn server_json(r: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
+    let config: String = r.get(4)?;
+    Ok(
+        json!({"id": r.get::<_, i64>(0)?, "name": r.get::<_, String>(1)?, "region": r.get::<_, String>(2)?,
+              "status": r.get::<_, String>(3)?, "config": serde_json::from_str::<Value>(&config).unwrap_or(Value::Null)}),
+    )
+}
+
+async fn list_servers(State(s): State<AppState>) -> Result<Json<Value>, DbError> {
+    let rows =
+        s.db.run(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, name, region, status, config FROM servers ORDER BY id",
+            )?;
+            let rows = st.query_map([], server_json)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await?;
+    Ok(Json(json!({"servers": rows})))
+}
+
+async fn get_server(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, DbError> {
+    let v =
+        s.db.run(move |c| {
+            c.query_row(
+                "SELECT id, name, region, status, config FROM servers WHERE id = ?1",
+                [id],
+                server_json,
+            )
+            .optional()
+        })
+        .await?;
+    Ok(found(v))
+}
+
+#[derive(Deserialize)]
+struct ServerChange {
+    status: Option<String>,
+    config: Option<Value>,
+}
+
+async fn update_server(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+    Json(ch): Json<ServerChange>,
+) -> Result<Response, DbError> {
+    let v = s
+        .db
+        .run(move |c| {
+            let config = ch.config.map(|c| c.to_string());
+            let n = c.execute(
+                "UPDATE servers SET status = COALESCE(?2, status), config = COALESCE(?3, config) WHERE id = ?1",
+                params![id, ch.status, config],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            c.query_row("SELECT id, name, region, status, config FROM servers WHERE id = ?1", [id], server_json).optional()
+        })
+        .await?;
+    Ok(found(v))
+}
+
+async fn server_logs(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, DbError> {
+    let v = s
+        .db
+        .run(move |c| {
+            let exists: Option<i64> = c.query_row("SELECT id FROM servers WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            if exists.is_none() {
+                return Ok(None);
+            }
+            let mut st = c.prepare_cached("SELECT id, level, line FROM logs WHERE server_id = ?1 ORDER BY id DESC LIMIT 100")?;
+            let rows = st
+                .query_map([id], |r| Ok(json!({"id": r.get::<_, i64>(0)?, "level": r.get::<_, String>(1)?, "line": r.get::<_, String>(2)?})))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(json!({"server_id": id, "logs": rows})))
+        })
+        .await?;
+    Ok(found(v))
+}
+
+async fn get_user(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, DbError> {
+    let v = s
+        .db
+        .run(move |c| {
+            c.query_row("SELECT id, name, email, permissions FROM users WHERE id = ?1", [id], |r| {
+                let perms: String = r.get(3)?;
+                Ok(json!({"id": r.get::<_, i64>(0)?, "name": r.get::<_, String>(1)?, "email": r.get::<_, String>(2)?,
+                          "permissions": serde_json::from_str::<Value>(&perms).unwrap_or(Value::Null)}))
+            })
+            .optional()
+        })
+        .await?;
+    Ok(found(v))
+}
+
+#[derive(Deserialize)]
+struct Permissions {
+    permissions: Vec<String>,
+}
+
+async fn set_permissions(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+    Json(p): Json<Permissions>,
+) -> Result<Response, DbError> {
+    let perms = serde_json::to_string(&p.permissions).unwrap_or_else(|_| "[]".into());
+    let v =
+        s.db.run(move |c| {
+            let n = c.execute(
+                "UPDATE users SET permissions = ?2 WHERE id = ?1",
+                params![id, perms],
+            )?;
+            Ok(n)
+        })
+        .await?;
+    Ok(if v == 0 {
+        StatusCode::NOT_FOUND.into_response()
+    } else {
+        Json(json!({"id": id, "permissions": p.permissions})).into_response()
+    })
+}
+
+async fn list_webhooks(State(s): State<AppState>) -> Result<Json<Value>, DbError> {
+    let rows = s
+        .db
+        .run(|c| {
+            let mut st = c.prepare_cached("SELECT id, url, event, active FROM webhooks ORDER BY id")?;
+            let rows = st.query_map([], |r| {
+                Ok(json!({"id": r.get::<_, i64>(0)?, "url": r.get::<_, String>(1)?, "event": r.get::<_, String>(2)?, "active": r.get::<_, i64>(3)? == 1}))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await?;
+    Ok(Json(json!({"webhooks": rows})))
+}
+
+async fn cache_stats(State(s): State<AppState>) -> Json<Value> {
+    let queries = s.db.queries.load(Ordering::Relaxed);
+    let Some(stats) = &s.stats else {
+        return Json(json!({"cache": "off", "db_queries": queries}));
+    };
+    let st = stats.snapshot();
+    Json(json!({
+        "store": s.store_name, "hits": st.hits, "misses": st.misses, "stale_hits": st.stale_hits,
+        "collapsed": st.collapsed, "bypasses": st.bypasses, "fills": st.fills, "fills_fenced": st.fills_fenced,
+        "invalidations": st.invalidations, "invalidated_entries": st.invalidated_entries,
+        "store_errors": st.store_errors, "breaker_open": st.breaker_open, "hit_rate": st.hit_rate(),
+        "db_queries": queries,
+    }))
+}
+
+async fn health(State(s): State<AppState>) -> Json<Value> {
+    let breaker_open = s
+        .stats
+        .as_ref()
+        .is_some_and(|st| st.snapshot().breaker_open);
+    Json(json!({"status": "ok", "store": s.store_name, "breaker_open": breaker_open}))
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
+    };
+    line(
+        "demo_db_queries_total",
+        "counter",
+        "Database queries run.",
+        s.db.queries.load(Ordering::Relaxed),
+    );
+    if let Some(stats) = &s.stats {
+        let st = stats.snapshot();
+        line(
+            "cache_hits_total",
+            "counter",
+            "Requests answered from the cache.",
+            st.hits,
+        );
+        line(
+            "cache_misses_total",
+            "counter",
+            "Lookups that called the app.",
+            st.misses,
+        );
+        line(
+            "cache_stale_hits_total",
+            "counter",
+            "Stale entries served while refreshing.",
+            st.stale_hits,
+        );
+        line(
+            "cache_collapsed_total",
+            "counter",
+            "Requests that waited for another's fetch.",
+            st.collapsed,
+        );
+        line(
+            "cache_bypasses_total",
+            "counter",
+            "Requests that skipped the cache.",
+            st.bypasses,
+        );
+        line("cache_fills_total", "counter", "Entries written.", st.fills);
+        line(
+            "cache_fills_fenced_total",
+            "counter",
+            "Fills refused by the invalidation fence.",
+            st.fills_fenced,
+        );
+        line(
+            "cache_invalidations_total",
+            "counter",
+            "Tag clears.",
+            st.invalidations,
+        );
+        line(
+            "cache_store_errors_total",
+            "counter",
+            "Failed store operations.",
+            st.store_errors,
+        );
+        line(
+            "cache_breaker_open",
+            "gauge",
+            "1 while the store is being skipped.",
+            u64::from(st.breaker_open),
+        );
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
