@@ -310,3 +310,44 @@ async fn over_a_socket_with_valkey() {
         ("MISS", Some("closed"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_clears_exactly_the_lists_it_changes() {
+    let (app, _db) = demo(Some(MemoryStore::new(16 << 20)));
+    let event = json(&call(&app, Method::GET, "/events/1", Some(1), None).await);
+    let (server, status) = (
+        event["server_id"].as_i64().unwrap(),
+        event["status"].as_str().unwrap().to_owned(),
+    );
+    let other_server = server % 4 + 1;
+    let mine = format!("/events?server={server}");
+    let by_status = format!("/events?status={status}");
+    let other = format!("/events?server={other_server}");
+    for uri in [&mine, &by_status, &other, &"/events".to_owned()] {
+        until_hit(&app, uri, Some(1)).await;
+    }
+    let body = r#"{"status":"escalated"}"#;
+    assert_eq!(
+        call(&app, Method::PATCH, "/events/1", Some(1), Some(body))
+            .await
+            .status,
+        200
+    );
+    for uri in [&mine, &by_status, &"/events".to_owned()] {
+        assert_eq!(
+            call(&app, Method::GET, uri, Some(1), None).await.x_cache(),
+            "MISS",
+            "{uri}"
+        );
+    }
+    let stats = json(&call(&app, Method::GET, "/cache/stats", None, None).await);
+    let r = call(&app, Method::GET, &other, Some(1), None).await;
+    assert_eq!(
+        r.x_cache(),
+        "HIT",
+        "another server's list stays: {other} {} {stats} mine={mine} status={by_status}",
+        r.cache_status()
+    );
+    let escalated = json(&call(&app, Method::GET, "/events?status=escalated", Some(1), None).await);
+    assert_eq!(escalated["events"][0]["id"], 1);
+}

@@ -18,7 +18,9 @@ use axum::{Json, Router};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tower_cache_aside::{CacheHint, CacheLayer, CacheStats, RoutePolicy, RouteTable, Scope, Store};
+use tower_cache_aside::{
+    CacheHint, CacheLayer, CacheStats, InvalidateTags, RoutePolicy, RouteTable, Scope, Store,
+};
 
 /// How much data to seed.
 #[derive(Clone, Copy, Debug)]
@@ -216,31 +218,22 @@ pub fn cache_routes() -> RouteTable {
     // Everyone signs in, but most data is the same for everyone: `Public` scope.
     let public = |s| ttl(s).scope(Scope::Public);
     RouteTable::new()
+        // Aggregates: per user, 60 s, as the seed has it. Writes do not clear them (every
+        // event write would); a permission change does (`set_permissions` / `user:{id}`).
         .route(
             "/dashboard/stats",
             ttl(60).per_user(user_of).tags(["dashboard"]),
         )
-        .route(
-            "/events",
-            public(300).tags(["events"]).clears(["events", "dashboard"]),
-        )
-        .route(
-            "/events/{id}",
-            public(300)
-                .tags(["event:{id}"])
-                .clears(["events", "event:{id}", "dashboard"]),
-        )
-        .route(
-            "/workflows",
-            public(300)
-                .tags(["workflows"])
-                .clears(["workflows", "dashboard"]),
-        )
+        // Lists carry a tag for their filter, set by the handler (`list_events`); a write
+        // clears the lists it can change, named by its handler (`update_event`...).
+        .route("/events", public(300))
+        .route("/events/{id}", public(300).tags(["event:{id}"]))
+        .route("/workflows", public(300).tags(["workflows"]))
         .route(
             "/workflows/{id}",
             public(300)
                 .tags(["workflow:{id}"])
-                .clears(["workflows", "workflow:{id}", "dashboard"]),
+                .clears(["workflows", "workflow:{id}"]),
         )
         .route("/servers", public(900).tags(["servers"]))
         .route(
@@ -369,11 +362,29 @@ struct EventFilter {
     page: Option<i64>,
 }
 
+/// The tag of an event list: its most specific filter.
+fn list_tag(status: Option<&str>, server: Option<i64>) -> String {
+    match (server, status) {
+        (Some(s), _) => format!("events:server:{s}"),
+        (None, Some(st)) => format!("events:status:{st}"),
+        (None, None) => "events:all".to_owned(),
+    }
+}
+
+/// The lists an event's change can alter: its server's, its old and new status', and the
+/// unfiltered one.
+fn lists_touched(server: i64, statuses: &[&str]) -> Vec<String> {
+    let mut tags = vec![list_tag(None, Some(server)), list_tag(None, None)];
+    tags.extend(statuses.iter().map(|st| list_tag(Some(st), None)));
+    tags
+}
+
 async fn list_events(
     State(s): State<AppState>,
     Query(f): Query<EventFilter>,
-) -> Result<Json<Value>, DbError> {
+) -> Result<Response, DbError> {
     let page = f.page.unwrap_or(1).max(1);
+    let tag = list_tag(f.status.as_deref(), f.server);
     let rows = s
         .db
         .run(move |c| {
@@ -385,7 +396,9 @@ async fn list_events(
             rows.collect::<rusqlite::Result<Vec<_>>>()
         })
         .await?;
-    Ok(Json(json!({"page": page, "events": rows})))
+    let mut res = Json(json!({"page": page, "events": rows})).into_response();
+    res.extensions_mut().insert(CacheHint::default().tag(tag));
+    Ok(res)
 }
 
 async fn get_event(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, DbError> {
@@ -426,7 +439,13 @@ async fn create_event(
         })
         .await?;
     let location = format!("/events/{}", v["id"]);
-    Ok((StatusCode::CREATED, [("location", location)], Json(v)).into_response())
+    let touched = lists_touched(
+        v["server_id"].as_i64().unwrap_or(0),
+        &[v["status"].as_str().unwrap_or("")],
+    );
+    let mut res = (StatusCode::CREATED, [("location", location)], Json(v)).into_response();
+    res.extensions_mut().insert(InvalidateTags::new(touched));
+    Ok(res)
 }
 
 #[derive(Deserialize)]
@@ -443,6 +462,9 @@ async fn update_event(
     let v = s
         .db
         .run(move |c| {
+            let old: Option<String> = c
+                .query_row("SELECT status FROM events WHERE id = ?1", [id], |r| r.get(0))
+                .optional()?;
             let n = c.execute(
                 "UPDATE events SET status = COALESCE(?2, status), message = COALESCE(?3, message), version = version + 1 WHERE id = ?1",
                 params![id, ch.status, ch.message],
@@ -450,24 +472,41 @@ async fn update_event(
             if n == 0 {
                 return Ok(None);
             }
-            c.query_row(&format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"), [id], event_json).optional()
+            let new = c.query_row(&format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"), [id], event_json)?;
+            Ok(Some((new, old.unwrap_or_default())))
         })
         .await?;
-    Ok(found(v))
+    let Some((new, old)) = v else {
+        return Ok(StatusCode::NOT_FOUND.into_response());
+    };
+    let status = new["status"].as_str().unwrap_or("").to_owned();
+    let touched = lists_touched(new["server_id"].as_i64().unwrap_or(0), &[&old, &status]);
+    let mut res = Json(new).into_response();
+    res.extensions_mut().insert(InvalidateTags::new(touched));
+    Ok(res)
 }
 
-async fn delete_event(
-    State(s): State<AppState>,
-    Path(id): Path<i64>,
-) -> Result<StatusCode, DbError> {
-    let n =
-        s.db.run(move |c| c.execute("DELETE FROM events WHERE id = ?1", [id]))
-            .await?;
-    Ok(if n == 0 {
-        StatusCode::NOT_FOUND
-    } else {
-        StatusCode::NO_CONTENT
-    })
+async fn delete_event(State(s): State<AppState>, Path(id): Path<i64>) -> Result<Response, DbError> {
+    let gone =
+        s.db.run(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT server_id, status FROM events WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?;
+            c.execute("DELETE FROM events WHERE id = ?1", [id])?;
+            Ok(row)
+        })
+        .await?;
+    let Some((server, status)) = gone else {
+        return Ok(StatusCode::NOT_FOUND.into_response());
+    };
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    res.extensions_mut()
+        .insert(InvalidateTags::new(lists_touched(server, &[&status])));
+    Ok(res)
 }
 
 fn workflow_json(r: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
