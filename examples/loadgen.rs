@@ -110,7 +110,7 @@ async fn drive(base: String, secs: u64) -> Outcome {
             (client.clone(), base.clone(), acked.clone(), outcome.clone());
         let (events, small, users) = (events.clone(), small.clone(), users.clone());
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (c as u64 + 1) * 0x1000_0001);
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) * 0x1000_0001));
             let mut local = Outcome::default();
             while Instant::now() < deadline {
                 let user = users.sample(&mut rng);
@@ -306,8 +306,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     println!(
-        "loadgen: {secs} s per run, {CLIENTS} clients, 90/10 read/write, Zipf ids; {} on {} cores",
-        "2026-11-24",
+        "loadgen: {secs} s per run, {CLIENTS} clients, 90/10 read/write, Zipf ids, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut runs = vec![
