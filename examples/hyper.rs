@@ -26,10 +26,14 @@ use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable, Store,
 async fn handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let zone = req.uri().path().trim_start_matches("/time/").to_owned();
     if req.method() == Method::POST {
-        return Ok(Response::new(Full::new(Bytes::from(format!("reset {zone}\n")))));
+        return Ok(Response::new(Full::new(Bytes::from(format!(
+            "reset {zone}\n"
+        )))));
     }
     tokio::time::sleep(Duration::from_millis(50)).await; // the expensive part
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let body = format!("{zone}: {}.{:03}\n", now.as_secs(), now.subsec_millis());
     let mut res = Response::new(Full::new(Bytes::from(body)));
     if !req.uri().path().starts_with("/time/") {
@@ -40,7 +44,10 @@ async fn handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infall
 
 async fn serve<St: Store>(store: St, addr: std::net::SocketAddr) -> std::io::Result<()> {
     let routes = RouteTable::new()
-        .route("/time/{zone}", RoutePolicy::ttl(Duration::from_secs(10)).tags(["time:{zone}"]))
+        .route(
+            "/time/{zone}",
+            RoutePolicy::ttl(Duration::from_secs(10)).tags(["time:{zone}"]),
+        )
         .fallback(RoutePolicy::never());
     let cache = CacheLayer::new(store).routes(routes);
     let service = ServiceBuilder::new()
@@ -53,7 +60,8 @@ async fn serve<St: Store>(store: St, addr: std::net::SocketAddr) -> std::io::Res
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(service.clone());
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 eprintln!("connection error: {e}");
             }
@@ -63,7 +71,9 @@ async fn serve<St: Store>(store: St, addr: std::net::SocketAddr) -> std::io::Res
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3001".into()).parse()?;
+    let addr = std::env::var("ADDR")
+        .unwrap_or_else(|_| "127.0.0.1:3001".into())
+        .parse()?;
     if std::env::var("VALKEY_URL").is_ok_and(|u| !u.is_empty()) {
         let store = ValkeyStore::from_env()?;
         println!("store: Valkey at {}", store.url());
