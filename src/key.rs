@@ -117,6 +117,7 @@ pub(crate) fn derive_key(
     vary: &[HeaderName],
     query_filter: &QueryFilter,
     scope: ScopeKey<'_>,
+    body: Option<&[u8; 32]>,
 ) -> EntryKey {
     let mut h = Sha256::new();
     // Each field is length-prefixed, so no two different inputs hash the same bytes.
@@ -124,7 +125,14 @@ pub(crate) fn derive_key(
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(bytes);
     };
-    field(b"GET");
+    // GET and HEAD share entries; a body-keyed POST is another kind of request.
+    match body {
+        None => field(b"GET"),
+        Some(digest) => {
+            field(b"POST");
+            field(digest);
+        }
+    }
     field(&host(parts));
     field(parts.uri.path().as_bytes());
     // The query as a sorted list of its `&`-separated pairs, ignored ones left out.
@@ -194,7 +202,14 @@ mod tests {
         }
         let (parts, ()) = b.body(()).unwrap().into_parts();
         let vary: Vec<HeaderName> = vary.iter().map(|v| v.parse().unwrap()).collect();
-        derive_key(&Arc::from("r"), &parts, &vary, filter, ScopeKey::Shared)
+        derive_key(
+            &Arc::from("r"),
+            &parts,
+            &vary,
+            filter,
+            ScopeKey::Shared,
+            None,
+        )
     }
 
     #[test]
@@ -240,7 +255,7 @@ mod tests {
             parts
                 .headers
                 .insert(HOST, http::HeaderValue::from_bytes(h).unwrap());
-            derive_key(&Arc::from("r"), &parts, &[], &f, ScopeKey::Shared)
+            derive_key(&Arc::from("r"), &parts, &[], &f, ScopeKey::Shared, None)
         };
         assert_ne!(odd(b"\xffa"), odd(b"\xffb"));
         assert_ne!(odd(b"\xffa"), key("/a", &[], &[], &f));

@@ -2,6 +2,7 @@
 #![deny(missing_docs, unsafe_code, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod body_digest;
 mod cache;
 mod entry;
 mod error;
@@ -13,6 +14,7 @@ mod stats;
 mod store;
 mod tags;
 
+pub use body_digest::{BodyDigest, BodyDigestLayer, BufferedBody, RequestBodyDigest};
 pub use cache::{Cache, CacheBody, CacheLayer, ResponseFuture, DEFAULT_MAX_BODY_BYTES};
 pub use error::{ConfigError, StoreError};
 pub use handle::CacheHandle;

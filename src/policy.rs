@@ -120,6 +120,8 @@ pub struct RoutePolicy {
     pub(crate) clears: Option<Vec<String>>,
     pub(crate) clears_on: Vec<(Method, Vec<String>)>,
     pub(crate) clear_uri: bool,
+    pub(crate) body_key: Option<usize>,
+    pub(crate) grpc: bool,
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) error: Option<ConfigError>,
@@ -137,6 +139,8 @@ impl RoutePolicy {
             clears: None,
             clears_on: Vec::new(),
             clear_uri: true,
+            body_key: None,
+            grpc: false,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             error: None,
@@ -268,6 +272,26 @@ impl RoutePolicy {
     #[must_use]
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.stale_if_error = window;
+        self
+    }
+
+    /// Treats `POST` on this route as an idempotent read: cached, keyed by a SHA-256 of the
+    /// request body as well, and never a mutation. Needs [`CacheLayer::body_digest_layer`](crate::CacheLayer::body_digest_layer)
+    /// outside the cache layer, which reads bodies of at most `max_bytes` (larger ones pass
+    /// through uncached).
+    #[must_use]
+    pub fn keyed_by_body(mut self, max_bytes: usize) -> Self {
+        self.body_key = Some(max_bytes);
+        self
+    }
+
+    /// A unary gRPC method whose result may be cached: keyed by its request message (at most
+    /// 64 KiB), and stored only when it succeeded (`grpc-status: 0`, usually a trailer, which
+    /// is stored and replayed).
+    #[must_use]
+    pub fn grpc(mut self) -> Self {
+        self.body_key = Some(64 * 1024);
+        self.grpc = true;
         self
     }
 
@@ -420,6 +444,10 @@ pub(crate) fn decide(
     }
     if headers.contains_key(SET_COOKIE) {
         return Decision::Skip("set-cookie");
+    }
+    // A trailers-only gRPC response carries its status in the headers.
+    if policy.grpc && headers.get("grpc-status").is_some_and(|s| s != "0") {
+        return Decision::Skip("grpc-status");
     }
     if hint.is_some_and(|h| h.no_store) {
         return Decision::Skip("handler-no-store");

@@ -215,6 +215,13 @@ impl<St: Store> CacheLayer<St> {
         }
     }
 
+    /// The layer that reads and hashes request bodies for body-keyed routes
+    /// ([`RoutePolicy::keyed_by_body`](crate::RoutePolicy::keyed_by_body), [`grpc`](crate::RoutePolicy::grpc)).
+    /// Put it outside this layer: in tonic, `Server::builder().layer(cache.body_digest_layer()).layer(cache)`.
+    pub fn body_digest_layer(&self) -> crate::BodyDigestLayer {
+        crate::BodyDigestLayer::new(self.shared.routes.clone())
+    }
+
     /// The store.
     pub fn store(&self) -> &St {
         &self.shared.store

@@ -79,11 +79,22 @@ pub(crate) enum Found {
 
 impl<St: Store> Shared<St> {
     pub(crate) fn plan(&self, parts: &Parts) -> Plan {
-        if parts.method != Method::GET && parts.method != Method::HEAD {
-            return Plan::Skip;
-        }
         let matched = self.routes.find(parts.uri.path());
         let route = matched.route;
+        // A POST is looked up only on a body-keyed route, once its body was read and hashed.
+        let body = match parts.method {
+            Method::GET | Method::HEAD => None,
+            Method::POST if route.policy.body_key.is_some() => {
+                match parts
+                    .extensions
+                    .get::<crate::body_digest::RequestBodyDigest>()
+                {
+                    Some(d) => Some(d.0),
+                    None => return Plan::Skip,
+                }
+            }
+            _ => return Plan::Skip,
+        };
         if route.policy.freshness == Freshness::Never {
             return Plan::Skip;
         }
@@ -113,6 +124,7 @@ impl<St: Store> Shared<St> {
             &route.policy.vary,
             &self.query_filter,
             scope,
+            body.as_ref(),
         );
         Plan::Lookup {
             key,
@@ -350,10 +362,20 @@ impl<St: Store> Shared<St> {
             format_args!("fwd=miss; stored"),
         );
         let shared = self.clone();
+        let grpc = route.policy.grpc;
         let tee = Tee::new(
             self.max_body_bytes,
             self.stats.clone(),
             Box::new(move |body, trailers| {
+                // gRPC: only a call that succeeded is stored; its status is a trailer.
+                let grpc_failed = grpc && !grpc_ok(&entry.headers, trailers.as_ref());
+                if grpc_failed {
+                    bump(&shared.stats.inner.uncacheable);
+                    if let Some(f) = flight {
+                        drop(f.land(Landed::Uncacheable, shared.hit_for_miss));
+                    }
+                    return;
+                }
                 let entry = Entry {
                     body,
                     trailers,
@@ -420,6 +442,15 @@ impl<St: Store> Shared<St> {
         };
         runtime.spawn(fill.instrument(span));
     }
+}
+
+/// Whether a gRPC response says it succeeded: `grpc-status: 0` in the trailers, or in the
+/// headers of a trailers-only response.
+fn grpc_ok(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> bool {
+    let status = trailers
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| headers.get("grpc-status"));
+    status.is_some_and(|s| s == "0")
 }
 
 /// The headers worth storing: no hop-by-hop headers (RFC 9110 §7.6.1), no `Age` (recomputed

@@ -78,6 +78,10 @@ where
         }
         let matched = self.shared.routes.find(req.uri().path());
         let route = matched.route.clone();
+        if req.method() == Method::POST && route.policy.body_key.is_some() {
+            // A body-keyed POST is a read (a gRPC query, say), not a write.
+            return Box::pin(self.inner.call(req));
+        }
         let mut tags = route.clear_tags(req.method(), &matched.params);
         let host = request_host(req.headers(), req.uri()).to_vec();
         if route.policy.clear_uri {

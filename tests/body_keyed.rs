@@ -1,0 +1,207 @@
+//! Body-keyed POST routes (gRPC unary calls): keyed by the request body, stored only when
+//! `grpc-status` is 0, trailers stored and replayed; against MemoryStore, Valkey and Redis.
+
+#[macro_use]
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use support::*;
+use tower::{Service, ServiceExt};
+use tower_cache_aside::{BufferedBody, CacheLayer, RoutePolicy, RouteTable, Store};
+
+type RespBody =
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+fn table() -> RouteTable {
+    RouteTable::new()
+        .route(
+            "/demo.Events/GetEvent",
+            RoutePolicy::ttl(Duration::from_secs(60)).grpc(),
+        )
+        .route(
+            "/demo.Events/Search",
+            RoutePolicy::ttl(Duration::from_secs(60)).keyed_by_body(16),
+        )
+        .route(
+            "/demo.Events/UpdateEvent",
+            RoutePolicy::never().clears(["events"]),
+        )
+}
+
+/// A gRPC-shaped handler: echoes the request; `missing` fails with grpc-status 5 in the
+/// trailers, `denied` with a trailers-only response (status in the headers).
+type Handler = tower::util::BoxCloneSyncService<
+    Request<BufferedBody<Full<Bytes>>>,
+    Response<RespBody>,
+    Infallible,
+>;
+
+fn service(calls: Arc<AtomicUsize>) -> Handler {
+    Handler::new(tower::service_fn(
+        move |req: Request<BufferedBody<Full<Bytes>>>| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let path = req.uri().path().to_owned();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let text = String::from_utf8_lossy(&body).into_owned();
+                let mut trailers = HeaderMap::new();
+                let mut frames = Vec::new();
+                let mut res = Response::builder().header("content-type", "application/grpc");
+                match text.as_str() {
+                    "denied" => res = res.header("grpc-status", "7"),
+                    "missing" => {
+                        trailers.insert("grpc-status", "5".parse().unwrap());
+                        frames.push(Ok(Frame::trailers(trailers)));
+                    }
+                    _ => {
+                        frames.push(Ok(Frame::data(Bytes::from(format!("{path} -> {text}")))));
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        frames.push(Ok(Frame::trailers(trailers)));
+                    }
+                }
+                Ok::<_, Infallible>(
+                    res.body(StreamBody::new(futures_util::stream::iter(frames)))
+                        .unwrap(),
+                )
+            }
+        },
+    ))
+}
+
+struct Call {
+    x_cache: String,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+    headers: HeaderMap,
+}
+
+async fn rpc<S, B>(svc: &S, path: &str, body: &str) -> Call
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible> + Clone,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let req = Request::post(path)
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    Call {
+        x_cache: parts
+            .headers
+            .get("x-cache")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default(),
+        body: collected.to_bytes(),
+        trailers,
+        headers: parts.headers,
+    }
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn unary_calls_are_keyed_by_their_message<St: Store>(store: St) {
+        let cache = CacheLayer::new(store).routes(table());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = tower::ServiceBuilder::new()
+            .layer(cache.body_digest_layer())
+            .layer(cache.clone())
+            .layer(cache.invalidate_layer())
+            .service(service(calls.clone()));
+        let first = rpc(&svc, "/demo.Events/GetEvent", "id=1").await;
+        assert_eq!(first.x_cache, "MISS");
+        let mut hit = None;
+        for _ in 0..200 {
+            let c = rpc(&svc, "/demo.Events/GetEvent", "id=1").await;
+            if c.x_cache == "HIT" {
+                hit = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let hit = hit.expect("the call was cached");
+        assert_eq!(hit.body, first.body);
+        assert_eq!(
+            hit.trailers
+                .as_ref()
+                .and_then(|t| t.get("grpc-status"))
+                .unwrap(),
+            "0",
+            "trailer replayed"
+        );
+        let before = calls.load(Ordering::SeqCst);
+        // Another message is another entry.
+        assert_eq!(
+            rpc(&svc, "/demo.Events/GetEvent", "id=2").await.x_cache,
+            "MISS"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), before + 1);
+        // A body-keyed POST is a read, not a write: it cleared nothing.
+        assert_eq!(
+            rpc(&svc, "/demo.Events/GetEvent", "id=1").await.x_cache,
+            "HIT"
+        );
+    }
+
+    pub async fn failed_calls_are_never_stored<St: Store>(store: St) {
+        let cache = CacheLayer::new(store).routes(table());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = tower::ServiceBuilder::new()
+            .layer(cache.body_digest_layer())
+            .layer(cache.clone())
+            .service(service(calls.clone()));
+        for message in ["missing", "denied"] {
+            for _ in 0..3 {
+                let c = rpc(&svc, "/demo.Events/GetEvent", message).await;
+                assert_eq!(c.x_cache, "MISS", "{message}");
+                let status = c
+                    .trailers
+                    .as_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .or(c.headers.get("grpc-status"));
+                assert!(
+                    status.is_some_and(|s| s != "0"),
+                    "{message}: the error reaches the client"
+                );
+                settle().await;
+            }
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+    }
+
+    pub async fn bodies_over_the_limit_pass_through_intact<St: Store>(store: St) {
+        let cache = CacheLayer::new(store).routes(table());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = tower::ServiceBuilder::new()
+            .layer(cache.body_digest_layer())
+            .layer(cache.clone())
+            .service(service(calls.clone()));
+        let long = "x".repeat(40); // the Search route reads at most 16 bytes
+        for _ in 0..2 {
+            let c = rpc(&svc, "/demo.Events/Search", &long).await;
+            assert_eq!(c.body, format!("/demo.Events/Search -> {long}").as_bytes());
+            assert_eq!(c.x_cache, "");
+            settle().await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+}
+
+store_suite!(
+    unary_calls_are_keyed_by_their_message,
+    failed_calls_are_never_stored,
+    bodies_over_the_limit_pass_through_intact,
+);
