@@ -79,9 +79,10 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<B> {
-        Stored { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // Boxed: a response is moved several times on its way out, so the body is kept small.
+        Stored { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
         Passthrough { #[pin] inner: B },
-        Filling { #[pin] inner: B, tee: Option<Tee> },
+        Filling { #[pin] inner: B, tee: Option<Box<Tee>> },
     }
 }
 
@@ -95,7 +96,7 @@ impl<B: Body> CacheBody<B> {
         CacheBody {
             kind: Kind::Stored {
                 data: Some(data),
-                trailers,
+                trailers: trailers.map(Box::new),
             },
         }
     }
@@ -115,7 +116,7 @@ impl<B: Body> CacheBody<B> {
         CacheBody {
             kind: Kind::Filling {
                 inner,
-                tee: Some(tee),
+                tee: Some(Box::new(tee)),
             },
         }
     }
@@ -141,7 +142,7 @@ where
                 if let Some(d) = data.take().filter(|d| !d.is_empty()) {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             KindProj::Passthrough { inner } => inner
                 .poll_frame(cx)
