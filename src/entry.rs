@@ -168,8 +168,9 @@ impl Entry {
         let mut tags = Vec::with_capacity(if with_tags { n_tags.min(64) } else { 0 });
         for _ in 0..n_tags {
             let len = r.u16()? as usize;
-            let t = std::str::from_utf8(r.take(len)?).map_err(|_| DecodeError("bad tag"))?;
+            let raw = r.take(len)?;
             if with_tags {
+                let t = std::str::from_utf8(raw).map_err(|_| DecodeError("bad tag"))?;
                 tags.push(t.to_owned());
             }
         }

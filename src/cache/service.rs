@@ -232,7 +232,12 @@ impl<St: Store> Shared<St> {
         if !headers.contains_key(CONTENT_LENGTH) {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
         }
-        headers.insert(http::header::AGE, HeaderValue::from(age));
+        // Most hits are under a second old: skip formatting (and allocating) the common case.
+        let age = match age {
+            0 => HeaderValue::from_static("0"),
+            n => HeaderValue::from(n),
+        };
+        headers.insert(http::header::AGE, age);
         match served {
             Served::Fresh => {
                 self.mark(&mut headers, Outcome::Hit, format_args!("hit; ttl={ttl}"));
