@@ -110,17 +110,32 @@ where
     }
 }
 
+/// The handler behind the body digest, cache and invalidation layers, and its call count.
+fn stack<St: Store>(
+    store: St,
+) -> (
+    impl Service<
+            Request<Full<Bytes>>,
+            Response = Response<impl http_body::Body<Error = impl std::fmt::Debug>>,
+            Error = Infallible,
+        > + Clone,
+    Arc<AtomicUsize>,
+) {
+    let cache = CacheLayer::new(store).routes(table());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = tower::ServiceBuilder::new()
+        .layer(cache.body_digest_layer())
+        .layer(cache.clone())
+        .layer(cache.invalidate_layer())
+        .service(service(calls.clone()));
+    (svc, calls)
+}
+
 mod cases {
     use super::*;
 
     pub async fn unary_calls_are_keyed_by_their_message<St: Store>(store: St) {
-        let cache = CacheLayer::new(store).routes(table());
-        let calls = Arc::new(AtomicUsize::new(0));
-        let svc = tower::ServiceBuilder::new()
-            .layer(cache.body_digest_layer())
-            .layer(cache.clone())
-            .layer(cache.invalidate_layer())
-            .service(service(calls.clone()));
+        let (svc, calls) = stack(store);
         let first = rpc(&svc, "/demo.Events/GetEvent", "id=1").await;
         assert_eq!(first.x_cache, "MISS");
         let mut hit = None;
@@ -157,12 +172,7 @@ mod cases {
     }
 
     pub async fn failed_calls_are_never_stored<St: Store>(store: St) {
-        let cache = CacheLayer::new(store).routes(table());
-        let calls = Arc::new(AtomicUsize::new(0));
-        let svc = tower::ServiceBuilder::new()
-            .layer(cache.body_digest_layer())
-            .layer(cache.clone())
-            .service(service(calls.clone()));
+        let (svc, calls) = stack(store);
         for message in ["missing", "denied"] {
             for _ in 0..3 {
                 let c = rpc(&svc, "/demo.Events/GetEvent", message).await;
@@ -183,12 +193,7 @@ mod cases {
     }
 
     pub async fn bodies_over_the_limit_pass_through_intact<St: Store>(store: St) {
-        let cache = CacheLayer::new(store).routes(table());
-        let calls = Arc::new(AtomicUsize::new(0));
-        let svc = tower::ServiceBuilder::new()
-            .layer(cache.body_digest_layer())
-            .layer(cache.clone())
-            .service(service(calls.clone()));
+        let (svc, calls) = stack(store);
         let long = "x".repeat(40); // the Search route reads at most 16 bytes
         for _ in 0..2 {
             let c = rpc(&svc, "/demo.Events/Search", &long).await;
