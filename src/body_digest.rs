@@ -6,7 +6,6 @@
 //! limit, or that fail, are passed on as they come, with no digest (and so uncached).
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,6 +20,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::policy::RouteTable;
+use crate::service_future::PassthroughOrBoxed;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -71,7 +71,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = PassthroughOrBoxed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -88,11 +88,13 @@ where
             .and_then(|v| v.parse::<u64>().ok());
         let limit = limit.filter(|l| declared.is_none_or(|d| d <= *l as u64));
         let Some(limit) = limit else {
-            return Box::pin(self.inner.call(req.map(BufferedBody::passthrough)));
+            return PassthroughOrBoxed::passthrough(
+                self.inner.call(req.map(BufferedBody::passthrough)),
+            );
         };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        PassthroughOrBoxed::boxed(async move {
             let (mut parts, body) = req.into_parts();
             let body = read_body(body, limit).await;
             if let Some(digest) = body.digest {

@@ -10,6 +10,7 @@ mod handle;
 mod invalidate;
 mod key;
 mod policy;
+mod service_future;
 mod stats;
 mod store;
 mod tags;
@@ -24,6 +25,7 @@ pub use policy::{
     is_valid_tag, CacheHint, InvalidateTags, RoutePolicy, RouteTable, Scope, DEFAULT_STATUSES,
     MAX_TAG_LEN,
 };
+pub use service_future::PassthroughOrBoxed;
 pub use stats::{CacheStats, StatsSnapshot};
 #[cfg(feature = "memory")]
 pub use store::memory::MemoryStore;

@@ -1,5 +1,3 @@
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -10,6 +8,7 @@ use tracing::Instrument;
 
 use crate::cache::Shared;
 use crate::policy::InvalidateTags;
+use crate::service_future::PassthroughOrBoxed;
 use crate::store::Store;
 use crate::tags::{invalidation_header_tags, push_tags, request_host, uri_tag};
 
@@ -53,8 +52,6 @@ fn same_origin_path(headers: &HeaderMap, name: &http::HeaderName, host: &[u8]) -
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Invalidate<S, St>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -66,7 +63,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<ResBody>, S::Error>>;
+    type Future = PassthroughOrBoxed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -74,13 +71,13 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         if !is_mutation(req.method()) {
-            return Box::pin(self.inner.call(req));
+            return PassthroughOrBoxed::passthrough(self.inner.call(req));
         }
         let matched = self.shared.routes.find(req.uri().path());
         let route = matched.route.clone();
         if req.method() == Method::POST && route.policy.body_key.is_some() {
             // A body-keyed POST is a read (a gRPC query, say), not a write.
-            return Box::pin(self.inner.call(req));
+            return PassthroughOrBoxed::passthrough(self.inner.call(req));
         }
         let mut tags = route.clear_tags(req.method(), &matched.params);
         let host = request_host(req.headers(), req.uri()).to_vec();
@@ -90,7 +87,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
-        Box::pin(async move {
+        PassthroughOrBoxed::boxed(async move {
             let result = inner.call(req).await;
             let status = result.as_ref().map(|r| r.status());
             if let Ok(s) = status {
