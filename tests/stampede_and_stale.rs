@@ -258,3 +258,46 @@ store_suite!(
     stale_while_revalidate_serves_at_once_and_refreshes_once,
     stale_if_error_answers_an_origin_failure,
 );
+
+/// Two instances on one Valkey / Redis, 100 concurrent cold requests each: with the lease one
+/// origin call in all, without it one per instance.
+async fn the_lease_protects_the_origin_across_instances(kind: Kind) {
+    let server = Server::start(kind);
+    for (lease, expected) in [(true, 1), (false, 2)] {
+        let origin = Origin::default();
+        let instance = || {
+            let mut cache = CacheLayer::new(valkey_store(&server)).routes(table());
+            if lease {
+                cache = cache.stampede_lease(Duration::from_secs(5));
+            }
+            app(cache, origin.clone())
+        };
+        let (a, b) = (instance(), instance());
+        // A fresh key per round: purge between rounds would also do.
+        let path = if lease {
+            "/slow?round=1"
+        } else {
+            "/slow?round=2"
+        };
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let app = if i % 2 == 0 { a.clone() } else { b.clone() };
+                tokio::spawn(async move { get(&app, path).await })
+            })
+            .collect();
+        for t in tasks {
+            let r = t.await.unwrap();
+            assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "v0"));
+        }
+        let calls = origin.calls.load(Ordering::SeqCst);
+        eprintln!(
+            "[{kind:?}] lease={lease}: {calls} origin call(s) for 200 requests on 2 instances"
+        );
+        assert_eq!(calls, expected, "lease={lease}");
+    }
+}
+
+mod across_instances {
+    use super::*;
+    server_suite!(the_lease_protects_the_origin_across_instances);
+}

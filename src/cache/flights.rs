@@ -63,6 +63,7 @@ impl Flights {
             flights: self.clone(),
             key: key.clone(),
             landed: false,
+            on_done: None,
         })
     }
 
@@ -107,7 +108,11 @@ pub(crate) struct FlightGuard {
     flights: Arc<Flights>,
     key: EntryKey,
     landed: bool,
+    /// Runs once the flight is over (its entry stored, or given up): releases a lease.
+    on_done: Option<OnDone>,
 }
+
+type OnDone = Box<dyn FnOnce() + Send + Sync>;
 
 /// Keeps a landed flight visible until its entry is in the store, so that requests arriving
 /// meanwhile take the landed entry (or, for a stale entry, do not start a second refresh)
@@ -115,11 +120,15 @@ pub(crate) struct FlightGuard {
 pub(crate) struct Landing {
     flights: Arc<Flights>,
     key: EntryKey,
+    on_done: Option<OnDone>,
 }
 
 impl Drop for Landing {
     fn drop(&mut self) {
         lock(&self.flights.in_flight).remove(&self.key);
+        if let Some(done) = self.on_done.take() {
+            done();
+        }
     }
 }
 
@@ -135,7 +144,13 @@ impl FlightGuard {
         Landing {
             flights: self.flights.clone(),
             key: self.key.clone(),
+            on_done: self.on_done.take(),
         }
+    }
+
+    /// Runs `done` when the flight is over.
+    pub(crate) fn on_done(&mut self, done: impl FnOnce() + Send + Sync + 'static) {
+        self.on_done = Some(Box::new(done));
     }
 
     fn send(&mut self, landed: Landed) {
@@ -151,6 +166,9 @@ impl Drop for FlightGuard {
         if !self.landed {
             self.send(Landed::Failed);
             lock(&self.flights.in_flight).remove(&self.key);
+            if let Some(done) = self.on_done.take() {
+                done();
+            }
         }
     }
 }

@@ -58,6 +58,7 @@ pub(crate) struct Shared<St> {
     pub(crate) flights: Arc<super::flights::Flights>,
     pub(crate) stampede_wait: Duration,
     pub(crate) hit_for_miss: Duration,
+    pub(crate) lease: Option<Duration>,
 }
 
 impl<St: std::fmt::Debug> std::fmt::Debug for CacheLayer<St> {
@@ -90,6 +91,7 @@ impl<St: Store> CacheLayer<St> {
                 flights: Arc::default(),
                 stampede_wait: Duration::from_secs(10),
                 hit_for_miss: Duration::from_secs(30),
+                lease: None,
             }),
         }
     }
@@ -191,6 +193,14 @@ impl<St: Store> CacheLayer<St> {
     /// hit-for-miss; default 30 s). It never stops a later cacheable response from being stored.
     pub fn hit_for_miss(self, window: Duration) -> Self {
         self.edit(|s| s.hit_for_miss = window)
+    }
+
+    /// Stampede protection across instances: before calling the origin on a miss, take a
+    /// lease on the key in the store (`SET NX PX` with a token on Valkey) for at most `ttl`.
+    /// An instance that finds the lease taken polls the store for the holder's result, up to
+    /// `ttl`, then asks the origin itself. Off by default: it costs a round trip per miss.
+    pub fn stampede_lease(self, ttl: Duration) -> Self {
+        self.edit(|s| s.lease = Some(ttl).filter(|t| !t.is_zero()))
     }
 
     /// The layer's counters (shared with every service it made).

@@ -600,7 +600,33 @@ impl<St: Store> Shared<St> {
         let mut flight = None;
         if fence.is_some() && !head && !shared.stampede_wait.is_zero() {
             match shared.flights.join(&key) {
-                Join::Leader(guard) => flight = Some(guard),
+                Join::Leader(mut guard) => {
+                    if let (Some(ttl), Some(f)) = (shared.lease, fence) {
+                        match shared.store.try_lease(&key, ttl).await {
+                            Ok(Some(token)) => {
+                                let (store, key) = (shared.store.clone(), key.clone());
+                                guard.on_done(move || {
+                                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                                        rt.spawn(
+                                            async move { store.release_lease(&key, token).await },
+                                        );
+                                    }
+                                });
+                            }
+                            Ok(None) => {
+                                // Another instance is fetching it: wait for its result.
+                                if let Some(entry) = shared.await_remote_fill(&key, f, ttl).await {
+                                    drop(guard.land(Landed::Entry(entry.encode()), Duration::ZERO));
+                                    bump(&counters.collapsed);
+                                    let served = Served::Collapsed;
+                                    return Ok(shared.hit_response(entry, head, now_ms(), served));
+                                }
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    flight = Some(guard);
+                }
                 Join::Waiter(rx) => match wait_for(rx, shared.stampede_wait).await {
                     Landed::Entry(bytes) => {
                         // The leader's data is ours only if no clear happened between
@@ -650,6 +676,28 @@ impl<St: Store> Shared<St> {
 }
 
 impl<St: Store> Shared<St> {
+    /// Polls the store for an entry another instance (holding the lease) is fetching, at
+    /// most `wait`; takes it only if no clear happened since our own lookup.
+    async fn await_remote_fill(
+        &self,
+        key: &EntryKey,
+        fence: Fence,
+        wait: Duration,
+    ) -> Option<Entry> {
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(5);
+        while Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+            match self.lookup(key, now_ms()).await {
+                Found::Hit(entry) if entry.fence >= fence.seq => return Some(entry),
+                Found::Unavailable => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+
     /// Refreshes a stale entry in the background with the request that found it stale.
     #[allow(clippy::too_many_arguments)]
     async fn refresh<S, ReqBody, ResBody>(

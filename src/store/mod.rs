@@ -237,6 +237,28 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Makes every stored entry dead at once; returns the purge's sequence.
     fn purge(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Asks for the right to fetch `key` from the origin for `ttl`, across every instance
+    /// sharing the store: `Some(token)` when granted, `None` while another instance holds it.
+    /// Stores that no other instance shares grant it always (the default).
+    fn try_lease(
+        &self,
+        key: &EntryKey,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send {
+        let _ = (key, ttl);
+        async { Ok(Some(0)) }
+    }
+
+    /// Gives a lease back early (it expires by itself otherwise).
+    fn release_lease(
+        &self,
+        key: &EntryKey,
+        token: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, token);
+        async { Ok(()) }
+    }
 }
 
 #[cfg(test)]

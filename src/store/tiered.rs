@@ -234,6 +234,14 @@ impl Store for TieredStore {
         done
     }
 
+    async fn try_lease(&self, key: &EntryKey, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        self.inner.far.try_lease(key, ttl).await
+    }
+
+    async fn release_lease(&self, key: &EntryKey, token: u64) -> Result<(), StoreError> {
+        self.inner.far.release_lease(key, token).await
+    }
+
     async fn purge(&self) -> Result<u64, StoreError> {
         let seq = self.inner.far.purge().await;
         match &seq {

@@ -39,6 +39,7 @@ pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_millis(100);
 /// | `{ns}:1:purged` | integer | the sequence of the last purge |
 /// | `{ns}:1:t:{tag}` | sorted set | entry keys carrying the tag, scored by expiry |
 /// | `{ns}:1:c:{tag}` | integer | the sequence of the tag's last clear (lives 10 min) |
+/// | `{ns}:1:l:{route}:{sha256 hex}` | string | a fetch lease (stampede protection across instances) |
 /// | `{ns}:1:inv` | channel | published clears |
 ///
 /// A tag appears verbatim when it is at most 64 bytes of `[A-Za-z0-9_.:-]`, else as `#`
@@ -290,6 +291,13 @@ impl ValkeyStore {
         rx
     }
 
+    /// `{ns}:1:l:{route}:{hex}`: who fetches this key from the origin right now.
+    fn lease_key(&self, key: &EntryKey) -> String {
+        let mut s = format!("{}:{SCHEMA}:l:", self.inner.namespace);
+        key.write_to(&mut s);
+        s
+    }
+
     fn entry_key(&self, key: &EntryKey) -> String {
         let mut s = String::with_capacity(self.inner.entry_prefix.len() + key.route().len() + 65);
         s.push_str(&self.inner.entry_prefix);
@@ -427,6 +435,22 @@ async fn run_subscription(inner: Arc<ValkeyInner>, tx: broadcast::Sender<Notice>
     }
 }
 
+/// A token no other lease holder will have: the process's random hasher keys over a counter.
+fn lease_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static KEYS: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+        std::sync::LazyLock::new(std::collections::hash_map::RandomState::new);
+    let mut h = KEYS.build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 fn classify(e: RedisError) -> StoreError {
     if e.is_timeout() {
         return StoreError::Timeout;
@@ -453,6 +477,8 @@ static FILL: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("fill.lua")));
 static INVALIDATE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("invalidate.lua")));
+static RELEASE_LEASE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("release_lease.lua")));
 static PURGE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("purge.lua")));
 
@@ -529,6 +555,34 @@ impl Store for ValkeyStore {
             .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
         Ok(Invalidation { seq, removed })
+    }
+
+    async fn try_lease(&self, key: &EntryKey, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        let lease_key = self.lease_key(key);
+        let token = lease_token();
+        let ttl_ms = ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+        let set: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&lease_key)
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(set.map(|_| token))
+    }
+
+    async fn release_lease(&self, key: &EntryKey, token: u64) -> Result<(), StoreError> {
+        let mut invocation = RELEASE_LEASE.prepare_invoke();
+        invocation.key(self.lease_key(key)).arg(token);
+        let _: i64 = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
