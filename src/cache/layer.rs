@@ -241,7 +241,7 @@ impl<St: Store> CacheLayer<St> {
     /// it would not be looked up (another method, an uncached route, a bypass).
     pub fn entry_key(&self, parts: &Parts) -> Option<EntryKey> {
         match self.shared.plan(parts) {
-            super::service::Plan::Lookup { key, .. } => Some(key),
+            super::lookup::Plan::Lookup { key, .. } => Some(key),
             _ => None,
         }
     }

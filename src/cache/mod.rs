@@ -7,14 +7,17 @@
 //! HEAD is answered from the GET entry on a hit and never stored. Other methods pass through.
 
 mod body;
+mod fill;
 mod flights;
 mod future;
 mod layer;
+mod lookup;
+mod respond;
 mod service;
 
 pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub(crate) use layer::Shared;
 pub use layer::{CacheLayer, DEFAULT_MAX_BODY_BYTES};
+pub(crate) use lookup::{Fence, Found};
 pub use service::Cache;
-pub(crate) use service::{Fence, Found};

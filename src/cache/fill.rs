@@ -1,0 +1,68 @@
+//! Writing an entry to the store in the background, fenced.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use super::flights::Landing;
+use super::layer::Shared;
+use super::lookup::Fence;
+use crate::key::EntryKey;
+use crate::stats::bump;
+use crate::store::{Fill, FillOutcome, Store};
+
+impl<St: Store> Shared<St> {
+    /// Writes an encoded entry in the background: the client never waits for the store on a
+    /// miss.
+    pub(crate) fn spawn_fill(
+        self: Arc<Self>,
+        key: EntryKey,
+        encoded: bytes::Bytes,
+        ttl: Duration,
+        tags: Vec<String>,
+        fence: Fence,
+        landing: Option<Landing>,
+    ) {
+        if fence.expired() {
+            bump(&self.stats.inner.fills_fenced);
+            tracing::debug!(%key, "miss took longer than the fence window; not stored");
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!("no Tokio runtime to fill the cache from; entry dropped");
+            return;
+        };
+        let span = tracing::debug_span!("cache.fill", route = key.route());
+        let fill = async move {
+            // Dropped when this task ends: the flight stays visible until the store has it.
+            let _landing = landing;
+            let counters = &self.stats.inner;
+            if !counters.breaker.allow() {
+                bump(&counters.breaker_skips);
+                return;
+            }
+            let fence = if self.unfenced { u64::MAX } else { fence.seq };
+            match self
+                .store
+                .fill(Fill::new(key, encoded, ttl, tags, fence))
+                .await
+            {
+                Ok(FillOutcome::Stored) => {
+                    counters.breaker.success();
+                    bump(&counters.fills);
+                }
+                Ok(FillOutcome::Fenced) => {
+                    counters.breaker.success();
+                    bump(&counters.fills_fenced);
+                }
+                Err(e) => {
+                    bump(&counters.store_errors);
+                    counters.breaker.failure();
+                    tracing::debug!(error = %e, "cache fill failed");
+                }
+            }
+        };
+        runtime.spawn(fill.instrument(span));
+    }
+}
