@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::cache::Shared;
 use crate::error::StoreError;
+use crate::stats::count;
 use crate::stats::CacheStats;
 use crate::store::{Invalidation, Store};
 use crate::tags::push_tags;
@@ -122,11 +123,11 @@ mod values {
             let fence: Option<Fence> = match self.shared.lookup(&entry_key, now).await {
                 Found::Hit(entry) => match serde_json::from_slice(&entry.body) {
                     Ok(value) => {
-                        crate::stats::bump(&self.shared.stats.inner.hits);
+                        count!(self.shared.stats.inner, hits);
                         return Ok(value);
                     }
                     Err(e) => {
-                        crate::stats::bump(&self.shared.stats.inner.decode_errors);
+                        count!(self.shared.stats.inner, decode_errors);
                         tracing::warn!(error = %e, "cached value does not deserialize; recomputing");
                         None
                     }
@@ -134,7 +135,7 @@ mod values {
                 Found::Miss { fence } | Found::Stale { fence, .. } => Some(fence),
                 Found::Unavailable => None,
             };
-            crate::stats::bump(&self.shared.stats.inner.misses);
+            count!(self.shared.stats.inner, misses);
             let value = compute().await?;
             let Some(fence) = fence else { return Ok(value) };
             match serde_json::to_vec(&value) {
@@ -160,7 +161,7 @@ mod values {
                         .clone()
                         .spawn_fill(entry_key, encoded, ttl, entry.tags, fence, None);
                 }
-                Ok(_) => crate::stats::bump(&self.shared.stats.inner.oversize),
+                Ok(_) => count!(self.shared.stats.inner, oversize),
                 Err(e) => tracing::warn!(error = %e, "value does not serialize; not cached"),
             }
             Ok(value)

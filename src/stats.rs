@@ -157,9 +157,18 @@ impl CacheStats {
     }
 }
 
-pub(crate) fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Relaxed);
+/// Counts one event: `count!(counters, hits)` bumps the counter and, with the `metrics`
+/// feature, the `tower_cache_aside_hits_total` counter of the `metrics` facade.
+macro_rules! count {
+    ($counters:expr, $field:ident) => {{
+        $counters
+            .$field
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(concat!("tower_cache_aside_", stringify!($field), "_total")).increment(1);
+    }};
 }
+pub(crate) use count;
 
 /// Skips the store after `threshold` consecutive failures, for `cooldown`; then lets one
 /// probe through, whose success closes it again.
@@ -216,6 +225,8 @@ impl Breaker {
         if self.open_until_ms.load(Relaxed) != 0 {
             self.open_until_ms.store(0, Relaxed);
             self.probing.store(false, Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::gauge!("tower_cache_aside_breaker_open").set(0.0);
             tracing::info!("cache store reachable again; circuit breaker closed");
         }
     }
@@ -226,6 +237,8 @@ impl Breaker {
         if was_probe || (n >= self.threshold && self.open_until_ms.load(Relaxed) == 0) {
             self.open_until_ms
                 .store(self.now_ms() + self.cooldown.as_millis() as u64, Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::gauge!("tower_cache_aside_breaker_open").set(1.0);
             if !was_probe {
                 self.trips.fetch_add(1, Relaxed);
                 tracing::warn!(

@@ -9,7 +9,8 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::stats::{bump, CacheStats};
+use crate::stats::count;
+use crate::stats::CacheStats;
 
 type OnComplete = Box<dyn FnOnce(Bytes, Option<HeaderMap>) + Send + Sync>;
 
@@ -40,7 +41,7 @@ impl Tee {
         if let Some(data) = frame.data_ref() {
             self.size += data.len();
             if self.size > self.limit {
-                bump(&self.stats.inner.oversize);
+                count!(self.stats.inner, oversize);
                 return false;
             }
             if !data.is_empty() {

@@ -9,7 +9,7 @@ use super::flights::Landing;
 use super::layer::Shared;
 use super::lookup::Fence;
 use crate::key::EntryKey;
-use crate::stats::bump;
+use crate::stats::count;
 use crate::store::{Fill, FillOutcome, Store};
 
 impl<St: Store> Shared<St> {
@@ -25,7 +25,7 @@ impl<St: Store> Shared<St> {
         landing: Option<Landing>,
     ) {
         if fence.expired() {
-            bump(&self.stats.inner.fills_fenced);
+            count!(self.stats.inner, fills_fenced);
             tracing::debug!(%key, "miss took longer than the fence window; not stored");
             return;
         }
@@ -39,7 +39,7 @@ impl<St: Store> Shared<St> {
             let _landing = landing;
             let counters = &self.stats.inner;
             if !counters.breaker.allow() {
-                bump(&counters.breaker_skips);
+                count!(counters, breaker_skips);
                 return;
             }
             let fence = if self.unfenced { u64::MAX } else { fence.seq };
@@ -50,14 +50,14 @@ impl<St: Store> Shared<St> {
             {
                 Ok(FillOutcome::Stored) => {
                     counters.breaker.success();
-                    bump(&counters.fills);
+                    count!(counters, fills);
                 }
                 Ok(FillOutcome::Fenced) => {
                     counters.breaker.success();
-                    bump(&counters.fills_fenced);
+                    count!(counters, fills_fenced);
                 }
                 Err(e) => {
-                    bump(&counters.store_errors);
+                    count!(counters, store_errors);
                     counters.breaker.failure();
                     tracing::debug!(error = %e, "cache fill failed");
                 }

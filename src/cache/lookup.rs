@@ -12,7 +12,7 @@ use super::layer::Shared;
 use crate::entry::{now_ms, Entry, Staleness};
 use crate::key::{derive_key, EntryKey, ScopeKey};
 use crate::policy::{Freshness, Route, Scope};
-use crate::stats::bump;
+use crate::stats::count;
 use crate::store::Store;
 use crate::store::FENCE_WINDOW;
 use crate::tags::{request_host, uri_tag};
@@ -128,17 +128,17 @@ impl<St: Store> Shared<St> {
         let counters = &self.stats.inner;
         if self.deferred.pending() {
             // A clear has not reached the store yet: what it holds may predate a mutation.
-            bump(&counters.pending_clear_skips);
+            count!(counters, pending_clear_skips);
             return Found::Unavailable;
         }
         if !counters.breaker.allow() {
-            bump(&counters.breaker_skips);
+            count!(counters, breaker_skips);
             return Found::Unavailable;
         }
         let lookup = match self.store.lookup(key).await {
             Ok(l) => l,
             Err(e) => {
-                bump(&counters.store_errors);
+                count!(counters, store_errors);
                 counters.breaker.failure();
                 tracing::debug!(error = %e, %key, "cache lookup failed; passing through");
                 return Found::Unavailable;
@@ -165,7 +165,7 @@ impl<St: Store> Shared<St> {
                 Staleness::Dead => Found::Miss { fence: fence() },
             },
             Err(e) => {
-                bump(&counters.decode_errors);
+                count!(counters, decode_errors);
                 tracing::warn!(%key, reason = e.0, "unreadable cache entry; treating as a miss");
                 Found::Miss { fence: fence() }
             }

@@ -16,7 +16,7 @@ use super::lookup::Fence;
 use crate::entry::{now_ms, Entry};
 use crate::key::EntryKey;
 use crate::policy::{decide, CacheHint, Decision, Route};
-use crate::stats::bump;
+use crate::stats::count;
 use crate::store::Store;
 use crate::tags::{push_tags, take_entry_tags};
 
@@ -120,7 +120,7 @@ impl<St: Store> Shared<St> {
         flight: Option<FlightGuard>,
     ) -> Response<CacheBody<B>> {
         let counters = &self.stats.inner;
-        bump(&counters.misses);
+        count!(counters, misses);
         let (mut parts, body) = res.into_parts();
         let Some(fence) = fence else {
             self.mark(
@@ -151,7 +151,7 @@ impl<St: Store> Shared<St> {
                 ),
                 Decision::Skip(why) => {
                     uncacheable(flight);
-                    bump(&counters.uncacheable);
+                    count!(counters, uncacheable);
                     self.mark(
                         &mut parts.headers,
                         Outcome::Miss,
@@ -168,7 +168,7 @@ impl<St: Store> Shared<St> {
         let known_len = declared_len.unwrap_or(0).max(body.size_hint().lower());
         if known_len > self.max_body_bytes as u64 {
             uncacheable(flight);
-            bump(&counters.oversize);
+            count!(counters, oversize);
             self.mark(
                 &mut parts.headers,
                 Outcome::Miss,
@@ -207,7 +207,7 @@ impl<St: Store> Shared<St> {
                 // gRPC: only a call that succeeded is stored; its status is a trailer.
                 let grpc_failed = grpc && !grpc_ok(&entry.headers, trailers.as_ref());
                 if grpc_failed {
-                    bump(&shared.stats.inner.uncacheable);
+                    count!(shared.stats.inner, uncacheable);
                     if let Some(f) = flight {
                         drop(f.land(Landed::Uncacheable, shared.hit_for_miss));
                     }

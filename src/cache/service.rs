@@ -16,7 +16,7 @@ use super::respond::Served;
 use crate::entry::{now_ms, Entry, Staleness};
 use crate::key::EntryKey;
 use crate::policy::Route;
-use crate::stats::bump;
+use crate::stats::count;
 use crate::store::Store;
 
 /// The service made by [`CacheLayer`](crate::CacheLayer).
@@ -60,7 +60,7 @@ where
                 )
             }
             Plan::Bypass(why) => {
-                bump(&self.shared.stats.inner.bypasses);
+                count!(self.shared.stats.inner, bypasses);
                 let fut = self.inner.call(Request::from_parts(parts, body));
                 let shared = self.shared.clone();
                 return ResponseFuture::annotated(fut, move |headers| {
@@ -86,12 +86,12 @@ where
             let span = tracing::debug_span!("cache.lookup", route = key.route());
             let (fence, stale) = match shared.lookup(&key, now).instrument(span).await {
                 Found::Hit(entry) => {
-                    bump(&counters.hits);
+                    count!(counters, hits);
                     return Ok(shared.hit_response(entry, head, now, Served::Fresh));
                 }
                 Found::Stale { entry, fence } if entry.staleness(now) == Staleness::Revalidate => {
                     // Serve it now; this request, in the background, refreshes it (once).
-                    bump(&counters.stale_hits);
+                    count!(counters, stale_hits);
                     if !head {
                         if let Some(flight) = shared.flights.lead(&key) {
                             let refresh = shared
@@ -160,7 +160,7 @@ impl<St: Store> Shared<St> {
                                 // Another instance is fetching it: wait for its result.
                                 if let Some(entry) = shared.await_remote_fill(&key, f, ttl).await {
                                     drop(guard.land(Landed::Entry(entry.encode()), Duration::ZERO));
-                                    bump(&counters.collapsed);
+                                    count!(counters, collapsed);
                                     let served = Served::Collapsed;
                                     return Ok(shared.hit_response(entry, head, now_ms(), served));
                                 }
@@ -178,7 +178,7 @@ impl<St: Store> Shared<St> {
                         let entry = Entry::decode(bytes).ok();
                         let ours = entry.filter(|e| fence.is_some_and(|f| e.fence >= f.seq));
                         if let Some(entry) = ours {
-                            bump(&counters.collapsed);
+                            count!(counters, collapsed);
                             let served = Served::Collapsed;
                             return Ok(shared.hit_response(entry, head, now_ms(), served));
                         }
@@ -197,7 +197,7 @@ impl<St: Store> Shared<St> {
                 Err(_) => true,
             };
             if failed {
-                bump(&counters.stale_on_error);
+                count!(counters, stale_on_error);
                 let served = Served::Stale("stale-if-error");
                 return Ok(shared.hit_response(entry, head, now_ms(), served));
             }
@@ -205,7 +205,7 @@ impl<St: Store> Shared<St> {
         let res = result?;
         if head {
             // A HEAD response has no body to store, and storing it would poison GET.
-            bump(&counters.misses);
+            count!(counters, misses);
             let (mut parts, body) = res.into_parts();
             shared.mark(
                 &mut parts.headers,
@@ -238,7 +238,7 @@ impl<St: Store> Shared<St> {
         if let Found::Hit(_) = self.lookup(&key, now_ms()).await {
             return;
         }
-        bump(&self.stats.inner.refreshes);
+        count!(self.stats.inner, refreshes);
         let tags = self.entry_tags(req.headers(), req.uri());
         let Ok(res) = inner.call(req).await else {
             return; // the guard tells any waiter it failed

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::cache::Shared;
-use crate::stats::bump;
+use crate::stats::count;
 use crate::store::{Invalidation, Store};
 use crate::StoreError;
 
@@ -57,14 +57,17 @@ impl<St: Store> Shared<St> {
         match result {
             Ok(done) => {
                 counters.breaker.success();
-                bump(&counters.invalidations);
+                count!(counters, invalidations);
                 counters
                     .invalidated_entries
                     .fetch_add(done.removed, Ordering::Relaxed);
+                #[cfg(feature = "metrics")]
+                metrics::counter!("tower_cache_aside_invalidated_entries_total")
+                    .increment(done.removed);
                 Ok(done)
             }
             Err(e) => {
-                bump(&counters.store_errors);
+                count!(counters, store_errors);
                 counters.breaker.failure();
                 tracing::warn!(error = %e, ?tags, "cache clear failed; deferring it and bypassing the store until it lands");
                 self.defer(tags, false);
@@ -78,11 +81,11 @@ impl<St: Store> Shared<St> {
         match self.store.purge().await {
             Ok(seq) => {
                 self.stats.inner.breaker.success();
-                bump(&self.stats.inner.invalidations);
+                count!(self.stats.inner, invalidations);
                 Ok(seq)
             }
             Err(e) => {
-                bump(&self.stats.inner.store_errors);
+                count!(self.stats.inner, store_errors);
                 self.stats.inner.breaker.failure();
                 self.defer(Vec::new(), true);
                 Err(e)
@@ -91,7 +94,7 @@ impl<St: Store> Shared<St> {
     }
 
     fn defer(self: &Arc<Self>, tags: Vec<String>, purge: bool) {
-        bump(&self.stats.inner.clears_deferred);
+        count!(self.stats.inner, clears_deferred);
         let mut state = self.deferred.state();
         state.tags.extend(tags);
         state.purge |= purge || state.tags.len() > MAX_DEFERRED_TAGS;
@@ -135,7 +138,7 @@ impl<St: Store> Shared<St> {
             };
             if result.is_ok() {
                 self.stats.inner.breaker.success();
-                bump(&self.stats.inner.invalidations);
+                count!(self.stats.inner, invalidations);
             } else {
                 let mut state = self.deferred.state();
                 state.purge |= purge;
