@@ -94,6 +94,9 @@ async fn routes_answer_with_the_promised_shapes() {
             "{uri}"
         );
     }
+    // Every response says what the cache did, writes and uncached routes included.
+    let health = call(&app, Method::GET, "/health", None, None).await;
+    assert_eq!(health.x_cache(), "BYPASS");
     let patched = call(
         &app,
         Method::PATCH,
@@ -102,6 +105,7 @@ async fn routes_answer_with_the_promised_shapes() {
         Some(r#"{"status":"resolved"}"#),
     )
     .await;
+    assert_eq!(patched.x_cache(), "BYPASS");
     assert_eq!(json(&patched)["status"], "resolved");
     assert_eq!(
         call(&app, Method::DELETE, "/events/4", Some(1), None)

@@ -300,7 +300,11 @@ pub fn app<St: Store>(
         .route("/health", get(health))
         .route("/metrics", get(metrics));
     let routes = match cache {
-        Some(cache) => routes.layer(cache.invalidate_layer()).layer(cache),
+        // Every response says what the cache did, uncached routes and writes included.
+        Some(cache) => {
+            let cache = cache.mark_every_response(true);
+            routes.layer(cache.invalidate_layer()).layer(cache)
+        }
         None => routes,
     };
     routes.layer(middleware::from_fn(auth)).with_state(state)

@@ -50,6 +50,7 @@ pub(crate) struct Shared<St> {
     pub(crate) max_body_bytes: usize,
     pub(crate) status_name: Arc<str>,
     pub(crate) x_cache: bool,
+    pub(crate) mark_everything: bool,
     pub(crate) credential_headers: Vec<HeaderName>,
     pub(crate) stats: CacheStats,
     pub(crate) deferred: Arc<crate::invalidate::Deferred>,
@@ -84,6 +85,7 @@ impl<St: Store> CacheLayer<St> {
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 status_name: Arc::from("tower-cache-aside"),
                 x_cache: true,
+                mark_everything: false,
                 credential_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],
                 stats: CacheStats::new(Breaker::new(5, Duration::from_secs(1))),
                 deferred: Arc::default(),
@@ -166,6 +168,13 @@ impl<St: Store> CacheLayer<St> {
     /// Whether responses carry `X-Cache: HIT|MISS|BYPASS` besides `Cache-Status` (default on).
     pub fn x_cache_header(self, on: bool) -> Self {
         self.edit(|s| s.x_cache = on)
+    }
+
+    /// Whether responses the cache never looks up (other methods, uncached routes) also say
+    /// so (`X-Cache: BYPASS`, `Cache-Status: …; fwd=bypass; detail=not-cached`); default off,
+    /// so they pass through untouched.
+    pub fn mark_every_response(self, on: bool) -> Self {
+        self.edit(|s| s.mark_everything = on)
     }
 
     /// Circuit breaker: after `failures` consecutive store errors, skip the store for

@@ -54,6 +54,17 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let (parts, body) = req.into_parts();
         let (key, route) = match self.shared.plan(&parts) {
+            Plan::Skip if self.shared.mark_everything => {
+                let fut = self.inner.call(Request::from_parts(parts, body));
+                let shared = self.shared.clone();
+                return ResponseFuture::annotated(fut, move |headers| {
+                    shared.mark(
+                        headers,
+                        Outcome::Bypass,
+                        format_args!("fwd=bypass; detail=not-cached"),
+                    )
+                });
+            }
             Plan::Skip => {
                 return ResponseFuture::passthrough(
                     self.inner.call(Request::from_parts(parts, body)),
