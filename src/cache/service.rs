@@ -54,24 +54,21 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let (parts, body) = req.into_parts();
         let (key, route) = match self.shared.plan(&parts) {
-            Plan::Skip if self.shared.mark_everything => {
-                let fut = self.inner.call(Request::from_parts(parts, body));
-                let shared = self.shared.clone();
-                return ResponseFuture::annotated(fut, move |headers| {
-                    shared.mark(
-                        headers,
-                        Outcome::Bypass,
-                        format_args!("fwd=bypass; detail=not-cached"),
-                    )
-                });
-            }
-            Plan::Skip => {
+            Plan::Lookup { key, route } => (key, route),
+            Plan::Skip if !self.shared.mark_everything => {
                 return ResponseFuture::passthrough(
                     self.inner.call(Request::from_parts(parts, body)),
                 )
             }
-            Plan::Bypass(why) => {
-                count!(self.shared.stats.inner, bypasses);
+            // Passed through, with status headers saying why.
+            skipped => {
+                let why = match skipped {
+                    Plan::Bypass(why) => {
+                        count!(self.shared.stats.inner, bypasses);
+                        why
+                    }
+                    _ => "not-cached",
+                };
                 let fut = self.inner.call(Request::from_parts(parts, body));
                 let shared = self.shared.clone();
                 return ResponseFuture::annotated(fut, move |headers| {
@@ -82,7 +79,6 @@ where
                     )
                 });
             }
-            Plan::Lookup { key, route } => (key, route),
         };
         // The clone was not polled ready; keep it and hand the ready one to the future.
         let clone = self.inner.clone();
