@@ -31,6 +31,21 @@ struct Row {
     rps: f64,
     p50: String,
     p99: String,
+    /// CPU time per request of this process (the servers) and of Valkey, in µs.
+    cpu_us: Option<(f64, f64)>,
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/{pid}/stat`.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+    ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
 async fn serve(router: Router) -> SocketAddr {
@@ -84,7 +99,8 @@ fn cached<St: Store>(app: Router, store: St) -> Router {
 }
 
 /// Runs wrk against `url`; `unique` makes every request's path distinct (always a miss).
-fn wrk(name: &'static str, url: &str, secs: u64, unique: bool) -> Row {
+/// `valkey_pid` names the store's process, whose CPU per request is reported with ours.
+fn wrk(name: &'static str, url: &str, secs: u64, unique: bool, valkey_pid: Option<&str>) -> Row {
     let script = std::env::temp_dir().join("tca-unique.lua");
     std::fs::write(
         &script,
@@ -102,7 +118,33 @@ fn wrk(name: &'static str, url: &str, secs: u64, unique: bool) -> Row {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(1); // warm up connections, caches and the JIT of the CPU's branch predictors
+    let io = || {
+        let t = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+        let g = |k: &str| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (g("syscr:"), g("syscw:"))
+    };
+    let io0 = io();
+    let (ours0, valkey0) = (cpu_secs("self"), valkey_pid.map_or(0.0, cpu_secs));
     let text = run(secs);
+    let io1 = io();
+    eprintln!("{name}: syscr {} syscw {}", io1.0 - io0.0, io1.1 - io0.1);
+    let (ours1, valkey1) = (cpu_secs("self"), valkey_pid.map_or(0.0, cpu_secs));
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let cpu_us = valkey_pid.filter(|_| requests > 0.0).map(|_| {
+        (
+            (ours1 - ours0) * 1e6 / requests,
+            (valkey1 - valkey0) * 1e6 / requests,
+        )
+    });
     let rps = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -125,6 +167,7 @@ fn wrk(name: &'static str, url: &str, secs: u64, unique: bool) -> Row {
         rps,
         p50: pct("50%"),
         p99: pct("99%"),
+        cpu_us,
     }
 }
 
@@ -193,6 +236,7 @@ fn main() {
         .build()
         .unwrap();
     let url = valkey.url();
+    let valkey_pid = valkey.pid();
 
     let (addrs, _guard) = rt.block_on(async {
         let client = redis::Client::open(url.as_str()).unwrap();
@@ -315,13 +359,14 @@ fn main() {
         .enumerate()
         .map(|(i, (name, url, unique))| {
             if wanted(i) {
-                wrk(name, &url, secs, unique)
+                wrk(name, &url, secs, unique, Some(&valkey_pid))
             } else {
                 Row {
                     name,
                     rps: f64::NAN,
                     p50: "-".into(),
                     p99: "-".into(),
+                    cpu_us: None,
                 }
             }
         })
@@ -332,6 +377,7 @@ fn main() {
             &format!("http://{addr}/static"),
             secs,
             false,
+            None,
         ));
     }
     if let Some((mut child, _, dir)) = v {
@@ -340,9 +386,17 @@ fn main() {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    println!("\n| case | req/s | p50 | p99 |\n|---|---:|---:|---:|");
+    println!(
+        "\n| case | req/s | p50 | p99 | CPU µs/req: server, Valkey |\n|---|---:|---:|---:|---:|"
+    );
     for r in &rows {
-        println!("| {} | {:.0} | {} | {} |", r.name, r.rps, r.p50, r.p99);
+        let cpu = r
+            .cpu_us
+            .map_or_else(|| "-".to_owned(), |(s, v)| format!("{s:.1}, {v:.1}"));
+        println!(
+            "| {} | {:.0} | {} | {} | {cpu} |",
+            r.name, r.rps, r.p50, r.p99
+        );
     }
     let rps = |i: usize| rows.get(i).map_or(f64::NAN, |r| r.rps);
     let varnish_rps = rows.get(8).map_or(f64::NAN, |r| r.rps);

@@ -5,7 +5,6 @@ use std::time::Duration;
 use http::{Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
-use tracing::Instrument;
 
 use super::body::CacheBody;
 use super::flights::{wait_for, FlightGuard, Join, Landed};
@@ -85,13 +84,14 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let head = parts.method == Method::HEAD;
-        ResponseFuture::boxed(Box::pin(async move {
+        let fut = async move {
             let req = Request::from_parts(parts, body);
             let counters = &shared.stats.inner;
             // The hit path, top to bottom: one store round trip, no inner call.
             let now = now_ms();
-            let span = tracing::debug_span!("cache.lookup", route = key.route());
-            let (fence, stale) = match shared.lookup(&key, now).instrument(span).await {
+            // No span here: the lookup logs what goes wrong with the key, and a span would
+            // grow every hit's future past the allocator's small-size caches.
+            let (fence, stale) = match shared.lookup(&key, now).await {
                 Found::Hit(entry) => {
                     count!(counters, hits);
                     return Ok(shared.hit_response(entry, head, now, Served::Fresh));
@@ -122,7 +122,8 @@ where
                     .fetch(inner, req, key, route, head, fence, stale),
             )
             .await
-        }))
+        };
+        ResponseFuture::boxed(Box::pin(fut))
     }
 }
 

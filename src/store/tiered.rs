@@ -190,7 +190,8 @@ impl Store for TieredStore {
                 }
             }
         }
-        let found = self.inner.far.lookup(key).await?;
+        // Boxed: the far lookup's future is large, and a near hit should not carry it.
+        let found = Box::pin(self.inner.far.lookup(key)).await?;
         self.saw(found.fence);
         if let Some(value) = &found.value {
             // Copy it near, with the tags and lifetime the entry itself carries.

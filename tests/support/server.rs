@@ -217,7 +217,7 @@ impl Server {
         text.lines().nth(want_lines - 1).unwrap_or("").to_owned()
     }
 
-    fn pid(&self) -> String {
+    pub fn pid(&self) -> String {
         self.child.as_ref().expect("running").id().to_string()
     }
 

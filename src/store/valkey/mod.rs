@@ -357,8 +357,11 @@ impl ValkeyStore {
         let result = match self.cached_connection() {
             Some(conn) => command(conn).await.map_err(classify),
             None => {
+                // Rare (only after a failure), and its future is large: boxed, so that every
+                // operation's future stays small.
                 let attempt = async { command(self.connect().await?).await.map_err(classify) };
-                match tokio::time::timeout(self.inner.operation_timeout, attempt).await {
+                let bounded = Box::pin(tokio::time::timeout(self.inner.operation_timeout, attempt));
+                match bounded.await {
                     Ok(r) => r,
                     Err(_) => Err(StoreError::Timeout),
                 }
@@ -467,6 +470,27 @@ fn classify(e: RedisError) -> StoreError {
     }
 }
 
+/// One value of an `MGET` reply: a string or nil.
+fn bulk(value: Option<redis::Value>) -> Result<Option<Vec<u8>>, StoreError> {
+    match value {
+        Some(redis::Value::BulkString(b)) => Ok(Some(b)),
+        Some(redis::Value::Nil) => Ok(None),
+        Some(other) => Err(unexpected_reply(other)),
+        None => Ok(None),
+    }
+}
+
+fn unexpected_reply(value: redis::Value) -> StoreError {
+    match value {
+        redis::Value::ServerError(e) => StoreError::Server(Box::new(RedisError::from(e))),
+        other => StoreError::Server(Box::new(RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unexpected reply to MGET",
+            format!("{other:?}"),
+        )))),
+    }
+}
+
 /// Reads a sequence number leniently: anything unreadable counts as 0.
 fn parse_seq(raw: Option<Vec<u8>>) -> u64 {
     raw.and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
@@ -486,18 +510,29 @@ impl Store for ValkeyStore {
     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
         let entry_key = self.entry_key(key);
         let inner = &self.inner;
-        let (value, seq, purged) = self
+        // The reply is read here rather than through `query_async`, which copies every array
+        // reply once more to look for errors in it.
+        let reply = self
             .run(|mut c| async move {
-                redis::cmd("MGET")
-                    .arg(&entry_key)
+                use redis::aio::ConnectionLike;
+                let mut mget = redis::cmd("MGET");
+                mget.arg(&entry_key)
                     .arg(&inner.seq_key)
-                    .arg(&inner.purged_key)
-                    .query_async::<(Option<Bytes>, Option<Vec<u8>>, Option<Vec<u8>>)>(&mut c)
-                    .await
+                    .arg(&inner.purged_key);
+                c.req_packed_command(&mget).await
             })
             .await?;
+        let redis::Value::Array(mut items) = reply else {
+            return Err(unexpected_reply(reply));
+        };
+        if items.len() != 3 {
+            return Err(unexpected_reply(redis::Value::Array(items)));
+        }
+        let purged = bulk(items.pop())?;
+        let seq = bulk(items.pop())?;
+        let value = bulk(items.pop())?;
         Ok(Lookup {
-            value,
+            value: value.map(Bytes::from),
             fence: parse_seq(seq),
             purged: parse_seq(purged),
         })
