@@ -118,21 +118,8 @@ fn wrk(name: &'static str, url: &str, secs: u64, unique: bool, valkey_pid: Optio
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(1); // warm up connections, caches and the JIT of the CPU's branch predictors
-    let io = || {
-        let t = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
-        let g = |k: &str| {
-            t.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (g("syscr:"), g("syscw:"))
-    };
-    let io0 = io();
     let (ours0, valkey0) = (cpu_secs("self"), valkey_pid.map_or(0.0, cpu_secs));
     let text = run(secs);
-    let io1 = io();
-    eprintln!("{name}: syscr {} syscw {}", io1.0 - io0.0, io1.1 - io0.1);
     let (ours1, valkey1) = (cpu_secs("self"), valkey_pid.map_or(0.0, cpu_secs));
     let requests: f64 = text
         .lines()

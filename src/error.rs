@@ -22,6 +22,21 @@ pub enum StoreError {
     Server(Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl StoreError {
+    /// The same error for another waiter on the failed operation (the cause as text).
+    #[cfg(feature = "valkey")]
+    pub(crate) fn replicate(&self) -> StoreError {
+        let text = |e: &Box<dyn std::error::Error + Send + Sync>| -> Box<dyn std::error::Error + Send + Sync> {
+            e.to_string().into()
+        };
+        match self {
+            StoreError::Timeout => StoreError::Timeout,
+            StoreError::Unavailable(e) => StoreError::Unavailable(text(e)),
+            StoreError::Server(e) => StoreError::Server(text(e)),
+        }
+    }
+}
+
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

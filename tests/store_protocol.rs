@@ -223,7 +223,78 @@ async fn tls_connection_to_redis() {
     assert_eq!((calls.get(), stats.snapshot().store_errors), (1, 0));
 }
 
+/// Concurrent fills share script calls, and each is still fenced on its own: in one batch,
+/// fills whose tag was cleared after their lookup are refused, the others stored.
+async fn concurrent_fills_are_batched_and_fenced_each(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Fill, FillOutcome, Store};
+    let server = Server::start(kind);
+    let store = valkey_store(&server);
+    let mut conn = raw(&server).await;
+    let before = store
+        .lookup(&EntryKey::new("r", [0; 32]))
+        .await
+        .unwrap()
+        .fence;
+    store.invalidate(&["cleared".to_owned()]).await.unwrap();
+    let after = store
+        .lookup(&EntryKey::new("r", [0; 32]))
+        .await
+        .unwrap()
+        .fence;
+    assert!(after > before);
+    let _: () = rds::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    const N: u8 = 200;
+    let fills = (0..N).map(|i| {
+        let (tag, fence) = if i % 2 == 0 {
+            ("kept", after)
+        } else {
+            ("cleared", before) // looked up before the clear
+        };
+        let fill = Fill::new(
+            EntryKey::new("r", [i; 32]),
+            bytes::Bytes::from(vec![i; 64]),
+            Duration::from_secs(60),
+            vec![tag.to_owned(), format!("item:{i}")],
+            fence,
+        );
+        let store = store.clone();
+        async move { store.fill(fill).await.unwrap() }
+    });
+    let outcomes = futures_util::future::join_all(fills).await;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let want = if i % 2 == 0 {
+            FillOutcome::Stored
+        } else {
+            FillOutcome::Fenced
+        };
+        assert_eq!(outcome, want, "fill {i}");
+        let found = store
+            .lookup(&EntryKey::new("r", [i as u8; 32]))
+            .await
+            .unwrap();
+        assert_eq!(found.value.is_some(), i % 2 == 0, "entry {i}");
+    }
+    let scripts: u64 = command_calls(&mut conn)
+        .await
+        .iter()
+        .filter(|(name, _)| name.starts_with("evalsha") || name.starts_with("eval"))
+        .map(|(_, calls)| calls)
+        .sum();
+    assert!(
+        (1..=u64::from(N) / 2).contains(&scripts),
+        "{N} concurrent fills took {scripts} script calls"
+    );
+    // The kept entries are indexed: clearing their tag removes all of them.
+    let cleared = store.invalidate(&["kept".to_owned()]).await.unwrap();
+    assert_eq!(cleared.removed, u64::from(N) / 2);
+}
+
 server_suite!(
+    concurrent_fills_are_batched_and_fenced_each,
     one_round_trip_per_hit,
     key_layout_and_ttl,
     tag_indexes_expire_with_their_entries

@@ -16,7 +16,7 @@ use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 
 use futures_util::StreamExt;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
 use crate::error::{ConfigError, StoreError};
@@ -70,6 +70,9 @@ struct ValkeyInner {
     namespace: String,
     /// Subscribers share one pub/sub connection; `None` until the first subscribe.
     notices: std::sync::Mutex<Option<broadcast::Sender<Notice>>>,
+    /// Fills waiting for the batch writer; started on the first fill, and again if the
+    /// runtime it ran on has gone.
+    fills: std::sync::Mutex<Option<mpsc::Sender<PendingFill>>>,
     /// Created on first use: bb8 spawns its reaper task when a pool is built, which needs a
     /// Tokio runtime, and a store may well be built before the runtime starts.
     pool: OnceLock<bb8::Pool<RedisConnectionManager>>,
@@ -189,6 +192,7 @@ impl ValkeyStoreBuilder {
                 client,
                 namespace: ns.clone(),
                 notices: std::sync::Mutex::new(None),
+                fills: std::sync::Mutex::new(None),
                 entry_prefix: format!("{ns}:{SCHEMA}:e:"),
                 seq_key: format!("{ns}:{SCHEMA}:seq"),
                 purged_key: format!("{ns}:{SCHEMA}:purged"),
@@ -497,6 +501,92 @@ fn parse_seq(raw: Option<Vec<u8>>) -> u64 {
         .unwrap_or(0)
 }
 
+/// Most fills the batch writer holds: beyond this, fills are dropped (as timeouts).
+const FILL_QUEUE: usize = 4096;
+/// Bounds on one batch: entries, and bytes of encoded entries.
+const FILL_BATCH: usize = 32;
+const FILL_BATCH_BYTES: usize = 4 << 20;
+
+/// A fill and who waits for its outcome.
+struct PendingFill {
+    fill: Fill,
+    done: oneshot::Sender<Result<FillOutcome, StoreError>>,
+}
+
+/// Writes queued fills, as many as are waiting (up to a batch) in one script call: under
+/// load, the fills of concurrent misses share one round trip and one script run instead of
+/// paying for their own; alone, a fill is sent at once. Ends when the store is dropped.
+async fn write_fills(inner: std::sync::Weak<ValkeyInner>, mut queue: mpsc::Receiver<PendingFill>) {
+    let mut batch: Vec<PendingFill> = Vec::with_capacity(FILL_BATCH);
+    while let Some(first) = queue.recv().await {
+        let mut bytes = first.fill.value.len();
+        batch.push(first);
+        while batch.len() < FILL_BATCH && bytes < FILL_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.fill.value.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let store = ValkeyStore { inner };
+        match store.fill_batch(&batch).await {
+            Ok(stored) => {
+                for (pending, stored) in batch.drain(..).zip(stored) {
+                    let outcome = if stored == 1 {
+                        FillOutcome::Stored
+                    } else {
+                        FillOutcome::Fenced
+                    };
+                    let _ = pending.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for pending in batch.drain(..) {
+                    let _ = pending.done.send(Err(e.replicate()));
+                }
+            }
+        }
+    }
+}
+
+impl ValkeyStore {
+    /// One call of the fill script for a batch; one 1 (stored) or 0 (fenced) per fill.
+    async fn fill_batch(&self, batch: &[PendingFill]) -> Result<Vec<i64>, StoreError> {
+        let mut invocation = FILL.prepare_invoke();
+        invocation.key(&self.inner.purged_key);
+        for PendingFill { fill, .. } in batch {
+            invocation.key(self.entry_key(&fill.key));
+            for tag in &fill.tags {
+                let (index, cleared) = self.tag_keys(tag);
+                invocation.key(index).key(cleared);
+            }
+            let ttl_ms = fill.ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+            invocation
+                .arg(fill.value.as_ref())
+                .arg(ttl_ms)
+                .arg(fill.fence)
+                .arg(fill.tags.len());
+        }
+        let stored: Vec<i64> = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        if stored.len() != batch.len() {
+            return Err(StoreError::Server(
+                format!(
+                    "the fill script answered {} outcomes for {} fills",
+                    stored.len(),
+                    batch.len()
+                )
+                .into(),
+            ));
+        }
+        Ok(stored)
+    }
+}
+
 static FILL: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("fill.lua")));
 static INVALIDATE: std::sync::LazyLock<redis::Script> =
@@ -538,31 +628,28 @@ impl Store for ValkeyStore {
         })
     }
 
+    /// Queued for the batch writer, which sends whatever fills are waiting as one script
+    /// call (see [`FillBatch`]); the future ends when the store has answered for this one.
     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
-        let ttl_ms = fill.ttl.as_millis().min(u128::from(u64::MAX)) as u64;
-        if ttl_ms == 0 {
+        if fill.ttl.as_millis() == 0 {
             return Ok(FillOutcome::Stored);
         }
-        let mut invocation = FILL.prepare_invoke();
-        invocation
-            .key(self.entry_key(&fill.key))
-            .key(&self.inner.purged_key);
-        for tag in &fill.tags {
-            let (index, cleared) = self.tag_keys(tag);
-            invocation.key(index).key(cleared);
-        }
-        invocation
-            .arg(fill.value.as_ref())
-            .arg(ttl_ms)
-            .arg(fill.fence);
-        let stored: i64 = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        Ok(if stored == 1 {
-            FillOutcome::Stored
-        } else {
-            FillOutcome::Fenced
-        })
+        let (done, answer) = oneshot::channel();
+        let sent = {
+            let mut slot = self.inner.fills.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = match slot.take().filter(|q| !q.is_closed()) {
+                Some(q) => slot.insert(q),
+                None => {
+                    let (tx, rx) = mpsc::channel(FILL_QUEUE);
+                    tokio::spawn(write_fills(Arc::downgrade(&self.inner), rx));
+                    slot.insert(tx)
+                }
+            };
+            queue.try_send(PendingFill { fill, done })
+        };
+        // A full queue means the store is far behind: this fill is dropped, as a timeout.
+        sent.map_err(|_| StoreError::Timeout)?;
+        answer.await.unwrap_or(Err(StoreError::Timeout))
     }
 
     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
