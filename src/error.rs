@@ -26,13 +26,12 @@ impl StoreError {
     /// The same error for another waiter on the failed operation (the cause as text).
     #[cfg(feature = "valkey")]
     pub(crate) fn replicate(&self) -> StoreError {
-        let text = |e: &Box<dyn std::error::Error + Send + Sync>| -> Box<dyn std::error::Error + Send + Sync> {
-            e.to_string().into()
-        };
+        type Cause = Box<dyn std::error::Error + Send + Sync>;
+        let text = |e: &(dyn std::error::Error + Send + Sync)| -> Cause { e.to_string().into() };
         match self {
             StoreError::Timeout => StoreError::Timeout,
-            StoreError::Unavailable(e) => StoreError::Unavailable(text(e)),
-            StoreError::Server(e) => StoreError::Server(text(e)),
+            StoreError::Unavailable(e) => StoreError::Unavailable(text(&**e)),
+            StoreError::Server(e) => StoreError::Server(text(&**e)),
         }
     }
 }
