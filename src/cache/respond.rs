@@ -213,11 +213,16 @@ impl<St: Store> Shared<St> {
                     }
                     return;
                 }
-                let entry = Entry {
+                let mut entry = Entry {
                     body,
                     trailers,
                     ..entry
                 };
+                // Stored once here, so that hits need not format it.
+                if !entry.headers.contains_key(CONTENT_LENGTH) {
+                    let len = HeaderValue::from(entry.body.len());
+                    entry.headers.insert(CONTENT_LENGTH, len);
+                }
                 let encoded = entry.encode();
                 let landing =
                     flight.map(|f| f.land(Landed::Entry(encoded.clone()), Duration::ZERO));

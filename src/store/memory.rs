@@ -15,6 +15,8 @@ use super::{Fill, FillOutcome, Invalidation, Lookup, Store, FENCE_WINDOW};
 use crate::error::StoreError;
 use crate::key::EntryKey;
 
+type Hasher = foldhash::fast::RandomState;
+
 /// Bytes counted per entry on top of its key, value and tags: moka's node, deques and timer
 /// slots, the `Arc`s, the allocator's slack. Measured (benches/load.rs fills a 64 MiB store
 /// with a million 1 KiB entries and compares the process's growth with the budget).
@@ -39,7 +41,7 @@ pub struct MemoryStore {
 }
 
 struct MemoryInner {
-    cache: Cache<EntryKey, MemValue>,
+    cache: Cache<EntryKey, MemValue, Hasher>,
     /// The invalidation sequence (the fence) and the last purge.
     sequence: AtomicU64,
     purged: AtomicU64,
@@ -104,7 +106,9 @@ impl MemoryStore {
                     lock(&listener_queue).push(((*key).clone(), value.tags));
                 }
             })
-            .build();
+            // Keys are digests already: a fast keyed hash is enough (and moka's default,
+            // SipHash, was a visible part of a hit).
+            .build_with_hasher(Hasher::default());
         MemoryStore {
             inner: Arc::new(MemoryInner {
                 cache,
