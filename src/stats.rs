@@ -26,6 +26,7 @@ pub(crate) struct Counters {
     pub(crate) bypasses: AtomicU64,
     pub(crate) fills: AtomicU64,
     pub(crate) fills_fenced: AtomicU64,
+    pub(crate) fills_dropped: AtomicU64,
     pub(crate) uncacheable: AtomicU64,
     pub(crate) oversize: AtomicU64,
     pub(crate) store_errors: AtomicU64,
@@ -55,6 +56,8 @@ pub struct StatsSnapshot {
     pub fills: u64,
     /// Fills refused because an invalidation happened after the lookup (the stale-set race).
     pub fills_fenced: u64,
+    /// Fills not written because the store was too far behind to take them (not failures).
+    pub fills_dropped: u64,
     /// Misses whose response may not be stored (status, `Set-Cookie`, `no-store`, ...).
     pub uncacheable: u64,
     /// Misses whose body was over the size limit and streamed through unstored.
@@ -112,6 +115,7 @@ impl CacheStats {
                 bypasses: z(),
                 fills: z(),
                 fills_fenced: z(),
+                fills_dropped: z(),
                 uncacheable: z(),
                 oversize: z(),
                 store_errors: z(),
@@ -138,6 +142,7 @@ impl CacheStats {
             bypasses: c.bypasses.load(Relaxed),
             fills: c.fills.load(Relaxed),
             fills_fenced: c.fills_fenced.load(Relaxed),
+            fills_dropped: c.fills_dropped.load(Relaxed),
             uncacheable: c.uncacheable.load(Relaxed),
             oversize: c.oversize.load(Relaxed),
             store_errors: c.store_errors.load(Relaxed),

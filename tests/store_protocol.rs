@@ -293,7 +293,57 @@ async fn concurrent_fills_are_batched_and_fenced_each(kind: Kind) {
     assert_eq!(cleared.removed, u64::from(N) / 2);
 }
 
+/// A store that stopped answering does not make fills queue without bound: beyond the
+/// queue, fills are shed at once as `Dropped` (which the layer does not count as failures).
+async fn a_stalled_store_sheds_fills(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Fill, FillOutcome, Store};
+    let server = Server::start(kind);
+    let store = valkey_store(&server);
+    store.lookup(&EntryKey::new("r", [0; 32])).await.unwrap();
+    server.pause();
+    const N: u32 = 5000;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let (store, tx) = (store.clone(), tx.clone());
+            let mut digest = [0u8; 32];
+            digest[..4].copy_from_slice(&i.to_le_bytes());
+            let fill = Fill::new(
+                EntryKey::new("r", digest),
+                bytes::Bytes::from_static(b"v"),
+                Duration::from_secs(60),
+                vec![],
+                0,
+            );
+            tokio::spawn(async move {
+                let _ = tx.send(store.fill(fill).await.ok());
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut dropped = 0;
+    let deadline = tokio::time::sleep(Duration::from_millis(500));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            outcome = rx.recv() => match outcome {
+                Some(Some(FillOutcome::Dropped)) => dropped += 1,
+                Some(_) => {}
+                None => break,
+            },
+            _ = &mut deadline => break,
+        }
+    }
+    server.resume();
+    for t in tasks {
+        t.abort();
+    }
+    // 4096 wait in the queue and a few batches are out; every other fill was shed at once.
+    assert!(dropped >= N - 4096 - 64, "{dropped} of {N} fills shed");
+}
+
 server_suite!(
+    a_stalled_store_sheds_fills,
     concurrent_fills_are_batched_and_fenced_each,
     one_round_trip_per_hit,
     key_layout_and_ttl,

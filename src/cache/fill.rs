@@ -56,6 +56,7 @@ impl<St: Store> Shared<St> {
                     counters.breaker.success();
                     count!(counters, fills_fenced);
                 }
+                Ok(FillOutcome::Dropped) => count!(counters, fills_dropped),
                 Err(e) => {
                     count!(counters, store_errors);
                     counters.breaker.failure();

@@ -153,6 +153,9 @@ pub enum FillOutcome {
     Stored,
     /// The store refused it: one of its tags was invalidated after the fence.
     Fenced,
+    /// Not written: the store is too far behind to take more fills right now. Not a
+    /// failure (the layer's circuit breaker ignores it); the next miss fills again.
+    Dropped,
 }
 
 /// A cache backend. Implementations must be cheap to clone (share state through an `Arc`).
