@@ -1,11 +1,12 @@
 //! The end-to-end load benchmark: `scripts/load` (or `cargo bench --bench load`).
 //!
 //! Starts its own Valkey on a free loopback port and, in this process, one axum server per
-//! case; drives each with `wrk -t1 -c50` for a bounded time (LOAD_SECS, default 5) and prints
-//! one table of req/s, p50 and p99 with the ratios the project targets. Varnish joins when
-//! `varnishd` is installed. Everything shares this machine's cores, as in production-like
-//! single-box measurements: compare ratios from one run, not absolute numbers across runs.
-//! Then it fills a near cache with a million distinct keys and reports its memory.
+//! case; drives each with `wrk -t1 -c50` for a bounded time (LOAD_SECS per round, default 3;
+//! LOAD_ROUNDS rounds, default 3, run round-robin, the median round reported) and prints one
+//! table of req/s, p50, p99 and CPU per request with the ratios the project targets. Varnish
+//! joins when `varnishd` is installed. Everything shares this machine's cores, as in
+//! production-like single-box measurements: compare ratios from one run, not absolute numbers
+//! across runs. Then it fills a near cache with a million distinct keys and reports its memory.
 
 #[path = "../tests/support/server.rs"]
 #[allow(dead_code)]
@@ -21,7 +22,7 @@ use axum::Router;
 use bb8_redis::redis;
 use bytes::Bytes;
 use tower_cache_aside::{
-    CacheLayer, MemoryStore, RoutePolicy, RouteTable, Store, TieredStore, ValkeyStore,
+    CacheLayer, CacheStats, MemoryStore, RoutePolicy, RouteTable, Store, TieredStore, ValkeyStore,
 };
 
 const BODY: usize = 1024;
@@ -33,6 +34,36 @@ struct Row {
     p99: String,
     /// CPU time per request of this process (the servers) and of Valkey, in µs.
     cpu_us: Option<(f64, f64)>,
+}
+
+/// The run with the median req/s (its latencies with it), CPU averaged over all runs.
+fn median(name: &'static str, runs: &mut [Row]) -> Row {
+    if runs.is_empty() {
+        return Row {
+            name,
+            rps: f64::NAN,
+            p50: "-".into(),
+            p99: "-".into(),
+            cpu_us: None,
+        };
+    }
+    let cpu: Vec<(f64, f64)> = runs.iter().filter_map(|r| r.cpu_us).collect();
+    let cpu_us = (!cpu.is_empty()).then(|| {
+        let n = cpu.len() as f64;
+        (
+            cpu.iter().map(|c| c.0).sum::<f64>() / n,
+            cpu.iter().map(|c| c.1).sum::<f64>() / n,
+        )
+    });
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    let mid = &runs[runs.len() / 2];
+    Row {
+        name,
+        rps: mid.rps,
+        p50: mid.p50.clone(),
+        p99: mid.p99.clone(),
+        cpu_us,
+    }
 }
 
 /// CPU seconds (user + system) a process has used, from `/proc/{pid}/stat`.
@@ -124,6 +155,10 @@ impl DelayLine {
 }
 
 fn cached<St: Store>(app: Router, store: St) -> Router {
+    cached_with_stats(app, store).0
+}
+
+fn cached_with_stats<St: Store>(app: Router, store: St) -> (Router, CacheStats) {
     let routes = RouteTable::new()
         .route(
             "/static",
@@ -134,29 +169,49 @@ fn cached<St: Store>(app: Router, store: St) -> Router {
             RoutePolicy::ttl(Duration::from_secs(300)).tags(["slow:{n}"]),
         );
     let cache = CacheLayer::new(store).routes(routes);
-    app.layer(cache)
+    let stats = cache.stats();
+    (app.layer(cache), stats)
 }
 
 /// Runs wrk against `url`; `unique` makes every request's path distinct (always a miss).
 /// `valkey_pid` names the store's process, whose CPU per request is reported with ours.
-fn wrk(name: &'static str, url: &str, secs: u64, unique: bool, valkey_pid: Option<&str>) -> Row {
-    let script = std::env::temp_dir().join("tca-unique.lua");
-    std::fs::write(
-        &script,
-        "local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, wrk.path .. math.random(1, 2000000000) .. '-' .. n)\nend\n",
-    )
-    .unwrap();
+/// `warm` runs a 1 s warm-up first.
+fn wrk(
+    name: &'static str,
+    url: &str,
+    secs: u64,
+    unique: bool,
+    valkey_pid: Option<&str>,
+    warm: bool,
+) -> Row {
     let run = |secs: u64| {
         let mut cmd = Command::new("wrk");
         cmd.args(["-t1", "-c50", &format!("-d{secs}s"), "--latency"]);
+        // wrk seeds its random numbers the same way every run: a run id keeps every run's
+        // paths apart, so a miss case never meets what an earlier run (a warm-up, an earlier
+        // round) stored.
+        static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run_id = format!(
+            "{}x{}",
+            std::process::id(),
+            RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let script = std::env::temp_dir().join(format!("tca-unique-{run_id}.lua"));
         if unique {
+            let lua = format!(
+                "local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, wrk.path .. '{run_id}-' .. n)\nend\n"
+            );
+            std::fs::write(&script, lua).unwrap();
             cmd.arg("-s").arg(&script);
         }
         cmd.arg(url).stderr(Stdio::null());
         let out = cmd.output().expect("wrk (scripts/load installs it)");
+        let _ = std::fs::remove_file(&script);
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    run(1); // warm up connections, caches and the JIT of the CPU's branch predictors
+    if warm {
+        run(1); // warm up connections, caches and the CPU's branch predictors
+    }
     let (ours0, valkey0) = (cpu_secs("self"), valkey_pid.map_or(0.0, cpu_secs));
     let text = run(secs);
     let (ours1, valkey1) = (cpu_secs("self"), valkey_pid.map_or(0.0, cpu_secs));
@@ -254,7 +309,12 @@ fn main() {
     let secs: u64 = std::env::var("LOAD_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(3);
+    let rounds: usize = std::env::var("LOAD_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let valkey = server::Server::start(server::Kind::Valkey);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -265,6 +325,11 @@ fn main() {
     let valkey_pid = valkey.pid();
 
     let backend = DelayLine::start();
+    let valkey_store = || ValkeyStore::builder().url(url.as_str()).build().unwrap();
+    // The miss cases must miss: their stats are checked after the runs.
+    let (slow, slow_stats) = cached_with_stats(slow_app(None), valkey_store());
+    let (backed, backed_stats) = cached_with_stats(slow_app(Some(backend.clone())), valkey_store());
+    let mut miss_servers = [Some(slow), Some(backed)];
     let (addrs, _guard) = rt.block_on(async {
         let client = redis::Client::open(url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -311,7 +376,6 @@ fn main() {
                 }
             }),
         );
-        let valkey_store = || ValkeyStore::builder().url(url.as_str()).build().unwrap();
         let tiered = TieredStore::new(MemoryStore::new(64 << 20), valkey_store());
         let addrs = [
             serve(static_app()).await,
@@ -321,9 +385,9 @@ fn main() {
             serve(cached(static_app(), tiered.clone())).await,
             serve(cached(static_app(), MemoryStore::new(64 << 20))).await,
             serve(slow_app(None)).await,
-            serve(cached(slow_app(None), valkey_store())).await,
+            serve(miss_servers[0].take().unwrap()).await,
             serve(slow_app(Some(backend.clone()))).await,
-            serve(cached(slow_app(Some(backend.clone())), valkey_store())).await,
+            serve(miss_servers[1].take().unwrap()).await,
         ];
         // Warm the cached routes (and let the near tier's subscription come up).
         for a in &addrs[3..6] {
@@ -393,32 +457,43 @@ fn main() {
             true,
         ),
     ];
-    let mut rows: Vec<Row> = cases
+    // Every case runs ROUNDS times, round-robin, and reports its median round: this
+    // machine's speed drifts over a minute, and interleaving keeps the drift out of the
+    // ratios between cases.
+    let mut cases: Vec<(&'static str, String, bool, Option<&str>)> = cases
         .into_iter()
-        .enumerate()
-        .map(|(i, (name, url, unique))| {
-            if wanted(i) {
-                wrk(name, &url, secs, unique, Some(&valkey_pid))
-            } else {
-                Row {
-                    name,
-                    rps: f64::NAN,
-                    p50: "-".into(),
-                    p99: "-".into(),
-                    cpu_us: None,
-                }
-            }
-        })
+        .map(|(name, url, unique)| (name, url, unique, Some(valkey_pid.as_str())))
         .collect();
-    if let Some((_, addr, _)) = v.as_ref().filter(|_| wanted(10)) {
-        rows.push(wrk(
+    if let Some((_, addr, _)) = v.as_ref() {
+        let url = format!("http://{addr}/static");
+        cases.push((
             "Varnish 7 hit in front of the bare handler",
-            &format!("http://{addr}/static"),
-            secs,
+            url,
             false,
             None,
         ));
     }
+    let mut samples: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (name, url, unique, pid)) in cases.iter().enumerate() {
+            if wanted(i) {
+                samples[i].push(wrk(name, url, secs, *unique, *pid, round == 0));
+            }
+        }
+    }
+    for stats in [&slow_stats, &backed_stats] {
+        let s = stats.snapshot();
+        assert_eq!(
+            s.hits + s.collapsed,
+            0,
+            "a miss case was answered from the cache: {s:?}"
+        );
+    }
+    let rows: Vec<Row> = cases
+        .iter()
+        .zip(samples)
+        .map(|((name, ..), mut runs)| median(name, &mut runs))
+        .collect();
     if let Some((mut child, _, dir)) = v {
         let _ = child.kill();
         let _ = child.wait();
