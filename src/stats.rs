@@ -21,6 +21,16 @@ pub struct CacheStats {
 #[derive(Debug)]
 pub(crate) struct Counters {
     pub(crate) breaker: Breaker,
+    /// One set of counters per stripe: threads count in their own stripe (their own cache
+    /// lines), so two cores serving hits do not pass one counter's line back and forth.
+    stripes: Box<[Tally; STRIPES]>,
+}
+
+const STRIPES: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Tally {
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) bypasses: AtomicU64,
@@ -40,6 +50,22 @@ pub(crate) struct Counters {
     pub(crate) stale_hits: AtomicU64,
     pub(crate) stale_on_error: AtomicU64,
     pub(crate) refreshes: AtomicU64,
+}
+
+impl Counters {
+    /// This thread's stripe.
+    pub(crate) fn local(&self) -> &Tally {
+        use std::sync::atomic::AtomicUsize;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STRIPE: usize = NEXT.fetch_add(1, Relaxed) % STRIPES;
+        }
+        &self.stripes[STRIPE.with(|s| *s)]
+    }
+
+    fn sum(&self, field: impl Fn(&Tally) -> &AtomicU64) -> u64 {
+        self.stripes.iter().map(|t| field(t).load(Relaxed)).sum()
+    }
 }
 
 /// A point-in-time copy of the counters.
@@ -106,29 +132,10 @@ impl StatsSnapshot {
 
 impl CacheStats {
     pub(crate) fn new(breaker: Breaker) -> Self {
-        let z = || AtomicU64::new(0);
         CacheStats {
             inner: Arc::new(Counters {
                 breaker,
-                hits: z(),
-                misses: z(),
-                bypasses: z(),
-                fills: z(),
-                fills_fenced: z(),
-                fills_dropped: z(),
-                uncacheable: z(),
-                oversize: z(),
-                store_errors: z(),
-                decode_errors: z(),
-                breaker_skips: z(),
-                invalidations: z(),
-                invalidated_entries: z(),
-                clears_deferred: z(),
-                pending_clear_skips: z(),
-                collapsed: z(),
-                stale_hits: z(),
-                stale_on_error: z(),
-                refreshes: z(),
+                stripes: Box::default(),
             }),
         }
     }
@@ -137,25 +144,25 @@ impl CacheStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let c = &self.inner;
         StatsSnapshot {
-            hits: c.hits.load(Relaxed),
-            misses: c.misses.load(Relaxed),
-            bypasses: c.bypasses.load(Relaxed),
-            fills: c.fills.load(Relaxed),
-            fills_fenced: c.fills_fenced.load(Relaxed),
-            fills_dropped: c.fills_dropped.load(Relaxed),
-            uncacheable: c.uncacheable.load(Relaxed),
-            oversize: c.oversize.load(Relaxed),
-            store_errors: c.store_errors.load(Relaxed),
-            decode_errors: c.decode_errors.load(Relaxed),
-            breaker_skips: c.breaker_skips.load(Relaxed),
-            invalidations: c.invalidations.load(Relaxed),
-            invalidated_entries: c.invalidated_entries.load(Relaxed),
-            clears_deferred: c.clears_deferred.load(Relaxed),
-            pending_clear_skips: c.pending_clear_skips.load(Relaxed),
-            collapsed: c.collapsed.load(Relaxed),
-            stale_hits: c.stale_hits.load(Relaxed),
-            stale_on_error: c.stale_on_error.load(Relaxed),
-            refreshes: c.refreshes.load(Relaxed),
+            hits: c.sum(|t| &t.hits),
+            misses: c.sum(|t| &t.misses),
+            bypasses: c.sum(|t| &t.bypasses),
+            fills: c.sum(|t| &t.fills),
+            fills_fenced: c.sum(|t| &t.fills_fenced),
+            fills_dropped: c.sum(|t| &t.fills_dropped),
+            uncacheable: c.sum(|t| &t.uncacheable),
+            oversize: c.sum(|t| &t.oversize),
+            store_errors: c.sum(|t| &t.store_errors),
+            decode_errors: c.sum(|t| &t.decode_errors),
+            breaker_skips: c.sum(|t| &t.breaker_skips),
+            invalidations: c.sum(|t| &t.invalidations),
+            invalidated_entries: c.sum(|t| &t.invalidated_entries),
+            clears_deferred: c.sum(|t| &t.clears_deferred),
+            pending_clear_skips: c.sum(|t| &t.pending_clear_skips),
+            collapsed: c.sum(|t| &t.collapsed),
+            stale_hits: c.sum(|t| &t.stale_hits),
+            stale_on_error: c.sum(|t| &t.stale_on_error),
+            refreshes: c.sum(|t| &t.refreshes),
             breaker_trips: c.breaker.trips.load(Relaxed),
             breaker_open: c.breaker.is_open(),
         }
@@ -167,6 +174,7 @@ impl CacheStats {
 macro_rules! count {
     ($counters:expr, $field:ident) => {{
         $counters
+            .local()
             .$field
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         #[cfg(feature = "metrics")]
@@ -226,7 +234,10 @@ impl Breaker {
     }
 
     pub(crate) fn success(&self) {
-        self.failures.store(0, Relaxed);
+        // Read first: a store on every hit would pull this line away from the other cores.
+        if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
         if self.open_until_ms.load(Relaxed) != 0 {
             self.open_until_ms.store(0, Relaxed);
             self.probing.store(false, Relaxed);

@@ -59,6 +59,7 @@ impl<St: Store> Shared<St> {
                 counters.breaker.success();
                 count!(counters, invalidations);
                 counters
+                    .local()
                     .invalidated_entries
                     .fetch_add(done.removed, Ordering::Relaxed);
                 #[cfg(feature = "metrics")]
