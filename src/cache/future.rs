@@ -34,8 +34,10 @@ pin_project! {
         Passthrough { #[pin] fut: F },
         // Requests that bypass the cache: the inner response, with status headers added.
         Annotated { #[pin] fut: F, annotate: Option<Annotate> },
-        // Lookups: the hit path and the miss path (see `Cache::call`).
-        Cached { fut: Boxed<B, E> },
+        // Lookups: the hit path and the miss path (see `Cache::call`), in a `cache.request`
+        // span. The span lives here rather than in the boxed future, which it would push
+        // past the allocator's small sizes on every hit.
+        Cached { fut: Boxed<B, E>, span: tracing::Span },
     }
 }
 
@@ -58,9 +60,9 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn boxed(fut: Boxed<B, E>) -> Self {
+    pub(crate) fn boxed(fut: Boxed<B, E>, span: tracing::Span) -> Self {
         ResponseFuture {
-            state: State::Cached { fut },
+            state: State::Cached { fut, span },
         }
     }
 }
@@ -85,7 +87,10 @@ where
                 }
                 Poll::Ready(Ok(res.map(CacheBody::passthrough)))
             }
-            StateProj::Cached { fut } => fut.as_mut().poll(cx),
+            StateProj::Cached { fut, span } => {
+                let _entered = span.enter();
+                fut.as_mut().poll(cx)
+            }
         }
     }
 }

@@ -84,13 +84,12 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         let head = parts.method == Method::HEAD;
+        let span = tracing::debug_span!("cache.request", route = key.route());
         let fut = async move {
             let req = Request::from_parts(parts, body);
             let counters = &shared.stats.inner;
             // The hit path, top to bottom: one store round trip, no inner call.
             let now = now_ms();
-            // No span here: the lookup logs what goes wrong with the key, and a span would
-            // grow every hit's future past the allocator's small-size caches.
             let (fence, stale) = match shared.lookup(&key, now).await {
                 Found::Hit(entry) => {
                     count!(counters, hits);
@@ -123,7 +122,7 @@ where
             )
             .await
         };
-        ResponseFuture::boxed(Box::pin(fut))
+        ResponseFuture::boxed(Box::pin(fut), span)
     }
 }
 
