@@ -148,6 +148,7 @@ impl Entry {
     }
 
     /// Decodes an entry with its tags.
+    #[cfg_attr(not(all(feature = "valkey", feature = "memory")), allow(dead_code))]
     pub(crate) fn decode_with_tags(buf: Bytes) -> Result<Entry, DecodeError> {
         Self::decode_inner(buf, true)
     }

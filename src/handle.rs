@@ -1,11 +1,9 @@
 //! [`CacheHandle`]: the cache from code, for handlers and background jobs.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::cache::Shared;
 use crate::error::StoreError;
-use crate::stats::count;
 use crate::stats::CacheStats;
 use crate::store::{Invalidation, Store};
 use crate::tags::push_tags;
@@ -79,7 +77,9 @@ mod values {
     use crate::cache::{Fence, Found};
     use crate::entry::{now_ms, Entry};
     use crate::key::EntryKey;
+    use crate::stats::count;
     use sha2::{Digest, Sha256};
+    use std::time::Duration;
 
     impl<St: Store> CacheHandle<St> {
         /// Returns the value cached under `key`, or computes it with `compute`, caches it for

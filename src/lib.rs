@@ -33,5 +33,5 @@ pub use store::memory::MemoryStore;
 pub use store::tiered::{TieredStore, DEFAULT_MAX_NEAR_TTL};
 #[cfg(feature = "valkey")]
 pub use store::valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};
-pub use store::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
+pub use store::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
 pub use tags::MAX_TAGS_PER_RESPONSE;

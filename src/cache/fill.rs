@@ -3,11 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::Instrument;
-
 use super::flights::Landing;
 use super::layer::Shared;
 use super::lookup::Fence;
+use crate::error::StoreError;
 use crate::key::EntryKey;
 use crate::stats::count;
 use crate::store::{Fill, FillOutcome, Store};
@@ -29,25 +28,22 @@ impl<St: Store> Shared<St> {
             tracing::debug!(%key, "miss took longer than the fence window; not stored");
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::debug!("no Tokio runtime to fill the cache from; entry dropped");
+        let counters = &self.stats.inner;
+        if !counters.breaker.allow() {
+            count!(counters, breaker_skips);
             return;
-        };
+        }
+        let fence = if self.unfenced { u64::MAX } else { fence.seq };
         let span = tracing::debug_span!("cache.fill", route = key.route());
-        let fill = async move {
-            // Dropped when this task ends: the flight stays visible until the store has it.
+        let _entered = span.enter();
+        let fill = Fill::new(key, encoded, ttl, tags, fence);
+        let shared = self.clone();
+        // Called once the store has answered; the landing is dropped with it, so the
+        // flight stays visible until the store has the entry.
+        let done = move |outcome: Result<FillOutcome, StoreError>| {
             let _landing = landing;
-            let counters = &self.stats.inner;
-            if !counters.breaker.allow() {
-                count!(counters, breaker_skips);
-                return;
-            }
-            let fence = if self.unfenced { u64::MAX } else { fence.seq };
-            match self
-                .store
-                .fill(Fill::new(key, encoded, ttl, tags, fence))
-                .await
-            {
+            let counters = &shared.stats.inner;
+            match outcome {
                 Ok(FillOutcome::Stored) => {
                     counters.breaker.success();
                     count!(counters, fills);
@@ -64,6 +60,6 @@ impl<St: Store> Shared<St> {
                 }
             }
         };
-        runtime.spawn(fill.instrument(span));
+        self.store.fill_in_background(fill, Box::new(done));
     }
 }

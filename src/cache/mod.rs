@@ -19,5 +19,6 @@ pub use body::CacheBody;
 pub use future::ResponseFuture;
 pub(crate) use layer::Shared;
 pub use layer::{CacheLayer, DEFAULT_MAX_BODY_BYTES};
+#[cfg(feature = "serde")]
 pub(crate) use lookup::{Fence, Found};
 pub use service::Cache;

@@ -11,7 +11,7 @@ use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::{Fill, FillOutcome, Invalidation, Lookup, Store, FENCE_WINDOW};
+use super::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Store, FENCE_WINDOW};
 use crate::error::StoreError;
 use crate::key::EntryKey;
 
@@ -178,21 +178,11 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
-    async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
-        let fence = self.inner.sequence.load(Ordering::Acquire);
-        let purged = self.inner.purged.load(Ordering::Acquire);
-        let value = self.inner.cache.get(key).map(|v| v.bytes);
-        Ok(Lookup {
-            value,
-            fence,
-            purged,
-        })
-    }
-
-    async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
+impl MemoryStore {
+    /// Stores `fill` unless a clear or purge newer than its fence refuses it.
+    pub(crate) fn fill_now(&self, fill: Fill) -> FillOutcome {
         if fill.ttl.is_zero() {
-            return Ok(FillOutcome::Stored);
+            return FillOutcome::Stored;
         }
         let mut index = self.index();
         let now = Instant::now();
@@ -205,7 +195,7 @@ impl Store for MemoryStore {
         if self.inner.purged.load(Ordering::Acquire) > fill.fence
             || fill.tags.iter().any(cleared_after_fence)
         {
-            return Ok(FillOutcome::Fenced);
+            return FillOutcome::Fenced;
         }
         for tag in &fill.tags {
             index
@@ -220,7 +210,29 @@ impl Store for MemoryStore {
             tags: fill.tags.into(),
         };
         self.inner.cache.insert(fill.key, value);
-        Ok(FillOutcome::Stored)
+        FillOutcome::Stored
+    }
+}
+
+impl Store for MemoryStore {
+    async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
+        let fence = self.inner.sequence.load(Ordering::Acquire);
+        let purged = self.inner.purged.load(Ordering::Acquire);
+        let value = self.inner.cache.get(key).map(|v| v.bytes);
+        Ok(Lookup {
+            value,
+            fence,
+            purged,
+        })
+    }
+
+    async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
+        Ok(self.fill_now(fill))
+    }
+
+    /// Fills on the spot: there is nothing to wait for.
+    fn fill_in_background(&self, fill: Fill, done: FillDone) {
+        done(Ok(self.fill_now(fill)));
     }
 
     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
@@ -243,6 +255,7 @@ impl Store for MemoryStore {
 }
 
 /// Used as a near cache, the store applies clears numbered by the far store's sequence.
+#[cfg_attr(not(feature = "valkey"), allow(dead_code))]
 impl MemoryStore {
     /// Applies a clear made elsewhere at `seq`: removes the tags' entries and refuses fills
     /// fenced before `seq`. Returns how many entries it removed.

@@ -99,6 +99,7 @@ pub enum Notice {
 
 impl Notice {
     /// Reads a channel message: `v1 {seq} tags {tag} {tag}...` or `v1 {seq} purge`.
+    #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
     pub(crate) fn parse(message: &str) -> Option<Notice> {
         let mut words = message.split(' ');
         if words.next()? != "v1" {
@@ -262,11 +263,92 @@ pub trait Store: Clone + Send + Sync + 'static {
         let _ = (key, token);
         async { Ok(()) }
     }
+
+    /// Runs [`fill`](Store::fill) in the background and hands its outcome to `done`, once,
+    /// on whatever thread finishes it. This is how the layer fills after a miss. The default
+    /// spawns a Tokio task (or, outside a runtime, reports [`StoreError::Unavailable`]);
+    /// stores override it to skip the task: the Valkey store queues the fill for its batch
+    /// writer, the memory store fills on the spot.
+    fn fill_in_background(&self, fill: Fill, done: FillDone) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let store = self.clone();
+                let task = async move { done(store.fill(fill).await) };
+                runtime.spawn(tracing::Instrument::in_current_span(task));
+            }
+            Err(_) => done(Err(StoreError::Unavailable(
+                "no Tokio runtime to fill the cache from".into(),
+            ))),
+        }
+    }
 }
+
+/// What [`Store::fill_in_background`] calls with the outcome of a fill.
+pub type FillDone = Box<dyn FnOnce(Result<FillOutcome, StoreError>) + Send>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store that keeps `Store`'s default `fill_in_background` (a task per fill).
+    #[cfg(feature = "memory")]
+    #[derive(Clone)]
+    struct Plain(crate::MemoryStore);
+
+    #[cfg(feature = "memory")]
+    impl Store for Plain {
+        async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
+            self.0.lookup(key).await
+        }
+        async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
+            self.0.fill(fill).await
+        }
+        async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
+            self.0.remove(key).await
+        }
+        async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
+            self.0.invalidate(tags).await
+        }
+        async fn purge(&self) -> Result<u64, StoreError> {
+            self.0.purge().await
+        }
+    }
+
+    #[cfg(feature = "memory")]
+    fn one_fill() -> Fill {
+        let ttl = Duration::from_secs(60);
+        Fill::new(
+            EntryKey::new("r", [1; 32]),
+            Bytes::from_static(b"v"),
+            ttl,
+            vec![],
+            0,
+        )
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn default_background_fill_runs_a_task_and_reports() {
+        let store = Plain(crate::MemoryStore::new(1 << 20));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.fill_in_background(one_fill(), Box::new(move |r| drop(tx.send(r))));
+        assert_eq!(rx.await.unwrap().unwrap(), FillOutcome::Stored);
+        let found = store.lookup(&EntryKey::new("r", [1; 32])).await.unwrap();
+        assert_eq!(found.value.as_deref(), Some(&b"v"[..]));
+    }
+
+    #[cfg(feature = "memory")]
+    #[test]
+    fn default_background_fill_outside_a_runtime_reports_an_error() {
+        let store = Plain(crate::MemoryStore::new(1 << 20));
+        let outcome = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = outcome.clone();
+        store.fill_in_background(
+            one_fill(),
+            Box::new(move |r| *seen.lock().unwrap() = Some(r.is_err())),
+        );
+        assert_eq!(*outcome.lock().unwrap(), Some(true));
+    }
 
     #[test]
     fn notices_parse() {

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 
 use super::memory::MemoryStore;
 use super::valkey::ValkeyStore;
-use super::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store};
+use super::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store};
 use crate::entry::Entry;
 use crate::error::StoreError;
 use crate::key::EntryKey;
@@ -133,10 +133,9 @@ impl TieredStore {
             return;
         }
         let ttl = ttl.min(self.inner.max_near_ttl);
-        let fill = Fill::new(key, value, ttl, tags, fence);
-        // The memory store's futures finish on first poll.
-        let near = self.inner.near.clone();
-        let _ = futures_util::FutureExt::now_or_never(async move { near.fill(fill).await });
+        self.inner
+            .near
+            .fill_now(Fill::new(key, value, ttl, tags, fence));
     }
 }
 
@@ -211,6 +210,18 @@ impl Store for TieredStore {
             self.near_fill(fill.key, fill.value, fill.ttl, fill.tags, fill.fence);
         }
         Ok(outcome)
+    }
+
+    /// Through the far tier's batch writer; copied near once Valkey has it.
+    fn fill_in_background(&self, fill: Fill, done: FillDone) {
+        let (tier, near) = (self.clone(), fill.clone());
+        let copy_near = move |outcome: Result<FillOutcome, StoreError>| {
+            if let Ok(FillOutcome::Stored) = outcome {
+                tier.near_fill(near.key, near.value, near.ttl, near.tags, near.fence);
+            }
+            done(outcome);
+        };
+        self.inner.far.fill_in_background(fill, Box::new(copy_near));
     }
 
     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::{Fill, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
+use super::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
 use crate::error::{ConfigError, StoreError};
 use crate::key::EntryKey;
 
@@ -515,7 +515,24 @@ const FILL_IN_FLIGHT: usize = 4;
 /// A fill and who waits for its outcome.
 struct PendingFill {
     fill: Fill,
-    done: oneshot::Sender<Result<FillOutcome, StoreError>>,
+    done: Reply,
+}
+
+/// Where a fill's outcome goes: a waiting `fill` call, or a background fill's callback.
+enum Reply {
+    Waiting(oneshot::Sender<Result<FillOutcome, StoreError>>),
+    Call(FillDone),
+}
+
+impl Reply {
+    fn send(self, outcome: Result<FillOutcome, StoreError>) {
+        match self {
+            Reply::Waiting(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Call(done) => done(outcome),
+        }
+    }
 }
 
 /// Writes queued fills, as many as are waiting (up to a batch) in one script call, a few
@@ -544,23 +561,25 @@ async fn write_fills(inner: std::sync::Weak<ValkeyInner>, mut queue: mpsc::Recei
             }
         }
         let Some(inner) = inner.upgrade() else { return };
+        let (fills, replies): (Vec<Fill>, Vec<Reply>) =
+            batch.into_iter().map(|p| (p.fill, p.done)).unzip();
         tokio::spawn(async move {
             let _slot = slot;
             let store = ValkeyStore { inner };
-            match store.fill_batch(&batch).await {
+            match store.fill_batch(&fills).await {
                 Ok(stored) => {
-                    for (pending, stored) in batch.into_iter().zip(stored) {
+                    for (reply, stored) in replies.into_iter().zip(stored) {
                         let outcome = if stored == 1 {
                             FillOutcome::Stored
                         } else {
                             FillOutcome::Fenced
                         };
-                        let _ = pending.done.send(Ok(outcome));
+                        reply.send(Ok(outcome));
                     }
                 }
                 Err(e) => {
-                    for pending in batch {
-                        let _ = pending.done.send(Err(e.replicate()));
+                    for reply in replies {
+                        reply.send(Err(e.replicate()));
                     }
                 }
             }
@@ -569,11 +588,43 @@ async fn write_fills(inner: std::sync::Weak<ValkeyInner>, mut queue: mpsc::Recei
 }
 
 impl ValkeyStore {
+    /// Hands a fill to the batch writer (started on first use, and again if the runtime it
+    /// ran on has gone); `reply` hears the outcome. When the queue is full the store is far
+    /// behind, and the fill is shed at once rather than queued without bound.
+    fn enqueue(&self, fill: Fill, reply: Reply) {
+        if fill.ttl.as_millis() == 0 {
+            return reply.send(Ok(FillOutcome::Stored)); // nothing to keep
+        }
+        let sent = {
+            let mut slot = self.inner.fills.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = match slot.take().filter(|q| !q.is_closed()) {
+                Some(q) => slot.insert(q),
+                None => match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        let (tx, rx) = mpsc::channel(FILL_QUEUE);
+                        runtime.spawn(write_fills(Arc::downgrade(&self.inner), rx));
+                        slot.insert(tx)
+                    }
+                    Err(_) => {
+                        let no_runtime = "no Tokio runtime to write fills from".into();
+                        return reply.send(Err(StoreError::Unavailable(no_runtime)));
+                    }
+                },
+            };
+            queue.try_send(PendingFill { fill, done: reply })
+        };
+        match sent {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(p)) => p.done.send(Ok(FillOutcome::Dropped)),
+            Err(mpsc::error::TrySendError::Closed(p)) => p.done.send(Err(StoreError::Timeout)),
+        }
+    }
+
     /// One call of the fill script for a batch; one 1 (stored) or 0 (fenced) per fill.
-    async fn fill_batch(&self, batch: &[PendingFill]) -> Result<Vec<i64>, StoreError> {
+    async fn fill_batch(&self, batch: &[Fill]) -> Result<Vec<i64>, StoreError> {
         let mut invocation = FILL.prepare_invoke();
         invocation.key(&self.inner.purged_key);
-        for PendingFill { fill, .. } in batch {
+        for fill in batch {
             invocation.key(self.entry_key(&fill.key));
             for tag in &fill.tags {
                 let (index, cleared) = self.tag_keys(tag);
@@ -645,30 +696,16 @@ impl Store for ValkeyStore {
     }
 
     /// Queued for the batch writer, which sends whatever fills are waiting as one script
-    /// call (see [`FillBatch`]); the future ends when the store has answered for this one.
+    /// call; the future ends when the store has answered for this one.
     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
-        if fill.ttl.as_millis() == 0 {
-            return Ok(FillOutcome::Stored);
-        }
         let (done, answer) = oneshot::channel();
-        let sent = {
-            let mut slot = self.inner.fills.lock().unwrap_or_else(|e| e.into_inner());
-            let queue = match slot.take().filter(|q| !q.is_closed()) {
-                Some(q) => slot.insert(q),
-                None => {
-                    let (tx, rx) = mpsc::channel(FILL_QUEUE);
-                    tokio::spawn(write_fills(Arc::downgrade(&self.inner), rx));
-                    slot.insert(tx)
-                }
-            };
-            queue.try_send(PendingFill { fill, done })
-        };
-        match sent {
-            Ok(()) => answer.await.unwrap_or(Err(StoreError::Timeout)),
-            // The store is far behind: shed this fill rather than queue without bound.
-            Err(mpsc::error::TrySendError::Full(_)) => Ok(FillOutcome::Dropped),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(StoreError::Timeout),
-        }
+        self.enqueue(fill, Reply::Waiting(done));
+        answer.await.unwrap_or(Err(StoreError::Timeout))
+    }
+
+    /// Queued for the batch writer, whose task reports the outcome: no task of its own.
+    fn fill_in_background(&self, fill: Fill, done: FillDone) {
+        self.enqueue(fill, Reply::Call(done));
     }
 
     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
