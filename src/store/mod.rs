@@ -269,6 +269,19 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// spawns a Tokio task (or, outside a runtime, reports [`StoreError::Unavailable`]);
     /// stores override it to skip the task: the Valkey store queues the fill for its batch
     /// writer, the memory store fills on the spot.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_cache_aside::{EntryKey, Fill, FillOutcome, MemoryStore, Store};
+    ///
+    /// let store = MemoryStore::new(1 << 20);
+    /// let key = EntryKey::new("events_id", [0; 32]);
+    /// let fill = Fill::new(key, "{}".into(), Duration::from_secs(60), vec!["event:1".into()], 0);
+    /// store.fill_in_background(
+    ///     fill,
+    ///     Box::new(|outcome| assert!(matches!(outcome, Ok(FillOutcome::Stored)))),
+    /// );
+    /// ```
     fn fill_in_background(&self, fill: Fill, done: FillDone) {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
