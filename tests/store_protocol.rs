@@ -293,28 +293,18 @@ async fn concurrent_fills_are_batched_and_fenced_each(kind: Kind) {
     assert_eq!(cleared.removed, u64::from(N) / 2);
 }
 
-/// A store that stopped answering does not make fills queue without bound: beyond the
-/// queue, fills are shed at once as `Dropped` (which the layer does not count as failures).
-async fn a_stalled_store_sheds_fills(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Fill, FillOutcome, Store};
-    let server = Server::start(kind);
-    let store = valkey_store(&server);
-    store.lookup(&EntryKey::new("r", [0; 32])).await.unwrap();
-    server.pause();
-    const N: u32 = 5000;
+/// Sends `fills` to `store` at once; counts those shed as `Dropped` within `wait`.
+async fn shed_within(
+    store: &tower_cache_aside::ValkeyStore,
+    fills: Vec<tower_cache_aside::Fill>,
+    wait: Duration,
+) -> usize {
+    use tower_cache_aside::{FillOutcome, Store};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
+    let tasks: Vec<_> = fills
+        .into_iter()
+        .map(|fill| {
             let (store, tx) = (store.clone(), tx.clone());
-            let mut digest = [0u8; 32];
-            digest[..4].copy_from_slice(&i.to_le_bytes());
-            let fill = Fill::new(
-                EntryKey::new("r", digest),
-                bytes::Bytes::from_static(b"v"),
-                Duration::from_secs(60),
-                vec![],
-                0,
-            );
             tokio::spawn(async move {
                 let _ = tx.send(store.fill(fill).await.ok());
             })
@@ -322,7 +312,7 @@ async fn a_stalled_store_sheds_fills(kind: Kind) {
         .collect();
     drop(tx);
     let mut dropped = 0;
-    let deadline = tokio::time::sleep(Duration::from_millis(500));
+    let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
@@ -334,12 +324,53 @@ async fn a_stalled_store_sheds_fills(kind: Kind) {
             _ = &mut deadline => break,
         }
     }
-    server.resume();
     for t in tasks {
         t.abort();
     }
-    // 4096 wait in the queue and a few batches are out; every other fill was shed at once.
-    assert!(dropped >= N - 4096 - 64, "{dropped} of {N} fills shed");
+    dropped
+}
+
+/// A store that stopped answering does not make fills queue without bound: beyond the
+/// queue (4,096 fills or 64 MiB of entries), fills are shed at once as `Dropped` (which the
+/// layer does not count as failures).
+async fn a_stalled_store_sheds_fills(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Fill, Store};
+    let server = Server::start(kind);
+    let (by_count, by_bytes) = (valkey_store(&server), valkey_store(&server));
+    for store in [&by_count, &by_bytes] {
+        store.lookup(&EntryKey::new("r", [0; 32])).await.unwrap();
+    }
+    server.pause();
+    let fill = |i: u32, value: bytes::Bytes| {
+        let mut digest = [0u8; 32];
+        digest[..4].copy_from_slice(&i.to_le_bytes());
+        Fill::new(
+            EntryKey::new("r", digest),
+            value,
+            Duration::from_secs(60),
+            vec![],
+            0,
+        )
+    };
+    const N: u32 = 5000;
+    let small = (0..N)
+        .map(|i| fill(i, bytes::Bytes::from_static(b"v")))
+        .collect();
+    let dropped = shed_within(&by_count, small, Duration::from_millis(500)).await;
+    // 4,096 wait in the queue and a few batches are out; every other fill was shed at once.
+    assert!(
+        dropped >= (N - 4096 - 64) as usize,
+        "{dropped} of {N} fills shed"
+    );
+    let big = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let large = (0..120).map(|i| fill(i, big.clone())).collect();
+    let dropped = shed_within(&by_bytes, large, Duration::from_millis(500)).await;
+    // 64 MiB wait in the queue and a few batches are out.
+    assert!(
+        dropped >= 120 - 64 - 32,
+        "{dropped} of 120 1 MiB fills shed"
+    );
+    server.resume();
 }
 
 server_suite!(

@@ -7,6 +7,7 @@
 //! caching resumes by itself. Every operation, reconnecting included, runs under one
 //! timeout, so a dead or paused server costs a request at most that long.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,8 @@ struct ValkeyInner {
     /// Fills waiting for the batch writer; started on the first fill, and again if the
     /// runtime it ran on has gone.
     fills: std::sync::Mutex<Option<mpsc::Sender<PendingFill>>>,
+    /// Bytes of entries waiting in that queue.
+    queued_bytes: std::sync::atomic::AtomicUsize,
     /// Created on first use: bb8 spawns its reaper task when a pool is built, which needs a
     /// Tokio runtime, and a store may well be built before the runtime starts.
     pool: OnceLock<bb8::Pool<RedisConnectionManager>>,
@@ -193,6 +196,7 @@ impl ValkeyStoreBuilder {
                 namespace: ns.clone(),
                 notices: std::sync::Mutex::new(None),
                 fills: std::sync::Mutex::new(None),
+                queued_bytes: std::sync::atomic::AtomicUsize::new(0),
                 entry_prefix: format!("{ns}:{SCHEMA}:e:"),
                 seq_key: format!("{ns}:{SCHEMA}:seq"),
                 purged_key: format!("{ns}:{SCHEMA}:purged"),
@@ -501,8 +505,10 @@ fn parse_seq(raw: Option<Vec<u8>>) -> u64 {
         .unwrap_or(0)
 }
 
-/// Most fills waiting for the batch writer: beyond this, fills are dropped.
+/// Most fills, and most bytes of entries, waiting for the batch writer: beyond either, new
+/// fills are dropped (a stalled store must not hold the app's memory hostage).
 const FILL_QUEUE: usize = 4096;
+const FILL_QUEUE_BYTES: usize = 64 << 20;
 /// Bounds on one batch: entries, and bytes of encoded entries. A script call holds the
 /// (single-threaded) server for its whole run, delaying every lookup queued behind it: eight
 /// fills keep that near 150 µs, and measured best (`scripts/load`, 4 to 32 tried).
@@ -548,6 +554,7 @@ async fn write_fills(inner: std::sync::Weak<ValkeyInner>, mut queue: mpsc::Recei
         let Some(first) = queue.recv().await else {
             return;
         };
+        let Some(inner) = inner.upgrade() else { return };
         let mut bytes = first.fill.value.len();
         let mut batch = Vec::with_capacity(FILL_BATCH);
         batch.push(first);
@@ -560,7 +567,7 @@ async fn write_fills(inner: std::sync::Weak<ValkeyInner>, mut queue: mpsc::Recei
                 Err(_) => break,
             }
         }
-        let Some(inner) = inner.upgrade() else { return };
+        inner.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         let (fills, replies): (Vec<Fill>, Vec<Reply>) =
             batch.into_iter().map(|p| (p.fill, p.done)).unzip();
         tokio::spawn(async move {
@@ -601,6 +608,8 @@ impl ValkeyStore {
                 Some(q) => slot.insert(q),
                 None => match tokio::runtime::Handle::try_current() {
                     Ok(runtime) => {
+                        // A writer that ended took its queue with it.
+                        self.inner.queued_bytes.store(0, Ordering::Relaxed);
                         let (tx, rx) = mpsc::channel(FILL_QUEUE);
                         runtime.spawn(write_fills(Arc::downgrade(&self.inner), rx));
                         slot.insert(tx)
@@ -611,7 +620,17 @@ impl ValkeyStore {
                     }
                 },
             };
-            queue.try_send(PendingFill { fill, done: reply })
+            let len = fill.value.len();
+            let queued = self.inner.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            if queued + len > FILL_QUEUE_BYTES {
+                self.inner.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                return reply.send(Ok(FillOutcome::Dropped));
+            }
+            queue
+                .try_send(PendingFill { fill, done: reply })
+                .inspect_err(|_| {
+                    self.inner.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                })
         };
         match sent {
             Ok(()) => {}
