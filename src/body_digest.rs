@@ -54,7 +54,10 @@ impl<S> Layer<S> for BodyDigestLayer {
     }
 }
 
-/// Reads and hashes the bodies of body-keyed `POST`s (see the [module docs](self)).
+/// Reads and hashes the bodies of body-keyed `POST`s: up to the route's limit, it puts a
+/// [`RequestBodyDigest`] in the request extensions for the cache key and passes the same
+/// bytes on as a [`BufferedBody`]; bodies over the limit, or that fail, go on as they came,
+/// with no digest (and so uncached).
 #[derive(Clone, Debug)]
 pub struct BodyDigest<S> {
     inner: S,
