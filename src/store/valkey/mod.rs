@@ -84,6 +84,7 @@ struct ValkeyInner {
     connect_timeout: Duration,
     conn: RwLock<Option<MultiplexedConnection>>,
     entry_prefix: String,
+    lease_prefix: String,
     seq_key: String,
     purged_key: String,
     channel: String,
@@ -198,6 +199,7 @@ impl ValkeyStoreBuilder {
                 fills: std::sync::Mutex::new(None),
                 queued_bytes: std::sync::atomic::AtomicUsize::new(0),
                 entry_prefix: format!("{ns}:{SCHEMA}:e:"),
+                lease_prefix: format!("{ns}:{SCHEMA}:l:"),
                 seq_key: format!("{ns}:{SCHEMA}:seq"),
                 purged_key: format!("{ns}:{SCHEMA}:purged"),
                 channel: format!("{ns}:{SCHEMA}:inv"),
@@ -300,17 +302,18 @@ impl ValkeyStore {
     }
 
     /// `{ns}:1:l:{route}:{hex}`: who fetches this key from the origin right now.
-    fn lease_key(&self, key: &EntryKey) -> String {
-        let mut s = format!("{}:{SCHEMA}:l:", self.inner.namespace);
-        key.write_to(&mut s);
-        s
+    fn lease_key<'a>(&'a self, key: &'a EntryKey) -> KeyArg<'a> {
+        KeyArg {
+            prefix: &self.inner.lease_prefix,
+            key,
+        }
     }
 
-    fn entry_key(&self, key: &EntryKey) -> String {
-        let mut s = String::with_capacity(self.inner.entry_prefix.len() + key.route().len() + 65);
-        s.push_str(&self.inner.entry_prefix);
-        key.write_to(&mut s);
-        s
+    fn entry_key<'a>(&'a self, key: &'a EntryKey) -> KeyArg<'a> {
+        KeyArg {
+            prefix: &self.inner.entry_prefix,
+            key,
+        }
     }
 
     fn cached_connection(&self) -> Option<MultiplexedConnection> {
@@ -443,6 +446,25 @@ async fn run_subscription(inner: Arc<ValkeyInner>, tx: broadcast::Sender<Notice>
         // Anything published until we are back is missed.
         let _ = tx.send(Notice::Lost);
         tracing::warn!("cache invalidation subscription lost; reconnecting");
+    }
+}
+
+/// `{prefix}{route}:{hex digest}`, written straight into a command's buffer: a lookup
+/// allocates no key string.
+struct KeyArg<'a> {
+    prefix: &'a str,
+    key: &'a EntryKey,
+}
+
+impl redis::ToRedisArgs for KeyArg<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's Vec cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(self.key.route().as_bytes());
+        let _ = arg.write_all(b":");
+        let _ = arg.write_all(&crate::key::hex(self.key.digest()));
     }
 }
 
