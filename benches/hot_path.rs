@@ -81,6 +81,25 @@ fn key_derivation(c: &mut Criterion) {
     });
 }
 
+fn entry_format(c: &mut Criterion) {
+    use tower_cache_aside::__bench::{decode_entry, encode_entry};
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("content-length", "1024".parse().unwrap());
+    headers.insert("cache-control", "public, max-age=300".parse().unwrap());
+    let body = Bytes::from(vec![b'x'; BODY]);
+    let tags = vec!["events".to_owned(), "event:12345".to_owned()];
+    let encoded = encode_entry(&headers, body.clone(), tags.clone());
+    let mut g = c.benchmark_group("entry (1 KiB body, 3 headers, 2 tags)");
+    g.bench_function("encode", |b| {
+        b.iter(|| encode_entry(&headers, body.clone(), tags.clone()))
+    });
+    g.bench_function("decode", |b| {
+        b.iter(|| decode_entry(std::hint::black_box(encoded.clone())).unwrap())
+    });
+    g.finish();
+}
+
 fn memory_paths(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -181,6 +200,6 @@ fn valkey_paths(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = key_derivation, memory_paths, valkey_paths
+    targets = key_derivation, entry_format, memory_paths, valkey_paths
 }
 criterion_main!(benches);

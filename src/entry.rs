@@ -266,8 +266,10 @@ impl<'a> Reader<'a> {
     }
     fn headers(&mut self, whole: &Bytes) -> Result<HeaderMap, DecodeError> {
         let n = self.u16()? as usize;
-        // Room for the headers a hit adds (Age, Cache-Status, X-Cache, Content-Length).
-        let mut map = HeaderMap::with_capacity(n.min(64) + 4);
+        // Room for exactly the headers a hit adds (Age, Cache-Status, X-Cache): one more
+        // crosses HeaderMap's next power of two, and a 1 KiB+ allocation (decode 220 → 264 ns
+        // with 3 stored headers, `cargo bench --bench hot_path -- entry`).
+        let mut map = HeaderMap::with_capacity(n.min(64) + 3);
         for _ in 0..n {
             let len = self.u16()? as usize;
             let name = HeaderName::from_bytes(self.take(len)?)

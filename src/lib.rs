@@ -35,3 +35,35 @@ pub use store::tiered::{TieredStore, DEFAULT_MAX_NEAR_TTL};
 pub use store::valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};
 pub use store::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
 pub use tags::MAX_TAGS_PER_RESPONSE;
+
+/// The entry format, for this crate's own benchmarks (`benches/hot_path.rs`). Not a stable
+/// API: it may change in any release.
+#[doc(hidden)]
+pub mod __bench {
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    /// Encodes a 200 response with these headers, body and tags, as the store keeps it.
+    pub fn encode_entry(headers: &HeaderMap, body: Bytes, tags: Vec<String>) -> Bytes {
+        crate::entry::Entry {
+            status: StatusCode::OK,
+            headers: headers.clone(),
+            body,
+            trailers: None,
+            stored_at_ms: crate::entry::now_ms(),
+            lifetime_ms: 300_000,
+            initial_age_s: 0,
+            fence: 1,
+            stale_while_revalidate_ms: 0,
+            stale_if_error_ms: 0,
+            tags,
+        }
+        .encode()
+    }
+
+    /// Decodes an entry as a hit does; returns its body length and header count.
+    pub fn decode_entry(encoded: Bytes) -> Option<(usize, usize)> {
+        let entry = crate::entry::Entry::decode(encoded).ok()?;
+        Some((entry.body.len(), entry.headers.len()))
+    }
+}
