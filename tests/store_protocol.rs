@@ -145,16 +145,18 @@ async fn fill_tagged<St: tower_cache_aside::Store>(store: &St, n: u16, ttl: Dura
     }
 }
 
+/// The store's invalidation sequence now, as a lookup reports it.
+async fn current_fence<St: tower_cache_aside::Store>(store: &St) -> u64 {
+    let probe = tower_cache_aside::EntryKey::new("r", [0; 32]);
+    store.lookup(&probe).await.unwrap().fence
+}
+
 async fn tag_indexes_expire_with_their_entries(kind: Kind) {
     use tower_cache_aside::{EntryKey, Fill, Store};
     let server = Server::start(kind);
     let store = valkey_store(&server);
     let mut conn = raw(&server).await;
-    let fence = store
-        .lookup(&EntryKey::new("r", [0; 32]))
-        .await
-        .unwrap()
-        .fence;
+    let fence = current_fence(&store).await;
     fill_tagged(&store, 500, Duration::from_millis(400), fence).await;
     let size: u64 = rds::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
     assert_eq!(
@@ -230,17 +232,9 @@ async fn concurrent_fills_are_batched_and_fenced_each(kind: Kind) {
     let server = Server::start(kind);
     let store = valkey_store(&server);
     let mut conn = raw(&server).await;
-    let before = store
-        .lookup(&EntryKey::new("r", [0; 32]))
-        .await
-        .unwrap()
-        .fence;
+    let before = current_fence(&store).await;
     store.invalidate(&["cleared".to_owned()]).await.unwrap();
-    let after = store
-        .lookup(&EntryKey::new("r", [0; 32]))
-        .await
-        .unwrap()
-        .fence;
+    let after = current_fence(&store).await;
     assert!(after > before);
     let _: () = rds::cmd("CONFIG")
         .arg("RESETSTAT")
