@@ -40,13 +40,27 @@ async fn command_calls(conn: &mut rds::aio::MultiplexedConnection) -> Vec<(Strin
 
 async fn one_round_trip_per_hit(kind: Kind) {
     let server = Server::start(kind);
-    let l = CacheLayer::new(valkey_store(&server)).routes(routes());
+    hits_send(&server, valkey_store(&server), "get").await;
+    // Without client tracking, every lookup reads the records with the entry.
+    let untracked = tower_cache_aside::ValkeyStore::builder()
+        .url(server.url())
+        .namespace("untracked")
+        .operation_timeout(Duration::from_secs(1))
+        .client_tracking(false)
+        .build()
+        .unwrap();
+    hits_send(&server, untracked, "mget").await;
+}
+
+/// Serves 100 hits and checks that each sent exactly one `command`, and nothing else.
+async fn hits_send(server: &Server, store: tower_cache_aside::ValkeyStore, command: &str) {
+    let l = CacheLayer::new(store).routes(routes());
     let stats = l.stats();
     let (app, calls) = app(l);
     get(&app, "/items/1").await;
     fills_reach(&stats, 1).await;
     get(&app, "/items/1").await; // the connection is warm
-    let mut conn = raw(&server).await;
+    let mut conn = raw(server).await;
     let _: () = rds::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut conn)
@@ -62,11 +76,11 @@ async fn one_round_trip_per_hit(kind: Kind) {
         .iter()
         .filter(|(n, _)| n != "info" && n != "config|resetstat")
         .collect();
-    eprintln!("[{kind:?}] commands for {HITS} hits: {ours:?}");
+    eprintln!("commands for {HITS} hits: {ours:?}");
     assert_eq!(
         ours,
-        vec![&("mget".to_owned(), HITS)],
-        "exactly one MGET per hit, nothing else"
+        vec![&(command.to_owned(), HITS)],
+        "exactly one {command} per hit, nothing else"
     );
     assert_eq!(calls.get(), 1);
 }
@@ -367,7 +381,92 @@ async fn a_stalled_store_sheds_fills(kind: Kind) {
     server.resume();
 }
 
+/// One instance keeps the records on its side of the connection; another instance's purge
+/// or clear must still be seen by the very next lookup, with no time for pub/sub.
+async fn known_records_follow_other_instances_exactly(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Store};
+    let server = Server::start(kind);
+    let (a, b) = (valkey_store(&server), valkey_store(&server));
+    let key = EntryKey::new("r", [7; 32]);
+    let mut conn = raw(&server).await;
+    let mut gets = 0;
+    let mut purged = 0;
+    for round in 0..200u32 {
+        // Arm A, then move the records from B and look again at once from A.
+        a.lookup(&key).await.unwrap();
+        a.lookup(&key).await.unwrap();
+        let seq = if round % 2 == 0 {
+            purged = b.purge().await.unwrap();
+            purged
+        } else {
+            b.invalidate(&[format!("t{round}")]).await.unwrap().seq
+        };
+        let seen = a.lookup(&key).await.unwrap();
+        assert_eq!(
+            (seen.fence, seen.purged),
+            (seq, purged),
+            "round {round}: a lookup after another instance's change saw older records"
+        );
+        if round == 0 {
+            gets = command_calls(&mut conn)
+                .await
+                .iter()
+                .find(|(n, _)| n == "get")
+                .map_or(0, |(_, c)| *c);
+        }
+    }
+    let gets_now = command_calls(&mut conn)
+        .await
+        .iter()
+        .find(|(n, _)| n == "get")
+        .map_or(0, |(_, c)| *c);
+    assert!(
+        gets_now >= gets + 199,
+        "the armed lookups were plain GETs ({gets} then {gets_now})"
+    );
+}
+
+/// A server that refuses `CLIENT TRACKING` (here by ACL) is served `MGET`s, as coherent.
+async fn a_server_refusing_tracking_gets_mget(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Store};
+    let server = Server::start(kind);
+    let mut conn = raw(&server).await;
+    let _: () = rds::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "notrack",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-client|tracking",
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let url = server.url().replace("redis://", "redis://notrack:pw@");
+    let a = tower_cache_aside::ValkeyStore::builder()
+        .url(url)
+        .operation_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let b = valkey_store(&server);
+    let key = EntryKey::new("r", [7; 32]);
+    for _ in 0..3 {
+        a.lookup(&key).await.unwrap();
+    }
+    let p = b.purge().await.unwrap();
+    assert_eq!(a.lookup(&key).await.unwrap().purged, p);
+    let calls = command_calls(&mut conn).await;
+    let count = |name: &str| calls.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
+    assert_eq!(count("get"), 0, "{calls:?}");
+    assert!(count("mget") >= 4, "{calls:?}");
+}
+
 server_suite!(
+    known_records_follow_other_instances_exactly,
+    a_server_refusing_tracking_gets_mget,
     a_stalled_store_sheds_fills,
     concurrent_fills_are_batched_and_fenced_each,
     one_round_trip_per_hit,

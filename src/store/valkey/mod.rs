@@ -1,7 +1,9 @@
 //! The Valkey / Redis store on a `bb8-redis` pool.
 //!
 //! Hot path: one cloned `MultiplexedConnection` is kept outside the pool, so a lookup is one
-//! round trip (`MGET entry fence`) with no checkout and no PING. When that connection breaks
+//! round trip with no checkout and no PING: a plain `GET` of the entry while the connection
+//! knows the invalidation sequence and the purge record (see `tracking`), else one `MGET` of
+//! all three. When that connection breaks
 //! (an I/O error or a timeout) it is dropped and the next operation takes a fresh one from
 //! the pool, which PINGs on checkout and so replaces the broken one: after a server restart
 //! caching resumes by itself. Every operation, reconnecting included, runs under one
@@ -13,11 +15,13 @@ use std::time::{Duration, Instant};
 
 use bb8_redis::bb8;
 use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError};
-use bb8_redis::RedisConnectionManager;
 use bytes::Bytes;
 
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
+
+mod tracking;
+use tracking::{Manager, Tracked};
 
 use super::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
 use crate::error::{ConfigError, StoreError};
@@ -78,11 +82,11 @@ struct ValkeyInner {
     queued_bytes: std::sync::atomic::AtomicUsize,
     /// Created on first use: bb8 spawns its reaper task when a pool is built, which needs a
     /// Tokio runtime, and a store may well be built before the runtime starts.
-    pool: OnceLock<bb8::Pool<RedisConnectionManager>>,
-    manager: RedisConnectionManager,
+    pool: OnceLock<bb8::Pool<Manager>>,
+    manager: Manager,
     pool_size: u32,
     connect_timeout: Duration,
-    conn: RwLock<Option<MultiplexedConnection>>,
+    conn: RwLock<Option<Tracked>>,
     entry_prefix: String,
     lease_prefix: String,
     seq_key: String,
@@ -111,6 +115,7 @@ pub struct ValkeyStoreBuilder {
     operation_timeout: Duration,
     connect_timeout: Duration,
     pool_size: u32,
+    client_tracking: bool,
 }
 
 impl Default for ValkeyStoreBuilder {
@@ -121,6 +126,7 @@ impl Default for ValkeyStoreBuilder {
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
             connect_timeout: Duration::from_secs(2),
             pool_size: 4,
+            client_tracking: true,
         }
     }
 }
@@ -160,6 +166,17 @@ impl ValkeyStoreBuilder {
         self
     }
 
+    /// Whether lookups keep the invalidation sequence and the purge record on this side
+    /// (default on): the data connection speaks RESP3 and has the server announce changes to
+    /// those two keys (`CLIENT TRACKING ON BCAST`), so a hit is a plain `GET` instead of an
+    /// `MGET` of three keys, exactly as coherent. Turn it off for a proxy or server that
+    /// does not speak RESP3 or refuses `CLIENT TRACKING` (a server that refuses it is also
+    /// detected, and served the `MGET`).
+    pub fn client_tracking(mut self, on: bool) -> Self {
+        self.client_tracking = on;
+        self
+    }
+
     /// Builds the store. Nothing is connected yet: the first operation connects, so an
     /// application starts even while the server is down.
     pub fn build(self) -> Result<ValkeyStore, ConfigError> {
@@ -184,7 +201,18 @@ impl ValkeyStoreBuilder {
                 "cannot use `{display_url}` as a Valkey URL ({e}); expected redis://[:password@]host[:port][/db]"
             ))
         };
-        let manager = RedisConnectionManager::new(url.as_str()).map_err(bad_url)?;
+        let seq_key = format!("{ns}:{SCHEMA}:seq");
+        let purged_key = format!("{ns}:{SCHEMA}:purged");
+        let tracking = self
+            .client_tracking
+            .then(|| [seq_key.clone(), purged_key.clone()]);
+        let manager = Manager::new(
+            url.as_str(),
+            tracking,
+            self.operation_timeout,
+            display_url.clone(),
+        )
+        .map_err(bad_url)?;
         let client = redis::Client::open(url.as_str()).map_err(bad_url)?;
         Ok(ValkeyStore {
             inner: Arc::new(ValkeyInner {
@@ -200,8 +228,8 @@ impl ValkeyStoreBuilder {
                 queued_bytes: std::sync::atomic::AtomicUsize::new(0),
                 entry_prefix: format!("{ns}:{SCHEMA}:e:"),
                 lease_prefix: format!("{ns}:{SCHEMA}:l:"),
-                seq_key: format!("{ns}:{SCHEMA}:seq"),
-                purged_key: format!("{ns}:{SCHEMA}:purged"),
+                seq_key,
+                purged_key,
                 channel: format!("{ns}:{SCHEMA}:inv"),
                 operation_timeout: self.operation_timeout,
                 display_url,
@@ -316,7 +344,7 @@ impl ValkeyStore {
         }
     }
 
-    fn cached_connection(&self) -> Option<MultiplexedConnection> {
+    fn cached_connection(&self) -> Option<Tracked> {
         self.inner
             .conn
             .read()
@@ -327,7 +355,7 @@ impl ValkeyStore {
     /// Takes a fresh connection from the pool and keeps a clone of it for every later
     /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
     /// does on checkout costs nothing on the hot path and weeds out dead connections.
-    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn connect(&self) -> Result<Tracked, StoreError> {
         let inner = &self.inner;
         let pool = inner.pool.get_or_init(|| {
             bb8::Pool::builder()
@@ -341,11 +369,8 @@ impl ValkeyStore {
             bb8::RunError::User(e) => classify(e),
             bb8::RunError::TimedOut => StoreError::Timeout,
         })?;
-        let mut conn = pooled.clone();
+        let conn = pooled.clone();
         drop(pooled);
-        // redis-rs bounds every command on this connection (500 ms by default): use ours, so
-        // the hot path runs under a single timer.
-        conn.set_response_timeout(inner.operation_timeout);
         *inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         Ok(conn)
     }
@@ -363,6 +388,15 @@ impl ValkeyStore {
     async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        self.run_tracked(|t| command(t.conn)).await
+    }
+
+    /// [`run`](Self::run), with what the connection knows of the records.
+    async fn run_tracked<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Tracked) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
         let result = match self.cached_connection() {
@@ -498,6 +532,12 @@ fn classify(e: RedisError) -> StoreError {
     } else {
         StoreError::Server(Box::new(e))
     }
+}
+
+/// What a lookup read: the entry alone (the records were known), or all three.
+enum Read {
+    Entry(redis::Value, u64, u64),
+    All(redis::Value, std::sync::Arc<tracking::Tracker>, u64),
 }
 
 /// One value of an `MGET` reply: a string or nil.
@@ -717,32 +757,54 @@ impl Store for ValkeyStore {
     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
         let entry_key = self.entry_key(key);
         let inner = &self.inner;
-        // The reply is read here rather than through `query_async`, which copies every array
+        // Replies are read here rather than through `query_async`, which copies every array
         // reply once more to look for errors in it.
-        let reply = self
-            .run(|mut c| async move {
+        let read = self
+            .run_tracked(|t| async move {
                 use redis::aio::ConnectionLike;
+                let mut c = t.conn;
+                if let Some(known) = t.tracker.known() {
+                    let mut get = redis::cmd("GET");
+                    get.arg(&entry_key);
+                    let reply = c.req_packed_command(&get).await?;
+                    if t.tracker.still(&known) {
+                        return Ok(Read::Entry(reply, known.seq, known.purged));
+                    }
+                    // A record changed meanwhile: read them all (rare).
+                }
+                let mark = t.tracker.mark();
                 let mut mget = redis::cmd("MGET");
                 mget.arg(&entry_key)
                     .arg(&inner.seq_key)
                     .arg(&inner.purged_key);
-                c.req_packed_command(&mget).await
+                let reply = c.req_packed_command(&mget).await?;
+                Ok(Read::All(reply, t.tracker, mark))
             })
             .await?;
-        let redis::Value::Array(mut items) = reply else {
-            return Err(unexpected_reply(reply));
-        };
-        if items.len() != 3 {
-            return Err(unexpected_reply(redis::Value::Array(items)));
+        match read {
+            Read::Entry(reply, fence, purged) => Ok(Lookup {
+                value: bulk(Some(reply))?.map(Bytes::from),
+                fence,
+                purged,
+            }),
+            Read::All(reply, tracker, mark) => {
+                let redis::Value::Array(mut items) = reply else {
+                    return Err(unexpected_reply(reply));
+                };
+                if items.len() != 3 {
+                    return Err(unexpected_reply(redis::Value::Array(items)));
+                }
+                let purged = parse_seq(bulk(items.pop())?);
+                let fence = parse_seq(bulk(items.pop())?);
+                let value = bulk(items.pop())?;
+                tracker.arm(mark, fence, purged);
+                Ok(Lookup {
+                    value: value.map(Bytes::from),
+                    fence,
+                    purged,
+                })
+            }
         }
-        let purged = bulk(items.pop())?;
-        let seq = bulk(items.pop())?;
-        let value = bulk(items.pop())?;
-        Ok(Lookup {
-            value: value.map(Bytes::from),
-            fence: parse_seq(seq),
-            purged: parse_seq(purged),
-        })
     }
 
     /// Queued for the batch writer, which sends whatever fills are waiting as one script
