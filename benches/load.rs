@@ -325,7 +325,13 @@ fn main() {
     let valkey_pid = valkey.pid();
 
     let backend = DelayLine::start();
-    let valkey_store = || ValkeyStore::builder().url(url.as_str()).build().unwrap();
+    let valkey_store = || {
+        ValkeyStore::builder()
+            .url(url.as_str())
+            .client_tracking(std::env::var("LOAD_CLIENT_TRACKING").as_deref() != Ok("0"))
+            .build()
+            .unwrap()
+    };
     // The miss cases must miss: their stats are checked after the runs.
     let (slow, slow_stats) = cached_with_stats(slow_app(None), valkey_store());
     let (backed, backed_stats) = cached_with_stats(slow_app(Some(backend.clone())), valkey_store());
