@@ -470,3 +470,21 @@ store_suite!(
     concurrent_clients_all_get_correct_bodies,
     odd_inputs_are_served_safely,
 );
+
+/// A status name longer than the stack buffer the status header is formatted in still
+/// yields the whole value.
+#[tokio::test]
+async fn a_long_cache_status_name_is_written_whole() {
+    let name = "x".repeat(200);
+    let l = layer(MemoryStore::new(1 << 20)).cache_status_name(&name);
+    let stats = l.stats();
+    let (app, _) = app(l);
+    get(&app, "/items/1").await;
+    fills_reach(&stats, 1).await;
+    let hit = get(&app, "/items/1").await;
+    let status = hit.cache_status();
+    assert!(
+        status.starts_with(&format!("{name}; hit; ttl=")),
+        "{status}"
+    );
+}

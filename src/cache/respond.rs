@@ -23,12 +23,20 @@ use crate::tags::{push_tags, take_entry_tags};
 impl<St: Store> Shared<St> {
     pub(crate) fn status_value(&self, detail: std::fmt::Arguments<'_>) -> HeaderValue {
         use std::io::Write;
-        // One allocation: the bytes the header value keeps.
+        let fallback = |_| HeaderValue::from_static("tower-cache-aside");
+        // Formatted on the stack and copied once into an exactly sized buffer: one
+        // allocation (a `Vec` with spare capacity would need a second for `Bytes`).
+        let mut buf = [0u8; 160];
+        let mut w = std::io::Cursor::new(&mut buf[..]);
+        if w.write_all(self.status_name.as_bytes()).is_ok() && write!(w, "; {detail}").is_ok() {
+            let n = w.position() as usize;
+            return HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(fallback);
+        }
+        // A long status name: format on the heap.
         let mut v = Vec::with_capacity(self.status_name.len() + 48);
         v.extend_from_slice(self.status_name.as_bytes());
         let _ = write!(v, "; {detail}");
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
-            .unwrap_or_else(|_| HeaderValue::from_static("tower-cache-aside"))
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).unwrap_or_else(fallback)
     }
 
     pub(crate) fn mark(
