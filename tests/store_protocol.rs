@@ -464,7 +464,36 @@ async fn a_server_refusing_tracking_gets_mget(kind: Kind) {
     assert!(count("mget") >= 4, "{calls:?}");
 }
 
+/// A server that forgot the fill script (a restart with no persistence, `SCRIPT FLUSH`) is
+/// sent it again, and the fill lands.
+async fn a_forgotten_fill_script_is_loaded_again(kind: Kind) {
+    use tower_cache_aside::{EntryKey, FillOutcome, Store};
+    let server = Server::start(kind);
+    let store = valkey_store(&server);
+    let mut conn = raw(&server).await;
+    let fence = current_fence(&store).await;
+    for round in 0..2u8 {
+        let _: () = rds::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let key = EntryKey::new("r", [round; 32]);
+        let fill = tower_cache_aside::Fill::new(
+            key.clone(),
+            bytes::Bytes::from_static(b"v"),
+            Duration::from_secs(60),
+            vec!["t".to_owned()],
+            fence,
+        );
+        assert_eq!(store.fill(fill).await.unwrap(), FillOutcome::Stored);
+        let found = store.lookup(&key).await.unwrap();
+        assert_eq!(found.value.as_deref(), Some(&b"v"[..]));
+    }
+}
+
 server_suite!(
+    a_forgotten_fill_script_is_loaded_again,
     known_records_follow_other_instances_exactly,
     a_server_refusing_tracking_gets_mget,
     a_stalled_store_sheds_fills,

@@ -72,7 +72,6 @@ pub struct ValkeyStore {
 
 struct ValkeyInner {
     client: redis::Client,
-    namespace: String,
     /// Subscribers share one pub/sub connection; `None` until the first subscribe.
     notices: std::sync::Mutex<Option<broadcast::Sender<Notice>>>,
     /// Fills waiting for the batch writer; started on the first fill, and again if the
@@ -89,6 +88,8 @@ struct ValkeyInner {
     conn: RwLock<Option<Tracked>>,
     entry_prefix: String,
     lease_prefix: String,
+    index_prefix: String,
+    cleared_prefix: String,
     seq_key: String,
     purged_key: String,
     channel: String,
@@ -222,12 +223,13 @@ impl ValkeyStoreBuilder {
                 connect_timeout: self.connect_timeout,
                 conn: RwLock::new(None),
                 client,
-                namespace: ns.clone(),
                 notices: std::sync::Mutex::new(None),
                 fills: std::sync::Mutex::new(None),
                 queued_bytes: std::sync::atomic::AtomicUsize::new(0),
                 entry_prefix: format!("{ns}:{SCHEMA}:e:"),
                 lease_prefix: format!("{ns}:{SCHEMA}:l:"),
+                index_prefix: format!("{ns}:{SCHEMA}:t:"),
+                cleared_prefix: format!("{ns}:{SCHEMA}:c:"),
                 seq_key,
                 purged_key,
                 channel: format!("{ns}:{SCHEMA}:inv"),
@@ -288,25 +290,29 @@ impl ValkeyStore {
 
     /// The index and clear-record keys of a tag.
     fn tag_keys(&self, tag: &str) -> (String, String) {
-        let ns = &self.inner.namespace;
-        let safe = tag.len() <= 64
-            && tag
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
-        let name = if safe {
-            tag.to_owned()
-        } else {
-            let mut n = String::from("#");
-            crate::key::push_hex(
-                &mut n,
-                &<sha2::Sha256 as sha2::Digest>::digest(tag.as_bytes()),
-            );
-            n
+        let render = |key: TagKey<'_>| {
+            let mut out = Vec::new();
+            key.write_to(&mut out);
+            // Built from the namespace (validated) and a safe name or hex digest.
+            String::from_utf8(out).unwrap_or_default()
         };
-        (
-            format!("{ns}:{SCHEMA}:t:{name}"),
-            format!("{ns}:{SCHEMA}:c:{name}"),
-        )
+        (render(self.index_key(tag)), render(self.cleared_key(tag)))
+    }
+
+    /// `{ns}:1:t:{tag}`: the tag's index.
+    fn index_key<'a>(&'a self, tag: &'a str) -> TagKey<'a> {
+        TagKey {
+            prefix: &self.inner.index_prefix,
+            tag,
+        }
+    }
+
+    /// `{ns}:1:c:{tag}`: the tag's clear record.
+    fn cleared_key<'a>(&'a self, tag: &'a str) -> TagKey<'a> {
+        TagKey {
+            prefix: &self.inner.cleared_prefix,
+            tag,
+        }
     }
 
     /// Announcements of every clear in this namespace, from any instance. The first call
@@ -499,6 +505,38 @@ impl redis::ToRedisArgs for KeyArg<'_> {
         let _ = arg.write_all(self.key.route().as_bytes());
         let _ = arg.write_all(b":");
         let _ = arg.write_all(&crate::key::hex(self.key.digest()));
+    }
+}
+
+/// `{prefix}{tag}` for a tag of at most 64 bytes of `[A-Za-z0-9_.:-]`, else
+/// `{prefix}#{sha256 hex of the tag}`, written straight into a command's buffer.
+struct TagKey<'a> {
+    prefix: &'a str,
+    tag: &'a str,
+}
+
+impl TagKey<'_> {
+    fn write_to(&self, out: &mut impl std::io::Write) {
+        // Writing into a Vec cannot fail.
+        let _ = out.write_all(self.prefix.as_bytes());
+        let safe = self.tag.len() <= 64
+            && self
+                .tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+        if safe {
+            let _ = out.write_all(self.tag.as_bytes());
+        } else {
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(self.tag.as_bytes());
+            let _ = out.write_all(b"#");
+            let _ = out.write_all(&crate::key::hex(&digest.into()));
+        }
+    }
+}
+
+impl redis::ToRedisArgs for TagKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        self.write_to(&mut out.writer_for_next_arg());
     }
 }
 
@@ -712,35 +750,79 @@ impl ValkeyStore {
 
     /// One call of the fill script for a batch; one 1 (stored) or 0 (fenced) per fill.
     async fn fill_batch(&self, batch: &[Fill]) -> Result<Vec<i64>, StoreError> {
-        let mut invocation = FILL.prepare_invoke();
-        invocation.key(&self.inner.purged_key);
-        for fill in batch {
-            invocation.key(self.entry_key(&fill.key));
-            for tag in &fill.tags {
-                let (index, cleared) = self.tag_keys(tag);
-                invocation.key(index).key(cleared);
-            }
-            let ttl_ms = fill.ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
-            invocation
-                .arg(fill.value.as_ref())
-                .arg(ttl_ms)
-                .arg(fill.fence)
-                .arg(fill.tags.len());
-        }
-        let stored: Vec<i64> = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+        let command = self.fill_command(batch);
+        let reply = self
+            .run(|mut c| async move {
+                use redis::aio::ConnectionLike;
+                match c.req_packed_command(&command).await? {
+                    // The server forgot the script (a restart, SCRIPT FLUSH): load it again.
+                    redis::Value::ServerError(e)
+                        if e.kind() == Some(redis::ServerErrorKind::NoScript) =>
+                    {
+                        FILL.prepare_invoke().load_async(&mut c).await?;
+                        c.req_packed_command(&command).await
+                    }
+                    reply => Ok(reply),
+                }
+            })
             .await?;
-        if stored.len() != batch.len() {
-            return Err(StoreError::Server(
+        let stored: Option<Vec<i64>> = match &reply {
+            redis::Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    redis::Value::Int(n) => Some(*n),
+                    _ => None,
+                })
+                .collect(),
+            _ => None,
+        };
+        match stored {
+            Some(stored) if stored.len() == batch.len() => Ok(stored),
+            Some(stored) => Err(StoreError::Server(
                 format!(
                     "the fill script answered {} outcomes for {} fills",
                     stored.len(),
                     batch.len()
                 )
                 .into(),
-            ));
+            )),
+            None => Err(match reply {
+                redis::Value::ServerError(e) => StoreError::Server(Box::new(RedisError::from(e))),
+                other => unexpected_reply(other),
+            }),
         }
-        Ok(stored)
+    }
+
+    /// `EVALSHA` of the fill script for a batch, written into one buffer sized up front:
+    /// each entry is copied once, and no key becomes a string of its own.
+    fn fill_command(&self, batch: &[Fill]) -> redis::Cmd {
+        let inner = &self.inner;
+        let tags: usize = batch.iter().map(|f| f.tags.len()).sum();
+        let keys = 1 + batch.len() + 2 * tags;
+        let key_bytes = inner.purged_key.len()
+            + batch.len() * (inner.entry_prefix.len() + 80)
+            + 2 * tags * (inner.index_prefix.len() + 66);
+        let value_bytes: usize = batch.iter().map(|f| f.value.len() + 48).sum();
+        let mut cmd =
+            redis::Cmd::with_capacity(3 + keys + 4 * batch.len(), key_bytes + value_bytes + 64);
+        cmd.arg("EVALSHA")
+            .arg(FILL.get_hash())
+            .arg(keys)
+            .arg(&inner.purged_key);
+        for fill in batch {
+            cmd.arg(self.entry_key(&fill.key));
+            for tag in &fill.tags {
+                cmd.arg(self.index_key(tag)).arg(self.cleared_key(tag));
+            }
+        }
+        for fill in batch {
+            let ttl_ms = fill.ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64;
+            cmd.arg(fill.value.as_ref())
+                .arg(ttl_ms)
+                .arg(fill.fence)
+                .arg(fill.tags.len());
+        }
+        cmd
     }
 }
 
