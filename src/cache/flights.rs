@@ -5,6 +5,7 @@
 //! instead of queueing behind each other.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,10 +30,21 @@ type Slot = watch::Sender<Option<Landed>>;
 /// Most keys remembered as hit-for-miss; past it the memory is dropped (it is only a hint).
 const MAX_HIT_FOR_MISS: usize = 100_000;
 
+/// A key's flight: the leader's result once it landed, and a channel once someone waits.
+/// Most misses have no waiter, so the channel is made only for the first one.
+#[derive(Debug, Default)]
+struct Flight {
+    slot: Option<Slot>,
+    landed: Option<Landed>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
-    in_flight: Mutex<HashMap<EntryKey, Slot>>,
+    in_flight: Mutex<HashMap<EntryKey, Flight>>,
     hit_for_miss: Mutex<HashMap<EntryKey, Instant>>,
+    /// Whether `hit_for_miss` may hold anything: most apps never fill it, and then a miss
+    /// does not take its lock. A hint, like the map.
+    any_hit_for_miss: AtomicBool,
 }
 
 pub(crate) enum Join {
@@ -48,17 +60,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Flights {
     pub(crate) fn join(self: &Arc<Self>, key: &EntryKey) -> Join {
-        if let Some(until) = lock(&self.hit_for_miss).get(key) {
-            if *until > Instant::now() {
-                return Join::Alone;
+        if self.any_hit_for_miss.load(Ordering::Relaxed) {
+            if let Some(until) = lock(&self.hit_for_miss).get(key) {
+                if *until > Instant::now() {
+                    return Join::Alone;
+                }
             }
         }
         let mut map = lock(&self.in_flight);
-        if let Some(slot) = map.get(key) {
-            return Join::Waiter(slot.subscribe());
+        if let Some(flight) = map.get_mut(key) {
+            let rx = match (&flight.landed, &flight.slot) {
+                // Landed, its entry not yet in the store: take it at once.
+                (Some(landed), _) => watch::channel(Some(landed.clone())).1,
+                (None, Some(slot)) => slot.subscribe(),
+                (None, None) => {
+                    let (tx, rx) = watch::channel(None);
+                    flight.slot = Some(tx);
+                    rx
+                }
+            };
+            return Join::Waiter(rx);
         }
-        let (tx, _) = watch::channel(None);
-        map.insert(key.clone(), tx);
+        map.insert(key.clone(), Flight::default());
         Join::Leader(FlightGuard {
             flights: self.clone(),
             key: key.clone(),
@@ -87,13 +110,19 @@ impl Flights {
                 hfm.clear();
             }
         }
+
         hfm.insert(key.clone(), now + window);
+        self.any_hit_for_miss.store(true, Ordering::Relaxed);
     }
 
     fn forget_uncacheable(&self, key: &EntryKey) {
+        if !self.any_hit_for_miss.load(Ordering::Relaxed) {
+            return;
+        }
         let mut hfm = lock(&self.hit_for_miss);
-        if !hfm.is_empty() {
-            hfm.remove(key);
+        hfm.remove(key);
+        if hfm.is_empty() {
+            self.any_hit_for_miss.store(false, Ordering::Relaxed);
         }
     }
 
@@ -155,8 +184,11 @@ impl FlightGuard {
 
     fn send(&mut self, landed: Landed) {
         self.landed = true;
-        if let Some(slot) = lock(&self.flights.in_flight).get(&self.key) {
-            slot.send_replace(Some(landed));
+        if let Some(flight) = lock(&self.flights.in_flight).get_mut(&self.key) {
+            if let Some(slot) = &flight.slot {
+                slot.send_replace(Some(landed.clone()));
+            }
+            flight.landed = Some(landed);
         }
     }
 }
@@ -230,6 +262,30 @@ mod tests {
         guard.land(Landed::Uncacheable, Duration::from_secs(60));
         assert!(matches!(flights.join(&key), Join::Alone));
         assert!(flights.lead(&key).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_arriving_after_the_landing_takes_the_entry_at_once() {
+        let flights = Arc::new(Flights::default());
+        let key = EntryKey::new("r", [4; 32]);
+        let Join::Leader(guard) = flights.join(&key) else {
+            panic!()
+        };
+        // Nobody waited: no channel was made, yet a late waiter must see the result.
+        let landing = guard.land(
+            Landed::Entry(Bytes::from_static(b"e")),
+            Duration::from_secs(1),
+        );
+        let Join::Waiter(rx) = flights.join(&key) else {
+            panic!("the flight stays visible until its entry is stored")
+        };
+        assert!(matches!(
+            wait_for(rx, Duration::from_millis(50)).await,
+            Landed::Entry(_)
+        ));
+        drop(landing);
+        assert_eq!(flights.in_flight(), 0);
+        assert!(matches!(flights.join(&key), Join::Leader(_)));
     }
 
     #[tokio::test]
