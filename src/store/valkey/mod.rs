@@ -655,58 +655,51 @@ impl Reply {
 /// one script run instead of paying for their own; alone, a fill is sent at once. Ends when
 /// the store is dropped.
 async fn write_fills(inner: std::sync::Weak<ValkeyInner>, mut queue: mpsc::Receiver<PendingFill>) {
-    use futures_util::stream::FuturesUnordered;
-    // Batches in flight are polled here rather than spawned: a spawn per batch woke the
-    // other worker thread as often as not.
-    let mut in_flight = FuturesUnordered::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(FILL_IN_FLIGHT));
     loop {
-        tokio::select! {
-            biased;
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            next = queue.recv(), if in_flight.len() < FILL_IN_FLIGHT => {
-                let Some(first) = next else { break };
-                let Some(inner) = inner.upgrade() else { break };
-                let mut bytes = first.fill.value.len();
-                let mut batch = Vec::with_capacity(FILL_BATCH);
-                batch.push(first);
-                while batch.len() < FILL_BATCH && bytes < FILL_BATCH_BYTES {
-                    match queue.try_recv() {
-                        Ok(next) => {
-                            bytes += next.fill.value.len();
-                            batch.push(next);
-                        }
-                        Err(_) => break,
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let mut bytes = first.fill.value.len();
+        let mut batch = Vec::with_capacity(FILL_BATCH);
+        batch.push(first);
+        while batch.len() < FILL_BATCH && bytes < FILL_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.fill.value.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        inner.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let (fills, replies): (Vec<Fill>, Vec<Reply>) =
+            batch.into_iter().map(|p| (p.fill, p.done)).unzip();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let store = ValkeyStore { inner };
+            match store.fill_batch(&fills).await {
+                Ok(stored) => {
+                    for (reply, stored) in replies.into_iter().zip(stored) {
+                        let outcome = if stored == 1 {
+                            FillOutcome::Stored
+                        } else {
+                            FillOutcome::Fenced
+                        };
+                        reply.send(Ok(outcome));
                     }
                 }
-                inner.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                in_flight.push(write_batch(ValkeyStore { inner }, batch));
+                Err(e) => {
+                    for reply in replies {
+                        reply.send(Err(e.replicate()));
+                    }
+                }
             }
-        }
-    }
-    // The queue closed (the store is gone): finish what was sent.
-    while in_flight.next().await.is_some() {}
-}
-
-/// Writes one batch and tells each fill's waiter how it went.
-async fn write_batch(store: ValkeyStore, batch: Vec<PendingFill>) {
-    let (fills, replies): (Vec<Fill>, Vec<Reply>) =
-        batch.into_iter().map(|p| (p.fill, p.done)).unzip();
-    match store.fill_batch(&fills).await {
-        Ok(stored) => {
-            for (reply, stored) in replies.into_iter().zip(stored) {
-                let outcome = if stored == 1 {
-                    FillOutcome::Stored
-                } else {
-                    FillOutcome::Fenced
-                };
-                reply.send(Ok(outcome));
-            }
-        }
-        Err(e) => {
-            for reply in replies {
-                reply.send(Err(e.replicate()));
-            }
-        }
+        });
     }
 }
 
