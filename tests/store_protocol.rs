@@ -426,6 +426,24 @@ async fn known_records_follow_other_instances_exactly(kind: Kind) {
     );
 }
 
+/// A `FLUSHALL` resets the records to nothing: the known values must go with them, or fills
+/// would carry fences from before the flush and dodge the next purge.
+async fn a_flush_is_heard_by_the_known_records(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Store};
+    let server = Server::start(kind);
+    let (a, b) = (valkey_store(&server), valkey_store(&server));
+    let key = EntryKey::new("r", [7; 32]);
+    for _ in 0..5 {
+        b.purge().await.unwrap();
+    }
+    a.lookup(&key).await.unwrap();
+    assert_eq!(a.lookup(&key).await.unwrap().fence, 5);
+    let mut conn = raw(&server).await;
+    let _: () = rds::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let seen = a.lookup(&key).await.unwrap();
+    assert_eq!((seen.fence, seen.purged), (0, 0));
+}
+
 /// A server that refuses `CLIENT TRACKING` (here by ACL) is served `MGET`s, as coherent.
 async fn a_server_refusing_tracking_gets_mget(kind: Kind) {
     use tower_cache_aside::{EntryKey, Store};
@@ -493,6 +511,7 @@ async fn a_forgotten_fill_script_is_loaded_again(kind: Kind) {
 }
 
 server_suite!(
+    a_flush_is_heard_by_the_known_records,
     a_forgotten_fill_script_is_loaded_again,
     known_records_follow_other_instances_exactly,
     a_server_refusing_tracking_gets_mget,
