@@ -25,7 +25,8 @@ pub(crate) struct Entry {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
-    pub(crate) trailers: Option<HeaderMap>,
+    /// Boxed: rare, and an entry is moved several times on every hit.
+    pub(crate) trailers: Option<Box<HeaderMap>>,
     /// When the response was received, in milliseconds since the Unix epoch.
     pub(crate) stored_at_ms: u64,
     /// Freshness lifetime (RFC 9111 §4.2.1) from the response's point of view.
@@ -178,7 +179,7 @@ impl Entry {
         let headers = r.headers(&buf)?;
         let trailers = match r.u8()? {
             0 => None,
-            1 => Some(r.headers(&buf)?),
+            1 => Some(Box::new(r.headers(&buf)?)),
             _ => return Err(DecodeError("bad trailer flag")),
         };
         let body_len = r.u32()? as usize;
@@ -302,7 +303,7 @@ mod tests {
             status: StatusCode::NOT_FOUND,
             headers,
             body: Bytes::from_static(b"{\"hello\":1}"),
-            trailers: Some(trailers),
+            trailers: Some(Box::new(trailers)),
             stored_at_ms: 1_700_000_000_000,
             lifetime_ms: 300_000,
             initial_age_s: 7,

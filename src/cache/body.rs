@@ -93,11 +93,11 @@ impl<B: Body> CacheBody<B> {
         matches!(self.kind, Kind::Filling { .. })
     }
 
-    pub(crate) fn stored(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+    pub(crate) fn stored(data: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
         CacheBody {
             kind: Kind::Stored {
                 data: Some(data),
-                trailers: trailers.map(Box::new),
+                trailers,
             },
         }
     }

@@ -223,7 +223,7 @@ impl<St: Store> Shared<St> {
                 }
                 let mut entry = Entry {
                     body,
-                    trailers,
+                    trailers: trailers.map(Box::new),
                     ..entry
                 };
                 // Stored once here, so that hits need not format it.
