@@ -510,7 +510,28 @@ async fn a_forgotten_fill_script_is_loaded_again(kind: Kind) {
     }
 }
 
+/// A server (or proxy) that refuses RESP3 (here `HELLO` renamed away, as some managed
+/// services and proxies do) is served over RESP2 with `MGET`s, as coherent, rather than not
+/// at all.
+async fn a_server_refusing_resp3_gets_resp2(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Store};
+    let server = Server::start_with(kind, None, &["--rename-command", "HELLO", ""]);
+    let mut conn = raw(&server).await;
+    let (a, b) = (valkey_store(&server), valkey_store(&server));
+    let key = EntryKey::new("r", [7; 32]);
+    for _ in 0..3 {
+        a.lookup(&key).await.expect("RESP2 fallback serves lookups");
+    }
+    let p = b.purge().await.unwrap();
+    assert_eq!(a.lookup(&key).await.unwrap().purged, p);
+    let calls = command_calls(&mut conn).await;
+    let count = |name: &str| calls.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
+    assert_eq!(count("get"), 0, "{calls:?}");
+    assert!(count("mget") >= 4, "{calls:?}");
+}
+
 server_suite!(
+    a_server_refusing_resp3_gets_resp2,
     a_flush_is_heard_by_the_known_records,
     a_forgotten_fill_script_is_loaded_again,
     known_records_follow_other_instances_exactly,

@@ -19,6 +19,8 @@ pub struct Server {
     pub port: u16,
     tls: bool,
     password: Option<String>,
+    /// Extra configuration arguments.
+    args: Vec<String>,
     child: Option<Child>,
     dir: PathBuf,
 }
@@ -73,6 +75,11 @@ impl Server {
     }
 
     pub fn start_with_password(kind: Kind, password: Option<&str>) -> Server {
+        Self::start_with(kind, password, &[])
+    }
+
+    /// A server started with extra configuration arguments.
+    pub fn start_with(kind: Kind, password: Option<&str>, args: &[&str]) -> Server {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("tca-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -81,6 +88,7 @@ impl Server {
             port,
             tls: false,
             password: password.map(str::to_owned),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
             dir,
         };
@@ -118,6 +126,7 @@ impl Server {
             port,
             tls: true,
             password: None,
+            args: Vec::new(),
             child: None,
             dir,
         };
@@ -147,6 +156,7 @@ impl Server {
         if let Some(p) = &self.password {
             cmd.args(["--requirepass", p]);
         }
+        cmd.args(&self.args);
         self.child = Some(cmd.spawn().expect("start server"));
         self.wait_ready();
     }

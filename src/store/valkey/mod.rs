@@ -170,9 +170,9 @@ impl ValkeyStoreBuilder {
     /// Whether lookups keep the invalidation sequence and the purge record on this side
     /// (default on): the data connection speaks RESP3 and has the server announce changes to
     /// those two keys (`CLIENT TRACKING ON BCAST`), so a hit is a plain `GET` instead of an
-    /// `MGET` of three keys, exactly as coherent. Turn it off for a proxy or server that
-    /// does not speak RESP3 or refuses `CLIENT TRACKING` (a server that refuses it is also
-    /// detected, and served the `MGET`).
+    /// `MGET` of three keys, exactly as coherent. A server or proxy that refuses RESP3
+    /// (`HELLO 3`) or `CLIENT TRACKING` is detected and served over RESP2 with the `MGET`
+    /// (a warning is logged); turning this off skips the attempt.
     pub fn client_tracking(mut self, on: bool) -> Self {
         self.client_tracking = on;
         self

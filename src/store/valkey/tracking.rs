@@ -121,12 +121,15 @@ pub(super) struct Tracked {
 }
 
 /// Opens data connections for the pool: RESP3 with change announcements for the records
-/// when `prefixes` is set, plain RESP2 otherwise.
+/// when tracking is wanted and the server speaks RESP3, plain RESP2 otherwise.
 #[derive(Clone)]
 pub(super) struct Manager {
-    client: redis::Client,
-    /// `CLIENT TRACKING` prefixes: the sequence's key and the purge record's.
-    prefixes: Option<[String; 2]>,
+    resp2: redis::Client,
+    /// The RESP3 client and the `CLIENT TRACKING` prefixes (the sequence's key and the purge
+    /// record's), when tracking is wanted.
+    tracking: Option<(redis::Client, [String; 2])>,
+    /// The server (or a proxy) refused `HELLO 3`: later connections go straight to RESP2.
+    resp3_refused: Arc<AtomicBool>,
     response_timeout: Duration,
     display_url: String,
 }
@@ -138,20 +141,83 @@ impl Manager {
         response_timeout: Duration,
         display_url: String,
     ) -> Result<Self, RedisError> {
-        let mut info = url.into_connection_info()?;
-        if prefixes.is_some() {
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_protocol(redis::ProtocolVersion::RESP3);
-            info = info.set_redis_settings(settings);
-        }
+        let info = url.into_connection_info()?;
+        let tracking = match prefixes {
+            Some(prefixes) => {
+                let settings = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(redis::ProtocolVersion::RESP3);
+                let resp3 = redis::Client::open(info.clone().set_redis_settings(settings))?;
+                Some((resp3, prefixes))
+            }
+            None => None,
+        };
         Ok(Manager {
-            client: redis::Client::open(info)?,
-            prefixes,
+            resp2: redis::Client::open(info)?,
+            tracking,
+            resp3_refused: Arc::new(AtomicBool::new(false)),
             response_timeout,
             display_url,
         })
+    }
+
+    /// A RESP3 connection with the records tracked, `None` when the server refuses RESP3.
+    async fn connect_tracked(
+        &self,
+        resp3: &redis::Client,
+        [seq, purged]: &[String; 2],
+    ) -> Result<Option<Tracked>, RedisError> {
+        let tracker = Arc::new(Tracker::new());
+        let heard = tracker.clone();
+        // Runs in the connection's reader, before any reply read after it is handed out.
+        let config = self.config().set_push_sender(move |_: PushInfo| {
+            heard.forget();
+            Ok::<(), Infallible>(())
+        });
+        let mut conn = match resp3
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(c) => c,
+            // A server older than RESP3, a proxy, or an ACL without `hello`.
+            Err(e) if e.to_string().to_ascii_lowercase().contains("hello") => {
+                tracing::warn!(
+                    error = %e,
+                    url = %self.display_url,
+                    "the server refused RESP3 (HELLO 3); using RESP2, every lookup reads the records"
+                );
+                self.resp3_refused.store(true, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let on = redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .arg("BCAST")
+            .arg("PREFIX")
+            .arg(seq)
+            .arg("PREFIX")
+            .arg(purged)
+            .query_async::<()>(&mut conn)
+            .await;
+        match on {
+            Ok(()) => tracker.enabled.store(true, Ordering::Release),
+            // Still correct, one array reply per lookup dearer.
+            Err(e) => tracing::warn!(
+                error = %e,
+                url = %self.display_url,
+                "the server refused CLIENT TRACKING; every lookup reads the records"
+            ),
+        }
+        Ok(Some(Tracked { conn, tracker }))
+    }
+
+    fn config(&self) -> AsyncConnectionConfig {
+        // redis-rs bounds every command on the connection (500 ms by default): use ours, so
+        // the hot path runs under a single timer.
+        AsyncConnectionConfig::new().set_response_timeout(Some(self.response_timeout))
     }
 }
 
@@ -160,45 +226,22 @@ impl bb8::ManageConnection for Manager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Tracked, RedisError> {
-        let tracker = Arc::new(Tracker::new());
-        // redis-rs bounds every command on the connection (500 ms by default): use ours, so
-        // the hot path runs under a single timer.
-        let mut config =
-            AsyncConnectionConfig::new().set_response_timeout(Some(self.response_timeout));
-        if self.prefixes.is_some() {
-            let heard = tracker.clone();
-            // Runs in the connection's reader, before any reply read after it is handed out.
-            config = config.set_push_sender(move |_: PushInfo| {
-                heard.forget();
-                Ok::<(), Infallible>(())
-            });
-        }
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        if let Some([seq, purged]) = &self.prefixes {
-            let on = redis::cmd("CLIENT")
-                .arg("TRACKING")
-                .arg("ON")
-                .arg("BCAST")
-                .arg("PREFIX")
-                .arg(seq)
-                .arg("PREFIX")
-                .arg(purged)
-                .query_async::<()>(&mut conn)
-                .await;
-            match on {
-                Ok(()) => tracker.enabled.store(true, Ordering::Release),
-                // Still correct, one array reply per lookup dearer.
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    url = %self.display_url,
-                    "the server refused CLIENT TRACKING; every lookup reads the records"
-                ),
+        if let Some((resp3, prefixes)) = &self.tracking {
+            if !self.resp3_refused.load(Ordering::Relaxed) {
+                if let Some(tracked) = self.connect_tracked(resp3, prefixes).await? {
+                    return Ok(tracked);
+                }
             }
         }
-        Ok(Tracked { conn, tracker })
+        let conn = self
+            .resp2
+            .get_multiplexed_async_connection_with_config(&self.config())
+            .await?;
+        // Never enabled: every lookup reads the records.
+        Ok(Tracked {
+            conn,
+            tracker: Arc::new(Tracker::new()),
+        })
     }
 
     async fn is_valid(&self, tracked: &mut Tracked) -> Result<(), RedisError> {
