@@ -30,11 +30,13 @@ pub const FENCE_WINDOW: Duration = Duration::from_secs(600);
 pub struct Lookup {
     /// The stored bytes, if any (an encoded entry, or garbage: the layer checks).
     pub value: Option<Bytes>,
-    /// The store's invalidation sequence at the time of the lookup, read atomically with the
-    /// value. A later fill passes it back so the store can refuse data that an invalidation
-    /// made stale in between.
+    /// The store's invalidation sequence as of the moment the value was read (read with it,
+    /// or known not to have changed since: a store may report an older sequence, never a
+    /// newer one). A later fill passes it back so the store can refuse data that an
+    /// invalidation made stale in between.
     pub fence: u64,
-    /// The sequence of the last purge: an entry filled with an older fence is dead.
+    /// The sequence of the last purge as of the moment the value was read: an entry filled
+    /// with an older fence is dead.
     pub purged: u64,
 }
 
