@@ -110,7 +110,6 @@ impl Flights {
                 hfm.clear();
             }
         }
-
         hfm.insert(key.clone(), now + window);
         self.any_hit_for_miss.store(true, Ordering::Relaxed);
     }

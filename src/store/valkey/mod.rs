@@ -290,29 +290,17 @@ impl ValkeyStore {
 
     /// The index and clear-record keys of a tag.
     fn tag_keys(&self, tag: &str) -> (String, String) {
-        let render = |key: TagKey<'_>| {
-            let mut out = Vec::new();
-            key.write_to(&mut out);
-            // Built from the namespace (validated) and a safe name or hex digest.
-            String::from_utf8(out).unwrap_or_default()
+        let name = TagName::of(tag);
+        // Built from the namespace (validated) and a safe name or hex digest: UTF-8.
+        let render = |prefix: &str| {
+            let mut key = prefix.as_bytes().to_vec();
+            key.extend_from_slice(name.as_bytes());
+            String::from_utf8(key).unwrap_or_default()
         };
-        (render(self.index_key(tag)), render(self.cleared_key(tag)))
-    }
-
-    /// `{ns}:1:t:{tag}`: the tag's index.
-    fn index_key<'a>(&'a self, tag: &'a str) -> TagKey<'a> {
-        TagKey {
-            prefix: &self.inner.index_prefix,
-            tag,
-        }
-    }
-
-    /// `{ns}:1:c:{tag}`: the tag's clear record.
-    fn cleared_key<'a>(&'a self, tag: &'a str) -> TagKey<'a> {
-        TagKey {
-            prefix: &self.inner.cleared_prefix,
-            tag,
-        }
+        (
+            render(&self.inner.index_prefix),
+            render(&self.inner.cleared_prefix),
+        )
     }
 
     /// Announcements of every clear in this namespace, from any instance. The first call
@@ -508,35 +496,49 @@ impl redis::ToRedisArgs for KeyArg<'_> {
     }
 }
 
-/// `{prefix}{tag}` for a tag of at most 64 bytes of `[A-Za-z0-9_.:-]`, else
-/// `{prefix}#{sha256 hex of the tag}`, written straight into a command's buffer.
-struct TagKey<'a> {
-    prefix: &'a str,
-    tag: &'a str,
+/// A tag as key names carry it: verbatim when it is at most 64 bytes of `[A-Za-z0-9_.:-]`,
+/// else `#` and its sha256 in hex. Worked out once per tag, for both of its keys.
+enum TagName<'a> {
+    Verbatim(&'a str),
+    Hashed([u8; 65]),
 }
 
-impl TagKey<'_> {
-    fn write_to(&self, out: &mut impl std::io::Write) {
-        // Writing into a Vec cannot fail.
-        let _ = out.write_all(self.prefix.as_bytes());
-        let safe = self.tag.len() <= 64
-            && self
-                .tag
+impl<'a> TagName<'a> {
+    fn of(tag: &'a str) -> Self {
+        let safe = tag.len() <= 64
+            && tag
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
         if safe {
-            let _ = out.write_all(self.tag.as_bytes());
-        } else {
-            let digest = <sha2::Sha256 as sha2::Digest>::digest(self.tag.as_bytes());
-            let _ = out.write_all(b"#");
-            let _ = out.write_all(&crate::key::hex(&digest.into()));
+            return TagName::Verbatim(tag);
+        }
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(tag.as_bytes());
+        let mut name = [b'#'; 65];
+        name[1..].copy_from_slice(&crate::key::hex(&digest.into()));
+        TagName::Hashed(name)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            TagName::Verbatim(t) => t.as_bytes(),
+            TagName::Hashed(h) => h,
         }
     }
 }
 
+/// `{prefix}{tag name}`, written straight into a command's buffer.
+struct TagKey<'a> {
+    prefix: &'a str,
+    name: &'a TagName<'a>,
+}
+
 impl redis::ToRedisArgs for TagKey<'_> {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
-        self.write_to(&mut out.writer_for_next_arg());
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's Vec cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(self.name.as_bytes());
     }
 }
 
@@ -812,7 +814,13 @@ impl ValkeyStore {
         for fill in batch {
             cmd.arg(self.entry_key(&fill.key));
             for tag in &fill.tags {
-                cmd.arg(self.index_key(tag)).arg(self.cleared_key(tag));
+                let name = TagName::of(tag);
+                let key = |prefix| TagKey {
+                    prefix,
+                    name: &name,
+                };
+                cmd.arg(key(&inner.index_prefix))
+                    .arg(key(&inner.cleared_prefix));
             }
         }
         for fill in batch {
