@@ -408,18 +408,10 @@ async fn known_records_follow_other_instances_exactly(kind: Kind) {
             "round {round}: a lookup after another instance's change saw older records"
         );
         if round == 0 {
-            gets = command_calls(&mut conn)
-                .await
-                .iter()
-                .find(|(n, _)| n == "get")
-                .map_or(0, |(_, c)| *c);
+            gets = calls_of(&mut conn, "get").await;
         }
     }
-    let gets_now = command_calls(&mut conn)
-        .await
-        .iter()
-        .find(|(n, _)| n == "get")
-        .map_or(0, |(_, c)| *c);
+    let gets_now = calls_of(&mut conn, "get").await;
     assert!(
         gets_now >= gets + 199,
         "the armed lookups were plain GETs ({gets} then {gets_now})"
@@ -444,9 +436,37 @@ async fn a_flush_is_heard_by_the_known_records(kind: Kind) {
     assert_eq!((seen.fence, seen.purged), (0, 0));
 }
 
+/// How many times the server ran `name` (0 if never).
+async fn calls_of(conn: &mut rds::aio::MultiplexedConnection, name: &str) -> u64 {
+    command_calls(conn)
+        .await
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map_or(0, |(_, c)| c)
+}
+
+/// `a`'s lookups work, see `b`'s purge at once, and read every record (`MGET`, never a
+/// plain `GET`): what a store without tracking must do.
+async fn lookups_read_every_record(
+    a: &tower_cache_aside::ValkeyStore,
+    b: &tower_cache_aside::ValkeyStore,
+    conn: &mut rds::aio::MultiplexedConnection,
+) {
+    use tower_cache_aside::{EntryKey, Store};
+    let key = EntryKey::new("r", [7; 32]);
+    for _ in 0..3 {
+        a.lookup(&key).await.expect("lookups are served");
+    }
+    let p = b.purge().await.unwrap();
+    assert_eq!(a.lookup(&key).await.unwrap().purged, p);
+    let calls = command_calls(conn).await;
+    let count = |name: &str| calls.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
+    assert_eq!(count("get"), 0, "{calls:?}");
+    assert!(count("mget") >= 4, "{calls:?}");
+}
+
 /// A server that refuses `CLIENT TRACKING` (here by ACL) is served `MGET`s, as coherent.
 async fn a_server_refusing_tracking_gets_mget(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Store};
     let server = Server::start(kind);
     let mut conn = raw(&server).await;
     let _: () = rds::cmd("ACL")
@@ -470,16 +490,7 @@ async fn a_server_refusing_tracking_gets_mget(kind: Kind) {
         .build()
         .unwrap();
     let b = valkey_store(&server);
-    let key = EntryKey::new("r", [7; 32]);
-    for _ in 0..3 {
-        a.lookup(&key).await.unwrap();
-    }
-    let p = b.purge().await.unwrap();
-    assert_eq!(a.lookup(&key).await.unwrap().purged, p);
-    let calls = command_calls(&mut conn).await;
-    let count = |name: &str| calls.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
-    assert_eq!(count("get"), 0, "{calls:?}");
-    assert!(count("mget") >= 4, "{calls:?}");
+    lookups_read_every_record(&a, &b, &mut conn).await;
 }
 
 /// A server that forgot the fill script (a restart with no persistence, `SCRIPT FLUSH`) is
@@ -514,20 +525,10 @@ async fn a_forgotten_fill_script_is_loaded_again(kind: Kind) {
 /// services and proxies do) is served over RESP2 with `MGET`s, as coherent, rather than not
 /// at all.
 async fn a_server_refusing_resp3_gets_resp2(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Store};
     let server = Server::start_with(kind, None, &["--rename-command", "HELLO", ""]);
     let mut conn = raw(&server).await;
     let (a, b) = (valkey_store(&server), valkey_store(&server));
-    let key = EntryKey::new("r", [7; 32]);
-    for _ in 0..3 {
-        a.lookup(&key).await.expect("RESP2 fallback serves lookups");
-    }
-    let p = b.purge().await.unwrap();
-    assert_eq!(a.lookup(&key).await.unwrap().purged, p);
-    let calls = command_calls(&mut conn).await;
-    let count = |name: &str| calls.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
-    assert_eq!(count("get"), 0, "{calls:?}");
-    assert!(count("mget") >= 4, "{calls:?}");
+    lookups_read_every_record(&a, &b, &mut conn).await;
 }
 
 server_suite!(
