@@ -1,8 +1,9 @@
 //! The stored entry: a versioned, compact binary encoding of one response.
 //!
-//! Layout (little endian), version 2:
+//! Layout (little endian), version 3:
 //! ```text
-//! "TCA" 0x02 | status u16 | stored_at_ms u64 | lifetime_ms u64 | initial_age_s u32 | fence u64
+//! "TCA" 0x03 | status u16 | stored_at_ms u64 | lifetime_ms u64 | initial_age_s u32
+//! | fence epoch u64 | fence sequence u64
 //! | stale_while_revalidate_ms u64 | stale_if_error_ms u64
 //! | tags:     u16 count, each (u16 len, bytes)
 //! | headers:  u16 count, each (u16 name len, name, u32 value len, value)
@@ -17,7 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-const MAGIC: [u8; 4] = *b"TCA\x02";
+use crate::store::Fence;
+
+const MAGIC: [u8; 4] = *b"TCA\x03";
 
 /// One cached response with the metadata the layer needs to serve it.
 #[derive(Debug, Clone)]
@@ -33,8 +36,8 @@ pub(crate) struct Entry {
     pub(crate) lifetime_ms: u64,
     /// The `Age` the origin response already had.
     pub(crate) initial_age_s: u32,
-    /// The store's invalidation sequence observed before the origin was called.
-    pub(crate) fence: u64,
+    /// The store's invalidation state observed before the origin was called.
+    pub(crate) fence: Fence,
     /// How long after going stale the entry may still be served while one request refreshes
     /// it (RFC 5861).
     pub(crate) stale_while_revalidate_ms: u64,
@@ -107,7 +110,7 @@ impl Entry {
     }
 
     pub(crate) fn encode(&self) -> Bytes {
-        let mut size = 4 + 2 + 8 + 8 + 4 + 8 + 16 + 2 + 2 + 1 + 4 + self.body.len();
+        let mut size = 4 + 2 + 8 + 8 + 4 + 16 + 16 + 2 + 2 + 1 + 4 + self.body.len();
         size += self.tags.iter().map(|t| 2 + t.len()).sum::<usize>();
         size += header_size(&self.headers);
         size += self.trailers.as_ref().map_or(0, |t| 2 + header_size(t));
@@ -117,7 +120,8 @@ impl Entry {
         out.put_u64_le(self.stored_at_ms);
         out.put_u64_le(self.lifetime_ms);
         out.put_u32_le(self.initial_age_s);
-        out.put_u64_le(self.fence);
+        out.put_u64_le(self.fence.epoch());
+        out.put_u64_le(self.fence.seq());
         out.put_u64_le(self.stale_while_revalidate_ms);
         out.put_u64_le(self.stale_if_error_ms);
         let tags: Vec<&String> = self
@@ -157,13 +161,13 @@ impl Entry {
     fn decode_inner(buf: Bytes, with_tags: bool) -> Result<Entry, DecodeError> {
         let mut r = Reader { buf: &buf, pos: 0 };
         if r.take(4)? != MAGIC {
-            return Err(DecodeError("not an entry of format version 2"));
+            return Err(DecodeError("not an entry of format version 3"));
         }
         let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("bad status"))?;
         let stored_at_ms = r.u64()?;
         let lifetime_ms = r.u64()?;
         let initial_age_s = r.u32()?;
-        let fence = r.u64()?;
+        let fence = Fence::new(r.u64()?, r.u64()?);
         let stale_while_revalidate_ms = r.u64()?;
         let stale_if_error_ms = r.u64()?;
         let n_tags = r.u16()? as usize;
@@ -307,7 +311,7 @@ mod tests {
             stored_at_ms: 1_700_000_000_000,
             lifetime_ms: 300_000,
             initial_age_s: 7,
-            fence: 42,
+            fence: Fence::new(9, 42),
             stale_while_revalidate_ms: 10_000,
             stale_if_error_ms: 60_000,
             tags: vec!["events".into(), "event:1".into()],
@@ -325,7 +329,7 @@ mod tests {
         assert_eq!(d.trailers, e.trailers);
         assert_eq!(
             (d.stored_at_ms, d.lifetime_ms, d.initial_age_s, d.fence),
-            (e.stored_at_ms, 300_000, 7, 42)
+            (e.stored_at_ms, 300_000, 7, Fence::new(9, 42))
         );
         assert_eq!(
             (d.stale_while_revalidate_ms, d.stale_if_error_ms),

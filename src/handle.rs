@@ -40,8 +40,10 @@ impl<St> std::fmt::Debug for CacheHandle<St> {
 }
 
 impl<St: Store> CacheHandle<St> {
-    /// Clears every entry carrying any of `tags` (HTTP responses and values alike) and
-    /// reports how many it removed. Invalid tags are logged and skipped. When the store
+    /// Makes every entry carrying any of `tags` dead (HTTP responses and values alike) and
+    /// reports the clear's sequence. It costs the same whatever the tags carry: entries are
+    /// checked against the clear when read, never searched for. Invalid tags are logged and
+    /// skipped. When the store
     /// cannot be reached the clear is deferred and retried, the store is bypassed until it
     /// lands, and the error is returned.
     pub async fn invalidate<I, T>(&self, tags: I) -> Result<Invalidation, StoreError>
@@ -59,8 +61,8 @@ impl<St: Store> CacheHandle<St> {
         self.shared.clear(valid).await
     }
 
-    /// Makes every entry of the namespace dead at once (O(1): a purge sequence that lookups
-    /// compare with each entry's fence; the dead entries expire on their own).
+    /// Makes every entry of the namespace dead at once (O(1): a floor that lookups compare
+    /// with each entry's fence; the dead entries expire or are evicted on their own).
     pub async fn purge(&self) -> Result<u64, StoreError> {
         self.shared.purge_all().await
     }
@@ -151,7 +153,7 @@ mod values {
                         stored_at_ms: now_ms(),
                         lifetime_ms: ttl.as_millis().min(u128::from(u64::MAX)) as u64,
                         initial_age_s: 0,
-                        fence: fence.seq,
+                        fence,
                         stale_while_revalidate_ms: 0,
                         stale_if_error_ms: 0,
                         tags: valid,

@@ -33,7 +33,7 @@ pub use store::memory::MemoryStore;
 pub use store::tiered::{TieredStore, DEFAULT_MAX_NEAR_TTL};
 #[cfg(feature = "valkey")]
 pub use store::valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};
-pub use store::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store, FENCE_WINDOW};
+pub use store::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store};
 pub use tags::MAX_TAGS_PER_RESPONSE;
 
 /// The entry format, for this crate's own benchmarks (`benches/hot_path.rs`). Not a stable
@@ -53,7 +53,7 @@ pub mod __bench {
             stored_at_ms: crate::entry::now_ms(),
             lifetime_ms: 300_000,
             initial_age_s: 0,
-            fence: 1,
+            fence: crate::store::Fence::new(1, 1),
             stale_while_revalidate_ms: 0,
             stale_if_error_ms: 0,
             tags,

@@ -43,7 +43,6 @@ pub(crate) struct Tally {
     pub(crate) decode_errors: AtomicU64,
     pub(crate) breaker_skips: AtomicU64,
     pub(crate) invalidations: AtomicU64,
-    pub(crate) invalidated_entries: AtomicU64,
     pub(crate) clears_deferred: AtomicU64,
     pub(crate) pending_clear_skips: AtomicU64,
     pub(crate) collapsed: AtomicU64,
@@ -96,8 +95,6 @@ pub struct StatsSnapshot {
     pub breaker_skips: u64,
     /// Tag clears that reached the store.
     pub invalidations: u64,
-    /// Entries those clears removed.
-    pub invalidated_entries: u64,
     /// Clears that could not reach the store and wait for a retry.
     pub clears_deferred: u64,
     /// Lookups skipped while a deferred clear was pending (the store may hold stale data).
@@ -156,7 +153,6 @@ impl CacheStats {
             decode_errors: c.sum(|t| &t.decode_errors),
             breaker_skips: c.sum(|t| &t.breaker_skips),
             invalidations: c.sum(|t| &t.invalidations),
-            invalidated_entries: c.sum(|t| &t.invalidated_entries),
             clears_deferred: c.sum(|t| &t.clears_deferred),
             pending_clear_skips: c.sum(|t| &t.pending_clear_skips),
             collapsed: c.sum(|t| &t.collapsed),

@@ -748,7 +748,7 @@ async fn cache_stats(State(s): State<AppState>) -> Json<Value> {
     Json(json!({
         "store": s.store_name, "hits": st.hits, "misses": st.misses, "stale_hits": st.stale_hits,
         "collapsed": st.collapsed, "bypasses": st.bypasses, "fills": st.fills, "fills_fenced": st.fills_fenced,
-        "invalidations": st.invalidations, "invalidated_entries": st.invalidated_entries,
+        "invalidations": st.invalidations,
         "store_errors": st.store_errors, "breaker_open": st.breaker_open, "hit_rate": st.hit_rate(),
         "db_queries": queries,
     }))

@@ -23,17 +23,16 @@ impl<St: Store> Shared<St> {
         fence: Fence,
         landing: Option<Landing>,
     ) {
-        if fence.expired() {
-            count!(self.stats.inner, fills_fenced);
-            tracing::debug!(%key, "miss took longer than the fence window; not stored");
-            return;
-        }
         let counters = &self.stats.inner;
         if !counters.breaker.allow() {
             count!(counters, breaker_skips);
             return;
         }
-        let fence = if self.unfenced { u64::MAX } else { fence.seq };
+        let fence = if self.unfenced {
+            Fence::new(fence.epoch(), u64::MAX)
+        } else {
+            fence
+        };
         let span = tracing::debug_span!("cache.fill", route = key.route());
         let _entered = span.enter();
         let fill = Fill::new(key, encoded, ttl, tags, fence);

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub(crate) use crate::store::Fence;
+
 use http::header::RANGE;
 use http::request::Parts;
 use http::{HeaderMap, Method};
@@ -14,7 +16,6 @@ use crate::key::{derive_key, EntryKey, ScopeKey};
 use crate::policy::{Freshness, Route, Scope};
 use crate::stats::count;
 use crate::store::Store;
-use crate::store::FENCE_WINDOW;
 use crate::tags::{request_host, uri_tag};
 
 /// What to do with one request, decided before anything is awaited.
@@ -27,20 +28,6 @@ pub(crate) enum Plan {
         key: EntryKey,
         route: Arc<Route>,
     },
-}
-
-/// The invalidation sequence a lookup saw, and when: the fill must present it.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Fence {
-    pub(crate) seq: u64,
-    pub(crate) at: Instant,
-}
-
-impl Fence {
-    /// Fills older than this are dropped: the clear records that would refuse them may be gone.
-    pub(crate) fn expired(&self) -> bool {
-        self.at.elapsed() + Duration::from_secs(30) > FENCE_WINDOW
-    }
 }
 
 /// What the lookup step found.
@@ -145,17 +132,11 @@ impl<St: Store> Shared<St> {
             }
         };
         counters.breaker.success();
-        // Only misses need the fence's clock reading.
-        let fence = || Fence {
-            seq: lookup.fence,
-            at: Instant::now(),
-        };
+        let fence = || lookup.fence;
         let Some(bytes) = lookup.value else {
             return Found::Miss { fence: fence() };
         };
         match Entry::decode(bytes) {
-            // An entry filled before the last purge is dead.
-            Ok(entry) if entry.fence < lookup.purged => Found::Miss { fence: fence() },
             Ok(entry) => match entry.staleness(now_ms) {
                 Staleness::Fresh => Found::Hit(entry),
                 Staleness::Revalidate | Staleness::IfError => Found::Stale {
@@ -186,7 +167,7 @@ impl<St: Store> Shared<St> {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
             match self.lookup(key, now_ms()).await {
-                Found::Hit(entry) if entry.fence >= fence.seq => return Some(entry),
+                Found::Hit(entry) if entry.fence.is_at_or_after(fence) => return Some(entry),
                 Found::Unavailable => return None,
                 _ => {}
             }

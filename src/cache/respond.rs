@@ -196,7 +196,7 @@ impl<St: Store> Shared<St> {
             stored_at_ms: now_ms(),
             lifetime_ms: lifetime.as_millis().min(u128::from(u64::MAX)) as u64,
             initial_age_s,
-            fence: fence.seq,
+            fence,
             stale_while_revalidate_ms: swr.as_millis().min(u128::from(u64::MAX)) as u64,
             stale_if_error_ms: sie.as_millis().min(u128::from(u64::MAX)) as u64,
             tags,

@@ -58,13 +58,6 @@ impl<St: Store> Shared<St> {
             Ok(done) => {
                 counters.breaker.success();
                 count!(counters, invalidations);
-                counters
-                    .local()
-                    .invalidated_entries
-                    .fetch_add(done.removed, Ordering::Relaxed);
-                #[cfg(feature = "metrics")]
-                metrics::counter!("tower_cache_aside_invalidated_entries_total")
-                    .increment(done.removed);
                 Ok(done)
             }
             Err(e) => {

@@ -1,17 +1,16 @@
-//! The in-process store: a byte-bounded moka cache with per-entry TTLs, a tag index and the
-//! same fence rule as Valkey (a fill whose tags were cleared after its lookup is refused).
+//! The in-process store: a byte-bounded moka cache with per-entry TTLs, checked on read
+//! against clear records (see `records`): a clear costs O(tags), and an entry carrying a
+//! cleared tag is dead from that moment, wherever it is.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Store, FENCE_WINDOW};
+use super::records::{new_epoch, tag_id, Records, DEFAULT_MAX_RECORDS};
+use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Store};
 use crate::error::StoreError;
 use crate::key::EntryKey;
 
@@ -21,14 +20,13 @@ type Hasher = foldhash::fast::RandomState;
 /// slots, the `Arc`s, the allocator's slack. Measured (benches/load.rs fills a 64 MiB store
 /// with a million 1 KiB entries and compares the process's growth with the budget).
 const ENTRY_OVERHEAD: usize = 560;
-/// Bytes counted per tag of an entry: its string, its slot in the tag index's set.
-const TAG_OVERHEAD: usize = 120;
 
 /// An in-process store bounded by bytes: the embedded default that needs no server.
 ///
 /// Clones share the same cache. Entries are evicted by moka's TinyLFU policy when the byte
-/// budget is reached, and expire after their TTL. Tags are indexed in memory; the index
-/// shrinks as entries leave.
+/// budget is reached, and expire after their TTL. A clear records each tag's clear (at most
+/// 16,384 records, about 1 MiB beyond the budget, by default) and costs the same whatever
+/// the tags carry; entries it made dead are dropped when next read, or by TTL and eviction.
 ///
 /// ```
 /// use tower_cache_aside::{CacheLayer, MemoryStore};
@@ -42,31 +40,17 @@ pub struct MemoryStore {
 
 struct MemoryInner {
     cache: Cache<EntryKey, MemValue, Hasher>,
-    /// The invalidation sequence (the fence) and the last purge.
-    sequence: AtomicU64,
-    purged: AtomicU64,
-    /// Fills and clears take this lock, so no clear slips between a fill's check and write.
-    index: Mutex<TagIndex>,
-    /// Entries that left the cache, for the index to forget. Kept apart from `index` because
-    /// moka may call the eviction listener while a fill or clear holds `index`.
-    departed: Arc<Mutex<Departed>>,
-}
-
-/// Keys that left the cache, with the tags they were indexed under.
-type Departed = Vec<(EntryKey, Arc<[String]>)>;
-
-#[derive(Default)]
-struct TagIndex {
-    members: HashMap<String, HashSet<EntryKey>>,
-    /// Each tag's last clear: its sequence and when the record may be forgotten.
-    cleared: HashMap<String, (u64, Instant)>,
+    /// Clears, purges and the sequence. Lookups read them under the read lock, so a clear
+    /// (write lock) is either wholly before a lookup or wholly after it.
+    records: RwLock<Records>,
 }
 
 #[derive(Clone)]
 struct MemValue {
     bytes: Bytes,
     ttl: Duration,
-    tags: Arc<[String]>,
+    fence: Fence,
+    tags: Arc<[u64]>,
 }
 
 struct PerEntryTtl;
@@ -88,39 +72,38 @@ impl Expiry<EntryKey, MemValue> for PerEntryTtl {
 }
 
 impl MemoryStore {
-    /// A store holding at most `max_bytes` of keys, entries and bookkeeping.
+    /// A store holding at most `max_bytes` of keys and entries.
     pub fn new(max_bytes: u64) -> Self {
-        let departed: Arc<Mutex<Departed>> = Arc::default();
-        let listener_queue = departed.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &EntryKey, v: &MemValue| {
-                let tags: usize = v.tags.iter().map(|t| t.len() + TAG_OVERHEAD).sum();
-                let size = k.route().len() + 32 + v.bytes.len() + tags + ENTRY_OVERHEAD;
+                let size = k.route().len() + 32 + v.bytes.len() + 8 * v.tags.len() + ENTRY_OVERHEAD;
                 u32::try_from(size).unwrap_or(u32::MAX)
             })
             .expire_after(PerEntryTtl)
-            .eviction_listener(move |key: Arc<EntryKey>, value: MemValue, cause| {
-                // A replaced entry keeps its key: the new value re-indexes it.
-                if cause != RemovalCause::Replaced && !value.tags.is_empty() {
-                    lock(&listener_queue).push(((*key).clone(), value.tags));
-                }
-            })
             // Keys are digests already: a fast keyed hash is enough (and moka's default,
             // SipHash, was a visible part of a hit).
             .build_with_hasher(Hasher::default());
         MemoryStore {
             inner: Arc::new(MemoryInner {
                 cache,
-                sequence: AtomicU64::new(0),
-                purged: AtomicU64::new(0),
-                index: Mutex::default(),
-                departed,
+                records: RwLock::new(Records::new(new_epoch(), DEFAULT_MAX_RECORDS)),
             }),
         }
     }
 
-    /// Number of entries (after pending maintenance has run).
+    /// The most clear records kept (default 16,384). Beyond it the oldest are dropped and
+    /// every entry filled before them reads as a miss: memory stays bounded whatever the
+    /// clear rate, at the price of extra misses when clears outrun it.
+    #[must_use]
+    pub fn max_clear_records(self, max: usize) -> Self {
+        let epoch = self.records().epoch();
+        *self.records_mut() = Records::new(epoch, max);
+        self
+    }
+
+    /// Number of entries (after pending maintenance has run). Entries made dead by a clear
+    /// count until they are read, expire or are evicted.
     pub fn entry_count(&self) -> u64 {
         self.inner.cache.run_pending_tasks();
         self.inner.cache.entry_count()
@@ -132,41 +115,18 @@ impl MemoryStore {
         self.inner.cache.weighted_size()
     }
 
-    /// Number of tags that index at least one entry, and of clear records kept (after
-    /// pending maintenance has run): both return to zero once entries expire and the fence
-    /// window has passed.
-    pub fn index_size(&self) -> (usize, usize) {
-        self.inner.cache.run_pending_tasks();
-        let mut index = self.index();
-        let now = Instant::now();
-        index.cleared.retain(|_, (_, until)| *until > now);
-        (index.members.len(), index.cleared.len())
+    /// Number of clear records kept: bounded by [`max_clear_records`](Self::max_clear_records).
+    pub fn clear_records(&self) -> usize {
+        self.records().len()
     }
 
-    /// Locks the tag index, first forgetting entries that left the cache.
-    fn index(&self) -> MutexGuard<'_, TagIndex> {
-        let departed = std::mem::take(&mut *lock(&self.inner.departed));
-        let mut index = lock(&self.inner.index);
-        for (key, tags) in departed {
-            // The key may have been filled again since: keep it indexed then.
-            if self.inner.cache.contains_key(&key) {
-                continue;
-            }
-            for tag in tags.iter() {
-                if let Some(set) = index.members.get_mut(tag) {
-                    set.remove(&key);
-                    if set.is_empty() {
-                        index.members.remove(tag);
-                    }
-                }
-            }
-        }
-        index
+    fn records(&self) -> std::sync::RwLockReadGuard<'_, Records> {
+        self.inner.records.read().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    fn records_mut(&self) -> std::sync::RwLockWriteGuard<'_, Records> {
+        self.inner.records.write().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -174,56 +134,52 @@ impl std::fmt::Debug for MemoryStore {
         f.debug_struct("MemoryStore")
             .field("entries", &self.inner.cache.entry_count())
             .field("weighted_size", &self.inner.cache.weighted_size())
+            .field("clear_records", &self.clear_records())
             .finish()
     }
 }
 
 impl MemoryStore {
-    /// Stores `fill` unless a clear or purge newer than its fence refuses it.
+    /// Stores `fill` unless the records already say it is dead.
     pub(crate) fn fill_now(&self, fill: Fill) -> FillOutcome {
         if fill.ttl.is_zero() {
             return FillOutcome::Stored;
         }
-        let mut index = self.index();
-        let now = Instant::now();
-        let cleared_after_fence = |tag: &String| {
-            index
-                .cleared
-                .get(tag)
-                .is_some_and(|(seq, until)| *seq > fill.fence && *until > now)
-        };
-        if self.inner.purged.load(Ordering::Acquire) > fill.fence
-            || fill.tags.iter().any(cleared_after_fence)
-        {
+        let tags: Arc<[u64]> = fill.tags.iter().map(|t| tag_id(t)).collect();
+        if !self.records().is_current(fill.fence, tags.iter().copied()) {
             return FillOutcome::Fenced;
         }
-        for tag in &fill.tags {
-            index
-                .members
-                .entry(tag.clone())
-                .or_default()
-                .insert(fill.key.clone());
-        }
+        // A clear landing between the check and the insert is caught on read.
         let value = MemValue {
             bytes: fill.value,
             ttl: fill.ttl,
-            tags: fill.tags.into(),
+            fence: fill.fence,
+            tags,
         };
         self.inner.cache.insert(fill.key, value);
         FillOutcome::Stored
+    }
+
+    fn lookup_now(&self, key: &EntryKey) -> Lookup {
+        let records = self.records();
+        let fence = records.fence();
+        let found = self.inner.cache.get(key);
+        let value = match found {
+            Some(v) if records.is_current(v.fence, v.tags.iter().copied()) => Some(v.bytes),
+            Some(_) => {
+                drop(records);
+                self.inner.cache.invalidate(key); // dead: nobody may read it again
+                None
+            }
+            None => None,
+        };
+        Lookup { value, fence }
     }
 }
 
 impl Store for MemoryStore {
     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
-        let fence = self.inner.sequence.load(Ordering::Acquire);
-        let purged = self.inner.purged.load(Ordering::Acquire);
-        let value = self.inner.cache.get(key).map(|v| v.bytes);
-        Ok(Lookup {
-            value,
-            fence,
-            purged,
-        })
+        Ok(self.lookup_now(key))
     }
 
     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
@@ -240,64 +196,60 @@ impl Store for MemoryStore {
     }
 
     async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
-        let mut index = self.index();
-        let seq = self.inner.sequence.fetch_add(1, Ordering::AcqRel) + 1;
-        let removed = self.clear_locked(&mut index, tags, seq);
-        Ok(Invalidation { seq, removed })
+        let mut records = self.records_mut();
+        let seq = records.advance();
+        records.clear(tags.iter().map(|t| tag_id(t)), seq);
+        Ok(Invalidation { seq })
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
-        let mut index = self.index();
-        let seq = self.inner.sequence.fetch_add(1, Ordering::AcqRel) + 1;
-        self.purge_locked(&mut index, seq);
+        let mut records = self.records_mut();
+        let seq = records.advance();
+        records.raise_floor(seq);
+        drop(records);
+        // Dead already; dropping them frees the memory now.
+        self.inner.cache.invalidate_all();
         Ok(seq)
     }
 }
 
-/// Used as a near cache, the store applies clears numbered by the far store's sequence.
+/// Used as a near cache, the store follows the far store's records: its epoch, and clears
+/// numbered by the far store's sequence.
 #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
 impl MemoryStore {
-    /// Applies a clear made elsewhere at `seq`: removes the tags' entries and refuses fills
-    /// fenced before `seq`. Returns how many entries it removed.
-    pub(crate) fn clear_at(&self, tags: &[String], seq: u64) -> u64 {
-        let mut index = self.index();
-        self.clear_locked(&mut index, tags, seq)
+    /// The far store's state as a lookup there saw it: a new epoch drops every near entry.
+    pub(crate) fn follow(&self, fence: Fence) {
+        if self.records().fence().is_at_or_after(fence) {
+            return;
+        }
+        let mut records = self.records_mut();
+        if records.epoch() != fence.epoch() {
+            records.reset(fence.epoch());
+            drop(records);
+            self.inner.cache.invalidate_all();
+            return;
+        }
+        records.observe(fence.seq());
+    }
+
+    /// The far store's state as this near tier knows it.
+    pub(crate) fn fence(&self) -> Fence {
+        self.records().fence()
+    }
+
+    /// Applies a clear made elsewhere at `seq`.
+    pub(crate) fn clear_at(&self, tags: &[String], seq: u64) {
+        self.records_mut().clear(tags.iter().map(|t| tag_id(t)), seq);
     }
 
     /// Applies a purge made elsewhere at `seq`.
     pub(crate) fn purge_at(&self, seq: u64) {
-        let mut index = self.index();
-        self.purge_locked(&mut index, seq);
+        self.records_mut().raise_floor(seq);
+        self.inner.cache.invalidate_all();
     }
 
-    /// Drops every entry (the index follows), keeping clear records.
+    /// Drops every entry, keeping the records.
     pub(crate) fn flush(&self) {
-        let mut index = self.index();
         self.inner.cache.invalidate_all();
-        index.members.clear();
-    }
-
-    fn purge_locked(&self, index: &mut TagIndex, seq: u64) {
-        self.inner.purged.fetch_max(seq, Ordering::AcqRel);
-        self.inner.cache.invalidate_all();
-        index.members.clear();
-    }
-
-    fn clear_locked(&self, index: &mut TagIndex, tags: &[String], seq: u64) -> u64 {
-        let now = Instant::now();
-        if index.cleared.len() > 4096 {
-            index.cleared.retain(|_, (_, until)| *until > now);
-        }
-        let mut removed = 0;
-        for tag in tags {
-            let record = index.cleared.entry(tag.clone()).or_insert((0, now));
-            *record = (record.0.max(seq), now + FENCE_WINDOW);
-            for key in index.members.remove(tag).unwrap_or_default() {
-                if self.inner.cache.remove(&key).is_some() {
-                    removed += 1;
-                }
-            }
-        }
-        removed
     }
 }

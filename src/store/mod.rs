@@ -14,47 +14,64 @@ use crate::key::EntryKey;
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
+pub(crate) mod records;
 #[cfg(all(feature = "valkey", feature = "memory"))]
 pub(crate) mod tiered;
 #[cfg(feature = "valkey")]
 pub(crate) mod valkey;
 
-/// How long a tag's clear is remembered, and so the longest a miss may take between its
-/// lookup and its fill: the layer drops fills older than this rather than risk storing data
-/// from before a clear whose record has expired.
-pub const FENCE_WINDOW: Duration = Duration::from_secs(600);
+/// Where a store's invalidation state stood when a lookup read it: the *epoch* of its clear
+/// records (made anew whenever they are created, so a lost record set shows) and the
+/// invalidation *sequence*. A fill hands back the fence of the lookup that preceded its
+/// origin call; the entry is served later only while no clear of its tags (and no purge)
+/// has happened since, in the same epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Fence {
+    epoch: u64,
+    seq: u64,
+}
+
+impl Fence {
+    /// A fence at sequence `seq` of epoch `epoch`.
+    pub fn new(epoch: u64, seq: u64) -> Self {
+        Fence { epoch, seq }
+    }
+
+    /// The epoch of the records the sequence belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The invalidation sequence.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether `self` was read at or after `earlier`, in the same epoch: everything cleared
+    /// before `earlier` was cleared before `self` too.
+    pub fn is_at_or_after(&self, earlier: Fence) -> bool {
+        self.epoch == earlier.epoch && self.seq >= earlier.seq
+    }
+}
 
 /// What a lookup found.
 #[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct Lookup {
-    /// The stored bytes, if any (an encoded entry, or garbage: the layer checks).
+    /// The stored bytes, if the store holds an entry under the key *and* it is current: no
+    /// clear of its tags and no purge since its fill's fence. (The bytes may still be
+    /// garbage: the layer decodes them and treats anything unreadable as a miss.)
     pub value: Option<Bytes>,
-    /// The store's invalidation sequence as of the moment the value was read (read with it,
-    /// or known not to have changed since: a store may report an older sequence, never a
-    /// newer one). A later fill passes it back so the store can refuse data that an
-    /// invalidation made stale in between.
-    pub fence: u64,
-    /// The sequence of the last purge as of the moment the value was read: an entry filled
-    /// with an older fence is dead.
-    pub purged: u64,
+    /// The store's invalidation state as of the moment the value was read (or known not to
+    /// have changed since: a store may report an older state, never a newer one). A later
+    /// fill passes it back, so an entry whose tags are cleared in between is never served.
+    pub fence: Fence,
 }
 
 impl Lookup {
     /// A lookup result.
-    pub fn new(value: Option<Bytes>, fence: u64) -> Self {
-        Lookup {
-            value,
-            fence,
-            purged: 0,
-        }
-    }
-
-    /// Sets the sequence of the last purge.
-    #[must_use]
-    pub fn purged(mut self, purged: u64) -> Self {
-        self.purged = purged;
-        self
+    pub fn new(value: Option<Bytes>, fence: Fence) -> Self {
+        Lookup { value, fence }
     }
 }
 
@@ -62,16 +79,15 @@ impl Lookup {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Invalidation {
-    /// The invalidation sequence the clear was given.
+    /// The invalidation sequence the clear was given: every entry of these tags filled under
+    /// an older fence is dead from now on.
     pub seq: u64,
-    /// How many stored entries it removed.
-    pub removed: u64,
 }
 
 impl Invalidation {
     /// An invalidation result.
-    pub fn new(seq: u64, removed: u64) -> Self {
-        Invalidation { seq, removed }
+    pub fn new(seq: u64) -> Self {
+        Invalidation { seq }
     }
 }
 
@@ -131,13 +147,13 @@ pub struct Fill {
     pub ttl: Duration,
     /// The entry's tags (validated).
     pub tags: Vec<String>,
-    /// The fence returned by the lookup that preceded this fill.
-    pub fence: u64,
+    /// The fence returned by the lookup that preceded this fill's origin call.
+    pub fence: Fence,
 }
 
 impl Fill {
     /// A fill request.
-    pub fn new(key: EntryKey, value: Bytes, ttl: Duration, tags: Vec<String>, fence: u64) -> Self {
+    pub fn new(key: EntryKey, value: Bytes, ttl: Duration, tags: Vec<String>, fence: Fence) -> Self {
         Fill {
             key,
             value,
@@ -154,7 +170,8 @@ impl Fill {
 pub enum FillOutcome {
     /// The value is stored.
     Stored,
-    /// The store refused it: one of its tags was invalidated after the fence.
+    /// Not written: one of its tags was cleared (or the store purged, or its records
+    /// started a new epoch) after the fence, so it could never be served.
     Fenced,
     /// Not written: the store is too far behind to take more fills right now. Not a
     /// failure (the layer's circuit breaker ignores it); the next miss fills again.
@@ -167,10 +184,17 @@ pub enum FillOutcome {
 /// not panic on any stored value. Values are opaque bytes: the layer encodes and decodes
 /// entries, and treats anything unreadable as a miss.
 ///
+/// The contract that keeps promise 4 ("never older than a completed invalidation"): a
+/// lookup returns a value only if no clear of the value's tags, and no purge, happened after
+/// the fence its fill carried. Check it when the value is read, against records that cannot
+/// be half lost: a clear then costs O(tags), and missing records mean a miss, never a hit.
+///
 /// ```
 /// use std::collections::HashMap;
 /// use std::sync::{Arc, Mutex};
-/// use tower_cache_aside::{EntryKey, Fill, FillOutcome, Invalidation, Lookup, Store, StoreError};
+/// use tower_cache_aside::{
+///     EntryKey, Fence, Fill, FillOutcome, Invalidation, Lookup, Store, StoreError,
+/// };
 ///
 /// /// A toy store without expiry or bounds (use `MemoryStore` for real).
 /// #[derive(Clone, Default)]
@@ -178,25 +202,31 @@ pub enum FillOutcome {
 ///
 /// #[derive(Default)]
 /// struct Map {
-///     entries: HashMap<EntryKey, (bytes::Bytes, Vec<String>)>,
+///     entries: HashMap<EntryKey, Fill>,
 ///     cleared: HashMap<String, u64>, // tag -> sequence of its last clear
 ///     seq: u64,
 ///     purged: u64,
 /// }
 ///
+/// impl Map {
+///     fn current(&self, fill: &Fill) -> bool {
+///         let seq = fill.fence.seq();
+///         seq >= self.purged && fill.tags.iter().all(|t| self.cleared.get(t).is_none_or(|&c| c <= seq))
+///     }
+/// }
+///
 /// impl Store for MapStore {
 ///     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
 ///         let m = self.0.lock().unwrap();
-///         Ok(Lookup::new(m.entries.get(key).map(|e| e.0.clone()), m.seq).purged(m.purged))
+///         let value = m.entries.get(key).filter(|f| m.current(f)).map(|f| f.value.clone());
+///         Ok(Lookup::new(value, Fence::new(0, m.seq)))
 ///     }
 ///     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
 ///         let mut m = self.0.lock().unwrap();
-///         let stale = m.purged > fill.fence
-///             || fill.tags.iter().any(|t| m.cleared.get(t).is_some_and(|&s| s > fill.fence));
-///         if stale {
+///         if !m.current(&fill) {
 ///             return Ok(FillOutcome::Fenced);
 ///         }
-///         m.entries.insert(fill.key, (fill.value, fill.tags));
+///         m.entries.insert(fill.key.clone(), fill);
 ///         Ok(FillOutcome::Stored)
 ///     }
 ///     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
@@ -209,15 +239,12 @@ pub enum FillOutcome {
 ///         for t in tags {
 ///             m.cleared.insert(t.clone(), seq);
 ///         }
-///         let before = m.entries.len();
-///         m.entries.retain(|_, (_, own)| !own.iter().any(|t| tags.contains(t)));
-///         Ok(Invalidation::new(seq, (before - m.entries.len()) as u64))
+///         Ok(Invalidation::new(seq))
 ///     }
 ///     async fn purge(&self) -> Result<u64, StoreError> {
 ///         let mut m = self.0.lock().unwrap();
 ///         m.seq += 1;
 ///         m.purged = m.seq;
-///         m.entries.clear();
 ///         Ok(m.seq)
 ///     }
 /// }
@@ -225,16 +252,16 @@ pub enum FillOutcome {
 /// let layer = tower_cache_aside::CacheLayer::new(MapStore::default());
 /// ```
 pub trait Store: Clone + Send + Sync + 'static {
-    /// Reads the value under `key` and the current fence, in one step.
+    /// Reads the value under `key`, if it is current, and the fence, in one step.
     fn lookup(&self, key: &EntryKey) -> impl Future<Output = Result<Lookup, StoreError>> + Send;
 
-    /// Stores a value unless an invalidation made it stale since `fill.fence`.
+    /// Stores a value; a store may refuse one that a clear since `fill.fence` made dead.
     fn fill(&self, fill: Fill) -> impl Future<Output = Result<FillOutcome, StoreError>> + Send;
 
     /// Removes the value under `key`; returns whether there was one.
     fn remove(&self, key: &EntryKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Clears every entry carrying any of `tags`, and refuses later fills whose fence
+    /// Makes every entry carrying any of `tags` dead, and every later fill whose fence
     /// predates the clear.
     fn invalidate(
         &self,
@@ -274,11 +301,14 @@ pub trait Store: Clone + Send + Sync + 'static {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_cache_aside::{EntryKey, Fill, FillOutcome, MemoryStore, Store};
+    /// use tower_cache_aside::{EntryKey, Fence, Fill, FillOutcome, MemoryStore, Store};
     ///
     /// let store = MemoryStore::new(1 << 20);
     /// let key = EntryKey::new("events_id", [0; 32]);
-    /// let fill = Fill::new(key, "{}".into(), Duration::from_secs(60), vec!["event:1".into()], 0);
+    /// // The fence of the lookup that missed, before the origin was asked.
+    /// let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// let fence: Fence = runtime.block_on(store.lookup(&key)).unwrap().fence;
+    /// let fill = Fill::new(key, "{}".into(), Duration::from_secs(60), vec!["event:1".into()], fence);
     /// store.fill_in_background(
     ///     fill,
     ///     Box::new(|outcome| assert!(matches!(outcome, Ok(FillOutcome::Stored)))),
@@ -330,14 +360,14 @@ mod tests {
     }
 
     #[cfg(feature = "memory")]
-    fn one_fill() -> Fill {
+    fn one_fill(fence: Fence) -> Fill {
         let ttl = Duration::from_secs(60);
         Fill::new(
             EntryKey::new("r", [1; 32]),
             Bytes::from_static(b"v"),
             ttl,
             vec![],
-            0,
+            fence,
         )
     }
 
@@ -345,8 +375,9 @@ mod tests {
     #[tokio::test]
     async fn default_background_fill_runs_a_task_and_reports() {
         let store = Plain(crate::MemoryStore::new(1 << 20));
+        let fence = store.lookup(&EntryKey::new("r", [1; 32])).await.unwrap().fence;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        store.fill_in_background(one_fill(), Box::new(move |r| drop(tx.send(r))));
+        store.fill_in_background(one_fill(fence), Box::new(move |r| drop(tx.send(r))));
         assert_eq!(rx.await.unwrap().unwrap(), FillOutcome::Stored);
         let found = store.lookup(&EntryKey::new("r", [1; 32])).await.unwrap();
         assert_eq!(found.value.as_deref(), Some(&b"v"[..]));
@@ -359,7 +390,7 @@ mod tests {
         let outcome = std::sync::Arc::new(std::sync::Mutex::new(None));
         let seen = outcome.clone();
         store.fill_in_background(
-            one_fill(),
+            one_fill(Fence::default()),
             Box::new(move |r| *seen.lock().unwrap() = Some(r.is_err())),
         );
         assert_eq!(*outcome.lock().unwrap(), Some(true));

@@ -7,13 +7,13 @@
 //!   meanwhile were missed).
 //! - Near entries live at most `max_near_ttl` (default 5 s): a bound on staleness should a
 //!   published clear ever be lost without the connection noticing.
-//! - The near tier numbers clears with Valkey's sequence, so the fence rule holds in both
-//!   tiers: a near fill fenced before a clear it has heard of is refused, and a clear heard
-//!   after a near fill removes it.
+//! - The near tier keeps clear records numbered by Valkey's sequence, in Valkey's epoch, and
+//!   checks its entries against them on read, as Valkey's are: a near entry fenced before a
+//!   clear it has heard of is dead, and a new epoch in Valkey drops the whole near tier.
 //! - This instance's own clears apply to the near tier before the mutation's response is
 //!   sent; other instances' arrive within the pub/sub delivery time.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 
 use super::memory::MemoryStore;
 use super::valkey::ValkeyStore;
-use super::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store};
+use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store};
 use crate::entry::Entry;
 use crate::error::StoreError;
 use crate::key::EntryKey;
@@ -52,8 +52,6 @@ struct TierInner {
     max_near_ttl: Duration,
     /// The invalidation subscription is live: the near tier may answer.
     live: AtomicBool,
-    /// The highest Valkey sequence seen: a safe (never too new) fence for near hits.
-    seen_seq: AtomicU64,
     listening: OnceLock<()>,
 }
 
@@ -76,7 +74,6 @@ impl TieredStore {
                 far,
                 max_near_ttl: DEFAULT_MAX_NEAR_TTL,
                 live: AtomicBool::new(false),
-                seen_seq: AtomicU64::new(0),
                 listening: OnceLock::new(),
             }),
         }
@@ -117,21 +114,18 @@ impl TieredStore {
         });
     }
 
-    fn saw(&self, seq: u64) {
-        self.inner.seen_seq.fetch_max(seq, Ordering::AcqRel);
-    }
-
     fn near_fill(
         &self,
         key: EntryKey,
         value: bytes::Bytes,
         ttl: Duration,
         tags: Vec<String>,
-        fence: u64,
+        fence: Fence,
     ) {
         if !self.near_is_live() {
             return;
         }
+        self.inner.near.follow(fence);
         let ttl = ttl.min(self.inner.max_near_ttl);
         self.inner
             .near
@@ -152,14 +146,8 @@ async fn apply_notices(tier: Weak<TierInner>, mut notices: broadcast::Receiver<N
         };
         let Some(tier) = tier.upgrade() else { return };
         match notice {
-            Ok(Notice::Cleared { seq, tags }) => {
-                tier.seen_seq.fetch_max(seq, Ordering::AcqRel);
-                tier.near.clear_at(&tags, seq);
-            }
-            Ok(Notice::Purged { seq }) => {
-                tier.seen_seq.fetch_max(seq, Ordering::AcqRel);
-                tier.near.purge_at(seq);
-            }
+            Ok(Notice::Cleared { seq, tags }) => tier.near.clear_at(&tags, seq),
+            Ok(Notice::Purged { seq }) => tier.near.purge_at(seq),
             Ok(Notice::Subscribed) => {
                 tier.near.flush();
                 tier.live.store(true, Ordering::Release);
@@ -183,21 +171,19 @@ impl Store for TieredStore {
         self.listen();
         if self.near_is_live() {
             if let Ok(found) = self.inner.near.lookup(key).await {
-                if let Some(value) = found.value {
-                    let fence = self.inner.seen_seq.load(Ordering::Acquire);
-                    return Ok(Lookup::new(Some(value), fence));
+                if found.value.is_some() {
+                    return Ok(found);
                 }
             }
         }
         // Boxed: the far lookup's future is large, and a near hit should not carry it.
         let found = Box::pin(self.inner.far.lookup(key)).await?;
-        self.saw(found.fence);
+        self.inner.near.follow(found.fence);
         if let Some(value) = &found.value {
-            // Copy it near, with the tags and lifetime the entry itself carries.
+            // Copy it near, with the tags, fence and lifetime the entry itself carries.
             if let Ok(entry) = Entry::decode_with_tags(value.clone()) {
-                let remaining = entry.remaining(crate::entry::now_ms());
-                if let Some(ttl) = remaining.filter(|_| entry.fence >= found.purged) {
-                    self.near_fill(key.clone(), value.clone(), ttl, entry.tags, found.fence);
+                if let Some(ttl) = entry.remaining(crate::entry::now_ms()) {
+                    self.near_fill(key.clone(), value.clone(), ttl, entry.tags, entry.fence);
                 }
             }
         }
@@ -232,15 +218,11 @@ impl Store for TieredStore {
     async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
         let done = self.inner.far.invalidate(tags).await;
         match &done {
-            Ok(d) => {
-                self.saw(d.seq);
-                self.inner.near.clear_at(tags, d.seq);
-            }
+            Ok(d) => self.inner.near.clear_at(tags, d.seq),
             // Unknown outcome: the near copies must go in any case.
             Err(_) => {
-                self.inner
-                    .near
-                    .clear_at(tags, self.inner.seen_seq.load(Ordering::Acquire) + 1);
+                let next = self.inner.near.fence().seq() + 1;
+                self.inner.near.clear_at(tags, next);
             }
         }
         done
@@ -257,10 +239,7 @@ impl Store for TieredStore {
     async fn purge(&self) -> Result<u64, StoreError> {
         let seq = self.inner.far.purge().await;
         match &seq {
-            Ok(s) => {
-                self.saw(*s);
-                self.inner.near.purge_at(*s);
-            }
+            Ok(s) => self.inner.near.purge_at(*s),
             Err(_) => self.inner.near.flush(),
         }
         seq

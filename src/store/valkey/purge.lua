@@ -1,11 +1,17 @@
--- Purges the whole namespace in O(1): every entry filled before this sequence is dead (the
--- lookup compares the entry's fence with the purge record) and is left to expire.
+#!lua flags=allow-oom
+-- Purges the namespace in O(1): raises the floor to a new sequence, so every entry filled
+-- before it is dead (each store compares an entry's fence with the floor on read); the dead
+-- entries are left to expire or be evicted. Allowed with memory full, like a clear.
 --
--- KEYS[1]  the invalidation sequence
--- KEYS[2]  the namespace's purge record
+-- KEYS[1]  the record set (see sync.lua)
 -- ARGV[1]  the pub/sub channel
--- Returns the sequence of the purge.
-local seq = redis.call('INCR', KEYS[1])
-redis.call('SET', KEYS[2], seq)
+-- ARGV[2]  the epoch to start with if the set is missing
+-- Returns the purge's sequence.
+local set = KEYS[1]
+if not redis.call('ZSCORE', set, 'epoch') then
+  redis.call('ZADD', set, ARGV[2], 'epoch', 0, 'seq', 0, 'floor')
+end
+local seq = tonumber(redis.call('ZINCRBY', set, 1, 'seq'))
+redis.call('ZADD', set, seq, 'floor')
 redis.call('PUBLISH', ARGV[1], 'v1 ' .. seq .. ' purge')
 return seq

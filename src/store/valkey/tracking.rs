@@ -1,20 +1,22 @@
-//! The invalidation sequence and the purge record, kept on this side of the connection.
+//! The namespace's clear records, mirrored on this side of the connection.
 //!
-//! Every lookup needs both (the sequence fences a miss's fill; the purge record tells a
-//! dead entry from a live one), but reading them with the entry turns a `GET` into an
-//! `MGET`, whose array reply costs the client about as much again as the rest of a hit. So
-//! the data connection speaks RESP3 and asks the server to announce changes to those two
-//! keys (`CLIENT TRACKING ON BCAST PREFIX ...`). The server queues an announcement on this
-//! connection before the reply to any command it runs after the change, and the client
-//! reads replies in order: a value read once stays current for every reply that arrives
-//! while no announcement has. A lookup therefore reads the known values, sends a plain
-//! `GET`, and uses them only if nothing was announced by the time its reply is in; otherwise
-//! (or before the first read, or when the server refused tracking) it reads all three with
-//! `MGET` as before, which also re-arms the known values.
+//! Every lookup needs them (an entry is served only if none of its tags was cleared after
+//! its fence, in the records' epoch, above their floor; and a miss's fill carries the
+//! current fence), but reading them with the entry would turn a `GET` into a script call
+//! whose reply costs the client about as much again as the rest of a hit. So the data
+//! connection speaks RESP3 and asks the server to announce changes to the record set
+//! (`CLIENT TRACKING ON BCAST PREFIX ...`): a clear, a purge, and equally its eviction,
+//! expiry or a `FLUSHALL`. The server queues an announcement on this connection before the
+//! reply to any command it runs after the change, and the client reads replies in order: a
+//! mirror read once stays current for every reply that arrives while no announcement has.
+//! A lookup therefore takes the known fence, sends a plain `GET`, and checks the entry
+//! against the mirror only if nothing was announced by the time its reply is in; otherwise
+//! (or before the first read, or when the server refused tracking) it sends the `GET` with
+//! the sync script, which answers what changed since the mirror's state, and merges that.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bb8_redis::bb8;
@@ -22,40 +24,53 @@ use bb8_redis::redis::{
     self, aio::MultiplexedConnection, AsyncConnectionConfig, IntoConnectionInfo, PushInfo,
     RedisError,
 };
+use bytes::Bytes;
 
-/// What this connection knows of the two records, and whether it still holds.
+use crate::store::records::{Records, Stamp};
+use crate::store::Fence;
+
+/// What this connection knows of the record set, and whether it still holds.
 pub(super) struct Tracker {
-    /// Announcements heard, shifted left once; the low bit says `seq` and `purged` are
-    /// current.
+    /// Announcements heard, shifted left once; the low bit says the mirror is current.
     state: AtomicU64,
-    seq: AtomicU64,
-    purged: AtomicU64,
     /// The server agreed to announce changes on this connection.
     enabled: AtomicBool,
-    /// Serializes re-arming (rare: after a change), never taken by a hit.
-    arming: Mutex<()>,
+    /// The record set as last read (epoch 0 before the first read).
+    mirror: RwLock<Records>,
 }
 
-/// The records as a lookup read them, before sending its `GET`.
+/// The fence as a lookup read it, before sending its `GET`.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Known {
     state: u64,
-    pub(super) seq: u64,
-    pub(super) purged: u64,
+    pub(super) fence: Fence,
+}
+
+/// A sync script's answer.
+#[derive(Debug, Default)]
+pub(super) struct Synced {
+    pub(super) epoch: u64,
+    /// The whole set (else only what changed since the state the read named).
+    pub(super) whole: bool,
+    pub(super) seq: Option<u64>,
+    pub(super) floor: Option<u64>,
+    pub(super) records: Vec<(u64, u64)>,
 }
 
 impl Tracker {
-    fn new() -> Self {
+    pub(super) fn new(max_records: usize) -> Self {
         Tracker {
             state: AtomicU64::new(0),
-            seq: AtomicU64::new(0),
-            purged: AtomicU64::new(0),
             enabled: AtomicBool::new(false),
-            arming: Mutex::new(()),
+            mirror: RwLock::new(Records::new(0, max_records)),
         }
     }
 
-    /// The records, if they are known to be current.
+    fn mirror(&self) -> std::sync::RwLockReadGuard<'_, Records> {
+        self.mirror.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fence, if the mirror is known to be current.
     pub(super) fn known(&self) -> Option<Known> {
         let state = self.state.load(Ordering::Acquire);
         if state & 1 == 0 {
@@ -63,8 +78,7 @@ impl Tracker {
         }
         Some(Known {
             state,
-            seq: self.seq.load(Ordering::Acquire),
-            purged: self.purged.load(Ordering::Acquire),
+            fence: self.mirror().fence(),
         })
     }
 
@@ -79,30 +93,61 @@ impl Tracker {
         self.state.load(Ordering::Acquire) >> 1
     }
 
-    /// Records read by a command sent after `mark`: kept if no change was announced since
-    /// (one that was would have been read before the reply).
-    pub(super) fn arm(&self, mark: u64, seq: u64, purged: u64) {
-        if !self.enabled.load(Ordering::Acquire) {
-            return;
-        }
-        let _one_at_a_time = self.arming.lock().unwrap_or_else(|e| e.into_inner());
-        let state = self.state.load(Ordering::Acquire);
-        // Armed already (by a read that saw the same values), or announced since.
-        if state & 1 == 1 || state >> 1 != mark {
-            return;
-        }
-        self.seq.store(seq, Ordering::Release);
-        self.purged.store(purged, Ordering::Release);
-        // Fails if an announcement came in meanwhile: then the values stay unused.
-        let _ = self.state.compare_exchange(
-            mark << 1,
-            (mark << 1) | 1,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+    /// The state the mirror holds (current or not): what a sync asks the changes since.
+    pub(super) fn synced(&self) -> Fence {
+        self.mirror().fence()
     }
 
-    /// A change was announced (or the connection broke): the values are unknown until
+    /// The entry in a stored value, if its stamp is current by the mirror.
+    pub(super) fn check(&self, value: Bytes) -> Option<Bytes> {
+        Stamp::check(value, &self.mirror())
+    }
+
+    /// Whether a fill would be dead on arrival by what the mirror knows (`false` while the
+    /// mirror has never been read: the read-side check decides then).
+    pub(super) fn refuses(&self, fence: Fence, ids: &[u64]) -> bool {
+        let mirror = self.mirror();
+        mirror.epoch() != 0 && !mirror.is_current(fence, ids.iter().copied())
+    }
+
+    /// Merges what a sync sent after `mark`, asking for the changes since `from`, read.
+    /// Returns the fence as of that read, or `None` when the answer cannot be used: it names
+    /// another epoch than the mirror's while a change was announced since it was sent (an
+    /// older answer must not undo a newer one). Re-arms the mirror if nothing was announced.
+    pub(super) fn merge(&self, mark: u64, from: Fence, synced: Synced) -> Option<Fence> {
+        let mut mirror = self.mirror.write().unwrap_or_else(|e| e.into_inner());
+        let announced = self.state.load(Ordering::Acquire) >> 1 != mark;
+        if synced.epoch != mirror.epoch() {
+            // A mirror never read has nothing newer to lose.
+            if announced && mirror.epoch() != 0 || !synced.whole {
+                return None;
+            }
+            mirror.reset(synced.epoch);
+        } else if !synced.whole && from.epoch() != synced.epoch {
+            return None; // changes since a state of another epoch say nothing
+        }
+        for (id, seq) in synced.records {
+            mirror.record(id, seq);
+        }
+        if let Some(floor) = synced.floor {
+            mirror.raise_floor(floor);
+        }
+        // Absent from a list of changes: not changed since `from`.
+        let seq = synced.seq.unwrap_or(from.seq());
+        mirror.observe(seq);
+        if self.enabled.load(Ordering::Acquire) && !announced {
+            // Fails if an announcement came in meanwhile: then the mirror is not trusted.
+            let _ = self.state.compare_exchange(
+                mark << 1,
+                (mark << 1) | 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        Some(Fence::new(synced.epoch, seq))
+    }
+
+    /// A change was announced (or the connection broke): the mirror is not current until
     /// read again.
     fn forget(&self) {
         let _ = self
@@ -125,9 +170,10 @@ pub(super) struct Tracked {
 #[derive(Clone)]
 pub(super) struct Manager {
     resp2: redis::Client,
-    /// The RESP3 client and the `CLIENT TRACKING` prefixes (the sequence's key and the purge
-    /// record's), when tracking is wanted.
-    tracking: Option<(redis::Client, [String; 2])>,
+    /// The RESP3 client and the `CLIENT TRACKING` prefix (the record set's key), when
+    /// tracking is wanted.
+    tracking: Option<(redis::Client, String)>,
+    max_records: usize,
     /// The server (or a proxy) refused `HELLO 3`: later connections go straight to RESP2.
     resp3_refused: Arc<AtomicBool>,
     response_timeout: Duration,
@@ -137,19 +183,20 @@ pub(super) struct Manager {
 impl Manager {
     pub(super) fn new(
         url: &str,
-        prefixes: Option<[String; 2]>,
+        prefix: Option<String>,
+        max_records: usize,
         response_timeout: Duration,
         display_url: String,
     ) -> Result<Self, RedisError> {
         let info = url.into_connection_info()?;
-        let tracking = match prefixes {
-            Some(prefixes) => {
+        let tracking = match prefix {
+            Some(prefix) => {
                 let settings = info
                     .redis_settings()
                     .clone()
                     .set_protocol(redis::ProtocolVersion::RESP3);
                 let resp3 = redis::Client::open(info.clone().set_redis_settings(settings))?;
-                Some((resp3, prefixes))
+                Some((resp3, prefix))
             }
             None => None,
         };
@@ -157,6 +204,7 @@ impl Manager {
             resp2: redis::Client::open(info)?,
             tracking,
             resp3_refused: Arc::new(AtomicBool::new(false)),
+            max_records,
             response_timeout,
             display_url,
         })
@@ -166,9 +214,9 @@ impl Manager {
     async fn connect_tracked(
         &self,
         resp3: &redis::Client,
-        [seq, purged]: &[String; 2],
+        prefix: &str,
     ) -> Result<Option<Tracked>, RedisError> {
-        let tracker = Arc::new(Tracker::new());
+        let tracker = Arc::new(Tracker::new(self.max_records));
         let heard = tracker.clone();
         // Runs in the connection's reader, before any reply read after it is handed out.
         let config = self.config().set_push_sender(move |_: PushInfo| {
@@ -197,9 +245,7 @@ impl Manager {
             .arg("ON")
             .arg("BCAST")
             .arg("PREFIX")
-            .arg(seq)
-            .arg("PREFIX")
-            .arg(purged)
+            .arg(prefix)
             .query_async::<()>(&mut conn)
             .await;
         match on {
@@ -226,9 +272,9 @@ impl bb8::ManageConnection for Manager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Tracked, RedisError> {
-        if let Some((resp3, prefixes)) = &self.tracking {
+        if let Some((resp3, prefix)) = &self.tracking {
             if !self.resp3_refused.load(Ordering::Relaxed) {
-                if let Some(tracked) = self.connect_tracked(resp3, prefixes).await? {
+                if let Some(tracked) = self.connect_tracked(resp3, prefix).await? {
                     return Ok(tracked);
                 }
             }
@@ -240,7 +286,7 @@ impl bb8::ManageConnection for Manager {
         // Never enabled: every lookup reads the records.
         Ok(Tracked {
             conn,
-            tracker: Arc::new(Tracker::new()),
+            tracker: Arc::new(Tracker::new(self.max_records)),
         })
     }
 
@@ -260,44 +306,79 @@ mod tests {
     use super::*;
 
     fn enabled() -> Tracker {
-        let t = Tracker::new();
+        let t = Tracker::new(100);
         t.enabled.store(true, Ordering::Release);
         t
+    }
+
+    fn whole(epoch: u64, seq: u64) -> Synced {
+        Synced {
+            epoch,
+            whole: true,
+            seq: Some(seq),
+            floor: Some(0),
+            records: vec![],
+        }
     }
 
     #[test]
     fn unknown_until_armed_and_forgotten_on_announcement() {
         let t = enabled();
         assert!(t.known().is_none());
-        let mark = t.mark();
-        t.arm(mark, 7, 3);
+        let (mark, from) = (t.mark(), t.synced());
+        assert_eq!(t.merge(mark, from, whole(5, 7)), Some(Fence::new(5, 7)));
         let k = t.known().expect("armed");
-        assert_eq!((k.seq, k.purged), (7, 3));
+        assert_eq!(k.fence, Fence::new(5, 7));
         assert!(t.still(&k));
         t.forget();
-        assert!(
-            !t.still(&k),
-            "an announcement invalidates what a lookup read"
-        );
+        assert!(!t.still(&k), "an announcement invalidates what a lookup read");
         assert!(t.known().is_none());
     }
 
     #[test]
     fn a_read_overtaken_by_an_announcement_does_not_arm() {
         let t = enabled();
-        let mark = t.mark();
+        let (mark, from) = (t.mark(), t.synced());
         t.forget(); // heard before the read's reply was used
-        t.arm(mark, 7, 3);
+        // Another epoch than the mirror's, announced since: an older answer, unusable.
+        assert_eq!(t.merge(mark, from, whole(5, 7)), None);
         assert!(t.known().is_none());
-        let mark = t.mark();
-        t.arm(mark, 8, 3);
-        assert_eq!(t.known().map(|k| k.seq), Some(8));
+        let (mark, from) = (t.mark(), t.synced());
+        assert!(t.merge(mark, from, whole(5, 8)).is_some());
+        assert_eq!(t.known().map(|k| k.fence), Some(Fence::new(5, 8)));
+        // Same epoch, announced since: merged (nothing moves back) but not armed.
+        let (mark, from) = (t.mark(), t.synced());
+        t.forget();
+        let changes = Synced {
+            epoch: 5,
+            seq: Some(9),
+            records: vec![(1, 9)],
+            ..Synced::default()
+        };
+        assert_eq!(t.merge(mark, from, changes), Some(Fence::new(5, 9)));
+        assert!(t.known().is_none());
+        assert!(t.refuses(Fence::new(5, 8), &[1]));
+        assert!(!t.refuses(Fence::new(5, 9), &[1]));
+    }
+
+    #[test]
+    fn changes_against_another_epoch_are_refused() {
+        let t = enabled();
+        let (mark, from) = (t.mark(), t.synced());
+        t.merge(mark, from, whole(5, 3));
+        let stale = Synced {
+            epoch: 6,
+            seq: Some(1),
+            ..Synced::default()
+        };
+        assert_eq!(t.merge(t.mark(), t.synced(), stale), None);
     }
 
     #[test]
     fn never_armed_without_tracking() {
-        let t = Tracker::new();
-        t.arm(t.mark(), 7, 3);
+        let t = Tracker::new(100);
+        let (mark, from) = (t.mark(), t.synced());
+        assert!(t.merge(mark, from, whole(5, 7)).is_some());
         assert!(t.known().is_none());
     }
 }

@@ -1,0 +1,327 @@
+//! The clear records, and the rule every store checks an entry against when it is read.
+//!
+//! A clear does not look for the entries it makes stale: it records, per tag, the
+//! invalidation sequence at which the tag was last cleared. An entry remembers the fence its
+//! data was read under (the epoch and sequence its lookup saw before the origin was called)
+//! and its tags; it is served only while
+//!
+//! - its epoch is the records' epoch (a lost or flushed record set starts a new epoch, so
+//!   nothing from before the loss is served),
+//! - its fence is at or above the floor (purges, and pruning of old records, raise it), and
+//! - none of its tags was cleared after its fence.
+//!
+//! So a clear costs O(tags) whatever the tags carry, and a record that is missing can only
+//! make entries dead, never alive: the records are one unit (one map here, one sorted set in
+//! Valkey), lost whole or not at all, and a loss shows as a new epoch.
+//!
+//! [`MemoryStore`](crate::MemoryStore) keeps its records here; the Valkey store keeps a
+//! mirror of the server's record set here, per connection.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use bytes::{BufMut, Bytes};
+
+use super::Fence;
+
+/// Most clear records kept by default. Beyond it the oldest are dropped and the floor rises
+/// to them (entries fenced before are dead): memory stays bounded whatever the clear rate.
+pub(crate) const DEFAULT_MAX_RECORDS: usize = 16_384;
+
+/// A tag as the records know it: the first 8 bytes of its SHA-256. Two tags sharing an id
+/// would clear each other: extra misses, never a stale hit.
+pub(crate) fn tag_id(tag: &str) -> u64 {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(tag.as_bytes());
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(id)
+}
+
+/// Tag ids are SHA-256 bits already: hashing them again is wasted work.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdMap = HashMap<u64, u64, BuildHasherDefault<IdHasher>>;
+
+/// An epoch no record set has: 52 random bits (a Valkey score holds integers exactly up to
+/// 2^53), never 0.
+pub(crate) fn new_epoch() -> u64 {
+    use std::hash::BuildHasher;
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() & ((1 << 52) - 1)).max(1)
+}
+
+/// The invalidation state: epoch, sequence, floor and each recently cleared tag's last clear.
+#[derive(Debug, Clone)]
+pub(crate) struct Records {
+    epoch: u64,
+    seq: u64,
+    floor: u64,
+    by_tag: IdMap,
+    /// The same records ordered by sequence, to drop the oldest.
+    by_seq: BTreeSet<(u64, u64)>,
+    max: usize,
+}
+
+impl Records {
+    pub(crate) fn new(epoch: u64, max: usize) -> Self {
+        Records {
+            epoch,
+            seq: 0,
+            floor: 0,
+            by_tag: IdMap::default(),
+            by_seq: BTreeSet::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// The fence a lookup made now hands to its fill.
+    pub(crate) fn fence(&self) -> Fence {
+        Fence::new(self.epoch, self.seq)
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    #[cfg(test)]
+    pub(crate) fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    /// Number of tag records kept.
+    pub(crate) fn len(&self) -> usize {
+        self.by_tag.len()
+    }
+
+    /// Whether an entry filled under `fence` with tags `ids` may be served.
+    pub(crate) fn is_current(&self, fence: Fence, ids: impl IntoIterator<Item = u64>) -> bool {
+        fence.epoch() == self.epoch
+            && fence.seq() >= self.floor
+            && ids
+                .into_iter()
+                .all(|id| self.by_tag.get(&id).is_none_or(|&s| s <= fence.seq()))
+    }
+
+    /// Starts over under another epoch: everything filled before is dead.
+    pub(crate) fn reset(&mut self, epoch: u64) {
+        *self = Records::new(epoch, self.max);
+    }
+
+    /// A clear of `ids` numbered `seq` (by this store, or by the far store for a near tier).
+    pub(crate) fn clear(&mut self, ids: impl IntoIterator<Item = u64>, seq: u64) {
+        self.seq = self.seq.max(seq);
+        for id in ids {
+            self.record(id, seq);
+        }
+    }
+
+    /// The next sequence, for a clear or purge made here.
+    pub(crate) fn advance(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Raises the sequence to one seen elsewhere (never lowers it).
+    pub(crate) fn observe(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
+    }
+
+    /// Keeps `id`'s last clear at `seq` (or a later one already kept), then drops the
+    /// oldest records beyond the bound, raising the floor to them.
+    pub(crate) fn record(&mut self, id: u64, seq: u64) {
+        if seq <= self.floor {
+            return; // below the floor it can make nothing more dead
+        }
+        let old = self.by_tag.insert(id, seq);
+        match old {
+            Some(old) if old >= seq => {
+                self.by_tag.insert(id, old);
+                return;
+            }
+            Some(old) => {
+                self.by_seq.remove(&(old, id));
+            }
+            None => {}
+        }
+        self.by_seq.insert((seq, id));
+        while self.by_tag.len() > self.max {
+            let Some((oldest, id)) = self.by_seq.pop_first() else {
+                break;
+            };
+            self.by_tag.remove(&id);
+            self.floor = self.floor.max(oldest);
+        }
+    }
+
+    /// Every entry fenced before `floor` is dead (a purge, or records dropped elsewhere);
+    /// records at or below it say nothing more and go.
+    pub(crate) fn raise_floor(&mut self, floor: u64) {
+        if floor <= self.floor {
+            return;
+        }
+        self.floor = floor;
+        self.seq = self.seq.max(floor);
+        while let Some(&(seq, id)) = self.by_seq.first() {
+            if seq > floor {
+                break;
+            }
+            self.by_seq.pop_first();
+            self.by_tag.remove(&id);
+        }
+    }
+}
+
+/// What a store keeps in front of an entry's bytes so that it can check the entry on read:
+/// `"TCS" 0x01 | epoch u64 | fence u64 | tag count u16 | tag ids u64...` (little endian).
+pub(crate) struct Stamp;
+
+const STAMP_MAGIC: [u8; 4] = *b"TCS\x01";
+const STAMP_FIXED: usize = 4 + 8 + 8 + 2;
+
+impl Stamp {
+    /// The stamp's length for `tags` tags.
+    pub(crate) fn len(tags: usize) -> usize {
+        STAMP_FIXED + 8 * tags
+    }
+
+    /// Writes the stamp for a fill.
+    pub(crate) fn write(out: &mut impl BufMut, fence: Fence, ids: &[u64]) {
+        out.put_slice(&STAMP_MAGIC);
+        out.put_u64_le(fence.epoch());
+        out.put_u64_le(fence.seq());
+        out.put_u16_le(ids.len().min(usize::from(u16::MAX)) as u16);
+        for id in ids.iter().take(usize::from(u16::MAX)) {
+            out.put_u64_le(*id);
+        }
+    }
+
+    /// Reads a stored value: its fence, its tag ids and where the entry starts. `None` for
+    /// anything that is not a whole stamp (garbage, another version): a miss.
+    pub(crate) fn read(value: &[u8]) -> Option<(Fence, StampIds<'_>, usize)> {
+        let fixed = value.get(..STAMP_FIXED)?;
+        if fixed[..4] != STAMP_MAGIC {
+            return None;
+        }
+        let word = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().unwrap_or([0; 8]));
+        let fence = Fence::new(word(4), word(12));
+        let count = usize::from(u16::from_le_bytes([fixed[20], fixed[21]]));
+        let end = STAMP_FIXED + 8 * count;
+        let ids = value.get(STAMP_FIXED..end)?;
+        Some((fence, StampIds(ids), end))
+    }
+
+    /// The entry after the stamp, when the stamp is readable and `records` say it is current.
+    pub(crate) fn check(value: Bytes, records: &Records) -> Option<Bytes> {
+        let (fence, ids, start) = Stamp::read(&value)?;
+        records
+            .is_current(fence, ids.iter())
+            .then(|| value.slice(start..))
+    }
+}
+
+/// The tag ids of a stamp, read in place.
+#[derive(Clone, Copy)]
+pub(crate) struct StampIds<'a>(&'a [u8]);
+
+impl<'a> StampIds<'a> {
+    pub(crate) fn iter(self) -> impl Iterator<Item = u64> + 'a {
+        self.0
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamped(fence: Fence, tags: &[&str], body: &[u8]) -> Bytes {
+        let ids: Vec<u64> = tags.iter().map(|t| tag_id(t)).collect();
+        let mut out = Vec::new();
+        Stamp::write(&mut out, fence, &ids);
+        out.extend_from_slice(body);
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn a_clear_after_the_fence_kills_and_one_before_does_not() {
+        let mut r = Records::new(7, 100);
+        r.clear([tag_id("a")], r.advance()); // 1
+        let fence = r.fence();
+        let entry = stamped(fence, &["a", "b"], b"body");
+        assert_eq!(Stamp::check(entry.clone(), &r).as_deref(), Some(&b"body"[..]));
+        let seq = r.advance();
+        r.clear([tag_id("c")], seq); // unrelated
+        assert!(Stamp::check(entry.clone(), &r).is_some());
+        let seq = r.advance();
+        r.clear([tag_id("b")], seq);
+        assert!(Stamp::check(entry, &r).is_none());
+    }
+
+    #[test]
+    fn another_epoch_a_floor_or_garbage_means_dead() {
+        let mut r = Records::new(7, 100);
+        r.advance();
+        let entry = stamped(r.fence(), &["a"], b"x");
+        assert!(Stamp::check(entry.clone(), &r).is_some());
+        let mut other = r.clone();
+        other.reset(8);
+        assert!(Stamp::check(entry.clone(), &other).is_none());
+        let seq = r.advance();
+        r.raise_floor(seq);
+        assert!(Stamp::check(entry.clone(), &r).is_none());
+        for bad in [&b""[..], b"TCS", b"TCS\x02aaaaaaaaaaaaaaaaaaaaaa", &entry[..25]] {
+            assert!(Stamp::check(Bytes::copy_from_slice(bad), &r).is_none());
+        }
+    }
+
+    #[test]
+    fn records_stay_bounded_and_the_floor_covers_what_was_dropped() {
+        let mut r = Records::new(1, 3);
+        let old = stamped(r.fence(), &["t0"], b"x");
+        for i in 0..10u64 {
+            let seq = r.advance();
+            r.clear([tag_id(&format!("t{i}"))], seq);
+        }
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.floor(), 7);
+        // t0's record is gone, but the entry it cleared stays dead.
+        assert!(Stamp::check(old, &r).is_none());
+        let fresh = stamped(r.fence(), &["t0"], b"x");
+        assert!(Stamp::check(fresh, &r).is_some());
+    }
+
+    #[test]
+    fn a_record_never_moves_back() {
+        let mut r = Records::new(1, 10);
+        r.clear([5], 9);
+        r.clear([5], 4);
+        assert!(!r.is_current(Fence::new(1, 8), [5]));
+        assert!(r.is_current(Fence::new(1, 9), [5]));
+        r.raise_floor(9);
+        assert_eq!(r.len(), 0);
+        assert!(!r.is_current(Fence::new(1, 8), []));
+    }
+}

@@ -1,0 +1,203 @@
+//! Configuring a [`ValkeyStore`]: the URL (or the environment), the namespace and the bounds.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use bb8_redis::redis::{self, RedisError};
+
+use super::tracking::Manager;
+use super::{ValkeyInner, ValkeyStore, DEFAULT_OPERATION_TIMEOUT, SCHEMA};
+use crate::error::ConfigError;
+use crate::store::records::DEFAULT_MAX_RECORDS;
+
+/// Configures a [`ValkeyStore`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ValkeyStoreBuilder {
+    url: Option<String>,
+    namespace: String,
+    operation_timeout: Duration,
+    connect_timeout: Duration,
+    pool_size: u32,
+    client_tracking: bool,
+    max_clear_records: usize,
+}
+
+impl Default for ValkeyStoreBuilder {
+    fn default() -> Self {
+        ValkeyStoreBuilder {
+            url: None,
+            namespace: "tca".to_owned(),
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            connect_timeout: Duration::from_secs(2),
+            pool_size: 4,
+            client_tracking: true,
+            max_clear_records: DEFAULT_MAX_RECORDS,
+        }
+    }
+}
+
+impl ValkeyStoreBuilder {
+    /// The server URL: `redis://[user][:password@]host[:port][/db]`, `valkey://...`, or
+    /// `rediss://` / `valkeys://` for TLS (with the `tls` feature). Without one, the builder
+    /// reads the environment (see [`ValkeyStore::from_env`]).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Prefix of every key this store writes (default `tca`). Letters, digits, `_-.:`.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Bound on one operation, reconnecting included (default 100 ms). A request waits at
+    /// most this long for the store before it is passed through.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Bound on opening a connection in the background (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Most connections the pool opens (default 4). Requests share one multiplexed
+    /// connection; the pool supplies replacements.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// Whether lookups keep the clear records on this side (default on): the data
+    /// connection speaks RESP3 and has the server announce changes to the record set
+    /// (`CLIENT TRACKING ON BCAST`), so a hit is a plain `GET` instead of a `GET` and a
+    /// script call, exactly as coherent. A server or proxy that refuses RESP3 (`HELLO 3`) or
+    /// `CLIENT TRACKING` is detected and served with the script call on every lookup (a
+    /// warning is logged); turning this off skips the attempt.
+    pub fn client_tracking(mut self, on: bool) -> Self {
+        self.client_tracking = on;
+        self
+    }
+
+    /// The most tag clear records the namespace keeps (default 16,384; give every instance
+    /// the same). Beyond it a clear drops the oldest and raises the floor to them: entries
+    /// filled before then read as misses. Each record costs about 60 bytes in Valkey and in
+    /// every connection's mirror; clears that outrun the bound cost hit rate, never
+    /// correctness.
+    pub fn max_clear_records(mut self, max: usize) -> Self {
+        self.max_clear_records = max.max(1);
+        self
+    }
+
+    /// Builds the store. Nothing is connected yet: the first operation connects, so an
+    /// application starts even while the server is down.
+    pub fn build(self) -> Result<ValkeyStore, ConfigError> {
+        let url = match self.url {
+            Some(u) => u,
+            None => url_from_env(),
+        };
+        let ns = &self.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+        {
+            return Err(ConfigError::new(format!(
+                "namespace `{ns}` is not valid: use 1 to 64 letters, digits, `_`, `-`, `.` or `:`"
+            )));
+        }
+        let display_url = redact(&url);
+        let bad_url = |e: RedisError| {
+            ConfigError::new(format!(
+                "cannot use `{display_url}` as a Valkey URL ({e}); expected redis://[:password@]host[:port][/db]"
+            ))
+        };
+        let records_key = format!("{ns}:{SCHEMA}:r");
+        let manager = Manager::new(
+            url.as_str(),
+            self.client_tracking.then(|| records_key.clone()),
+            self.max_clear_records,
+            self.operation_timeout,
+            display_url.clone(),
+        )
+        .map_err(bad_url)?;
+        let client = redis::Client::open(url.as_str()).map_err(bad_url)?;
+        Ok(ValkeyStore {
+            inner: Arc::new(ValkeyInner {
+                pool: OnceLock::new(),
+                manager,
+                pool_size: self.pool_size,
+                connect_timeout: self.connect_timeout,
+                conn: RwLock::new(None),
+                client,
+                notices: std::sync::Mutex::new(None),
+                fills: std::sync::Mutex::new(None),
+                queued_bytes: AtomicUsize::new(0),
+                started: OnceLock::new(),
+                entry_prefix: format!("{ns}:{SCHEMA}:e:"),
+                lease_prefix: format!("{ns}:{SCHEMA}:l:"),
+                records_key,
+                channel: format!("{ns}:{SCHEMA}:inv"),
+                max_clear_records: self.max_clear_records,
+                operation_timeout: self.operation_timeout,
+                display_url,
+            }),
+        })
+    }
+}
+
+fn url_from_env() -> String {
+    ["VALKEY_URL", "REDIS_URL"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The URL with any password replaced, for logs.
+fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((auth, host)) = rest.rsplit_once('@') {
+            let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+            return format!("{scheme}://{user}:***@{host}");
+        }
+    }
+    url.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn bad_configuration_is_explained() {
+        let e = ValkeyStore::builder().url("nonsense").build().unwrap_err();
+        assert!(e.to_string().contains("redis://"), "{e}");
+        let e = ValkeyStore::builder()
+            .url("redis://127.0.0.1")
+            .namespace("bad space")
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("namespace"), "{e}");
+    }
+
+    #[test]
+    fn builds_outside_a_runtime() {
+        // Stores are often built in a sync `main` before the runtime starts.
+        let store = ValkeyStore::new("redis://127.0.0.1:1").unwrap();
+        assert_eq!(store.url(), "redis://127.0.0.1:1");
+    }
+}

@@ -1,0 +1,214 @@
+//! The shared data connection: kept outside the pool for the hot path, replaced from the
+//! pool when it breaks, every operation bounded by one timeout. Also what runs once a server
+//! is first reached: the eviction-policy report and the record set's keeper.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use bb8_redis::bb8;
+use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError};
+
+use super::tracking::Tracked;
+use super::{ValkeyInner, ValkeyStore};
+use crate::error::StoreError;
+
+impl ValkeyStore {
+    fn cached_connection(&self) -> Option<Tracked> {
+        self.inner
+            .conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes a fresh connection from the pool and keeps a clone of it for every later
+    /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
+    /// does on checkout costs nothing on the hot path and weeds out dead connections.
+    async fn connect(&self) -> Result<Tracked, StoreError> {
+        let inner = &self.inner;
+        let pool = inner.pool.get_or_init(|| {
+            bb8::Pool::builder()
+                .max_size(inner.pool_size)
+                .min_idle(None)
+                .test_on_check_out(true)
+                .connection_timeout(inner.connect_timeout)
+                .build_unchecked(inner.manager.clone())
+        });
+        let pooled = pool.get().await.map_err(|e| match e {
+            bb8::RunError::User(e) => classify(e),
+            bb8::RunError::TimedOut => StoreError::Timeout,
+        })?;
+        let conn = pooled.clone();
+        drop(pooled);
+        *inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        inner.started.get_or_init(|| {
+            tokio::spawn(report_eviction_policy(conn.conn.clone(), self.url().to_owned()));
+            tokio::spawn(keep_records(std::sync::Arc::downgrade(inner)));
+        });
+        Ok(conn)
+    }
+
+    fn discard_connection(&self) {
+        self.inner
+            .conn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Runs one command on the shared connection, bounded by the operation timeout (the
+    /// connection's own response timeout, plus an outer one when it must reconnect first).
+    pub(super) async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        self.run_tracked(|t| command(t.conn)).await
+    }
+
+    /// [`run`](Self::run), with what the connection knows of the records.
+    pub(super) async fn run_tracked<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Tracked) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let result = match self.cached_connection() {
+            Some(conn) => command(conn).await.map_err(classify),
+            None => {
+                // Rare (only after a failure), and its future is large: boxed, so that every
+                // operation's future stays small.
+                let attempt = async { command(self.connect().await?).await.map_err(classify) };
+                let bounded = Box::pin(tokio::time::timeout(self.inner.operation_timeout, attempt));
+                match bounded.await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Timeout),
+                }
+            }
+        };
+        // A timed-out connection may be half-open: replace it rather than wait on it again.
+        if let Err(StoreError::Timeout | StoreError::Unavailable(_)) = &result {
+            self.discard_connection();
+        }
+        result
+    }
+
+    /// What the current connection's mirror knows, without connecting.
+    pub(super) fn tracked(&self) -> Option<Tracked> {
+        self.cached_connection()
+    }
+
+    /// The server's `maxmemory-policy`, where `CONFIG GET` is allowed. At start the store
+    /// logs what the cache does under it (see README, "What the store may drop").
+    pub async fn eviction_policy(&self) -> Result<String, StoreError> {
+        self.run(eviction_policy).await
+    }
+}
+
+async fn eviction_policy(mut c: MultiplexedConnection) -> Result<String, RedisError> {
+    let reply: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut c)
+        .await?;
+    reply.into_iter().nth(1).ok_or_else(|| {
+        RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "CONFIG GET maxmemory-policy answered nothing",
+        ))
+    })
+}
+
+/// Says once, at start, what the cache does under the server's eviction policy.
+async fn report_eviction_policy(conn: MultiplexedConnection, url: String) {
+    match eviction_policy(conn).await {
+        Ok(policy) => match policy_advice(&policy) {
+            (true, advice) => tracing::info!(%url, %policy, "{advice}"),
+            (false, advice) => tracing::warn!(%url, %policy, "{advice}"),
+        },
+        Err(e) => tracing::info!(
+            %url, error = %e,
+            "cannot read maxmemory-policy (CONFIG may be disabled); the cache stays correct under \
+             any policy, see README \"What the store may drop\""
+        ),
+    }
+}
+
+/// What the cache does under an eviction policy, and whether that is the recommended setting.
+pub(crate) fn policy_advice(policy: &str) -> (bool, &'static str) {
+    match policy {
+        p if p.starts_with("volatile-") => (
+            true,
+            "entries expire and are evicted; the clear records have no TTL and are never \
+             evicted under this policy (recommended)",
+        ),
+        p if p.starts_with("allkeys-") => (
+            true,
+            "entries are evicted; the clear records may be too (kept warm every second), and if \
+             they are, every entry from before reads as a miss until filled again: correct, \
+             with a burst of misses. volatile-lru keeps the records out of eviction",
+        ),
+        "noeviction" => (
+            false,
+            "with memory full, fills are refused (requests pass through, nothing is served \
+             stale) while clears still land (scripts allowed under OOM). Prefer volatile-lru \
+             so that the cache makes room for itself",
+        ),
+        _ => (
+            false,
+            "unknown eviction policy: the cache stays correct, but check README \"What the \
+             store may drop\"",
+        ),
+    }
+}
+
+/// Reads the record set once a second, so that an LRU or LFU policy sees it in use (hits
+/// read the mirror, not the set) and evicts entries before it. Ends with the store.
+async fn keep_records(inner: Weak<ValkeyInner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        // The shared connection as it is: replacing a broken one is the requests' job.
+        let conn = inner.conn.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(mut conn) = conn.map(|t| t.conn) else {
+            continue;
+        };
+        let mut touch = redis::cmd("TOUCH");
+        touch.arg(&inner.records_key);
+        drop(inner);
+        let _ = touch.query_async::<i64>(&mut conn).await;
+    }
+}
+
+pub(super) fn classify(e: RedisError) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::Timeout;
+    }
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+    {
+        StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::Server(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::policy_advice;
+
+    #[test]
+    fn every_policy_gets_advice() {
+        for p in ["volatile-lru", "volatile-lfu", "volatile-ttl", "volatile-random"] {
+            assert!(policy_advice(p).0, "{p}");
+        }
+        for p in ["allkeys-lru", "allkeys-lfu", "allkeys-random"] {
+            assert!(policy_advice(p).0, "{p}");
+        }
+        assert!(!policy_advice("noeviction").0);
+        assert!(!policy_advice("something-new").0);
+    }
+}

@@ -1,0 +1,208 @@
+//! The fill writer: fills queue up, bounded by count and bytes, and are sent as pipelined
+//! `SET ... PX` commands by one writer task, a few batches in flight. A fill is one plain
+//! `SET`: whether the entry may be served is decided when it is read (see `records`), so
+//! the write need not be atomic with anything.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use bb8_redis::redis::{self, RedisError};
+use tokio::sync::{mpsc, oneshot};
+
+use super::keys::StampedValue;
+use super::{ValkeyInner, ValkeyStore};
+use crate::error::StoreError;
+use crate::store::records::tag_id;
+use crate::store::{Fill, FillDone, FillOutcome};
+
+/// Most fills, and most bytes of entries, waiting for the writer: beyond either, new fills
+/// are dropped (a stalled store must not hold the app's memory hostage).
+const FILL_QUEUE: usize = 4096;
+const FILL_QUEUE_BYTES: usize = 64 << 20;
+/// Bounds on one batch (one pipeline): entries, and bytes of encoded entries.
+const FILL_BATCH: usize = 16;
+const FILL_BATCH_BYTES: usize = 4 << 20;
+/// Batches in flight at once: they pipeline on the connection, so a round trip is not
+/// paid per batch; when all are out, waiting fills gather into bigger batches.
+const FILL_IN_FLIGHT: usize = 4;
+/// The longest an entry is kept: 2^31 seconds (RFC 9111 §1.2.2), in milliseconds. A longer
+/// `PX` would be refused by the server.
+const MAX_TTL_MS: u64 = (1 << 31) * 1000;
+
+/// A fill and who waits for its outcome.
+pub(super) struct PendingFill {
+    fill: Fill,
+    done: Reply,
+}
+
+/// Where a fill's outcome goes: a waiting `fill` call, or a background fill's callback.
+pub(super) enum Reply {
+    Waiting(oneshot::Sender<Result<FillOutcome, StoreError>>),
+    Call(FillDone),
+}
+
+impl Reply {
+    fn send(self, outcome: Result<FillOutcome, StoreError>) {
+        match self {
+            Reply::Waiting(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Call(done) => done(outcome),
+        }
+    }
+}
+
+/// Writes queued fills, as many as are waiting (up to a batch) in one pipeline, a few
+/// batches at a time: under load, the fills of concurrent misses share one write and one
+/// round trip; alone, a fill is sent at once. Ends when the store is dropped.
+async fn write_fills(inner: Weak<ValkeyInner>, mut queue: mpsc::Receiver<PendingFill>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(FILL_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let mut bytes = first.fill.value.len();
+        let mut batch = Vec::with_capacity(FILL_BATCH);
+        batch.push(first);
+        while batch.len() < FILL_BATCH && bytes < FILL_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.fill.value.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        inner.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let (fills, replies): (Vec<Fill>, Vec<Reply>) =
+            batch.into_iter().map(|p| (p.fill, p.done)).unzip();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let store = ValkeyStore { inner };
+            match store.fill_batch(&fills).await {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        reply.send(outcome);
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        reply.send(Err(e.replicate()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl ValkeyStore {
+    /// Hands a fill to the writer (started on first use, and again if the runtime it ran on
+    /// has gone); `reply` hears the outcome. When the queue is full the store is far behind,
+    /// and the fill is shed at once rather than queued without bound.
+    pub(super) fn enqueue(&self, fill: Fill, reply: Reply) {
+        if fill.ttl.as_millis() == 0 {
+            return reply.send(Ok(FillOutcome::Stored)); // nothing to keep
+        }
+        let sent = {
+            let mut slot = self.inner.fills.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = match slot.take().filter(|q| !q.is_closed()) {
+                Some(q) => slot.insert(q),
+                None => match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        // A writer that ended took its queue with it.
+                        self.inner.queued_bytes.store(0, Ordering::Relaxed);
+                        let (tx, rx) = mpsc::channel(FILL_QUEUE);
+                        runtime.spawn(write_fills(Arc::downgrade(&self.inner), rx));
+                        slot.insert(tx)
+                    }
+                    Err(_) => {
+                        let no_runtime = "no Tokio runtime to write fills from".into();
+                        return reply.send(Err(StoreError::Unavailable(no_runtime)));
+                    }
+                },
+            };
+            let len = fill.value.len();
+            let queued = self.inner.queued_bytes.fetch_add(len, Ordering::Relaxed);
+            if queued + len > FILL_QUEUE_BYTES {
+                self.inner.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                return reply.send(Ok(FillOutcome::Dropped));
+            }
+            queue
+                .try_send(PendingFill { fill, done: reply })
+                .inspect_err(|_| {
+                    self.inner.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                })
+        };
+        match sent {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(p)) => p.done.send(Ok(FillOutcome::Dropped)),
+            Err(mpsc::error::TrySendError::Closed(p)) => p.done.send(Err(StoreError::Timeout)),
+        }
+    }
+
+    /// Writes a batch as one pipeline of `SET`s; one outcome per fill. Fills the connection's
+    /// mirror already knows to be dead are not sent (`Fenced`); a server out of memory
+    /// refuses a fill without failing the store (`Dropped`).
+    async fn fill_batch(
+        &self,
+        batch: &[Fill],
+    ) -> Result<Vec<Result<FillOutcome, StoreError>>, StoreError> {
+        let mirror = self.tracked().map(|t| t.tracker);
+        let ids: Vec<Vec<u64>> = batch
+            .iter()
+            .map(|f| f.tags.iter().map(|t| tag_id(t)).collect())
+            .collect();
+        let mut outcomes: Vec<Option<Result<FillOutcome, StoreError>>> = batch
+            .iter()
+            .zip(&ids)
+            .map(|(fill, ids)| {
+                let dead = mirror.as_ref().is_some_and(|m| m.refuses(fill.fence, ids));
+                dead.then_some(Ok(FillOutcome::Fenced))
+            })
+            .collect();
+        let sent: Vec<usize> = (0..batch.len()).filter(|&i| outcomes[i].is_none()).collect();
+        if sent.is_empty() {
+            return Ok(outcomes.into_iter().flatten().collect());
+        }
+        let mut pipe = redis::Pipeline::with_capacity(sent.len());
+        for &i in &sent {
+            let fill = &batch[i];
+            let ttl_ms = (fill.ttl.as_millis().min(u128::from(MAX_TTL_MS)) as u64).max(1);
+            pipe.cmd("SET")
+                .arg(self.entry_key(&fill.key))
+                .arg(StampedValue {
+                    fence: fill.fence,
+                    ids: &ids[i],
+                    entry: &fill.value,
+                })
+                .arg("PX")
+                .arg(ttl_ms);
+        }
+        let count = sent.len();
+        let replies = self
+            .run(|mut c| async move {
+                use redis::aio::ConnectionLike;
+                c.req_packed_commands(&pipe, 0, count).await
+            })
+            .await?;
+        if replies.len() != sent.len() {
+            return Err(StoreError::Server(
+                format!("{} replies to {} fills", replies.len(), sent.len()).into(),
+            ));
+        }
+        for (&i, reply) in sent.iter().zip(replies) {
+            outcomes[i] = Some(match reply {
+                redis::Value::Okay => Ok(FillOutcome::Stored),
+                // `noeviction` with memory full: not a failure of the store.
+                redis::Value::ServerError(e) if e.code() == "OOM" => Ok(FillOutcome::Dropped),
+                redis::Value::ServerError(e) => Err(StoreError::Server(Box::new(RedisError::from(e)))),
+                other => Err(super::unexpected_reply(other, "SET")),
+            });
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+}
