@@ -555,17 +555,18 @@ fn main() {
         return;
     }
     rt.block_on(async {
-        use tower_cache_aside::{EntryKey, Fill};
+        use tower_cache_aside::{EntryKey, Fill, Store};
         const BUDGET: u64 = 64 << 20;
         let before = rss_bytes();
         let store = MemoryStore::new(BUDGET);
+        let fence = store.lookup(&EntryKey::new("load", [0; 32])).await.unwrap().fence;
         for i in 0..1_000_000u64 {
             // A buffer of its own per entry, as real responses have.
             let value = Bytes::from(vec![(i % 251) as u8; BODY]);
             let mut digest = [0u8; 32];
             digest[..8].copy_from_slice(&i.to_le_bytes());
             let tags = vec![format!("t:{}", i % 1000)];
-            let fill = Fill::new(EntryKey::new("load", digest), value, Duration::from_secs(300), tags, 0);
+            let fill = Fill::new(EntryKey::new("load", digest), value, Duration::from_secs(300), tags, fence);
             store.fill(fill).await.unwrap();
         }
         let entries = store.entry_count();

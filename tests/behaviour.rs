@@ -298,12 +298,14 @@ mod cases {
             .into_iter()
             .enumerate()
         {
+            // Stamped as current by the store: the garbage reaches the layer's decoder.
+            let fence = store.lookup(&key).await.unwrap().fence;
             let fill = Fill::new(
                 key.clone(),
                 Bytes::from(garbage.to_vec()),
                 Duration::from_secs(60),
                 vec![],
-                0,
+                fence,
             );
             store.fill(fill).await.unwrap();
             let r = get(&app, "/items/9").await;

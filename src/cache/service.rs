@@ -183,7 +183,8 @@ impl<St: Store> Shared<St> {
                         // its lookup and ours: a write acknowledged before we started
                         // would have moved the fence past the leader's.
                         let entry = Entry::decode(bytes).ok();
-                        let ours = entry.filter(|e| fence.is_some_and(|f| e.fence.is_at_or_after(f)));
+                        let ours =
+                            entry.filter(|e| fence.is_some_and(|f| e.fence.is_at_or_after(f)));
                         if let Some(entry) = ours {
                             count!(counters, collapsed);
                             let served = Served::Collapsed;

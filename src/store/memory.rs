@@ -125,7 +125,10 @@ impl MemoryStore {
     }
 
     fn records_mut(&self) -> std::sync::RwLockWriteGuard<'_, Records> {
-        self.inner.records.write().unwrap_or_else(|e| e.into_inner())
+        self.inner
+            .records
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -239,7 +242,8 @@ impl MemoryStore {
 
     /// Applies a clear made elsewhere at `seq`.
     pub(crate) fn clear_at(&self, tags: &[String], seq: u64) {
-        self.records_mut().clear(tags.iter().map(|t| tag_id(t)), seq);
+        self.records_mut()
+            .clear(tags.iter().map(|t| tag_id(t)), seq);
     }
 
     /// Applies a purge made elsewhere at `seq`.

@@ -153,7 +153,13 @@ pub struct Fill {
 
 impl Fill {
     /// A fill request.
-    pub fn new(key: EntryKey, value: Bytes, ttl: Duration, tags: Vec<String>, fence: Fence) -> Self {
+    pub fn new(
+        key: EntryKey,
+        value: Bytes,
+        ttl: Duration,
+        tags: Vec<String>,
+        fence: Fence,
+    ) -> Self {
         Fill {
             key,
             value,
@@ -375,7 +381,11 @@ mod tests {
     #[tokio::test]
     async fn default_background_fill_runs_a_task_and_reports() {
         let store = Plain(crate::MemoryStore::new(1 << 20));
-        let fence = store.lookup(&EntryKey::new("r", [1; 32])).await.unwrap().fence;
+        let fence = store
+            .lookup(&EntryKey::new("r", [1; 32]))
+            .await
+            .unwrap()
+            .fence;
         let (tx, rx) = tokio::sync::oneshot::channel();
         store.fill_in_background(one_fill(fence), Box::new(move |r| drop(tx.send(r))));
         assert_eq!(rx.await.unwrap().unwrap(), FillOutcome::Stored);

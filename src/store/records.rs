@@ -268,10 +268,14 @@ mod tests {
     #[test]
     fn a_clear_after_the_fence_kills_and_one_before_does_not() {
         let mut r = Records::new(7, 100);
-        r.clear([tag_id("a")], r.advance()); // 1
+        let seq = r.advance();
+        r.clear([tag_id("a")], seq);
         let fence = r.fence();
         let entry = stamped(fence, &["a", "b"], b"body");
-        assert_eq!(Stamp::check(entry.clone(), &r).as_deref(), Some(&b"body"[..]));
+        assert_eq!(
+            Stamp::check(entry.clone(), &r).as_deref(),
+            Some(&b"body"[..])
+        );
         let seq = r.advance();
         r.clear([tag_id("c")], seq); // unrelated
         assert!(Stamp::check(entry.clone(), &r).is_some());
@@ -292,7 +296,12 @@ mod tests {
         let seq = r.advance();
         r.raise_floor(seq);
         assert!(Stamp::check(entry.clone(), &r).is_none());
-        for bad in [&b""[..], b"TCS", b"TCS\x02aaaaaaaaaaaaaaaaaaaaaa", &entry[..25]] {
+        for bad in [
+            &b""[..],
+            b"TCS",
+            b"TCS\x02aaaaaaaaaaaaaaaaaaaaaa",
+            &entry[..25],
+        ] {
             assert!(Stamp::check(Bytes::copy_from_slice(bad), &r).is_none());
         }
     }

@@ -42,7 +42,10 @@ impl ValkeyStore {
         drop(pooled);
         *inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         inner.started.get_or_init(|| {
-            tokio::spawn(report_eviction_policy(conn.conn.clone(), self.url().to_owned()));
+            tokio::spawn(report_eviction_policy(
+                conn.conn.clone(),
+                self.url().to_owned(),
+            ));
             tokio::spawn(keep_records(std::sync::Arc::downgrade(inner)));
         });
         Ok(conn)
@@ -202,7 +205,12 @@ mod tests {
 
     #[test]
     fn every_policy_gets_advice() {
-        for p in ["volatile-lru", "volatile-lfu", "volatile-ttl", "volatile-random"] {
+        for p in [
+            "volatile-lru",
+            "volatile-lfu",
+            "volatile-ttl",
+            "volatile-random",
+        ] {
             assert!(policy_advice(p).0, "{p}");
         }
         for p in ["allkeys-lru", "allkeys-lfu", "allkeys-random"] {

@@ -164,7 +164,9 @@ impl ValkeyStore {
                 dead.then_some(Ok(FillOutcome::Fenced))
             })
             .collect();
-        let sent: Vec<usize> = (0..batch.len()).filter(|&i| outcomes[i].is_none()).collect();
+        let sent: Vec<usize> = (0..batch.len())
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
         if sent.is_empty() {
             return Ok(outcomes.into_iter().flatten().collect());
         }
@@ -199,7 +201,9 @@ impl ValkeyStore {
                 redis::Value::Okay => Ok(FillOutcome::Stored),
                 // `noeviction` with memory full: not a failure of the store.
                 redis::Value::ServerError(e) if e.code() == "OOM" => Ok(FillOutcome::Dropped),
-                redis::Value::ServerError(e) => Err(StoreError::Server(Box::new(RedisError::from(e)))),
+                redis::Value::ServerError(e) => {
+                    Err(StoreError::Server(Box::new(RedisError::from(e))))
+                }
                 other => Err(super::unexpected_reply(other, "SET")),
             });
         }

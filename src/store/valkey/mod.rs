@@ -373,7 +373,10 @@ fn parse_synced(reply: redis::Value) -> Result<Synced, StoreError> {
         return Err(unexpected_reply(reply, "the sync script"));
     };
     if parts.len() != 3 {
-        return Err(unexpected_reply(redis::Value::Array(parts), "the sync script"));
+        return Err(unexpected_reply(
+            redis::Value::Array(parts),
+            "the sync script",
+        ));
     }
     let list = parts.pop().unwrap_or(redis::Value::Nil);
     let whole = parts.pop().unwrap_or(redis::Value::Nil);
@@ -452,8 +455,14 @@ mod tests {
     fn scores_read_as_servers_print_them() {
         let bulk = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
         assert_eq!(score_of(&bulk("17")), Some(17));
-        assert_eq!(score_of(&bulk("4503599627370495")), Some(4_503_599_627_370_495));
-        assert_eq!(score_of(&bulk("4.503599627370495e+15")), Some(4_503_599_627_370_495));
+        assert_eq!(
+            score_of(&bulk("4503599627370495")),
+            Some(4_503_599_627_370_495)
+        );
+        assert_eq!(
+            score_of(&bulk("4.503599627370495e+15")),
+            Some(4_503_599_627_370_495)
+        );
         assert_eq!(score_of(&redis::Value::Double(3.0)), Some(3));
         assert_eq!(score_of(&bulk("x")), None);
         assert_eq!(score_of(&bulk("-1")), None);
@@ -478,7 +487,10 @@ mod tests {
             bulk(b"5"),
         ]))
         .unwrap();
-        assert_eq!((ok.epoch, ok.whole, ok.seq, ok.floor), (5, false, Some(9), None));
+        assert_eq!(
+            (ok.epoch, ok.whole, ok.seq, ok.floor),
+            (5, false, Some(9), None)
+        );
         assert_eq!(ok.records, vec![(7, 8)]);
         assert!(parse_synced(reply(vec![bulk(b"seq"), bulk(b"x")])).is_err());
         assert!(parse_synced(redis::Value::Nil).is_err());

@@ -94,4 +94,3 @@ async fn run_subscription(inner: Arc<ValkeyInner>, tx: broadcast::Sender<Notice>
         tracing::warn!("cache invalidation subscription lost; reconnecting");
     }
 }
-

@@ -331,7 +331,10 @@ mod tests {
         assert_eq!(k.fence, Fence::new(5, 7));
         assert!(t.still(&k));
         t.forget();
-        assert!(!t.still(&k), "an announcement invalidates what a lookup read");
+        assert!(
+            !t.still(&k),
+            "an announcement invalidates what a lookup read"
+        );
         assert!(t.known().is_none());
     }
 
@@ -340,7 +343,12 @@ mod tests {
         let t = enabled();
         let (mark, from) = (t.mark(), t.synced());
         t.forget(); // heard before the read's reply was used
-        // Another epoch than the mirror's, announced since: an older answer, unusable.
+                    // A mirror never read takes it (it has nothing newer to lose), but stays unarmed.
+        assert_eq!(t.merge(mark, from, whole(4, 7)), Some(Fence::new(4, 7)));
+        assert!(t.known().is_none());
+        let (mark, from) = (t.mark(), t.synced());
+        t.forget();
+        // Another epoch than the mirror's, announced since: maybe an older answer, unusable.
         assert_eq!(t.merge(mark, from, whole(5, 7)), None);
         assert!(t.known().is_none());
         let (mark, from) = (t.mark(), t.synced());
