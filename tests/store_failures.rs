@@ -171,7 +171,7 @@ async fn info_field(server: &Server, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// 1. A tiny `maxmemory` under each usual policy, filler traffic from another client: the
+/// Eviction: a tiny `maxmemory` under each usual policy, filler traffic from another client: the
 /// record set and entries are evicted as Valkey pleases; no read is ever stale.
 async fn eviction_never_serves_stale(kind: Kind) {
     for policy in ["allkeys-lru", "allkeys-lfu", "volatile-lru"] {
@@ -197,7 +197,7 @@ async fn eviction_never_serves_stale(kind: Kind) {
     }
 }
 
-/// 2. `noeviction` with memory full: fills are refused, clears still land (and the entries
+/// Full memory: `noeviction` with memory full: fills are refused, clears still land (and the entries
 /// they cover are misses), and no read is stale.
 async fn noeviction_with_memory_full_still_clears(kind: Kind) {
     let server = Server::start_with(
@@ -261,7 +261,7 @@ async fn noeviction_with_memory_full_still_clears(kind: Kind) {
     assert_eq!(report.violations, 0);
 }
 
-/// 3a. The exact sequence from the review: a lookup, a restart without persistence, a clear
+/// Restart: the exact sequence from the review: a lookup, a restart without persistence, a clear
 /// that starts the sequence again, then the fill of the first lookup. It must not be served.
 async fn a_restart_between_lookup_and_fill_cannot_send_the_fence_back(kind: Kind) {
     let server = Server::start(kind);
@@ -317,7 +317,7 @@ async fn a_restart_between_lookup_and_fill_cannot_send_the_fence_back(kind: Kind
     }
 }
 
-/// 3b. Restarts and `FLUSHALL`s while readers and writers race.
+/// Restarts and `FLUSHALL`s while readers and writers race.
 async fn restarts_and_flushes_during_the_race(kind: Kind) {
     let mut server = Server::start(kind);
     let store = store_for(&server);
@@ -345,7 +345,7 @@ async fn restarts_and_flushes_during_the_race(kind: Kind) {
     assert_eq!(report.violations, 0);
 }
 
-/// 4. A chaos monkey deletes one random key of the namespace (entries and the record set
+/// Chaos: a monkey deletes one random key of the namespace (entries and the record set
 /// alike) between operations, thousands of times.
 async fn chaos_deleting_random_keys(kind: Kind) {
     let server = Server::start(kind);
