@@ -82,6 +82,7 @@ pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
 }
 
 /// A digest in lower-case hex, on the stack.
+#[cfg_attr(not(feature = "valkey"), allow(dead_code))]
 pub(crate) fn hex(digest: &[u8; 32]) -> [u8; 64] {
     let mut out = [0u8; 64];
     for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
