@@ -137,6 +137,7 @@ async fn the_subscription_survives_a_restart(kind: Kind) {
     assert_eq!(
         next(&mut notices).await,
         Notice::Cleared {
+            epoch: done.epoch,
             seq: done.seq,
             tags: vec!["a".into()]
         }
@@ -159,12 +160,19 @@ async fn the_subscription_survives_a_restart(kind: Kind) {
     assert_eq!(
         next(&mut notices).await,
         Notice::Cleared {
+            epoch: done.epoch,
             seq: done.seq,
             tags: vec!["b".into(), "c".into()]
         }
     );
     let seq = store.purge().await.unwrap();
-    assert_eq!(next(&mut notices).await, Notice::Purged { seq });
+    assert_eq!(
+        next(&mut notices).await,
+        Notice::Purged {
+            epoch: done.epoch,
+            seq
+        }
+    );
 }
 
 async fn the_near_tier_stops_answering_when_its_subscription_breaks(kind: Kind) {
@@ -195,7 +203,43 @@ async fn the_near_tier_stops_answering_when_its_subscription_breaks(kind: Kind) 
     until_hit(&app, "/things/1").await;
 }
 
+/// A `FLUSHALL` (or the record set's eviction) starts a new epoch, whose first clear is
+/// numbered 1: a near tier must not take it for a clear older than its entries.
+async fn a_clear_in_a_new_epoch_reaches_the_near_tier(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Fill, Store};
+    let server = Server::start(kind);
+    let (a, b) = (tiered(&server), valkey_store(&server));
+    let key = EntryKey::new("r", [3; 32]);
+    a.lookup(&key).await.unwrap();
+    wait_live(&a).await;
+    for _ in 0..5 {
+        b.invalidate(&["other".to_owned()]).await.unwrap();
+    }
+    let fence = a.lookup(&key).await.unwrap().fence;
+    let fill = Fill::new(
+        key.clone(),
+        "v".into(),
+        Duration::from_secs(60),
+        vec!["t".into()],
+        fence,
+    );
+    a.fill(fill).await.unwrap();
+    assert!(a.near().entry_count() >= 1, "copied near");
+    server.command(&["FLUSHALL"]);
+    let done = b.invalidate(&["t".to_owned()]).await.unwrap();
+    assert_eq!(done.seq, 1, "a new epoch");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while a.lookup(&key).await.unwrap().value.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the near tier kept serving an entry of a cleared tag"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 server_suite!(
+    a_clear_in_a_new_epoch_reaches_the_near_tier,
     a_clear_on_one_instance_is_seen_by_the_others,
     the_subscription_survives_a_restart,
     the_near_tier_stops_answering_when_its_subscription_breaks,

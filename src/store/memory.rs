@@ -97,8 +97,8 @@ impl MemoryStore {
     /// clear rate, at the price of extra misses when clears outrun it.
     #[must_use]
     pub fn max_clear_records(self, max: usize) -> Self {
-        let epoch = self.records().epoch();
-        *self.records_mut() = Records::new(epoch, max);
+        // A new epoch: whatever was stored under the old records is dead.
+        *self.records_mut() = Records::new(new_epoch(), max);
         self
     }
 
@@ -202,7 +202,7 @@ impl Store for MemoryStore {
         let mut records = self.records_mut();
         let seq = records.advance();
         records.clear(tags.iter().map(|t| tag_id(t)), seq);
-        Ok(Invalidation { seq })
+        Ok(Invalidation::new(records.epoch(), seq))
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
@@ -220,14 +220,17 @@ impl Store for MemoryStore {
 /// numbered by the far store's sequence.
 #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
 impl MemoryStore {
-    /// The far store's state as a lookup there saw it: a new epoch drops every near entry.
+    /// The far store's state as it reported it: a new epoch drops every near entry, and
+    /// starts with its floor at that state (clears of the new epoch before it are not known
+    /// here). Epoch 0 (no epoch: a lookup that could not read the records) is ignored.
     pub(crate) fn follow(&self, fence: Fence) {
-        if self.records().fence().is_at_or_after(fence) {
+        if fence.epoch() == 0 || self.records().fence().is_at_or_after(fence) {
             return;
         }
         let mut records = self.records_mut();
         if records.epoch() != fence.epoch() {
             records.reset(fence.epoch());
+            records.raise_floor(fence.seq());
             drop(records);
             self.inner.cache.invalidate_all();
             return;
@@ -240,14 +243,16 @@ impl MemoryStore {
         self.records().fence()
     }
 
-    /// Applies a clear made elsewhere at `seq`.
-    pub(crate) fn clear_at(&self, tags: &[String], seq: u64) {
+    /// Applies a clear made elsewhere at `seq` of `epoch`.
+    pub(crate) fn clear_at(&self, tags: &[String], epoch: u64, seq: u64) {
+        self.follow(Fence::new(epoch, seq.saturating_sub(1)));
         self.records_mut()
             .clear(tags.iter().map(|t| tag_id(t)), seq);
     }
 
-    /// Applies a purge made elsewhere at `seq`.
-    pub(crate) fn purge_at(&self, seq: u64) {
+    /// Applies a purge made elsewhere at `seq` of `epoch`.
+    pub(crate) fn purge_at(&self, epoch: u64, seq: u64) {
+        self.follow(Fence::new(epoch, seq.saturating_sub(1)));
         self.records_mut().raise_floor(seq);
         self.inner.cache.invalidate_all();
     }

@@ -79,6 +79,8 @@ impl Lookup {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Invalidation {
+    /// The epoch of the records the clear was made in.
+    pub epoch: u64,
     /// The invalidation sequence the clear was given: every entry of these tags filled under
     /// an older fence is dead from now on.
     pub seq: u64,
@@ -86,8 +88,8 @@ pub struct Invalidation {
 
 impl Invalidation {
     /// An invalidation result.
-    pub fn new(seq: u64) -> Self {
-        Invalidation { seq }
+    pub fn new(epoch: u64, seq: u64) -> Self {
+        Invalidation { epoch, seq }
     }
 }
 
@@ -95,15 +97,19 @@ impl Invalidation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Notice {
-    /// These tags were cleared at `seq`.
+    /// These tags were cleared at `seq` of `epoch`.
     Cleared {
+        /// The epoch of the records.
+        epoch: u64,
         /// The invalidation sequence.
         seq: u64,
         /// The tags.
         tags: Vec<String>,
     },
-    /// The whole namespace was purged at `seq`.
+    /// The whole namespace was purged at `seq` of `epoch`.
     Purged {
+        /// The epoch of the records.
+        epoch: u64,
         /// The invalidation sequence.
         seq: u64,
     },
@@ -116,20 +122,23 @@ pub enum Notice {
 }
 
 impl Notice {
-    /// Reads a channel message: `v1 {seq} tags {tag} {tag}...` or `v1 {seq} purge`.
+    /// Reads a channel message: `v2 {epoch} {seq} tags {tag} {tag}...` or
+    /// `v2 {epoch} {seq} purge`.
     #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
     pub(crate) fn parse(message: &str) -> Option<Notice> {
         let mut words = message.split(' ');
-        if words.next()? != "v1" {
+        if words.next()? != "v2" {
             return None;
         }
+        let epoch = words.next()?.parse().ok()?;
         let seq = words.next()?.parse().ok()?;
         match words.next()? {
             "tags" => Some(Notice::Cleared {
+                epoch,
                 seq,
                 tags: words.filter(|w| !w.is_empty()).map(str::to_owned).collect(),
             }),
-            "purge" => Some(Notice::Purged { seq }),
+            "purge" => Some(Notice::Purged { epoch, seq }),
             _ => None,
         }
     }
@@ -245,7 +254,7 @@ pub enum FillOutcome {
 ///         for t in tags {
 ///             m.cleared.insert(t.clone(), seq);
 ///         }
-///         Ok(Invalidation::new(seq))
+///         Ok(Invalidation::new(0, seq))
 ///     }
 ///     async fn purge(&self) -> Result<u64, StoreError> {
 ///         let mut m = self.0.lock().unwrap();
@@ -409,14 +418,25 @@ mod tests {
     #[test]
     fn notices_parse() {
         assert_eq!(
-            Notice::parse("v1 7 tags events event:1"),
+            Notice::parse("v2 3 7 tags events event:1"),
             Some(Notice::Cleared {
+                epoch: 3,
                 seq: 7,
                 tags: vec!["events".into(), "event:1".into()]
             })
         );
-        assert_eq!(Notice::parse("v1 9 purge"), Some(Notice::Purged { seq: 9 }));
-        for bad in ["", "v2 1 purge", "v1 x purge", "v1 1 other", "v1"] {
+        assert_eq!(
+            Notice::parse("v2 3 9 purge"),
+            Some(Notice::Purged { epoch: 3, seq: 9 })
+        );
+        for bad in [
+            "",
+            "v1 1 purge",
+            "v2 1 x purge",
+            "v2 1 1 other",
+            "v2 1",
+            "v2",
+        ] {
             assert_eq!(Notice::parse(bad), None, "{bad}");
         }
     }

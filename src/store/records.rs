@@ -21,7 +21,7 @@
 #![cfg_attr(not(all(feature = "memory", feature = "valkey")), allow(dead_code))]
 
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 use bytes::{BufMut, Bytes};
 
@@ -40,25 +40,9 @@ pub(crate) fn tag_id(tag: &str) -> u64 {
     u64::from_le_bytes(id)
 }
 
-/// Tag ids are SHA-256 bits already: hashing them again is wasted work.
-#[derive(Default)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type IdMap = HashMap<u64, u64, BuildHasherDefault<IdHasher>>;
+/// Keyed per process: tag ids are SHA-256 bits, but anyone can grind tags whose ids share
+/// the low bits a plain table would index by, and make every lookup walk a long chain.
+type IdMap = HashMap<u64, u64>;
 
 /// An epoch no record set has: 52 random bits (a Valkey score holds integers exactly up to
 /// 2^53), never 0.

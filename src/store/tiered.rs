@@ -146,8 +146,8 @@ async fn apply_notices(tier: Weak<TierInner>, mut notices: broadcast::Receiver<N
         };
         let Some(tier) = tier.upgrade() else { return };
         match notice {
-            Ok(Notice::Cleared { seq, tags }) => tier.near.clear_at(&tags, seq),
-            Ok(Notice::Purged { seq }) => tier.near.purge_at(seq),
+            Ok(Notice::Cleared { epoch, seq, tags }) => tier.near.clear_at(&tags, epoch, seq),
+            Ok(Notice::Purged { epoch, seq }) => tier.near.purge_at(epoch, seq),
             Ok(Notice::Subscribed) => {
                 tier.near.flush();
                 tier.live.store(true, Ordering::Release);
@@ -218,11 +218,13 @@ impl Store for TieredStore {
     async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
         let done = self.inner.far.invalidate(tags).await;
         match &done {
-            Ok(d) => self.inner.near.clear_at(tags, d.seq),
+            Ok(d) => self.inner.near.clear_at(tags, d.epoch, d.seq),
             // Unknown outcome: the near copies must go in any case.
             Err(_) => {
-                let next = self.inner.near.fence().seq() + 1;
-                self.inner.near.clear_at(tags, next);
+                let known = self.inner.near.fence();
+                self.inner
+                    .near
+                    .clear_at(tags, known.epoch(), known.seq() + 1);
             }
         }
         done
@@ -239,7 +241,11 @@ impl Store for TieredStore {
     async fn purge(&self) -> Result<u64, StoreError> {
         let seq = self.inner.far.purge().await;
         match &seq {
-            Ok(s) => self.inner.near.purge_at(*s),
+            // A purge in another epoch than the near tier knows still drops it all.
+            Ok(s) => self
+                .inner
+                .near
+                .purge_at(self.inner.near.fence().epoch(), *s),
             Err(_) => self.inner.near.flush(),
         }
         seq

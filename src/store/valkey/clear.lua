@@ -12,11 +12,14 @@
 -- ARGV[4]  n, the number of tags
 -- ARGV[5 .. 4+n]      the tags' ids (8 bytes each)
 -- ARGV[5+n .. 4+2n]   the tags, for the message
--- Returns the clear's sequence.
+-- Returns { the records' epoch, the clear's sequence }.
 local set = KEYS[1]
-if not redis.call('ZSCORE', set, 'epoch') then
+local epoch = redis.call('ZSCORE', set, 'epoch')
+if not epoch then
   redis.call('ZADD', set, ARGV[2], 'epoch', 0, 'seq', 0, 'floor')
+  epoch = ARGV[2]
 end
+epoch = tonumber(epoch)
 local seq = tonumber(redis.call('ZINCRBY', set, 1, 'seq'))
 local n = tonumber(ARGV[4])
 -- ZADD in slices: Lua's unpack has a stack limit.
@@ -45,9 +48,10 @@ if excess > 0 then
     redis.call('ZADD', set, floor, 'floor')
   end
 end
-local message = { 'v1', seq, 'tags' }
+-- Printed as integers: Lua would print large numbers in exponent form.
+local message = { 'v2', string.format('%d', epoch), string.format('%d', seq), 'tags' }
 for i = 5 + n, 4 + 2 * n do
   message[#message + 1] = ARGV[i]
 end
 redis.call('PUBLISH', ARGV[1], table.concat(message, ' '))
-return seq
+return { epoch, seq }

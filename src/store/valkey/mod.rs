@@ -309,10 +309,10 @@ impl Store for ValkeyStore {
         for tag in tags {
             invocation.arg(tag);
         }
-        let seq: u64 = self
+        let (epoch, seq): (u64, u64) = self
             .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
-        Ok(Invalidation { seq })
+        Ok(Invalidation { epoch, seq })
     }
 
     async fn try_lease(&self, key: &EntryKey, ttl: Duration) -> Result<Option<u64>, StoreError> {
@@ -349,8 +349,10 @@ impl Store for ValkeyStore {
             .key(&self.inner.records_key)
             .arg(&self.inner.channel)
             .arg(new_epoch());
-        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await
+        let (_epoch, seq): (u64, u64) = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        Ok(seq)
     }
 }
 

@@ -6,12 +6,15 @@
 -- KEYS[1]  the record set (see sync.lua)
 -- ARGV[1]  the pub/sub channel
 -- ARGV[2]  the epoch to start with if the set is missing
--- Returns the purge's sequence.
+-- Returns { the records' epoch, the purge's sequence }.
 local set = KEYS[1]
-if not redis.call('ZSCORE', set, 'epoch') then
+local epoch = redis.call('ZSCORE', set, 'epoch')
+if not epoch then
   redis.call('ZADD', set, ARGV[2], 'epoch', 0, 'seq', 0, 'floor')
+  epoch = ARGV[2]
 end
+epoch = tonumber(epoch)
 local seq = tonumber(redis.call('ZINCRBY', set, 1, 'seq'))
 redis.call('ZADD', set, seq, 'floor')
-redis.call('PUBLISH', ARGV[1], 'v1 ' .. seq .. ' purge')
-return seq
+redis.call('PUBLISH', ARGV[1], string.format('v2 %d %d purge', epoch, seq))
+return { epoch, seq }
