@@ -243,29 +243,20 @@ async fn fills_and_clears_write_one_key_each(kind: Kind) {
 async fn clear_records_stay_bounded<St: tower_cache_aside::Store>(store: St, cap: usize) {
     use tower_cache_aside::{EntryKey, Fill};
     let key = EntryKey::new("r", [1; 32]);
-    let fence = store.lookup(&key).await.unwrap().fence;
-    let fill = Fill::new(
-        key.clone(),
-        "v".into(),
-        Duration::from_secs(60),
-        vec!["t0".into()],
-        fence,
-    );
-    store.fill(fill).await.unwrap();
+    // Fills `key`, tagged `t0`, under the fence of a lookup made now.
+    let fill_now = || async {
+        let fence = store.lookup(&key).await.unwrap().fence;
+        let ttl = Duration::from_secs(60);
+        let fill = Fill::new(key.clone(), "v".into(), ttl, vec!["t0".into()], fence);
+        store.fill(fill).await.unwrap();
+    };
+    fill_now().await;
     assert!(store.lookup(&key).await.unwrap().value.is_some());
     for i in 0..(cap * 3) {
         store.invalidate(&[format!("t{i}")]).await.unwrap();
     }
     assert!(store.lookup(&key).await.unwrap().value.is_none());
-    let fence = store.lookup(&key).await.unwrap().fence;
-    let fill = Fill::new(
-        key.clone(),
-        "v".into(),
-        Duration::from_secs(60),
-        vec!["t0".into()],
-        fence,
-    );
-    store.fill(fill).await.unwrap();
+    fill_now().await;
     assert!(
         store.lookup(&key).await.unwrap().value.is_some(),
         "filled again after the clears"
