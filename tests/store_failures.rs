@@ -317,6 +317,64 @@ async fn a_restart_between_lookup_and_fill_cannot_send_the_fence_back(kind: Kind
     }
 }
 
+/// Restart from an older snapshot (or a failover to a replica that missed the last writes):
+/// the records come back in the same epoch with a lower sequence, and an entry the lost
+/// clear had made dead comes back with them. An instance that saw the higher sequence starts
+/// a new epoch instead of serving it, and every instance then sees the new epoch.
+async fn a_restart_from_an_older_snapshot_starts_a_new_epoch(kind: Kind) {
+    let server = Server::start(kind);
+    let (a, b) = (store_for(&server), store_for(&server));
+    for _ in 0..5 {
+        a.invalidate(&["other".to_owned()]).await.unwrap();
+    }
+    let fence = a.lookup(&key(1)).await.unwrap().fence;
+    let fill = Fill::new(
+        key(1),
+        "old".into(),
+        Duration::from_secs(60),
+        vec!["res:1".into()],
+        fence,
+    );
+    a.fill(fill).await.unwrap();
+    assert!(a.lookup(&key(1)).await.unwrap().value.is_some());
+    // The snapshot holds the entry and the records at sequence 5; the clear comes after it.
+    assert_eq!(server.command(&["SAVE"]), "+OK");
+    let cleared = a.invalidate(&["res:1".to_owned()]).await.unwrap();
+    assert_eq!(cleared.seq, 6);
+    assert!(a.lookup(&key(1)).await.unwrap().value.is_none());
+    let _server = tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.restart(); // killed, so nothing newer is saved; the snapshot is loaded
+        server
+    })
+    .await
+    .unwrap();
+    let mut seen = None;
+    for _ in 0..100 {
+        match a.lookup(&key(1)).await {
+            Ok(found) => {
+                seen = Some(found);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let seen = seen.expect("the server came back");
+    assert!(
+        seen.value.is_none(),
+        "the cleared entry came back from the snapshot and was served"
+    );
+    assert_ne!(
+        seen.fence.epoch(),
+        cleared.epoch,
+        "the rollback shows as a new epoch"
+    );
+    // An instance that never saw sequence 6 follows the new epoch too.
+    let other = b.lookup(&key(1)).await.unwrap();
+    assert!(other.value.is_none());
+    assert_eq!(other.fence.epoch(), seen.fence.epoch());
+}
+
 /// Restarts and `FLUSHALL`s while readers and writers race.
 async fn restarts_and_flushes_during_the_race(kind: Kind) {
     let mut server = Server::start(kind);
@@ -409,6 +467,7 @@ server_suite!(
     eviction_never_serves_stale,
     noeviction_with_memory_full_still_clears,
     a_restart_between_lookup_and_fill_cannot_send_the_fence_back,
+    a_restart_from_an_older_snapshot_starts_a_new_epoch,
     restarts_and_flushes_during_the_race,
     chaos_deleting_random_keys,
     without_the_fence_the_checker_finds_stale_reads,

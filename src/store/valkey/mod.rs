@@ -108,6 +108,10 @@ struct ValkeyInner {
     entry_prefix: String,
     lease_prefix: String,
     records_key: String,
+    /// The highest state of the records any reply has shown this store: a record set found
+    /// below it in the same epoch lost clears (an old snapshot, a lagging replica), and the
+    /// scripts start a new epoch.
+    high_water: std::sync::Mutex<Fence>,
     channel: String,
     max_clear_records: usize,
     operation_timeout: Duration,
@@ -170,15 +174,71 @@ impl ValkeyStore {
 
     /// `EVALSHA` of the sync script: what changed in the record set since `from`.
     fn sync_command(&self, from: Fence) -> redis::Cmd {
-        let mut cmd = redis::Cmd::with_capacity(7, self.inner.records_key.len() + 96);
+        let high = self.high_water();
+        let mut cmd = redis::Cmd::with_capacity(9, self.inner.records_key.len() + 128);
         cmd.arg("EVALSHA")
             .arg(SYNC.get_hash())
             .arg(1)
             .arg(&self.inner.records_key)
+            .arg(new_epoch())
+            .arg(high.epoch())
+            .arg(high.seq())
             .arg(from.epoch())
-            .arg(from.seq())
-            .arg(new_epoch());
+            .arg(from.seq());
         cmd
+    }
+
+    fn high_water(&self) -> Fence {
+        *self
+            .inner
+            .high_water
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Raises the high-water mark to a state a reply showed (another epoch replaces it).
+    fn saw(&self, fence: Fence) {
+        let mut high = self
+            .inner
+            .high_water
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if fence.epoch() != high.epoch() || fence.seq() > high.seq() {
+            *high = fence;
+        }
+    }
+
+    /// Runs the clear script: clears `tags`, or purges when `None`.
+    async fn write_records(&self, tags: Option<&[String]>) -> Result<Fence, StoreError> {
+        let high = self.high_water();
+        let mut invocation = CLEAR.prepare_invoke();
+        invocation
+            .key(&self.inner.records_key)
+            .arg(new_epoch())
+            .arg(high.epoch())
+            .arg(high.seq())
+            .arg(&self.inner.channel)
+            .arg(self.inner.max_clear_records);
+        match tags {
+            None => {
+                invocation.arg(-1);
+            }
+            Some(tags) => {
+                invocation.arg(tags.len());
+                for tag in tags {
+                    invocation.arg(&tag_id(tag).to_le_bytes()[..]);
+                }
+                for tag in tags {
+                    invocation.arg(tag);
+                }
+            }
+        }
+        let (epoch, seq): (u64, u64) = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        let fence = Fence::new(epoch, seq);
+        self.saw(fence);
+        Ok(fence)
     }
 }
 
@@ -187,8 +247,6 @@ static SYNC: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("sync.lua")));
 static CLEAR: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("clear.lua")));
-static PURGE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("purge.lua")));
 static RELEASE_LEASE: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("release_lease.lua")));
 
@@ -268,6 +326,7 @@ impl Store for ValkeyStore {
                     // no fill may carry it (epoch 0 is no epoch's).
                     return Ok(Lookup::new(None, Fence::default()));
                 };
+                self.saw(fence);
                 let value = bulk(entry)?.and_then(|v| tracker.check(Bytes::from(v)));
                 Ok(Lookup { value, fence })
             }
@@ -296,23 +355,8 @@ impl Store for ValkeyStore {
     }
 
     async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
-        let mut invocation = CLEAR.prepare_invoke();
-        invocation
-            .key(&self.inner.records_key)
-            .arg(&self.inner.channel)
-            .arg(new_epoch())
-            .arg(self.inner.max_clear_records)
-            .arg(tags.len());
-        for tag in tags {
-            invocation.arg(&tag_id(tag).to_le_bytes()[..]);
-        }
-        for tag in tags {
-            invocation.arg(tag);
-        }
-        let (epoch, seq): (u64, u64) = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        Ok(Invalidation { epoch, seq })
+        let done = self.write_records(Some(tags)).await?;
+        Ok(Invalidation::new(done.epoch(), done.seq()))
     }
 
     async fn try_lease(&self, key: &EntryKey, ttl: Duration) -> Result<Option<u64>, StoreError> {
@@ -344,15 +388,7 @@ impl Store for ValkeyStore {
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
-        let mut invocation = PURGE.prepare_invoke();
-        invocation
-            .key(&self.inner.records_key)
-            .arg(&self.inner.channel)
-            .arg(new_epoch());
-        let (_epoch, seq): (u64, u64) = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        Ok(seq)
+        Ok(self.write_records(None).await?.seq())
     }
 }
 
