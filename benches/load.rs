@@ -154,6 +154,22 @@ impl DelayLine {
     }
 }
 
+/// A mutation: `PATCH /things/{n}` answers at once.
+fn patch_app() -> Router {
+    Router::new().route("/things/{n}", axum::routing::patch(|| async { "ok" }))
+}
+
+/// The mutation behind the layers: each response clears `thing:{n}`, `things` and its URI
+/// (three tags, one clear) in Valkey before it is sent.
+fn clearing(store: ValkeyStore) -> Router {
+    let routes = RouteTable::new().route(
+        "/things/{n}",
+        RoutePolicy::ttl(Duration::from_secs(300)).tags(["thing:{n}", "things"]),
+    );
+    let cache = CacheLayer::new(store).routes(routes);
+    patch_app().layer(cache.invalidate_layer()).layer(cache)
+}
+
 fn cached<St: Store>(app: Router, store: St) -> Router {
     cached_with_stats(app, store).0
 }
@@ -173,14 +189,25 @@ fn cached_with_stats<St: Store>(app: Router, store: St) -> (Router, CacheStats) 
     (app.layer(cache), stats)
 }
 
-/// Runs wrk against `url`; `unique` makes every request's path distinct (always a miss).
+/// What paths and method a case's requests use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Paths {
+    /// `GET` of the same URL (hits, once warm).
+    Same,
+    /// `GET` of a new path every request: always a miss.
+    Unique,
+    /// `PATCH` of a new path every request: every response clears its tags.
+    UniquePatch,
+}
+
+/// Runs wrk against `url` with the requests `paths` says.
 /// `valkey_pid` names the store's process, whose CPU per request is reported with ours.
 /// `warm` runs a 1 s warm-up first.
 fn wrk(
     name: &'static str,
     url: &str,
     secs: u64,
-    unique: bool,
+    paths: Paths,
     valkey_pid: Option<&str>,
     warm: bool,
 ) -> Row {
@@ -197,9 +224,14 @@ fn wrk(
             RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let script = std::env::temp_dir().join(format!("tca-unique-{run_id}.lua"));
-        if unique {
+        if paths != Paths::Same {
+            let method = if paths == Paths::UniquePatch {
+                "'PATCH'"
+            } else {
+                "nil"
+            };
             let lua = format!(
-                "local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, wrk.path .. '{run_id}-' .. n)\nend\n"
+                "local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format({method}, wrk.path .. '{run_id}-' .. n)\nend\n"
             );
             std::fs::write(&script, lua).unwrap();
             cmd.arg("-s").arg(&script);
@@ -394,6 +426,8 @@ fn main() {
             serve(miss_servers[0].take().unwrap()).await,
             serve(slow_app(Some(backend.clone()))).await,
             serve(miss_servers[1].take().unwrap()).await,
+            serve(patch_app()).await,
+            serve(clearing(valkey_store())).await,
         ];
         // Warm the cached routes (and let the near tier's subscription come up).
         for a in &addrs[3..6] {
@@ -411,79 +445,89 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect());
     let wanted = |i: usize| only.as_ref().is_none_or(|o| o.contains(&i));
-    let cases: [(&'static str, String, bool); 10] = [
+    let cases: [(&'static str, String, Paths); 12] = [
         (
             "bare axum handler (static 1 KiB)",
             format!("http://{}/static", addrs[0]),
-            false,
+            Paths::Same,
         ),
         (
             "handler + raw Valkey GET (multiplexed)",
             format!("http://{}/static", addrs[1]),
-            false,
+            Paths::Same,
         ),
         (
             "handler + bb8-redis default (PING/checkout)",
             format!("http://{}/static", addrs[2]),
-            false,
+            Paths::Same,
         ),
         (
             "CacheLayer hit, ValkeyStore",
             format!("http://{}/static", addrs[3]),
-            false,
+            Paths::Same,
         ),
         (
             "CacheLayer hit, TieredStore (near)",
             format!("http://{}/static", addrs[4]),
-            false,
+            Paths::Same,
         ),
         (
             "CacheLayer hit, MemoryStore",
             format!("http://{}/static", addrs[5]),
-            false,
+            Paths::Same,
         ),
         (
             "handler sleeping 1 ms, no cache",
             format!("http://{}/slow/", addrs[6]),
-            true,
+            Paths::Unique,
         ),
         (
             "CacheLayer miss + fill over the 1 ms handler",
             format!("http://{}/slow/", addrs[7]),
-            true,
+            Paths::Unique,
         ),
         (
             "handler awaiting a 1 ms backend, no cache",
             format!("http://{}/slow/", addrs[8]),
-            true,
+            Paths::Unique,
         ),
         (
             "CacheLayer miss + fill over the 1 ms backend",
             format!("http://{}/slow/", addrs[9]),
-            true,
+            Paths::Unique,
+        ),
+        (
+            "PATCH handler, no cache",
+            format!("http://{}/things/", addrs[10]),
+            Paths::UniquePatch,
+        ),
+        (
+            "PATCH + InvalidateLayer: one clear (3 tags) per request",
+            format!("http://{}/things/", addrs[11]),
+            Paths::UniquePatch,
         ),
     ];
     // Every case runs ROUNDS times, round-robin, and reports its median round: this
     // machine's speed drifts over a minute, and interleaving keeps the drift out of the
     // ratios between cases.
-    let mut cases: Vec<(&'static str, String, bool, Option<&str>)> = cases
+    let mut cases: Vec<(&'static str, String, Paths, Option<&str>)> = cases
         .into_iter()
-        .map(|(name, url, unique)| (name, url, unique, Some(valkey_pid.as_str())))
+        .map(|(name, url, paths)| (name, url, paths, Some(valkey_pid.as_str())))
         .collect();
     if let Some((_, addr, _)) = v.as_ref() {
         let url = format!("http://{addr}/static");
         cases.push((
             "Varnish 7 hit in front of the bare handler",
             url,
-            false,
+            Paths::Same,
             None,
         ));
     }
     let mut samples: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        for (i, (name, url, unique, pid)) in cases.iter().enumerate() {
+        for (i, (name, url, paths, pid)) in cases.iter().enumerate() {
             if wanted(i) {
-                samples[i].push(wrk(name, url, secs, *unique, *pid, round == 0));
+                samples[i].push(wrk(name, url, secs, *paths, *pid, round == 0));
             }
         }
     }
@@ -519,7 +563,7 @@ fn main() {
         );
     }
     let rps = |i: usize| rows.get(i).map_or(f64::NAN, |r| r.rps);
-    let varnish_rps = rows.get(10).map_or(f64::NAN, |r| r.rps);
+    let varnish_rps = rows.get(12).map_or(f64::NAN, |r| r.rps);
     println!("\n| target | measured | goal |\n|---|---:|---:|");
     let ratio = |what: &str, a: f64, b: f64, goal: f64| {
         let r = a / b;
@@ -549,9 +593,19 @@ fn main() {
         rps(1),
         0.0,
     );
+    ratio(
+        "PATCH with its clear / PATCH alone (for reference)",
+        rps(11),
+        rps(10),
+        0.0,
+    );
+    println!(
+        "\nclears per second through InvalidateLayer: {:.0}",
+        rps(11)
+    );
 
     // Memory: a 64 MiB near cache after a million distinct 1 KiB entries.
-    if !wanted(11) {
+    if !wanted(13) {
         return;
     }
     rt.block_on(async {
