@@ -23,7 +23,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hasher;
 
-use bytes::{BufMut, Bytes};
+use bytes::Bytes;
 
 use super::Fence;
 
@@ -141,10 +141,9 @@ impl Records {
         if seq <= self.floor {
             return; // below the floor it can make nothing more dead
         }
-        let old = self.by_tag.insert(id, seq);
-        match old {
+        match self.by_tag.insert(id, seq) {
             Some(old) if old >= seq => {
-                self.by_tag.insert(id, old);
+                self.by_tag.insert(id, old); // a later clear is kept already
                 return;
             }
             Some(old) => {
@@ -188,20 +187,21 @@ const STAMP_MAGIC: [u8; 4] = *b"TCS\x01";
 const STAMP_FIXED: usize = 4 + 8 + 8 + 2;
 
 impl Stamp {
-    /// The stamp's length for `tags` tags.
-    pub(crate) fn len(tags: usize) -> usize {
-        STAMP_FIXED + 8 * tags
-    }
-
-    /// Writes the stamp for a fill.
-    pub(crate) fn write(out: &mut impl BufMut, fence: Fence, ids: &[u64]) {
-        out.put_slice(&STAMP_MAGIC);
-        out.put_u64_le(fence.epoch());
-        out.put_u64_le(fence.seq());
-        out.put_u16_le(ids.len().min(usize::from(u16::MAX)) as u16);
-        for id in ids.iter().take(usize::from(u16::MAX)) {
-            out.put_u64_le(*id);
+    /// Writes the stamp for a fill (straight into a command's argument).
+    pub(crate) fn write(
+        out: &mut impl std::io::Write,
+        fence: Fence,
+        ids: &[u64],
+    ) -> std::io::Result<()> {
+        let count = ids.len().min(usize::from(u16::MAX));
+        out.write_all(&STAMP_MAGIC)?;
+        out.write_all(&fence.epoch().to_le_bytes())?;
+        out.write_all(&fence.seq().to_le_bytes())?;
+        out.write_all(&(count as u16).to_le_bytes())?;
+        for id in &ids[..count] {
+            out.write_all(&id.to_le_bytes())?;
         }
+        Ok(())
     }
 
     /// Reads a stored value: its fence, its tag ids and where the entry starts. `None` for
@@ -247,7 +247,7 @@ mod tests {
     fn stamped(fence: Fence, tags: &[&str], body: &[u8]) -> Bytes {
         let ids: Vec<u64> = tags.iter().map(|t| tag_id(t)).collect();
         let mut out = Vec::new();
-        Stamp::write(&mut out, fence, &ids);
+        Stamp::write(&mut out, fence, &ids).unwrap();
         out.extend_from_slice(body);
         Bytes::from(out)
     }

@@ -13,7 +13,8 @@ use super::{ValkeyInner, ValkeyStore};
 use crate::error::StoreError;
 
 impl ValkeyStore {
-    fn cached_connection(&self) -> Option<Tracked> {
+    /// The shared connection, if one is open (nothing is connected here).
+    pub(super) fn cached_connection(&self) -> Option<Tracked> {
         self.inner
             .conn
             .read()
@@ -93,11 +94,6 @@ impl ValkeyStore {
             self.discard_connection();
         }
         result
-    }
-
-    /// What the current connection's mirror knows, without connecting.
-    pub(super) fn tracked(&self) -> Option<Tracked> {
-        self.cached_connection()
     }
 
     /// The server's `maxmemory-policy`, where `CONFIG GET` is allowed. At start the store

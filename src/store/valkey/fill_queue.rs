@@ -151,7 +151,7 @@ impl ValkeyStore {
         &self,
         batch: &[Fill],
     ) -> Result<Vec<Result<FillOutcome, StoreError>>, StoreError> {
-        let mirror = self.tracked().map(|t| t.tracker);
+        let mirror = self.cached_connection().map(|t| t.tracker);
         let ids: Vec<Vec<u64>> = batch
             .iter()
             .map(|f| f.tags.iter().map(|t| tag_id(t)).collect())

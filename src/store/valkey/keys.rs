@@ -36,10 +36,9 @@ pub(super) struct StampedValue<'a> {
 impl redis::ToRedisArgs for StampedValue<'_> {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
         use std::io::Write;
-        let mut stamp = Vec::with_capacity(Stamp::len(self.ids.len()));
-        Stamp::write(&mut stamp, self.fence, self.ids);
         let mut arg = out.writer_for_next_arg();
-        let _ = arg.write_all(&stamp);
+        // Writing into the command's Vec cannot fail.
+        let _ = Stamp::write(&mut arg, self.fence, self.ids);
         let _ = arg.write_all(self.entry);
     }
 }
