@@ -280,6 +280,34 @@ async fn valkey_clear_records_stay_bounded(kind: Kind) {
     assert_eq!(records, 3 + 50);
 }
 
+/// A new instance (a new connection, an empty mirror) reads a large record set whole, with
+/// a plain `ZRANGE` rather than through a script, and sees every clear in it.
+async fn a_new_instance_reads_a_large_record_set(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Fill, Store};
+    let server = Server::start(kind);
+    let a = valkey_store(&server);
+    let key = |i: u32| {
+        let mut digest = [0u8; 32];
+        digest[..4].copy_from_slice(&i.to_le_bytes());
+        EntryKey::new("r", digest)
+    };
+    let fence = a.lookup(&key(0)).await.unwrap().fence;
+    for i in 0..100u32 {
+        let tags = vec![format!("t{i}")];
+        let fill = Fill::new(key(i), "v".into(), Duration::from_secs(60), tags, fence);
+        a.fill(fill).await.unwrap();
+    }
+    let tags: Vec<String> = (0..5000).map(|i| format!("t{i}")).collect();
+    for chunk in tags.chunks(50).step_by(2) {
+        a.invalidate(chunk).await.unwrap(); // t0..t49, t100..t149, ...: every other 50
+    }
+    let b = valkey_store(&server);
+    for i in 0..100u32 {
+        let found = b.lookup(&key(i)).await.unwrap();
+        assert_eq!(found.value.is_some(), i >= 50, "entry {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_clear_records_stay_bounded() {
     let store = tower_cache_aside::MemoryStore::new(16 << 20).max_clear_records(50);
@@ -638,5 +666,6 @@ server_suite!(
     one_round_trip_per_hit,
     key_layout_and_ttl,
     fills_and_clears_write_one_key_each,
-    valkey_clear_records_stay_bounded
+    valkey_clear_records_stay_bounded,
+    a_new_instance_reads_a_large_record_set
 );

@@ -297,8 +297,25 @@ impl Store for ValkeyStore {
                     SYNC.prepare_invoke().load_async(&mut c).await?;
                     replies = c.req_packed_commands(&pipe, 0, 2).await?;
                 }
-                let records = replies.pop().unwrap_or(redis::Value::Nil);
+                let mut records = replies.pop().unwrap_or(redis::Value::Nil);
                 let entry = replies.pop().unwrap_or(redis::Value::Nil);
+                if reads_whole_set(&records) {
+                    // Another epoch than the mirror's (a new connection, a lost set): read
+                    // it all, as the set is now. Rare, and a plain ZRANGE of the largest
+                    // set takes well under a millisecond of the server's time.
+                    let mut all = redis::cmd("ZRANGE");
+                    all.arg(&inner.records_key)
+                        .arg("-inf")
+                        .arg("+inf")
+                        .arg("BYSCORE")
+                        .arg("WITHSCORES");
+                    let list = c.req_packed_command(&all).await?;
+                    records = redis::Value::Array(vec![
+                        redis::Value::Int(0), // the list's own `epoch` member says which
+                        redis::Value::Int(1),
+                        list,
+                    ]);
+                }
                 Ok(Read::Synced {
                     entry,
                     records,
@@ -320,10 +337,11 @@ impl Store for ValkeyStore {
                 from,
                 tracker,
             } => {
-                let synced = parse_synced(records)?;
-                let Some(fence) = tracker.merge(mark, from, synced) else {
-                    // Overtaken by a change of epoch: nothing read here may be served, and
-                    // no fill may carry it (epoch 0 is no epoch's).
+                // Unusable (overtaken by a change of epoch, or read as the set vanished):
+                // nothing read here may be served, and no fill may carry it (epoch 0 is no
+                // epoch's).
+                let merged = parse_synced(records)?.and_then(|s| tracker.merge(mark, from, s));
+                let Some(fence) = merged else {
                     return Ok(Lookup::new(None, Fence::default()));
                 };
                 self.saw(fence);
@@ -392,6 +410,11 @@ impl Store for ValkeyStore {
     }
 }
 
+/// Whether the sync script asked for the whole set to be read with a plain `ZRANGE`.
+fn reads_whole_set(reply: &redis::Value) -> bool {
+    matches!(reply, redis::Value::Array(parts) if matches!(parts.get(1), Some(redis::Value::Int(2))))
+}
+
 fn is_noscript(reply: Option<&redis::Value>) -> bool {
     matches!(reply, Some(redis::Value::ServerError(e)) if e.kind() == Some(redis::ServerErrorKind::NoScript))
 }
@@ -405,8 +428,9 @@ fn bulk(value: redis::Value) -> Result<Option<Vec<u8>>, StoreError> {
     }
 }
 
-/// Reads the sync script's answer: `{ epoch, whole, { member, score, ... } }`.
-fn parse_synced(reply: redis::Value) -> Result<Synced, StoreError> {
+/// Reads the sync script's answer: `{ epoch, whole, { member, score, ... } }`; `None` when
+/// the records were gone by the time they were read.
+fn parse_synced(reply: redis::Value) -> Result<Option<Synced>, StoreError> {
     let redis::Value::Array(mut parts) = reply else {
         return Err(unexpected_reply(reply, "the sync script"));
     };
@@ -431,8 +455,17 @@ fn parse_synced(reply: redis::Value) -> Result<Synced, StoreError> {
         whole: whole == 1,
         ..Synced::default()
     };
+    // A script's reply is flat (member, score, ...); a plain ZRANGE over RESP3 answers
+    // [member, score] pairs.
     let mut items = list.into_iter();
-    while let (Some(member), Some(score)) = (items.next(), items.next()) {
+    let mut next_pair = || match items.next()? {
+        redis::Value::Array(pair) if pair.len() == 2 => {
+            let mut pair = pair.into_iter();
+            Some((pair.next()?, pair.next()?))
+        }
+        member => Some((member, items.next()?)),
+    };
+    while let Some((member, score)) = next_pair() {
         let (redis::Value::BulkString(member), Some(score)) = (member, score_of(&score)) else {
             return Err(StoreError::Server(
                 "the clear records hold an unreadable member".into(),
@@ -441,7 +474,8 @@ fn parse_synced(reply: redis::Value) -> Result<Synced, StoreError> {
         match member.as_slice() {
             b"seq" => synced.seq = Some(score),
             b"floor" => synced.floor = Some(score),
-            b"epoch" => {}
+            // The set's own word on its epoch (a whole set read after the script).
+            b"epoch" => synced.epoch = score,
             id => match <[u8; 8]>::try_from(id) {
                 Ok(id) => synced.records.push((u64::from_le_bytes(id), score)),
                 // Not ours: whatever wrote it, it cannot make an entry live.
@@ -449,10 +483,12 @@ fn parse_synced(reply: redis::Value) -> Result<Synced, StoreError> {
             },
         }
     }
-    if synced.epoch == 0 {
-        return Err(StoreError::Server("the clear records have no epoch".into()));
+    if synced.epoch == 0 || synced.whole && synced.seq.is_none() {
+        // The set vanished between the script and the whole read (evicted, flushed): this
+        // lookup knows nothing, and the next one makes the set again.
+        return Ok(None);
     }
-    Ok(synced)
+    Ok(Some(synced))
 }
 
 /// A score as the server prints it: an integer, or a float for very large ones.
@@ -524,6 +560,7 @@ mod tests {
             bulk(b"epoch"),
             bulk(b"5"),
         ]))
+        .unwrap()
         .unwrap();
         assert_eq!(
             (ok.epoch, ok.whole, ok.seq, ok.floor),
@@ -533,5 +570,24 @@ mod tests {
         assert!(parse_synced(reply(vec![bulk(b"seq"), bulk(b"x")])).is_err());
         assert!(parse_synced(redis::Value::Nil).is_err());
         assert!(parse_synced(redis::Value::Array(vec![])).is_err());
+        // A whole read that found the set gone: nothing known, not an error.
+        let gone = redis::Value::Array(vec![
+            redis::Value::Int(0),
+            redis::Value::Int(1),
+            redis::Value::Array(vec![]),
+        ]);
+        assert!(parse_synced(gone).unwrap().is_none());
+        // RESP3 pairs, as a plain ZRANGE answers.
+        let pairs = redis::Value::Array(vec![
+            redis::Value::Int(0),
+            redis::Value::Int(1),
+            redis::Value::Array(vec![
+                redis::Value::Array(vec![bulk(b"floor"), redis::Value::Double(2.0)]),
+                redis::Value::Array(vec![bulk(b"seq"), redis::Value::Double(4.0)]),
+                redis::Value::Array(vec![bulk(b"epoch"), redis::Value::Double(9.0)]),
+            ]),
+        ]);
+        let whole = parse_synced(pairs).unwrap().unwrap();
+        assert_eq!((whole.epoch, whole.seq, whole.floor), (9, Some(4), Some(2)));
     }
 }

@@ -13,7 +13,10 @@
 -- ARGV[1]  the epoch to start with if the set is missing or rolled back
 -- ARGV[2], ARGV[3]  the highest epoch and sequence the caller has seen
 -- ARGV[4], ARGV[5]  the epoch (0: none) and sequence the caller's mirror holds
--- Returns { epoch, 1 if the list is whole (else only what changed), { member, score, ... } }.
+-- Returns { epoch, what, { member, score, ... } }: `what` is 0 when the list holds what
+-- changed since the caller's state, 1 when it is the whole (new) set, and 2 when the caller
+-- knows another epoch and must read the whole set itself with a plain ZRANGE: converting
+-- thousands of members to a script's reply would hold the server several milliseconds.
 -- Epochs are compared and returned as numbers: servers differ in how they print a score.
 local state = redis.call('ZMSCORE', KEYS[1], 'epoch', 'seq')
 local epoch = tonumber(state[1])
@@ -28,4 +31,4 @@ end
 if epoch == tonumber(ARGV[4]) then
   return { epoch, 0, redis.call('ZRANGE', KEYS[1], '(' .. ARGV[5], '+inf', 'BYSCORE', 'WITHSCORES') }
 end
-return { epoch, 1, redis.call('ZRANGE', KEYS[1], '-inf', '+inf', 'BYSCORE', 'WITHSCORES') }
+return { epoch, 2, {} }
