@@ -373,6 +373,67 @@ async fn a_restart_from_an_older_snapshot_starts_a_new_epoch(kind: Kind) {
     let other = b.lookup(&key(1)).await.unwrap();
     assert!(other.value.is_none());
     assert_eq!(other.fence.epoch(), seen.fence.epoch());
+    // The server restarts from the same old snapshot again: its epoch is now older than the
+    // newest A has seen, which is a rollback too.
+    let _server = tokio::task::spawn_blocking(move || {
+        let mut server = _server;
+        server.restart();
+        server
+    })
+    .await
+    .unwrap();
+    let mut again = None;
+    for _ in 0..100 {
+        match a.lookup(&key(1)).await {
+            Ok(found) => {
+                again = Some(found);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let again = again.expect("the server came back");
+    assert!(
+        again.value.is_none(),
+        "the old snapshot's entry was served after a second restart"
+    );
+    assert!(again.fence.epoch() > seen.fence.epoch(), "epochs only grow");
+}
+
+/// The instance that saw the lost clear need not be serving requests: its keeper reads the
+/// records once a second, finds them rolled back and starts a new epoch, and an instance
+/// that came up after the restart (and never saw the clear) follows it.
+async fn an_idle_instance_finds_a_rollback_within_seconds(kind: Kind) {
+    let server = Server::start(kind);
+    let a = store_for(&server);
+    let fence = a.lookup(&key(1)).await.unwrap().fence;
+    let fill = Fill::new(
+        key(1),
+        "old".into(),
+        Duration::from_secs(60),
+        vec!["res:1".into()],
+        fence,
+    );
+    a.fill(fill).await.unwrap();
+    assert_eq!(server.command(&["SAVE"]), "+OK");
+    a.invalidate(&["res:1".to_owned()]).await.unwrap();
+    let server = tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.restart();
+        server
+    })
+    .await
+    .unwrap();
+    // A sends nothing from here on; B starts after the restart.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = store_for(&server);
+    let found = b.lookup(&key(1)).await.unwrap();
+    assert!(
+        found.value.is_none(),
+        "an entry whose clear was lost was served"
+    );
+    assert_ne!(found.fence.epoch(), fence.epoch());
+    drop(a);
 }
 
 /// Restarts and `FLUSHALL`s while readers and writers race.
@@ -468,6 +529,7 @@ server_suite!(
     noeviction_with_memory_full_still_clears,
     a_restart_between_lookup_and_fill_cannot_send_the_fence_back,
     a_restart_from_an_older_snapshot_starts_a_new_epoch,
+    an_idle_instance_finds_a_rollback_within_seconds,
     restarts_and_flushes_during_the_race,
     chaos_deleting_random_keys,
     without_the_fence_the_checker_finds_stale_reads,

@@ -97,8 +97,7 @@ impl MemoryStore {
     /// clear rate, at the price of extra misses when clears outrun it.
     #[must_use]
     pub fn max_clear_records(self, max: usize) -> Self {
-        // A new epoch: whatever was stored under the old records is dead.
-        *self.records_mut() = Records::new(new_epoch(), max);
+        self.records_mut().set_max(max);
         self
     }
 
@@ -216,26 +215,42 @@ impl Store for MemoryStore {
     }
 }
 
-/// Used as a near cache, the store follows the far store's records: its epoch, and clears
-/// numbered by the far store's sequence.
+/// Used as a near cache, the store follows the far store's records: its epochs (which only
+/// grow) and clears numbered by the far store's sequence.
 #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
 impl MemoryStore {
-    /// The far store's state as it reported it: a new epoch drops every near entry, and
-    /// starts with its floor at that state (clears of the new epoch before it are not known
-    /// here). Epoch 0 (no epoch: a lookup that could not read the records) is ignored.
+    /// Gives up this store's own records: from now on it knows only what `follow`, `clear_at`
+    /// and `purge_at` tell it, and serves nothing until the far store's epoch is known.
+    pub(crate) fn follow_another_store(&self) {
+        self.records_mut().reset(0);
+        self.inner.cache.invalidate_all();
+    }
+
+    /// The far store's state as it reported it. A later epoch drops every near entry and
+    /// starts at that state (clears of the new epoch before it are not known here: the floor
+    /// covers them); an earlier epoch is a late report and changes nothing. Epoch 0 (a
+    /// lookup that could not read the records) is ignored.
     pub(crate) fn follow(&self, fence: Fence) {
         if fence.epoch() == 0 || self.records().fence().is_at_or_after(fence) {
             return;
         }
         let mut records = self.records_mut();
-        if records.epoch() != fence.epoch() {
+        self.follow_locked(&mut records, fence);
+    }
+
+    /// [`follow`](Self::follow) under the caller's write lock; whether the state is usable
+    /// (not of an older epoch).
+    fn follow_locked(&self, records: &mut Records, fence: Fence) -> bool {
+        if fence.epoch() < records.epoch() {
+            return false;
+        }
+        if fence.epoch() > records.epoch() {
             records.reset(fence.epoch());
             records.raise_floor(fence.seq());
-            drop(records);
             self.inner.cache.invalidate_all();
-            return;
         }
         records.observe(fence.seq());
+        true
     }
 
     /// The far store's state as this near tier knows it.
@@ -243,17 +258,22 @@ impl MemoryStore {
         self.records().fence()
     }
 
-    /// Applies a clear made elsewhere at `seq` of `epoch`.
+    /// Applies a clear made elsewhere at `seq` of `epoch` (one of an older epoch than the
+    /// near tier follows concerns none of its entries).
     pub(crate) fn clear_at(&self, tags: &[String], epoch: u64, seq: u64) {
-        self.follow(Fence::new(epoch, seq.saturating_sub(1)));
-        self.records_mut()
-            .clear(tags.iter().map(|t| tag_id(t)), seq);
+        let mut records = self.records_mut();
+        if self.follow_locked(&mut records, Fence::new(epoch, seq.saturating_sub(1))) {
+            records.clear(tags.iter().map(|t| tag_id(t)), seq);
+        }
     }
 
     /// Applies a purge made elsewhere at `seq` of `epoch`.
     pub(crate) fn purge_at(&self, epoch: u64, seq: u64) {
-        self.follow(Fence::new(epoch, seq.saturating_sub(1)));
-        self.records_mut().raise_floor(seq);
+        let mut records = self.records_mut();
+        if self.follow_locked(&mut records, Fence::new(epoch, seq.saturating_sub(1))) {
+            records.raise_floor(seq);
+        }
+        drop(records);
         self.inner.cache.invalidate_all();
     }
 

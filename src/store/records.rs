@@ -135,6 +135,12 @@ impl Records {
         self.seq = self.seq.max(seq);
     }
 
+    /// Changes the bound, dropping the oldest records (and raising the floor) if over it.
+    pub(crate) fn set_max(&mut self, max: usize) {
+        self.max = max.max(1);
+        self.prune();
+    }
+
     /// Keeps `id`'s last clear at `seq` (or a later one already kept), then drops the
     /// oldest records beyond the bound, raising the floor to them.
     pub(crate) fn record(&mut self, id: u64, seq: u64) {
@@ -152,6 +158,10 @@ impl Records {
             None => {}
         }
         self.by_seq.insert((seq, id));
+        self.prune();
+    }
+
+    fn prune(&mut self) {
         while self.by_tag.len() > self.max {
             let Some((oldest, id)) = self.by_seq.pop_first() else {
                 break;

@@ -68,6 +68,7 @@ impl std::fmt::Debug for TieredStore {
 impl TieredStore {
     /// `near` in front of `far`.
     pub fn new(near: MemoryStore, far: ValkeyStore) -> Self {
+        near.follow_another_store();
         TieredStore {
             inner: Arc::new(TierInner {
                 near,
@@ -239,15 +240,15 @@ impl Store for TieredStore {
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
-        let seq = self.inner.far.purge().await;
-        match &seq {
-            // A purge in another epoch than the near tier knows still drops it all.
-            Ok(s) => self
-                .inner
-                .near
-                .purge_at(self.inner.near.fence().epoch(), *s),
-            Err(_) => self.inner.near.flush(),
+        match self.inner.far.purge_fence().await {
+            Ok(done) => {
+                self.inner.near.purge_at(done.epoch(), done.seq());
+                Ok(done.seq())
+            }
+            Err(e) => {
+                self.inner.near.flush();
+                Err(e)
+            }
         }
-        seq
     }
 }

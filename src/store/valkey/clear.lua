@@ -7,33 +7,34 @@
 -- would leave stale entries served.
 --
 -- KEYS[1]  the record set (see sync.lua)
--- ARGV[1]  the epoch to start with if the set is missing or rolled back
--- ARGV[2], ARGV[3]  the highest epoch and sequence the caller has seen (see sync.lua)
--- ARGV[4]  the pub/sub channel
--- ARGV[5]  the most tag records kept: beyond it the oldest go and the floor rises to them
--- ARGV[6]  n, the number of tags; -1 for a purge
--- ARGV[7 .. 6+n]      the tags' ids (8 bytes each)
--- ARGV[7+n .. 6+2n]   the tags, for the message
+-- ARGV[1], ARGV[2]  the newest epoch and sequence the caller has seen (see sync.lua: a
+--          set older than that lost clears, and starts over under a newer epoch)
+-- ARGV[3]  the pub/sub channel
+-- ARGV[4]  the most tag records kept: beyond it the oldest go and the floor rises to them
+-- ARGV[5]  n, the number of tags; -1 for a purge
+-- ARGV[6 .. 5+n]      the tags' ids (8 bytes each)
+-- ARGV[6+n .. 5+2n]   the tags, for the message
 -- Returns { the records' epoch, the clear's sequence }.
 local set = KEYS[1]
+local high_epoch, high_seq = tonumber(ARGV[1]), tonumber(ARGV[2])
 local state = redis.call('ZMSCORE', set, 'epoch', 'seq')
 local epoch = tonumber(state[1])
--- Same epoch, lower sequence: a snapshot or a lagging replica lost clears. Start over.
-if epoch and epoch == tonumber(ARGV[2]) and (tonumber(state[2]) or 0) < tonumber(ARGV[3]) then
+if epoch and (epoch < high_epoch or epoch == high_epoch and (tonumber(state[2]) or 0) < high_seq) then
   redis.call('DEL', set)
   epoch = nil
 end
 if not epoch then
-  epoch = tonumber(ARGV[1])
+  local now = redis.call('TIME')
+  epoch = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch + 1)
   redis.call('ZADD', set, epoch, 'epoch', 0, 'seq', 0, 'floor')
 end
 local seq = tonumber(redis.call('ZINCRBY', set, 1, 'seq'))
-local n = tonumber(ARGV[6])
+local n = tonumber(ARGV[5])
 -- Printed as integers: Lua would print large numbers in exponent form.
 local head = string.format('v2 %d %d ', epoch, seq)
 if n < 0 then
   redis.call('ZADD', set, seq, 'floor')
-  redis.call('PUBLISH', ARGV[4], head .. 'purge')
+  redis.call('PUBLISH', ARGV[3], head .. 'purge')
   return { epoch, seq }
 end
 -- ZADD in slices: Lua's unpack has a stack limit.
@@ -41,11 +42,11 @@ for first = 1, n, 500 do
   local args = {}
   for i = first, math.min(first + 499, n) do
     args[#args + 1] = seq
-    args[#args + 1] = ARGV[6 + i]
+    args[#args + 1] = ARGV[5 + i]
   end
   redis.call('ZADD', set, unpack(args))
 end
-local excess = redis.call('ZCARD', set) - 3 - tonumber(ARGV[5])
+local excess = redis.call('ZCARD', set) - 3 - tonumber(ARGV[4])
 if excess > 0 then
   -- The lowest scores: the oldest records, and maybe 'floor' (skipped by its length).
   local low = redis.call('ZRANGE', set, 0, excess + 1, 'WITHSCORES')
@@ -63,8 +64,8 @@ if excess > 0 then
   end
 end
 local tags = {}
-for i = 7 + n, 6 + 2 * n do
+for i = 6 + n, 5 + 2 * n do
   tags[#tags + 1] = ARGV[i]
 end
-redis.call('PUBLISH', ARGV[4], head .. 'tags ' .. table.concat(tags, ' '))
+redis.call('PUBLISH', ARGV[3], head .. 'tags ' .. table.concat(tags, ' '))
 return { epoch, seq }

@@ -26,28 +26,13 @@ impl ValkeyStore {
     /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
     /// does on checkout costs nothing on the hot path and weeds out dead connections.
     async fn connect(&self) -> Result<Tracked, StoreError> {
-        let inner = &self.inner;
-        let pool = inner.pool.get_or_init(|| {
-            bb8::Pool::builder()
-                .max_size(inner.pool_size)
-                .min_idle(None)
-                .test_on_check_out(true)
-                .connection_timeout(inner.connect_timeout)
-                .build_unchecked(inner.manager.clone())
-        });
-        let pooled = pool.get().await.map_err(|e| match e {
-            bb8::RunError::User(e) => classify(e),
-            bb8::RunError::TimedOut => StoreError::Timeout,
-        })?;
-        let conn = pooled.clone();
-        drop(pooled);
-        *inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
-        inner.started.get_or_init(|| {
+        let conn = checkout(&self.inner).await?;
+        self.inner.started.get_or_init(|| {
             tokio::spawn(report_eviction_policy(
                 conn.conn.clone(),
                 self.url().to_owned(),
             ));
-            tokio::spawn(keep_records(std::sync::Arc::downgrade(inner)));
+            tokio::spawn(keep_records(std::sync::Arc::downgrade(&self.inner)));
         });
         Ok(conn)
     }
@@ -160,23 +145,68 @@ pub(crate) fn policy_advice(policy: &str) -> (bool, &'static str) {
     }
 }
 
-/// Reads the record set once a second, so that an LRU or LFU policy sees it in use (hits
-/// read the mirror, not the set) and evicts entries before it. Ends with the store.
+/// A connection from the pool, kept as the shared one.
+async fn checkout(inner: &ValkeyInner) -> Result<Tracked, StoreError> {
+    let pool = inner.pool.get_or_init(|| {
+        bb8::Pool::builder()
+            .max_size(inner.pool_size)
+            .min_idle(None)
+            .test_on_check_out(true)
+            .connection_timeout(inner.connect_timeout)
+            .build_unchecked(inner.manager.clone())
+    });
+    let pooled = pool.get().await.map_err(|e| match e {
+        bb8::RunError::User(e) => classify(e),
+        bb8::RunError::TimedOut => StoreError::Timeout,
+    })?;
+    let conn = pooled.clone();
+    drop(pooled);
+    *inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+    Ok(conn)
+}
+
+/// Once a second, runs the sync script with the newest state this store has seen, even
+/// while no request comes (reconnecting if need be). That reads the record set, so an LRU or
+/// LFU policy sees it in use (hits read the mirror, not the set) and evicts entries before
+/// it; and it finds within a second a set that went back in time (a restart from an older
+/// snapshot, a failover to a lagging replica) and starts a new epoch, which every
+/// instance's mirror is then told of. Ends with the store.
 async fn keep_records(inner: Weak<ValkeyInner>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        // The shared connection as it is: replacing a broken one is the requests' job.
-        let conn = inner.conn.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(mut conn) = conn.map(|t| t.conn) else {
-            continue;
+        let store = ValkeyStore { inner };
+        let _ = tokio::time::timeout(store.inner.connect_timeout, store.keep_once()).await;
+    }
+}
+
+impl ValkeyStore {
+    async fn keep_once(&self) -> Result<(), StoreError> {
+        let conn = match self.cached_connection() {
+            Some(c) => c,
+            None => checkout(&self.inner).await?,
         };
-        let mut touch = redis::cmd("TOUCH");
-        touch.arg(&inner.records_key);
-        drop(inner);
-        let _ = touch.query_async::<i64>(&mut conn).await;
+        let mut c = conn.conn;
+        let high = self.high_water();
+        let mut sync = super::SYNC.prepare_invoke();
+        sync.key(&self.inner.records_key)
+            .arg(high.epoch())
+            .arg(high.seq())
+            .arg(high.epoch())
+            .arg(high.seq());
+        match sync
+            .invoke_async::<redis::Value>(&mut c)
+            .await
+            .map_err(classify)
+        {
+            Err(e @ (StoreError::Timeout | StoreError::Unavailable(_))) => {
+                self.discard_connection();
+                Err(e)
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -160,6 +160,10 @@ impl ValkeyStore {
             .iter()
             .zip(&ids)
             .map(|(fill, ids)| {
+                if ids.len() > usize::from(u16::MAX) {
+                    let many = "a fill with more than 65,535 tags cannot be stored";
+                    return Some(Err(StoreError::Server(many.into())));
+                }
                 let dead = mirror.as_ref().is_some_and(|m| m.refuses(fill.fence, ids));
                 dead.then_some(Ok(FillOutcome::Fenced))
             })

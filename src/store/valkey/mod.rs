@@ -38,7 +38,7 @@ use fill_queue::Reply;
 use keys::{lease_token, KeyArg};
 use tracking::{Manager, Synced, Tracker};
 
-use super::records::{new_epoch, tag_id};
+use super::records::tag_id;
 use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store};
 use crate::error::{ConfigError, StoreError};
 use crate::key::EntryKey;
@@ -175,12 +175,11 @@ impl ValkeyStore {
     /// `EVALSHA` of the sync script: what changed in the record set since `from`.
     fn sync_command(&self, from: Fence) -> redis::Cmd {
         let high = self.high_water();
-        let mut cmd = redis::Cmd::with_capacity(9, self.inner.records_key.len() + 128);
+        let mut cmd = redis::Cmd::with_capacity(8, self.inner.records_key.len() + 112);
         cmd.arg("EVALSHA")
             .arg(SYNC.get_hash())
             .arg(1)
             .arg(&self.inner.records_key)
-            .arg(new_epoch())
             .arg(high.epoch())
             .arg(high.seq())
             .arg(from.epoch())
@@ -196,16 +195,23 @@ impl ValkeyStore {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Raises the high-water mark to a state a reply showed (another epoch replaces it).
+    /// Raises the high-water mark to a state a reply showed. Epochs only grow (the scripts
+    /// make each new one later than any the caller has seen), so states are ordered by
+    /// epoch, then sequence, and a late reply never lowers the mark.
     fn saw(&self, fence: Fence) {
         let mut high = self
             .inner
             .high_water
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if fence.epoch() != high.epoch() || fence.seq() > high.seq() {
+        if (fence.epoch(), fence.seq()) > (high.epoch(), high.seq()) {
             *high = fence;
         }
+    }
+
+    /// The purge, with the epoch it was made in (for a near tier).
+    pub(crate) async fn purge_fence(&self) -> Result<Fence, StoreError> {
+        self.write_records(None).await
     }
 
     /// Runs the clear script: clears `tags`, or purges when `None`.
@@ -214,7 +220,6 @@ impl ValkeyStore {
         let mut invocation = CLEAR.prepare_invoke();
         invocation
             .key(&self.inner.records_key)
-            .arg(new_epoch())
             .arg(high.epoch())
             .arg(high.seq())
             .arg(&self.inner.channel)

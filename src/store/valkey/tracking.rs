@@ -7,8 +7,11 @@
 //! connection speaks RESP3 and asks the server to announce changes to the record set
 //! (`CLIENT TRACKING ON BCAST PREFIX ...`): a clear, a purge, and equally its eviction,
 //! expiry or a `FLUSHALL`. The server queues an announcement on this connection before the
-//! reply to any command it runs after the change, and the client reads replies in order: a
-//! mirror read once stays current for every reply that arrives while no announcement has.
+//! reply to any command it reads after the change has been answered (broadcast
+//! announcements go out before the event loop writes its next replies; a command read in
+//! the same pass as the change may be answered first, but no request that starts after a
+//! clear's response can be in that pass), and the client reads replies in order: a mirror
+//! read once stays current for every reply that arrives while no announcement has.
 //! A lookup therefore takes the known fence, sends a plain `GET`, and checks the entry
 //! against the mirror only if nothing was announced by the time its reply is in; otherwise
 //! (or before the first read, or when the server refused tracking) it sends the `GET` with
@@ -111,15 +114,18 @@ impl Tracker {
     }
 
     /// Merges what a sync sent after `mark`, asking for the changes since `from`, read.
-    /// Returns the fence as of that read, or `None` when the answer cannot be used: it names
-    /// another epoch than the mirror's while a change was announced since it was sent (an
-    /// older answer must not undo a newer one). Re-arms the mirror if nothing was announced.
+    /// Returns the fence as of that read, or `None` when the answer cannot be used: it is of
+    /// an older epoch than the mirror's (epochs only grow: an older answer must not undo a
+    /// newer one), or a list of changes against another epoch. Re-arms the mirror if nothing
+    /// was announced since `mark`.
     pub(super) fn merge(&self, mark: u64, from: Fence, synced: Synced) -> Option<Fence> {
         let mut mirror = self.mirror.write().unwrap_or_else(|e| e.into_inner());
         let announced = self.state.load(Ordering::Acquire) >> 1 != mark;
-        if synced.epoch != mirror.epoch() {
-            // A mirror never read has nothing newer to lose.
-            if announced && mirror.epoch() != 0 || !synced.whole {
+        if synced.epoch < mirror.epoch() {
+            return None;
+        }
+        if synced.epoch > mirror.epoch() {
+            if !synced.whole {
                 return None;
             }
             mirror.reset(synced.epoch);
@@ -343,13 +349,18 @@ mod tests {
         let t = enabled();
         let (mark, from) = (t.mark(), t.synced());
         t.forget(); // heard before the read's reply was used
-                    // A mirror never read takes it (it has nothing newer to lose), but stays unarmed.
+                    // Merged (a newer epoch than the mirror's), but not armed.
         assert_eq!(t.merge(mark, from, whole(4, 7)), Some(Fence::new(4, 7)));
         assert!(t.known().is_none());
+        // An older epoch's answer, arriving late: unusable, and the mirror keeps its state.
+        let (mark, from) = (t.mark(), t.synced());
+        assert_eq!(t.merge(mark, from, whole(3, 9)), None);
+        assert_eq!(t.synced(), Fence::new(4, 7));
+        // A newer epoch's answer is taken even when changes were announced meanwhile: an
+        // instance under steady clears still moves to a new epoch.
         let (mark, from) = (t.mark(), t.synced());
         t.forget();
-        // Another epoch than the mirror's, announced since: maybe an older answer, unusable.
-        assert_eq!(t.merge(mark, from, whole(5, 7)), None);
+        assert_eq!(t.merge(mark, from, whole(5, 7)), Some(Fence::new(5, 7)));
         assert!(t.known().is_none());
         let (mark, from) = (t.mark(), t.synced());
         assert!(t.merge(mark, from, whole(5, 8)).is_some());
