@@ -114,6 +114,33 @@ async fn race(store: ValkeyStore, budget: Duration, fenced: bool) -> Report {
     }
 }
 
+/// Kills and starts the server again (on a thread of its own: starting blocks until it
+/// answers). Without persistence it comes back empty; after a `SAVE`, from that snapshot.
+async fn restart(server: Server) -> Server {
+    tokio::task::spawn_blocking(move || {
+        let mut server = server;
+        server.restart();
+        server
+    })
+    .await
+    .unwrap()
+}
+
+/// Retries `op` until the server answers again (at most two seconds).
+async fn once_back<T, F, Fut>(op: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tower_cache_aside::StoreError>>,
+{
+    for _ in 0..100 {
+        match op().await {
+            Ok(done) => return done,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("the server never came back")
+}
+
 fn store_for(server: &Server) -> ValkeyStore {
     ValkeyStore::builder()
         .url(server.url())
@@ -271,25 +298,11 @@ async fn a_restart_between_lookup_and_fill_cannot_send_the_fence_back(kind: Kind
     }
     let fence = a.lookup(&key(1)).await.unwrap().fence;
     assert_eq!(fence.seq(), 5);
-    let _server = tokio::task::spawn_blocking(move || {
-        let mut server = server;
-        server.restart();
-        server
-    })
-    .await
-    .unwrap();
+    let _server = restart(server).await;
     // The restarted server lost everything: the clear begins the records anew.
-    let mut cleared = None;
-    for _ in 0..100 {
-        match b.invalidate(&["res:1".to_owned()]).await {
-            Ok(done) => {
-                cleared = Some(done);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    assert_eq!(cleared.expect("the server came back").seq, 1);
+    let tags = ["res:1".to_owned()];
+    let cleared = once_back(|| b.invalidate(&tags)).await;
+    assert_eq!(cleared.seq, 1);
     let fill = Fill::new(
         key(1),
         "old".into(),
@@ -297,12 +310,7 @@ async fn a_restart_between_lookup_and_fill_cannot_send_the_fence_back(kind: Kind
         vec!["res:1".into()],
         fence,
     );
-    for _ in 0..100 {
-        if a.fill(fill.clone()).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    once_back(|| a.fill(fill.clone())).await;
     for store in [&a, &b] {
         let found = store.lookup(&key(1)).await.unwrap();
         assert!(
@@ -342,24 +350,9 @@ async fn a_restart_from_an_older_snapshot_starts_a_new_epoch(kind: Kind) {
     let cleared = a.invalidate(&["res:1".to_owned()]).await.unwrap();
     assert_eq!(cleared.seq, 6);
     assert!(a.lookup(&key(1)).await.unwrap().value.is_none());
-    let _server = tokio::task::spawn_blocking(move || {
-        let mut server = server;
-        server.restart(); // killed, so nothing newer is saved; the snapshot is loaded
-        server
-    })
-    .await
-    .unwrap();
-    let mut seen = None;
-    for _ in 0..100 {
-        match a.lookup(&key(1)).await {
-            Ok(found) => {
-                seen = Some(found);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let seen = seen.expect("the server came back");
+    let _server = restart(server).await;
+    let one = key(1);
+    let seen = once_back(|| a.lookup(&one)).await;
     assert!(
         seen.value.is_none(),
         "the cleared entry came back from the snapshot and was served"
@@ -375,24 +368,8 @@ async fn a_restart_from_an_older_snapshot_starts_a_new_epoch(kind: Kind) {
     assert_eq!(other.fence.epoch(), seen.fence.epoch());
     // The server restarts from the same old snapshot again: its epoch is now older than the
     // newest A has seen, which is a rollback too.
-    let _server = tokio::task::spawn_blocking(move || {
-        let mut server = _server;
-        server.restart();
-        server
-    })
-    .await
-    .unwrap();
-    let mut again = None;
-    for _ in 0..100 {
-        match a.lookup(&key(1)).await {
-            Ok(found) => {
-                again = Some(found);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let again = again.expect("the server came back");
+    let _server = restart(_server).await;
+    let again = once_back(|| a.lookup(&one)).await;
     assert!(
         again.value.is_none(),
         "the old snapshot's entry was served after a second restart"
@@ -417,13 +394,7 @@ async fn an_idle_instance_finds_a_rollback_within_seconds(kind: Kind) {
     a.fill(fill).await.unwrap();
     assert_eq!(server.command(&["SAVE"]), "+OK");
     a.invalidate(&["res:1".to_owned()]).await.unwrap();
-    let server = tokio::task::spawn_blocking(move || {
-        let mut server = server;
-        server.restart();
-        server
-    })
-    .await
-    .unwrap();
+    let server = restart(server).await;
     // A sends nothing from here on; B starts after the restart.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let b = store_for(&server);
