@@ -209,7 +209,9 @@ async fn eviction_never_serves_stale(kind: Kind) {
         );
         let stop = Arc::new(AtomicBool::new(false));
         let fill = tokio::spawn(filler(server.url(), stop.clone(), 2048));
-        let report = race(store_for(&server), Duration::from_millis(1500), true).await;
+        let store = store_for(&server);
+        assert_eq!(store.eviction_policy().await.unwrap(), policy);
+        let report = race(store, Duration::from_millis(1500), true).await;
         stop.store(true, Ordering::Relaxed);
         fill.await.unwrap();
         let evicted = info_field(&server, "evicted_keys").await;

@@ -3,13 +3,15 @@
 
 pub mod server;
 
-/// Runs every listed `cases::NAME(store)` against MemoryStore, Valkey and Redis.
+/// Runs every listed `cases::NAME(store)` against MemoryStore, Valkey, Redis and a
+/// TieredStore (a near tier in front of Valkey).
 #[allow(unused_macros)]
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
         store_suite!(@one memory, memory(), [$($case),*]);
         store_suite!(@one valkey, served(Kind::Valkey), [$($case),*]);
         store_suite!(@one redis, served(Kind::Redis), [$($case),*]);
+        store_suite!(@one tiered, tiered(Kind::Valkey).await, [$($case),*]);
     };
     (@one $store:ident, $fixture:expr, [$($case:ident),*]) => {
         mod $store {
@@ -79,6 +81,25 @@ pub fn valkey_store(server: &Server) -> ValkeyStore {
         .operation_timeout(Duration::from_secs(1))
         .build()
         .unwrap()
+}
+
+/// A near tier in front of a served store, its subscription live (so the near tier answers).
+pub async fn tiered(kind: Kind) -> Fixture<tower_cache_aside::TieredStore> {
+    let server = Server::start(kind);
+    let store =
+        tower_cache_aside::TieredStore::new(MemoryStore::new(64 << 20), valkey_store(&server));
+    // The first lookup starts the subscription; the near tier is used once it is live.
+    let probe = tower_cache_aside::EntryKey::new("probe", [0; 32]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store.near_is_live() {
+        let _ = store.lookup(&probe).await;
+        assert!(Instant::now() < deadline, "the near tier never went live");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Fixture {
+        store,
+        server: Some(server),
+    }
 }
 
 pub fn served(kind: Kind) -> Fixture<ValkeyStore> {
