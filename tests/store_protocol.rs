@@ -569,6 +569,8 @@ async fn lookups_read_every_record(
     }
     let p = b.purge().await.unwrap();
     assert_eq!(a.lookup(&key).await.unwrap().fence.seq(), p);
+    // The start-up report's source reads over RESP2 as over RESP3.
+    assert_eq!(a.eviction_policy().await.unwrap(), "noeviction");
     let calls = command_calls(conn).await;
     let count = |name: &str| calls.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
     assert!(count("get") >= 4, "{calls:?}");

@@ -89,17 +89,25 @@ impl ValkeyStore {
 }
 
 async fn eviction_policy(mut c: MultiplexedConnection) -> Result<String, RedisError> {
-    let reply: Vec<String> = redis::cmd("CONFIG")
+    let reply: redis::Value = redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory-policy")
         .query_async(&mut c)
         .await?;
-    reply.into_iter().nth(1).ok_or_else(|| {
-        RedisError::from((
+    // A map over RESP3, a flat [name, value] array over RESP2.
+    let value = match reply {
+        redis::Value::Map(pairs) => pairs.into_iter().next().map(|(_, v)| v),
+        redis::Value::Array(items) => items.into_iter().nth(1),
+        _ => None,
+    };
+    match value {
+        Some(redis::Value::BulkString(b)) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Some(redis::Value::SimpleString(s)) => Ok(s),
+        _ => Err(RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
-            "CONFIG GET maxmemory-policy answered nothing",
-        ))
-    })
+            "CONFIG GET maxmemory-policy answered no policy",
+        ))),
+    }
 }
 
 /// Says once, at start, what the cache does under the server's eviction policy.
