@@ -176,15 +176,18 @@ mod cases {
         fills_reach(&stats, 2).await;
         let r = get_with(&app, "/public", &[("authorization", "Bearer bob")]).await;
         assert_eq!(r.x_cache(), "HIT");
-        // Apps that authenticate by other headers declare them.
-        let l = layer(MemoryStore::new(1 << 20)).credential_headers([
-            "authorization",
-            "cookie",
-            "x-api-key",
-        ]);
+        // Apps that authenticate by other headers declare them; `Authorization` and `Cookie`
+        // still count.
+        let l = layer(MemoryStore::new(1 << 20)).credential_headers(["x-api-key"]);
         let (app2, _) = support::app(l);
-        let r = get_with(&app2, "/items/7", &[("x-api-key", "k")]).await;
-        assert_eq!(r.x_cache(), "BYPASS");
+        for h in [
+            ("x-api-key", "k"),
+            ("cookie", "session=alice"),
+            ("authorization", "a"),
+        ] {
+            let r = get_with(&app2, "/items/7", &[h]).await;
+            assert_eq!(r.x_cache(), "BYPASS", "{h:?}");
+        }
         // Range requests never share the full entry.
         let r = get_with(&app, "/items/7", &[("range", "bytes=0-1")]).await;
         assert_eq!(r.x_cache(), "BYPASS");

@@ -128,9 +128,10 @@ impl<St: Store> CacheLayer<St> {
         self.edit(|s| s.max_body_bytes = max.min(MAX_BODY_LIMIT))
     }
 
-    /// Request headers that carry credentials (default `Authorization` and `Cookie`). A
-    /// request with any of them bypasses routes whose [`Scope`](crate::Scope) is `Shared`.
-    /// Add your own, such as `x-api-key`, if your app authenticates by them.
+    /// More request headers that carry credentials, on top of `Authorization` and `Cookie`
+    /// (which always count). A request with any of them bypasses routes whose
+    /// [`Scope`](crate::Scope) is `Shared`. Add your own, such as `x-api-key`, if your app
+    /// authenticates by them.
     ///
     /// # Panics
     /// If a name is not a valid header name.
@@ -147,7 +148,13 @@ impl<St: Store> CacheLayer<St> {
                     .unwrap_or_else(|_| panic!("`{}` is not a valid header name", h.as_ref()))
             })
             .collect();
-        self.edit(|s| s.credential_headers = names)
+        self.edit(|s| {
+            for name in names {
+                if !s.credential_headers.contains(&name) {
+                    s.credential_headers.push(name);
+                }
+            }
+        })
     }
 
     /// The cache's name in `Cache-Status` (RFC 9211; default `tower-cache-aside`).
