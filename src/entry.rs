@@ -62,6 +62,15 @@ pub(crate) enum Staleness {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DecodeError(pub(crate) &'static str);
 
+/// The longest lifetime or stale window an entry keeps: 2^31 seconds (RFC 9111 §1.2.2),
+/// whatever a handler or a header asks for (`Duration::MAX`, `max-age=99999999999999999`).
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(1 << 31);
+
+/// A lifetime or window in milliseconds, clamped to [`MAX_LIFETIME`].
+pub(crate) fn clamped_ms(d: Duration) -> u64 {
+    d.min(MAX_LIFETIME).as_millis() as u64
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

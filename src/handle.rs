@@ -151,7 +151,7 @@ mod values {
                         body: json.into(),
                         trailers: None,
                         stored_at_ms: now_ms(),
-                        lifetime_ms: ttl.as_millis().min(u128::from(u64::MAX)) as u64,
+                        lifetime_ms: crate::entry::clamped_ms(ttl),
                         initial_age_s: 0,
                         fence,
                         stale_while_revalidate_ms: 0,

@@ -291,6 +291,58 @@ mod cases {
         assert_eq!(calls.get(), 1);
     }
 
+    /// One absurd lifetime (`CacheHint::ttl(Duration::MAX)`, `max-age=99999999999999999`)
+    /// among good responses: clamped to 2^31 s, stored, and never failing another fill.
+    pub async fn absurd_lifetimes_are_clamped<St: Store>(store: St) {
+        use axum::extract::Path;
+        use axum::response::IntoResponse;
+        use tower_cache_aside::{CacheHint, RoutePolicy, RouteTable};
+        let routes = RouteTable::new().route("/r/{n}", RoutePolicy::ttl(Duration::from_secs(60)));
+        let l = CacheLayer::new(store).routes(routes);
+        let stats = l.stats();
+        let app = axum::Router::new()
+            .route(
+                "/r/{n}",
+                axum::routing::get(|Path(n): Path<u32>| async move {
+                    match n % 10 {
+                        0 => {
+                            let mut r = format!("forever {n}").into_response();
+                            r.extensions_mut().insert(CacheHint::ttl(Duration::MAX));
+                            r
+                        }
+                        5 => (
+                            [("cache-control", "max-age=99999999999999999")],
+                            format!("forever {n}"),
+                        )
+                            .into_response(),
+                        _ => format!("ok {n}").into_response(),
+                    }
+                }),
+            )
+            .layer(l);
+        const N: u64 = 200;
+        for n in 0..N {
+            assert_eq!(get(&app, &format!("/r/{n}")).await.x_cache(), "MISS");
+        }
+        fills_reach(&stats, N).await;
+        for n in 0..N {
+            let r = get(&app, &format!("/r/{n}")).await;
+            assert_eq!(r.x_cache(), "HIT", "/r/{n}");
+            if n % 5 == 0 {
+                // An `Age` of 0 and a lifetime of at most 2^31 s, not an overflow.
+                let ttl: u64 = r
+                    .cache_status()
+                    .split("ttl=")
+                    .nth(1)
+                    .and_then(|t| t.split(';').next()?.trim().parse().ok())
+                    .expect("a ttl in Cache-Status");
+                assert!(ttl <= 1 << 31, "{ttl}");
+            }
+        }
+        let s = stats.snapshot();
+        assert_eq!((s.store_errors, s.breaker_trips), (0, 0), "{s:?}");
+    }
+
     pub async fn garbage_in_the_store_is_a_miss<St: Store>(store: St) {
         let l = layer(store.clone());
         let stats = l.stats();
@@ -465,6 +517,7 @@ store_suite!(
     unstorable_responses_are_never_stored,
     credentials_bypass_shared_routes,
     users_never_see_each_others_responses,
+    absurd_lifetimes_are_clamped,
     head_never_poisons_get,
     oversized_bodies_stream_through_intact,
     large_bodies_within_the_limit_are_stored,

@@ -13,7 +13,7 @@ use super::flights::{FlightGuard, Landed};
 use super::future::Outcome;
 use super::layer::{Shared, CACHE_STATUS, X_CACHE};
 use super::lookup::Fence;
-use crate::entry::{now_ms, Entry};
+use crate::entry::{clamped_ms, now_ms, Entry};
 use crate::key::EntryKey;
 use crate::policy::{decide, CacheHint, Decision, Route};
 use crate::stats::count;
@@ -194,11 +194,11 @@ impl<St: Store> Shared<St> {
             body: bytes::Bytes::new(),
             trailers: None,
             stored_at_ms: now_ms(),
-            lifetime_ms: lifetime.as_millis().min(u128::from(u64::MAX)) as u64,
+            lifetime_ms: clamped_ms(lifetime),
             initial_age_s,
             fence,
-            stale_while_revalidate_ms: swr.as_millis().min(u128::from(u64::MAX)) as u64,
-            stale_if_error_ms: sie.as_millis().min(u128::from(u64::MAX)) as u64,
+            stale_while_revalidate_ms: clamped_ms(swr),
+            stale_if_error_ms: clamped_ms(sie),
             tags,
         };
         self.mark(
