@@ -188,6 +188,23 @@ mod cases {
             let r = get_with(&app2, "/items/7", &[h]).await;
             assert_eq!(r.x_cache(), "BYPASS", "{h:?}");
         }
+        // A GET with a body: the key does not cover the body, so it is not shared.
+        let with_body = Request::get("/items/7")
+            .header("content-length", "5")
+            .body(Body::from("hello"))
+            .unwrap();
+        let r = send(&app, with_body).await;
+        assert_eq!(r.x_cache(), "BYPASS");
+        assert!(
+            r.cache_status().contains("detail=request-body"),
+            "{}",
+            r.cache_status()
+        );
+        let empty = Request::get("/items/7")
+            .header("content-length", "0")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&app, empty).await.x_cache(), "HIT");
         // Range requests never share the full entry.
         let r = get_with(&app, "/items/7", &[("range", "bytes=0-1")]).await;
         assert_eq!(r.x_cache(), "BYPASS");

@@ -18,6 +18,16 @@ use crate::stats::count;
 use crate::store::Store;
 use crate::tags::{request_host, uri_tag};
 
+/// Whether a request says it has a body (a `Content-Length` other than 0, or any
+/// `Transfer-Encoding`).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes() != b"0")
+}
+
 /// What to do with one request, decided before anything is awaited.
 pub(crate) enum Plan {
     /// Not ours: another method or an uncached route. Untouched.
@@ -70,6 +80,10 @@ impl<St: Store> Shared<St> {
         }
         if parts.headers.contains_key(RANGE) {
             return Plan::Bypass("range");
+        }
+        // A GET or HEAD with a body: the key does not cover it, and a handler may read it.
+        if body.is_none() && has_body(&parts.headers) {
+            return Plan::Bypass("request-body");
         }
         let has_credentials = self
             .credential_headers
