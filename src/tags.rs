@@ -96,6 +96,12 @@ pub(crate) fn take_entry_tags(headers: &mut HeaderMap, out: &mut Vec<String>) {
         header_words(headers, &CACHE_GROUPS, ','),
         "Cache-Groups",
     );
+    strip_cache_only(headers);
+}
+
+/// Removes the tag headers meant for the cache alone (`Surrogate-Key`, `Cache-Tag`), on
+/// every response the layer passes, stored or not: clients never see them.
+pub(crate) fn strip_cache_only(headers: &mut HeaderMap) {
     headers.remove(&SURROGATE_KEY);
     headers.remove(&CACHE_TAG);
 }

@@ -360,6 +360,59 @@ mod cases {
         assert_eq!((s.store_errors, s.breaker_trips), (0, 0), "{s:?}");
     }
 
+    /// `Surrogate-Key` and `Cache-Tag` are for the cache: no client sees them, whichever path
+    /// the response took (stored, hit, skipped, bypassed, HEAD, too large, uncached route).
+    pub async fn cache_only_headers_never_reach_clients<St: Store>(store: St) {
+        use axum::extract::Path;
+        use axum::response::IntoResponse;
+        use tower_cache_aside::{RoutePolicy, RouteTable};
+        let routes = RouteTable::new()
+            .route("/t/{kind}", RoutePolicy::ttl(Duration::from_secs(60)))
+            .route("/u", RoutePolicy::never());
+        let l = CacheLayer::new(store).routes(routes).max_body_bytes(64);
+        let stats = l.stats();
+        let tagged = |kind: &str| {
+            let (cc, body) = match kind {
+                "skip" => ("no-store", "x".to_owned()),
+                "big" => ("max-age=60", "x".repeat(1000)),
+                _ => ("max-age=60", "x".to_owned()),
+            };
+            (
+                [
+                    ("surrogate-key", "a b"),
+                    ("cache-tag", "c,d"),
+                    ("cache-control", cc),
+                ],
+                body,
+            )
+                .into_response()
+        };
+        let app = axum::Router::new()
+            .route(
+                "/t/{kind}",
+                axum::routing::get(move |Path(kind): Path<String>| async move { tagged(&kind) }),
+            )
+            .route("/u", axum::routing::get(move || async move { tagged("u") }))
+            .layer(l);
+        let leaks = |r: &Reply| {
+            r.headers.contains_key("surrogate-key") || r.headers.contains_key("cache-tag")
+        };
+        let miss = get(&app, "/t/stored").await;
+        assert!(!leaks(&miss), "stored miss");
+        fills_reach(&stats, 1).await;
+        let hit = get(&app, "/t/stored").await;
+        assert_eq!(hit.x_cache(), "HIT");
+        assert!(!leaks(&hit), "hit");
+        for path in ["/t/skip", "/t/big", "/u"] {
+            assert!(!leaks(&get(&app, path).await), "{path}");
+        }
+        let r = get_with(&app, "/t/other", &[("authorization", "Bearer a")]).await;
+        assert_eq!(r.x_cache(), "BYPASS");
+        assert!(!leaks(&r), "bypass");
+        let head = Request::head("/t/fresh").body(Body::empty()).unwrap();
+        assert!(!leaks(&send(&app, head).await), "HEAD miss");
+    }
+
     pub async fn garbage_in_the_store_is_a_miss<St: Store>(store: St) {
         let l = layer(store.clone());
         let stats = l.stats();
@@ -535,6 +588,7 @@ store_suite!(
     credentials_bypass_shared_routes,
     users_never_see_each_others_responses,
     absurd_lifetimes_are_clamped,
+    cache_only_headers_never_reach_clients,
     head_never_poisons_get,
     oversized_bodies_stream_through_intact,
     large_bodies_within_the_limit_are_stored,

@@ -30,7 +30,8 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F, B, E> {
-        // Requests the cache does not touch: no allocation, no store call.
+        // Requests the cache does not touch: no allocation, no store call (only the tag
+        // headers meant for the cache are taken off).
         Passthrough { #[pin] fut: F },
         // Requests that bypass the cache: the inner response, with status headers added.
         Annotated { #[pin] fut: F, annotate: Option<Annotate> },
@@ -77,7 +78,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Passthrough { fut } => {
-                let res = ready!(fut.poll(cx))?;
+                let mut res = ready!(fut.poll(cx))?;
+                crate::tags::strip_cache_only(res.headers_mut());
                 Poll::Ready(Ok(res.map(CacheBody::passthrough)))
             }
             StateProj::Annotated { fut, annotate } => {

@@ -45,6 +45,7 @@ impl<St: Store> Shared<St> {
         outcome: Outcome,
         detail: std::fmt::Arguments<'_>,
     ) {
+        crate::tags::strip_cache_only(headers);
         headers.append(&CACHE_STATUS, self.status_value(detail));
         if self.x_cache {
             let v = match outcome {
