@@ -413,6 +413,34 @@ mod cases {
         assert!(!leaks(&send(&app, head).await), "HEAD miss");
     }
 
+    /// A body that ends before its `Content-Length` (no error, just fewer bytes) is passed on
+    /// as it is, and never stored for others.
+    pub async fn a_body_shorter_than_declared_is_not_stored<St: Store>(store: St) {
+        use axum::response::IntoResponse;
+        use tower_cache_aside::{RoutePolicy, RouteTable};
+        let routes = RouteTable::new().route("/short", RoutePolicy::ttl(Duration::from_secs(60)));
+        let l = CacheLayer::new(store).routes(routes);
+        let stats = l.stats();
+        let app = axum::Router::new()
+            .route(
+                "/short",
+                axum::routing::get(|| async {
+                    let mut r = "abc".into_response();
+                    r.headers_mut()
+                        .insert("content-length", axum::http::HeaderValue::from_static("10"));
+                    r
+                }),
+            )
+            .layer(l);
+        for _ in 0..2 {
+            let r = get(&app, "/short").await;
+            assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "abc"));
+            settle().await;
+        }
+        let s = stats.snapshot();
+        assert_eq!((s.fills, s.hits), (0, 0), "{s:?}");
+    }
+
     pub async fn garbage_in_the_store_is_a_miss<St: Store>(store: St) {
         let l = layer(store.clone());
         let stats = l.stats();
@@ -589,6 +617,7 @@ store_suite!(
     users_never_see_each_others_responses,
     absurd_lifetimes_are_clamped,
     cache_only_headers_never_reach_clients,
+    a_body_shorter_than_declared_is_not_stored,
     head_never_poisons_get,
     oversized_bodies_stream_through_intact,
     large_bodies_within_the_limit_are_stored,

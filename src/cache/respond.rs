@@ -222,6 +222,20 @@ impl<St: Store> Shared<St> {
                     }
                     return;
                 }
+                // A body that ended short of (or past) its Content-Length is broken: it
+                // reaches this client as it is, but is never replayed to others.
+                if declared_len.is_some_and(|n| n != body.len() as u64) {
+                    count!(shared.stats.inner, uncacheable);
+                    tracing::warn!(
+                        declared = declared_len,
+                        received = body.len(),
+                        "response body does not match its Content-Length; not stored"
+                    );
+                    if let Some(f) = flight {
+                        drop(f.land(Landed::Failed, Duration::ZERO));
+                    }
+                    return;
+                }
                 let mut entry = Entry {
                     body,
                     trailers: trailers.map(Box::new),
