@@ -1,6 +1,6 @@
 //! Counters and the circuit breaker: what the layer did, and whether it talks to the store.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -180,7 +180,9 @@ macro_rules! count {
 pub(crate) use count;
 
 /// Skips the store after `threshold` consecutive failures, for `cooldown`; then lets one
-/// probe through, whose success closes it again.
+/// probe through, whose success closes it again. A probe that never reports (its request
+/// was dropped, its fill was shed) gives way to another after a further `cooldown`: the
+/// breaker cannot stay open for good.
 #[derive(Debug)]
 pub(crate) struct Breaker {
     threshold: u32,
@@ -189,7 +191,8 @@ pub(crate) struct Breaker {
     failures: AtomicU32,
     /// Milliseconds since `epoch` until which the breaker is open; 0 when closed.
     open_until_ms: AtomicU64,
-    probing: AtomicBool,
+    /// Milliseconds since `epoch` when the current probe was let through; 0 when none is.
+    probe_since_ms: AtomicU64,
     pub(crate) trips: AtomicU64,
 }
 
@@ -201,7 +204,7 @@ impl Breaker {
             epoch: Instant::now(),
             failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
+            probe_since_ms: AtomicU64::new(0),
             trips: AtomicU64::new(0),
         }
     }
@@ -216,12 +219,17 @@ impl Breaker {
         if until == 0 {
             return true;
         }
-        if self.now_ms() < until {
+        let now = self.now_ms();
+        if now < until {
             return false;
         }
-        // Cool-down over: exactly one caller probes.
-        self.probing
-            .compare_exchange(false, true, Relaxed, Relaxed)
+        // Cool-down over: exactly one caller probes, until it reports or its time is up.
+        let since = self.probe_since_ms.load(Relaxed);
+        if since != 0 && now < since + (self.cooldown.as_millis() as u64).max(1) {
+            return false;
+        }
+        self.probe_since_ms
+            .compare_exchange(since, now, Relaxed, Relaxed)
             .is_ok()
     }
 
@@ -236,7 +244,7 @@ impl Breaker {
         }
         if self.open_until_ms.load(Relaxed) != 0 {
             self.open_until_ms.store(0, Relaxed);
-            self.probing.store(false, Relaxed);
+            self.probe_since_ms.store(0, Relaxed);
             #[cfg(feature = "metrics")]
             metrics::gauge!("tower_cache_aside_breaker_open").set(0.0);
             tracing::info!("cache store reachable again; circuit breaker closed");
@@ -245,7 +253,7 @@ impl Breaker {
 
     pub(crate) fn failure(&self) {
         let n = self.failures.fetch_add(1, Relaxed) + 1;
-        let was_probe = self.probing.swap(false, Relaxed);
+        let was_probe = self.probe_since_ms.swap(0, Relaxed) != 0;
         if was_probe || (n >= self.threshold && self.open_until_ms.load(Relaxed) == 0) {
             self.open_until_ms
                 .store(self.now_ms() + self.cooldown.as_millis() as u64, Relaxed);
@@ -286,5 +294,19 @@ mod tests {
         assert!(!b.is_open());
         assert!(b.allow() && b.allow());
         assert_eq!(b.trips.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_gives_way() {
+        let b = Breaker::new(1, Duration::from_millis(30));
+        b.failure();
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.allow(), "the probe");
+        // Its request was dropped, or its fill shed: no success, no failure.
+        assert!(!b.allow(), "still its turn");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.allow(), "another probe after a cooldown");
+        b.success();
+        assert!(!b.is_open());
     }
 }
