@@ -80,6 +80,12 @@ async fn write_event(State(db): State<Db>, Path(id): Path<String>, req: Request<
             db.bump(&id);
             return (StatusCode::INTERNAL_SERVER_ERROR, "partial write").into_response();
         }
+        "slow" => {
+            // Writes, then takes its time answering (a client may give up meanwhile).
+            let v = db.bump(&id);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return format!("{id}@{v}").into_response();
+        }
         _ => {}
     }
     let v = db.bump(&id);
@@ -332,6 +338,37 @@ mod cases {
         warm(&app, &stats, &["/events/3"]).await;
     }
 
+    /// The client leaves (or an outer timeout fires) after the handler wrote and before the
+    /// clear ran: the write is cleared all the same.
+    pub async fn a_write_is_cleared_even_if_its_client_leaves<St: Store>(store: St) {
+        let cache = CacheLayer::new(store).routes(table());
+        let stats = cache.stats();
+        let app = app_with(cache, Db::default());
+        get(&app, "/events/5").await;
+        fills_reach(&stats, 1).await;
+        let before = get(&app, "/events/5").await;
+        assert_eq!((before.x_cache(), before.text().as_str()), ("HIT", "5@0"));
+        let req = Request::patch("/events/5")
+            .header("x-outcome", "slow")
+            .body(Body::empty())
+            .unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), send(&app, req)).await;
+        assert!(gave_up.is_err(), "the client left before the answer");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let r = get(&app, "/events/5").await;
+            if r.text() == "5@1" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the write was never cleared: {}",
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A clear costs the same whatever its tag carries: it is a record that every lookup
     /// checks, so each of ten thousand entries reads as a miss right after one clear.
     pub async fn a_tag_of_ten_thousand_entries_clears_in_one_call<St: Store>(store: St) {
@@ -505,6 +542,7 @@ store_suite!(
     permission_change_clears_a_users_entries,
     tag_headers_handle_purge_and_values,
     a_tag_of_ten_thousand_entries_clears_in_one_call,
+    a_write_is_cleared_even_if_its_client_leaves,
     no_stale_read_after_a_completed_write,
     without_the_fence_the_race_test_finds_stale_reads,
 );

@@ -87,7 +87,7 @@ impl<St: Store> Shared<St> {
         }
     }
 
-    fn defer(self: &Arc<Self>, tags: Vec<String>, purge: bool) {
+    pub(crate) fn defer(self: &Arc<Self>, tags: Vec<String>, purge: bool) {
         count!(self.stats.inner, clears_deferred);
         let mut state = self.deferred.state();
         state.tags.extend(tags);

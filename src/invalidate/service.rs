@@ -88,10 +88,17 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         PassthroughOrBoxed::boxed(async move {
+            // Dropped before the clear ran (the client left, an outer timeout): the handler
+            // may have written, so what the route clears is cleared anyway.
+            let mut unless_done = ClearOnDrop {
+                shared: shared.clone(),
+                tags: Some(tags.clone()),
+            };
             let result = inner.call(req).await;
             let status = result.as_ref().map(|r| r.status());
             if let Ok(s) = status {
                 if s.is_client_error() || s.is_informational() {
+                    unless_done.tags = None;
                     return result;
                 }
             }
@@ -112,10 +119,37 @@ where
                     }
                 }
             }
+            unless_done.tags = None;
             let span = tracing::debug_span!("cache.invalidate", tags = tags.len());
-            // Fail-open: a failed clear is deferred (and the store bypassed) by `clear`.
-            let _ = shared.clear(tags).instrument(span).await;
+            // Fail-open: a failed clear is deferred (and the store bypassed) by `clear`. In a
+            // task of its own, so that it runs to the end even if this future is dropped.
+            let clear = async move {
+                let _ = shared.clear(tags).await;
+            };
+            let _ = tokio::spawn(clear.instrument(span)).await;
             result
         })
+    }
+}
+
+/// Clears the tags it holds when dropped (in a task: drop cannot wait).
+struct ClearOnDrop<St: Store> {
+    shared: Arc<Shared<St>>,
+    tags: Option<Vec<String>>,
+}
+
+impl<St: Store> Drop for ClearOnDrop<St> {
+    fn drop(&mut self) {
+        let Some(tags) = self.tags.take() else { return };
+        let shared = self.shared.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = shared.clear(tags).await;
+                });
+            }
+            // No runtime to clear from: bypass the store until a clear can land.
+            Err(_) => shared.defer(tags, false),
+        }
     }
 }
