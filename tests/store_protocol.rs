@@ -308,6 +308,49 @@ async fn a_new_instance_reads_a_large_record_set(kind: Kind) {
     }
 }
 
+/// Two instances that make a new epoch from the same view (here: the server's clock behind
+/// the epoch they knew, as after a failover) make different ones: an epoch never repeats, so
+/// entries of one incarnation of the records are never checked against another's.
+async fn new_epochs_never_repeat(kind: Kind) {
+    use tower_cache_aside::{EntryKey, Store};
+    let server = Server::start(kind);
+    let (a, b) = (valkey_store(&server), valkey_store(&server));
+    let mut conn = raw(&server).await;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let ahead = now_us * 2; // an epoch far ahead of the server's clock
+    let _: () = rds::cmd("ZADD")
+        .arg("tca:2:r")
+        .arg(&[
+            ahead.to_string(),
+            "epoch".into(),
+            "3".into(),
+            "seq".into(),
+            "0".into(),
+            "floor".into(),
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let key = EntryKey::new("r", [1; 32]);
+    for store in [&a, &b] {
+        assert_eq!(store.lookup(&key).await.unwrap().fence.epoch(), ahead);
+    }
+    let mut made = Vec::new();
+    for store in [&a, &b] {
+        let _: () = rds::cmd("DEL")
+            .arg("tca:2:r")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        made.push(store.lookup(&key).await.unwrap().fence.epoch());
+    }
+    assert!(made.iter().all(|&e| e > ahead), "{made:?}");
+    assert_ne!(made[0], made[1], "two new epochs from the same view");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_clear_records_stay_bounded() {
     let store = tower_cache_aside::MemoryStore::new(16 << 20).max_clear_records(50);
@@ -669,5 +712,6 @@ server_suite!(
     key_layout_and_ttl,
     fills_and_clears_write_one_key_each,
     valkey_clear_records_stay_bounded,
-    a_new_instance_reads_a_large_record_set
+    a_new_instance_reads_a_large_record_set,
+    new_epochs_never_repeat
 );

@@ -258,12 +258,16 @@ impl MemoryStore {
         self.records().fence()
     }
 
-    /// Applies a clear made elsewhere at `seq` of `epoch` (one of an older epoch than the
-    /// near tier follows concerns none of its entries).
+    /// Applies a clear made elsewhere at `seq` of `epoch`. One of an older epoch than the
+    /// near tier follows means the far store went back to it (a failover, an old snapshot)
+    /// while the near entries are stamped with the newer one: they all go.
     pub(crate) fn clear_at(&self, tags: &[String], epoch: u64, seq: u64) {
         let mut records = self.records_mut();
         if self.follow_locked(&mut records, Fence::new(epoch, seq.saturating_sub(1))) {
             records.clear(tags.iter().map(|t| tag_id(t)), seq);
+        } else {
+            drop(records);
+            self.inner.cache.invalidate_all();
         }
     }
 

@@ -104,7 +104,9 @@ impl Records {
 
     /// Whether an entry filled under `fence` with tags `ids` may be served.
     pub(crate) fn is_current(&self, fence: Fence, ids: impl IntoIterator<Item = u64>) -> bool {
+        // Epoch 0 is no epoch: nothing stamped with it, or checked against it, is current.
         fence.epoch() == self.epoch
+            && self.epoch != 0
             && fence.seq() >= self.floor
             && ids
                 .into_iter()

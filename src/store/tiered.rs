@@ -147,8 +147,16 @@ async fn apply_notices(tier: Weak<TierInner>, mut notices: broadcast::Receiver<N
         };
         let Some(tier) = tier.upgrade() else { return };
         match notice {
-            Ok(Notice::Cleared { epoch, seq, tags }) => tier.near.clear_at(&tags, epoch, seq),
-            Ok(Notice::Purged { epoch, seq }) => tier.near.purge_at(epoch, seq),
+            // What another instance saw raises this one's mark too: a set gone back behind
+            // it is then made anew by this instance's next sync, within a second.
+            Ok(Notice::Cleared { epoch, seq, tags }) => {
+                tier.far.saw(Fence::new(epoch, seq));
+                tier.near.clear_at(&tags, epoch, seq);
+            }
+            Ok(Notice::Purged { epoch, seq }) => {
+                tier.far.saw(Fence::new(epoch, seq));
+                tier.near.purge_at(epoch, seq);
+            }
             Ok(Notice::Subscribed) => {
                 tier.near.flush();
                 tier.live.store(true, Ordering::Release);

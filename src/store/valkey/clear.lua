@@ -14,6 +14,7 @@
 -- ARGV[5]  n, the number of tags; -1 for a purge
 -- ARGV[6 .. 5+n]      the tags' ids (8 bytes each)
 -- ARGV[6+n .. 5+2n]   the tags, for the message
+-- last ARGV           a random nonce below 2^20, for a new epoch
 -- Returns { the records' epoch, the clear's sequence }.
 local set = KEYS[1]
 local high_epoch, high_seq = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -25,7 +26,7 @@ if epoch and (epoch < high_epoch or epoch == high_epoch and (tonumber(state[2]) 
 end
 if not epoch then
   local now = redis.call('TIME')
-  epoch = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch + 1)
+  epoch = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch) + 1 + tonumber(ARGV[#ARGV])
   redis.call('ZADD', set, epoch, 'epoch', 0, 'seq', 0, 'floor')
 end
 local seq = tonumber(redis.call('ZINCRBY', set, 1, 'seq'))

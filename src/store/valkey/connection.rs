@@ -203,7 +203,8 @@ impl ValkeyStore {
             .arg(high.epoch())
             .arg(high.seq())
             .arg(high.epoch())
-            .arg(high.seq());
+            .arg(high.seq())
+            .arg(super::epoch_nonce());
         match sync
             .invoke_async::<redis::Value>(&mut c)
             .await
@@ -213,7 +214,19 @@ impl ValkeyStore {
                 self.discard_connection();
                 Err(e)
             }
-            _ => Ok(()),
+            Err(e) => Err(e),
+            Ok(reply) => {
+                // What it read raises the mark: a set it made anew is this store's newest.
+                if let Some(synced) = super::parse_synced(reply)? {
+                    let seq = match synced.seq {
+                        Some(seq) => seq,
+                        None if synced.epoch == high.epoch() => high.seq(),
+                        None => 0,
+                    };
+                    self.saw(crate::store::Fence::new(synced.epoch, seq));
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -183,7 +183,8 @@ impl ValkeyStore {
             .arg(high.epoch())
             .arg(high.seq())
             .arg(from.epoch())
-            .arg(from.seq());
+            .arg(from.seq())
+            .arg(epoch_nonce());
         cmd
     }
 
@@ -198,7 +199,7 @@ impl ValkeyStore {
     /// Raises the high-water mark to a state a reply showed. Epochs only grow (the scripts
     /// make each new one later than any the caller has seen), so states are ordered by
     /// epoch, then sequence, and a late reply never lowers the mark.
-    fn saw(&self, fence: Fence) {
+    pub(crate) fn saw(&self, fence: Fence) {
         let mut high = self
             .inner
             .high_water
@@ -238,6 +239,7 @@ impl ValkeyStore {
                 }
             }
         }
+        invocation.arg(epoch_nonce());
         let (epoch, seq): (u64, u64) = self
             .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
@@ -245,6 +247,12 @@ impl ValkeyStore {
         self.saw(fence);
         Ok(fence)
     }
+}
+
+/// A random number below 2^20 that a script adds to a new epoch, so that two instances
+/// making one from the same view still make different ones.
+fn epoch_nonce() -> u64 {
+    super::records::new_epoch() & ((1 << 20) - 1)
 }
 
 /// The record set's scripts.

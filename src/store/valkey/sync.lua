@@ -5,15 +5,17 @@
 -- under a new epoch: entries of any earlier epoch are dead from then on. So is one that is
 -- older than the newest state the caller has seen (an older epoch, or the same epoch with a
 -- lower sequence): a restart from an older snapshot, or a failover to a replica that missed
--- the last clears, lost clears that entries may depend on. Epochs only grow: a new one is
--- the server's clock in microseconds, or one more than the newest the caller has seen if
--- that is later. Writing under `noeviction` with memory full is allowed: the set is small
+-- the last clears, lost clears that entries may depend on. Epochs only grow, and never
+-- repeat: a new one is the server's clock in microseconds, or the newest the caller has
+-- seen if that is later, plus one and a random nonce (two callers with the same view make
+-- different epochs). Writing under `noeviction` with memory full is allowed: the set is small
 -- and correctness needs it.
 --
 -- KEYS[1]  the record set (sorted set: 'epoch' -> epoch, 'seq' -> invalidation sequence,
 --          'floor' -> the floor, 8-byte tag id -> sequence of the tag's last clear)
 -- ARGV[1], ARGV[2]  the newest epoch and sequence the caller has seen
 -- ARGV[3], ARGV[4]  the epoch (0: none) and sequence the caller's mirror holds
+-- ARGV[5]  a random nonce below 2^20, for a new epoch
 -- Returns { epoch, what, { member, score, ... } }: `what` is 0 when the list holds what
 -- changed since the caller's state, 1 when it is the whole (new) set, and 2 when the caller
 -- knows another epoch and must read the whole set itself with a plain ZRANGE: converting
@@ -28,7 +30,7 @@ if epoch and (epoch < high_epoch or epoch == high_epoch and (tonumber(state[2]) 
 end
 if not epoch then
   local now = redis.call('TIME')
-  epoch = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch + 1)
+  epoch = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch) + 1 + tonumber(ARGV[#ARGV])
   redis.call('ZADD', KEYS[1], epoch, 'epoch', 0, 'seq', 0, 'floor')
   return { epoch, 1, { 'seq', '0', 'floor', '0' } }
 end
