@@ -149,7 +149,7 @@ pub(crate) fn derive_key(
         }
     }
     field(&host(parts));
-    field(parts.uri.path().as_bytes());
+    field(crate::percent::normalize_path(parts.uri.path()).as_bytes());
     // The query as a sorted list of its `&`-separated pairs, ignored ones left out.
     match parts.uri.query() {
         None | Some("") => field(&0u64.to_le_bytes()),

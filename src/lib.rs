@@ -9,6 +9,7 @@ mod error;
 mod handle;
 mod invalidate;
 mod key;
+mod percent;
 mod policy;
 mod service_future;
 mod stats;

@@ -594,7 +594,9 @@ impl TagTemplate {
         for p in &self.parts {
             match p {
                 TagPart::Literal(l) => out.push_str(l),
-                TagPart::Param(name) => out.push_str(params.get(name)?),
+                TagPart::Param(name) => {
+                    out.push_str(&crate::percent::decode_for_tags(params.get(name)?));
+                }
             }
         }
         is_valid_tag(&out).then_some(out)

@@ -30,7 +30,7 @@ pub(crate) fn uri_tag(host: &[u8], path: &str) -> String {
     let mut h = Sha256::new();
     h.update((host.len() as u64).to_le_bytes());
     h.update(host.to_ascii_lowercase());
-    h.update(path.as_bytes());
+    h.update(crate::percent::decode_for_tags(path).as_bytes());
     let digest = h.finalize();
     let mut tag = String::with_capacity(3 + 32);
     tag.push_str("~u:");

@@ -338,6 +338,36 @@ mod cases {
         warm(&app, &stats, &["/events/3"]).await;
     }
 
+    /// Two spellings of one resource (what `encodeURIComponent` sends, a percent-encoded
+    /// digit, lower-case hex): a write spelled one way clears what was read the other way.
+    pub async fn a_write_clears_every_spelling_of_its_resource<St: Store>(store: St) {
+        let cache = CacheLayer::new(store).routes(table());
+        let stats = cache.stats();
+        let app = app_with(cache, Db::default());
+        let spellings = [
+            ("/events/alice@example.com", "/events/alice%40example.com"),
+            ("/events/alice%40example.org", "/events/alice@example.org"),
+            ("/events/1", "/events/%31"),
+            ("/events/%32", "/events/2"),
+            ("/events/x%7ey", "/events/x~y"),
+            ("/events/a%3ab", "/events/a%3Ab"),
+        ];
+        for (n, (read, write)) in spellings.iter().enumerate() {
+            let first = get(&app, read).await;
+            fills_reach(&stats, 2 * n as u64 + 1).await;
+            let hit = get(&app, read).await;
+            assert_eq!(hit.x_cache(), "HIT", "{read}");
+            let w = send_method(&app, Method::PATCH, write, "ok").await;
+            assert_eq!(w.status.as_u16(), 200, "{write}");
+            let after = get(&app, read).await;
+            assert_ne!(
+                after.text(),
+                first.text(),
+                "{read} served from before a write to {write}"
+            );
+        }
+    }
+
     /// The client leaves (or an outer timeout fires) after the handler wrote and before the
     /// clear ran: the write is cleared all the same.
     pub async fn a_write_is_cleared_even_if_its_client_leaves<St: Store>(store: St) {
@@ -543,6 +573,7 @@ store_suite!(
     tag_headers_handle_purge_and_values,
     a_tag_of_ten_thousand_entries_clears_in_one_call,
     a_write_is_cleared_even_if_its_client_leaves,
+    a_write_clears_every_spelling_of_its_resource,
     no_stale_read_after_a_completed_write,
     without_the_fence_the_race_test_finds_stale_reads,
 );
