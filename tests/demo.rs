@@ -157,6 +157,37 @@ async fn routes_answer_with_the_promised_shapes() {
     assert!(metrics.contains("cache_hits_total") && metrics.contains("demo_db_queries_total"));
 }
 
+/// Authentication runs outside the cache: once a public route is cached for signed-in
+/// users, a request without a known user still gets a 401 from the auth layer, never the
+/// cached answer, and never a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_request_never_gets_a_hit() {
+    let (app, db) = demo(Some(MemoryStore::new(16 << 20)));
+    for uri in ["/events/1", "/servers", "/users/2", "/dashboard/stats"] {
+        until_hit(&app, uri, Some(1)).await;
+        let queries = db.queries.load(std::sync::atomic::Ordering::SeqCst);
+        for stranger in [None, Some(0), Some(db.users + 1), Some(-3)] {
+            let r = call(&app, Method::GET, uri, stranger, None).await;
+            assert_eq!(r.status, 401, "{uri} for {stranger:?}");
+            assert_ne!(r.x_cache(), "HIT", "{uri} for {stranger:?}");
+            assert!(
+                !r.text().contains('{'),
+                "{uri} for {stranger:?}: data leaked"
+            );
+        }
+        let after = db.queries.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(queries, after, "a rejected request reached the app");
+    }
+    // The operator's routes stay open.
+    for uri in ["/health", "/metrics", "/cache/stats"] {
+        assert_eq!(
+            call(&app, Method::GET, uri, None, None).await.status,
+            200,
+            "{uri}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_spare_the_database_and_writes_are_read_back() {
     let (app, db) = demo(Some(MemoryStore::new(16 << 20)));
@@ -224,7 +255,7 @@ async fn dashboards_are_per_user_and_cleared_by_permission_changes() {
         &app,
         Method::PUT,
         "/users/1/permissions",
-        Some(9),
+        Some(3), // an admin, say: any known user (the demo checks no roles)
         Some(r#"{"permissions":[]}"#),
     )
     .await;

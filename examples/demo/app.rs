@@ -61,6 +61,8 @@ pub struct UserId(pub i64);
 /// The database: a few SQLite connections on one file, used from blocking threads, and a
 /// count of the queries run (the figure caching is meant to reduce).
 pub struct Db {
+    /// Users have ids 1 to `users`.
+    pub users: i64,
     conns: Vec<Mutex<Connection>>,
     next: AtomicUsize,
     pub queries: AtomicU64,
@@ -175,6 +177,7 @@ impl Db {
             })
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(Db {
+            users: seed.users,
             conns,
             next: AtomicUsize::new(0),
             queries: AtomicU64::new(0),
@@ -253,16 +256,34 @@ pub fn cache_routes() -> RouteTable {
         .fallback(RoutePolicy::never())
 }
 
-/// Puts `UserId` in the request when `Authorization: Bearer <id>` names one.
-async fn auth(mut req: Request, next: Next) -> Response {
+/// Routes anyone may call: the operator's.
+const OPEN: [&str; 3] = ["/health", "/metrics", "/cache/stats"];
+
+/// The authentication layer. It sits outside the cache, so it runs before every request,
+/// hits included: a request without a known user (`Authorization: Bearer <user id>`) gets a
+/// 401 and never reaches the cache. Put inside, a hit would skip it, and a `Public` route
+/// would answer anyone.
+async fn auth(State(users): State<i64>, mut req: Request, next: Next) -> Response {
     let user = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|id| id.trim().parse::<i64>().ok());
-    if let Some(id) = user {
-        req.extensions_mut().insert(UserId(id));
+        .and_then(|id| id.trim().parse::<i64>().ok())
+        .filter(|id| (1..=users).contains(id));
+    match user {
+        Some(id) => {
+            req.extensions_mut().insert(UserId(id));
+        }
+        None if OPEN.contains(&req.uri().path()) => {}
+        None => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [("www-authenticate", "Bearer")],
+                "send Authorization: Bearer <user id> of a known user",
+            )
+                .into_response()
+        }
     }
     next.run(req).await
 }
@@ -307,7 +328,10 @@ pub fn app<St: Store>(
         }
         None => routes,
     };
-    routes.layer(middleware::from_fn(auth)).with_state(state)
+    let users = state.db.users;
+    routes
+        .layer(middleware::from_fn_with_state(users, auth))
+        .with_state(state)
 }
 
 fn event_json(r: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
