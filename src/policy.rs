@@ -286,12 +286,17 @@ impl RoutePolicy {
     }
 
     /// A unary gRPC method whose result may be cached: keyed by its request message (at most
-    /// 64 KiB), and stored only when it succeeded (`grpc-status: 0`, usually a trailer, which
-    /// is stored and replayed).
+    /// 64 KiB) and by the compression the client accepts (`grpc-accept-encoding`: a reply
+    /// compressed for one client must not reach one that cannot read it), and stored only
+    /// when it succeeded (`grpc-status: 0`, usually a trailer, which is stored and replayed).
     #[must_use]
     pub fn grpc(mut self) -> Self {
         self.body_key = Some(64 * 1024);
         self.grpc = true;
+        let accepts = HeaderName::from_static("grpc-accept-encoding");
+        if !self.vary.contains(&accepts) {
+            self.vary.push(accepts);
+        }
         self
     }
 

@@ -51,6 +51,12 @@ fn service(calls: Arc<AtomicUsize>) -> Handler {
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
                 let path = req.uri().path().to_owned();
+                // What a server compresses its reply with depends on what the client accepts.
+                let accepts = req
+                    .headers()
+                    .get("grpc-accept-encoding")
+                    .map(|v| format!(" [{}]", v.to_str().unwrap()))
+                    .unwrap_or_default();
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 let text = String::from_utf8_lossy(&body).into_owned();
                 let mut trailers = HeaderMap::new();
@@ -63,7 +69,8 @@ fn service(calls: Arc<AtomicUsize>) -> Handler {
                         frames.push(Ok(Frame::trailers(trailers)));
                     }
                     _ => {
-                        frames.push(Ok(Frame::data(Bytes::from(format!("{path} -> {text}")))));
+                        let reply = format!("{path} -> {text}{accepts}");
+                        frames.push(Ok(Frame::data(Bytes::from(reply))));
                         trailers.insert("grpc-status", "0".parse().unwrap());
                         frames.push(Ok(Frame::trailers(trailers)));
                     }
@@ -90,10 +97,20 @@ where
     B: http_body::Body,
     B::Error: std::fmt::Debug,
 {
-    let req = Request::post(path)
-        .header("content-type", "application/grpc")
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
+    rpc_with(svc, path, body, &[]).await
+}
+
+async fn rpc_with<S, B>(svc: &S, path: &str, body: &str, headers: &[(&str, &str)]) -> Call
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible> + Clone,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let mut req = Request::post(path).header("content-type", "application/grpc");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
     let res = svc.clone().oneshot(req).await.unwrap();
     let (parts, body) = res.into_parts();
     let collected = body.collect().await.unwrap();
@@ -171,6 +188,32 @@ mod cases {
         );
     }
 
+    /// A reply compressed for a client that accepts gzip never reaches one that does not.
+    pub async fn replies_are_keyed_by_the_compression_accepted<St: Store>(store: St) {
+        let (svc, _calls) = stack(store);
+        let gzip = [("grpc-accept-encoding", "gzip")];
+        let mut cached = false;
+        for _ in 0..200 {
+            if rpc_with(&svc, "/demo.Events/GetEvent", "id=1", &gzip)
+                .await
+                .x_cache
+                == "HIT"
+            {
+                cached = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(cached, "the gzip caller's reply was cached");
+        let identity = [("grpc-accept-encoding", "identity")];
+        let other = rpc_with(&svc, "/demo.Events/GetEvent", "id=1", &identity).await;
+        assert_eq!(other.x_cache, "MISS");
+        assert_eq!(
+            other.body,
+            "/demo.Events/GetEvent -> id=1 [identity]".as_bytes()
+        );
+    }
+
     pub async fn failed_calls_are_never_stored<St: Store>(store: St) {
         let (svc, calls) = stack(store);
         for message in ["missing", "denied"] {
@@ -209,4 +252,5 @@ store_suite!(
     unary_calls_are_keyed_by_their_message,
     failed_calls_are_never_stored,
     bodies_over_the_limit_pass_through_intact,
+    replies_are_keyed_by_the_compression_accepted,
 );
