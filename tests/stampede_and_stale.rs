@@ -124,6 +124,45 @@ mod cases {
         assert_eq!(s.collapsed, 999);
     }
 
+    /// The leader of a flight is a client that never reads its body (an HTTP/2 client with
+    /// a small window, say): the origin's answer still lands at the origin's speed, and the
+    /// requests waiting on the key are answered then, not after `stampede_wait`.
+    pub async fn a_leader_that_never_reads_does_not_hold_the_others<St: Store>(store: St) {
+        use tower::ServiceExt;
+        let cache = CacheLayer::new(store)
+            .routes(table())
+            .stampede_wait(Duration::from_secs(10));
+        let stats = cache.stats();
+        let origin = Origin::default();
+        let app = app(cache, origin.clone());
+        let req = || {
+            axum::http::Request::get("/slow")
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        // The leader's response arrives; its body is never polled.
+        let leader = app.clone().oneshot(req()).await.unwrap();
+        assert_eq!(leader.headers()["x-cache"], "MISS");
+        let start = Instant::now();
+        let waiters: Vec<_> = (0..20)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { get(&app, "/slow").await })
+            })
+            .collect();
+        for w in waiters {
+            let r = tokio::time::timeout(Duration::from_secs(3), w)
+                .await
+                .expect("a waiter was held by a client that does not read")
+                .unwrap();
+            assert_eq!(r.text(), "v0");
+        }
+        eprintln!("waiters answered within {:?}", start.elapsed());
+        assert_eq!(origin.calls.load(Ordering::SeqCst), 1, "one origin call");
+        assert_eq!(stats.snapshot().fills, 1);
+        drop(leader);
+    }
+
     pub async fn waiters_never_get_a_leaders_uncacheable_response<St: Store>(store: St) {
         let cache = CacheLayer::new(store).routes(table());
         let origin = Origin::default();
@@ -253,6 +292,7 @@ mod cases {
 }
 
 store_suite!(
+    a_leader_that_never_reads_does_not_hold_the_others,
     a_thousand_concurrent_misses_call_the_origin_once,
     waiters_never_get_a_leaders_uncacheable_response,
     stale_while_revalidate_serves_at_once_and_refreshes_once,

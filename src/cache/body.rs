@@ -1,8 +1,16 @@
 //! The response body the layer hands out: a stored body, the inner body untouched, or the
 //! inner body streamed to the client while a copy is kept for the store (up to a limit).
+//!
+//! The copy is read at the origin's speed, not the client's: a task reads the inner body
+//! (up to the limit) and feeds the client from a queue, so the fill lands, and requests
+//! waiting on the same key are answered, when the origin is done, even if this client never
+//! reads. Past the limit the copy is dropped and the client reads the rest straight from
+//! the inner body, at its own pace (memory stays bounded by the limit).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+
+use tokio::sync::mpsc;
 
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
@@ -83,14 +91,57 @@ pin_project! {
         // Boxed: a response is moved several times on its way out, so the body is kept small.
         Stored { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
         Passthrough { #[pin] inner: B },
+        // Read here, as the client polls (no runtime to run a reader task on).
         Filling { #[pin] inner: B, tee: Option<Box<Tee>> },
+        // Read by a task at the origin's speed; the client is fed from `queue`.
+        Driven { queue: mpsc::UnboundedReceiver<Fed<B>>, rest: Option<Pin<Box<B>>>, hint: SizeHint },
+    }
+}
+
+/// What the reader task hands the client.
+enum Fed<B> {
+    Frame(Frame<Bytes>),
+    /// The inner body's error (its type erased, so that `CacheBody<B>` needs no bound).
+    Error(Box<dyn std::any::Any + Send>),
+    /// Past the limit: the rest of the inner body, for the client to read itself.
+    Rest(Pin<Box<B>>),
+}
+
+/// Reads `inner` to its end (or to the limit) into `tee`, handing every frame to the client.
+async fn read_for_fill<B>(inner: B, mut tee: Tee, client: mpsc::UnboundedSender<Fed<B>>)
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let mut inner = Box::pin(inner);
+    loop {
+        let frame = match inner.frame().await {
+            None => return tee.complete(),
+            Some(Err(e)) => {
+                let _ = client.send(Fed::Error(Box::new(e))); // the copy is dropped: not stored
+                return;
+            }
+            Some(Ok(frame)) => frame.map_data(to_bytes),
+        };
+        let within = tee.observe(&frame);
+        // A client that left is not waited for: the copy is still finished, for the fill.
+        let _ = client.send(Fed::Frame(frame));
+        if !within {
+            let _ = client.send(Fed::Rest(inner));
+            return;
+        }
+        if inner.is_end_stream() {
+            return tee.complete();
+        }
     }
 }
 
 impl<B: Body> CacheBody<B> {
     /// Whether a copy of this body is being kept for the store.
     pub(crate) fn is_filling(&self) -> bool {
-        matches!(self.kind, Kind::Filling { .. })
+        matches!(self.kind, Kind::Filling { .. } | Kind::Driven { .. })
     }
 
     pub(crate) fn stored(data: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
@@ -108,16 +159,33 @@ impl<B: Body> CacheBody<B> {
         }
     }
 
-    pub(crate) fn filling(inner: B, tee: Tee) -> Self {
+    pub(crate) fn filling(inner: B, tee: Tee) -> Self
+    where
+        B: Send + 'static,
+        B::Data: Send,
+        B::Error: Send + 'static,
+    {
         if inner.is_end_stream() {
             // Nobody will poll an empty body: store it now.
             tee.complete();
             return Self::passthrough(inner);
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return CacheBody {
+                kind: Kind::Filling {
+                    inner,
+                    tee: Some(Box::new(tee)),
+                },
+            };
+        };
+        let hint = inner.size_hint();
+        let (client, queue) = mpsc::unbounded_channel();
+        runtime.spawn(read_for_fill(inner, tee, client));
         CacheBody {
-            kind: Kind::Filling {
-                inner,
-                tee: Some(Box::new(tee)),
+            kind: Kind::Driven {
+                queue,
+                rest: None,
+                hint,
             },
         }
     }
@@ -130,6 +198,7 @@ fn to_bytes<D: Buf>(mut d: D) -> Bytes {
 impl<B> Body for CacheBody<B>
 where
     B: Body,
+    B::Error: 'static,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -172,6 +241,30 @@ where
                 }
                 Poll::Ready(polled)
             }
+            KindProj::Driven { queue, rest, .. } => {
+                if let Some(inner) = rest {
+                    return inner
+                        .as_mut()
+                        .poll_frame(cx)
+                        .map(|f| f.map(|r| r.map(|f| f.map_data(to_bytes))));
+                }
+                match ready!(queue.poll_recv(cx)) {
+                    Some(Fed::Frame(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Some(Fed::Error(e)) => match e.downcast::<B::Error>() {
+                        Ok(e) => Poll::Ready(Some(Err(*e))),
+                        Err(_) => Poll::Ready(None), // cannot happen: the reader sends B::Error
+                    },
+                    Some(Fed::Rest(inner)) => {
+                        let inner = rest.insert(inner);
+                        inner
+                            .as_mut()
+                            .poll_frame(cx)
+                            .map(|f| f.map(|r| r.map(|f| f.map_data(to_bytes))))
+                    }
+                    // The reader finished (or failed before sending anything more).
+                    None => Poll::Ready(None),
+                }
+            }
         }
     }
 
@@ -181,6 +274,7 @@ where
                 data.as_ref().is_none_or(|d| d.is_empty()) && trailers.is_none()
             }
             Kind::Passthrough { inner } | Kind::Filling { inner, .. } => inner.is_end_stream(),
+            Kind::Driven { rest, .. } => rest.as_ref().is_some_and(|r| r.is_end_stream()),
         }
     }
 
@@ -190,6 +284,7 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Passthrough { inner } | Kind::Filling { inner, .. } => inner.size_hint(),
+            Kind::Driven { hint, .. } => hint.clone(),
         }
     }
 }
@@ -200,6 +295,7 @@ impl<B> std::fmt::Debug for CacheBody<B> {
             Kind::Stored { .. } => "CacheBody::Stored",
             Kind::Passthrough { .. } => "CacheBody::Passthrough",
             Kind::Filling { .. } => "CacheBody::Filling",
+            Kind::Driven { .. } => "CacheBody::Driven",
         })
     }
 }

@@ -119,7 +119,7 @@ pub(crate) enum Served {
 
 impl<St: Store> Shared<St> {
     /// Decides whether a miss's response is stored, and wraps its body accordingly.
-    pub(crate) fn miss_response<B: Body>(
+    pub(crate) fn miss_response<B>(
         self: &Arc<Self>,
         res: Response<B>,
         key: EntryKey,
@@ -127,7 +127,12 @@ impl<St: Store> Shared<St> {
         mut tags: Vec<String>,
         fence: Option<Fence>,
         flight: Option<FlightGuard>,
-    ) -> Response<CacheBody<B>> {
+    ) -> Response<CacheBody<B>>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Send + 'static,
+    {
         let counters = &self.stats.inner;
         count!(counters, misses);
         let (mut parts, body) = res.into_parts();

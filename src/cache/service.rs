@@ -142,7 +142,9 @@ impl<St: Store> Shared<St> {
     ) -> Result<Response<CacheBody<ResBody>>, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: Body,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Send,
+        ResBody::Error: Send + 'static,
     {
         let shared = &self;
         let counters = &self.stats.inner;
@@ -239,7 +241,9 @@ impl<St: Store> Shared<St> {
         flight: FlightGuard,
     ) where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: Body,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Send,
+        ResBody::Error: Send + 'static,
     {
         use http_body_util::BodyExt;
         // Another refresh may have landed between our lookup and our taking the lead.
