@@ -284,7 +284,7 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Passthrough { inner } | Kind::Filling { inner, .. } => inner.size_hint(),
-            Kind::Driven { hint, .. } => hint.clone(),
+            Kind::Driven { hint, .. } => *hint,
         }
     }
 }
