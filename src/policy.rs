@@ -758,9 +758,18 @@ impl RouteTable {
     }
 }
 
+/// Most `{parameters}` a route pattern may have (the router refuses more than 25, by
+/// panicking: refused here with an error first).
+const MAX_ROUTE_PARAMS: usize = 16;
+
 fn build_route(pattern: &str, policy: RoutePolicy, default_id: &str) -> Result<Route, ConfigError> {
     if let Some(e) = &policy.error {
         return Err(e.clone());
+    }
+    if pattern.matches('{').count() > MAX_ROUTE_PARAMS {
+        return Err(ConfigError::new(format!(
+            "route `{pattern}` has more than {MAX_ROUTE_PARAMS} parameters (or braces); split it"
+        )));
     }
     let id = policy.id.clone().unwrap_or_else(|| default_id.to_owned());
     if id.is_empty()
@@ -835,6 +844,19 @@ fn default_route_id(pattern: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_many_parameters_is_an_error_not_a_panic() {
+        let pattern: String = (0..30).map(|i| format!("/{{p{i}}}")).collect();
+        let e = RouteTable::new()
+            .try_route(&pattern, RoutePolicy::ttl(Duration::from_secs(1)))
+            .unwrap_err();
+        assert!(e.to_string().contains("parameters"), "{e}");
+        let fine: String = (0..16).map(|i| format!("/{{p{i}}}")).collect();
+        assert!(RouteTable::new()
+            .try_route(&fine, RoutePolicy::ttl(Duration::from_secs(1)))
+            .is_ok());
+    }
     use http::HeaderValue;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
