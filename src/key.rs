@@ -167,7 +167,16 @@ pub(crate) fn derive_key(
                 .collect();
             // By name only, and stably: repeated names keep their order, which apps read
             // (`?page=2&page=1` is not `?page=1&page=2` to a handler taking the last value).
-            pairs.sort_by(|a, b| param_name(a).cmp(param_name(b)));
+            pairs.sort_by(|a, b| {
+                // By the name a handler sees: `%70` is `p` to it.
+                let (a, b) = (param_name(a), param_name(b));
+                if a.contains('%') || b.contains('%') {
+                    let decoded = crate::percent::decode_for_tags;
+                    decoded(a).cmp(&decoded(b))
+                } else {
+                    a.cmp(b)
+                }
+            });
             field(&(pairs.len() as u64).to_le_bytes());
             for p in pairs {
                 field(p.as_bytes());
@@ -268,6 +277,11 @@ mod tests {
         assert_eq!(
             key("/a?page=2&b=0&page=1", &[], &[], &f),
             key("/a?b=0&page=2&page=1", &[], &[], &f)
+        );
+        // A name spelled with an escape is the same name to the handler.
+        assert_ne!(
+            key("/a?p=1&%70=2", &[], &[], &f),
+            key("/a?%70=2&p=1", &[], &[], &f)
         );
     }
 

@@ -5,18 +5,20 @@
 
 use std::borrow::Cow;
 
-/// RFC 3986 §6.2.2: percent-encoded unreserved characters decoded, the remaining
-/// percent-encodings in upper-case hex. Spellings this makes equal mean the same to every
-/// server, so they may share a cache entry.
+/// For keys: percent-escapes in upper-case hex, nothing decoded. Routers match the raw
+/// path, so `/items/%66eatured` and `/items/featured` may reach different handlers: two
+/// spellings may share an entry only if every server treats them alike, and only the case
+/// of an escape's hex digits is that safe.
 pub(crate) fn normalize_path(path: &str) -> Cow<'_, str> {
-    rewrite(path, |b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+    rewrite(path, |_| false, false)
 }
 
-/// For tags and URI clears: every percent-encoded visible ASCII character decoded except `/`
-/// (which would move segment boundaries), the rest in upper-case hex: how a framework
-/// decoding path parameters sees them. Over-matching only clears more.
+/// For tags and URI clears: every percent-encoded visible ASCII character decoded (`/`
+/// too), other escapes in upper-case hex, and raw non-ASCII bytes encoded: what a framework
+/// decoding path parameters sees, in one spelling (`café` and `caf%C3%A9` alike). Tags only
+/// ever clear more for being merged.
 pub(crate) fn decode_for_tags(value: &str) -> Cow<'_, str> {
-    rewrite(value, |b| b.is_ascii_graphic() && b != b'/')
+    rewrite(value, |b| b.is_ascii_graphic(), true)
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -28,9 +30,10 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// Decodes `%XX` where `decode(byte)` says so, upper-cases the hex of the rest; returns the
-/// input untouched when it has nothing to change.
-fn rewrite(s: &str, decode: impl Fn(u8) -> bool) -> Cow<'_, str> {
+/// Decodes `%XX` where `decode(byte)` says so, upper-cases the hex of the rest, and (with
+/// `encode_raw`) percent-encodes raw non-ASCII bytes; returns the input untouched when it
+/// has nothing to change.
+fn rewrite(s: &str, decode: impl Fn(u8) -> bool, encode_raw: bool) -> Cow<'_, str> {
     let bytes = s.as_bytes();
     let escape = |i: usize| -> Option<u8> {
         if bytes.get(i) != Some(&b'%') {
@@ -39,37 +42,37 @@ fn rewrite(s: &str, decode: impl Fn(u8) -> bool) -> Cow<'_, str> {
         Some(hex_value(*bytes.get(i + 1)?)? << 4 | hex_value(*bytes.get(i + 2)?)?)
     };
     let needs = (0..bytes.len()).any(|i| {
-        escape(i)
-            .is_some_and(|b| decode(b) || bytes[i + 1..i + 3].iter().any(u8::is_ascii_lowercase))
+        (encode_raw && !bytes[i].is_ascii())
+            || escape(i).is_some_and(|b| {
+                decode(b) || bytes[i + 1..i + 3].iter().any(u8::is_ascii_lowercase)
+            })
     });
     if !needs {
         return Cow::Borrowed(s);
     }
-    let mut out = String::with_capacity(s.len());
+    let mut out = String::with_capacity(s.len() + 8);
+    let push_escape = |out: &mut String, b: u8| {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        out.push('%');
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    };
     let mut i = 0;
     while i < bytes.len() {
-        match escape(i) {
-            Some(b) if decode(b) => {
+        if let Some(b) = escape(i) {
+            if decode(b) {
                 out.push(b as char);
-                i += 3;
+            } else {
+                push_escape(&mut out, b);
             }
-            Some(_) => {
-                out.push('%');
-                out.push(bytes[i + 1].to_ascii_uppercase() as char);
-                out.push(bytes[i + 2].to_ascii_uppercase() as char);
-                i += 3;
-            }
-            // A `%` that starts no escape: kept as it is.
-            None if bytes[i] == b'%' => {
-                out.push('%');
-                i += 1;
-            }
-            None => {
-                // Up to the next `%` (`i` is a char boundary: only ASCII moved it).
-                let next = s[i..].find('%').map_or(s.len(), |p| i + p);
-                out.push_str(&s[i..next]);
-                i = next;
-            }
+            i += 3;
+        } else if encode_raw && !bytes[i].is_ascii() {
+            push_escape(&mut out, bytes[i]);
+            i += 1;
+        } else {
+            // One ASCII byte as it is (a `%` that starts no escape included).
+            out.push(bytes[i] as char);
+            i += 1;
         }
     }
     Cow::Owned(out)
@@ -80,14 +83,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_decode_unreserved_only() {
-        assert_eq!(normalize_path("/items/%31"), "/items/1");
-        assert_eq!(normalize_path("/a%7eb%2fc"), "/a~b%2Fc");
+    fn key_paths_only_upper_case_hex() {
         assert_eq!(
-            normalize_path("/users/alice%40example.com"),
-            "/users/alice%40example.com"
+            normalize_path("/items/%31"),
+            "/items/%31",
+            "not decoded: routers differ"
         );
+        assert_eq!(normalize_path("/a%7eb%2fc"), "/a%7Eb%2Fc");
         assert_eq!(normalize_path("/caf%c3%a9"), "/caf%C3%A9");
+        assert_eq!(
+            normalize_path("/café"),
+            "/café",
+            "raw bytes stay in the key"
+        );
         assert!(matches!(normalize_path("/plain/path"), Cow::Borrowed(_)));
     }
 
@@ -96,23 +104,27 @@ mod tests {
         assert_eq!(decode_for_tags("alice%40example.com"), "alice@example.com");
         assert_eq!(decode_for_tags("alice@example.com"), "alice@example.com");
         assert_eq!(decode_for_tags("%31"), "1");
-        assert_eq!(decode_for_tags("a%2fb"), "a%2Fb", "a slash stays encoded");
-        assert_eq!(decode_for_tags("a%20b"), "a%20b", "a space stays encoded");
         assert_eq!(
-            decode_for_tags("caf%c3%a9"),
+            decode_for_tags("a%2fb"),
+            "a/b",
+            "a catch-all's slash, as axum decodes it"
+        );
+        assert_eq!(decode_for_tags("a%20b"), "a%20b", "a space stays encoded");
+        assert_eq!(decode_for_tags("caf%c3%a9"), "caf%C3%A9");
+        assert_eq!(
+            decode_for_tags("café"),
             "caf%C3%A9",
-            "non-ASCII stays encoded"
+            "raw UTF-8 meets its encoded spelling"
         );
     }
 
     #[test]
-    fn broken_escapes_and_non_ascii_pass_unchanged() {
-        for s in ["%", "%4", "%zz", "a%g1", "é%41", "%%41"] {
-            let out = decode_for_tags(s);
-            assert!(!out.is_empty() || s.is_empty());
-        }
-        assert_eq!(decode_for_tags("é%41"), "éA");
+    fn broken_escapes_and_non_ascii_are_handled() {
+        assert_eq!(decode_for_tags("é%41"), "%C3%A9A");
         assert_eq!(decode_for_tags("%%41"), "%A");
         assert_eq!(decode_for_tags("%zz"), "%zz");
+        assert_eq!(decode_for_tags("%"), "%");
+        assert_eq!(decode_for_tags("%4"), "%4");
+        assert_eq!(normalize_path("é%4"), "é%4");
     }
 }

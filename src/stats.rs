@@ -200,7 +200,8 @@ impl Breaker {
     pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
         Breaker {
             threshold: threshold.max(1),
-            cooldown,
+            // Bounded, so that millisecond sums cannot overflow.
+            cooldown: cooldown.min(Duration::from_secs(24 * 3600)),
             epoch: Instant::now(),
             failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),

@@ -441,6 +441,44 @@ mod cases {
         assert_eq!((s.fills, s.hits), (0, 0), "{s:?}");
     }
 
+    /// Routers match the raw path: `/items/%66eatured` reaches the `{id}` handler (a 404,
+    /// cacheable) while `/items/featured` reaches its own. Their keys must differ, or the
+    /// first poisons the second.
+    pub async fn escapes_never_merge_paths_a_router_tells_apart<St: Store>(store: St) {
+        use axum::extract::Path;
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        use tower_cache_aside::{RoutePolicy, RouteTable};
+        let routes =
+            RouteTable::new().route("/items/{id}", RoutePolicy::ttl(Duration::from_secs(60)));
+        let l = CacheLayer::new(store).routes(routes);
+        let stats = l.stats();
+        let app = axum::Router::new()
+            .route(
+                "/items/featured",
+                axum::routing::get(|| async { "the featured items" }),
+            )
+            .route(
+                "/items/{id}",
+                axum::routing::get(|Path(id): Path<String>| async move {
+                    (StatusCode::NOT_FOUND, format!("no item {id}")).into_response()
+                }),
+            )
+            .layer(l);
+        let odd = get(&app, "/items/%66eatured").await;
+        assert_eq!(
+            (odd.status.as_u16(), odd.text().as_str()),
+            (404, "no item featured")
+        );
+        fills_reach(&stats, 1).await;
+        assert_eq!(get(&app, "/items/%66eatured").await.x_cache(), "HIT");
+        let real = get(&app, "/items/featured").await;
+        assert_eq!(
+            (real.status.as_u16(), real.text().as_str()),
+            (200, "the featured items")
+        );
+    }
+
     pub async fn garbage_in_the_store_is_a_miss<St: Store>(store: St) {
         let l = layer(store.clone());
         let stats = l.stats();
@@ -618,6 +656,7 @@ store_suite!(
     absurd_lifetimes_are_clamped,
     cache_only_headers_never_reach_clients,
     a_body_shorter_than_declared_is_not_stored,
+    escapes_never_merge_paths_a_router_tells_apart,
     head_never_poisons_get,
     oversized_bodies_stream_through_intact,
     large_bodies_within_the_limit_are_stored,
@@ -644,5 +683,103 @@ async fn a_long_cache_status_name_is_written_whole() {
     assert!(
         status.starts_with(&format!("{name}; hit; ttl=")),
         "{status}"
+    );
+}
+
+/// A body read for the fill keeps its origin alive only so long: after the client left and
+/// the origin stalled, the reader gives the body up (at `stampede_wait`), and it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_origin_body_is_let_go_once_its_client_left() {
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tower::ServiceExt;
+    struct Alive(Arc<AtomicUsize>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let alive = Arc::new(AtomicUsize::new(0));
+    let routes = tower_cache_aside::RouteTable::new().route(
+        "/stall",
+        tower_cache_aside::RoutePolicy::ttl(Duration::from_secs(60)),
+    );
+    let l = CacheLayer::new(MemoryStore::new(1 << 20))
+        .routes(routes)
+        .stampede_wait(Duration::from_millis(200));
+    let counter = alive.clone();
+    let app = axum::Router::new()
+        .route(
+            "/stall",
+            axum::routing::get(move || {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let guard = Alive(counter);
+                    let first = futures_util::stream::once(async {
+                        Ok::<_, std::io::Error>(Bytes::from_static(b"part"))
+                    });
+                    let stream = first
+                        .chain(futures_util::stream::pending())
+                        .map(move |chunk| {
+                            let _keep = &guard;
+                            chunk
+                        });
+                    Body::from_stream(stream)
+                }
+            }),
+        )
+        .layer(l);
+    let req = Request::get("/stall").body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(alive.load(Ordering::SeqCst), 1);
+    drop(res); // the client leaves
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while alive.load(Ordering::SeqCst) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the origin body was kept alive after its client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A body that panics while it is read for the fill panics in its client's task too, as
+/// it would without the cache: the response is cut off, never passed off as whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_panics_is_never_passed_off_as_whole() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let routes = tower_cache_aside::RouteTable::new().route(
+        "/boom",
+        tower_cache_aside::RoutePolicy::ttl(Duration::from_secs(60)),
+    );
+    let l = CacheLayer::new(MemoryStore::new(1 << 20)).routes(routes);
+    let app = axum::Router::new()
+        .route(
+            "/boom",
+            axum::routing::get(|| async {
+                let mut polls = 0;
+                let stream = futures_util::stream::poll_fn(move |_| {
+                    polls += 1;
+                    if polls > 1 {
+                        panic!("the origin's body broke");
+                    }
+                    std::task::Poll::Ready(Some(Ok::<_, std::io::Error>(Bytes::from_static(
+                        b"part",
+                    ))))
+                });
+                Body::from_stream(stream)
+            }),
+        )
+        .layer(l);
+    let req = Request::get("/boom").body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    let read = tokio::spawn(async move { res.into_body().collect().await.map(|c| c.to_bytes()) });
+    let outcome = read.await;
+    assert!(
+        outcome.as_ref().is_err_and(|e| e.is_panic()),
+        "the client saw a body that looked whole: {outcome:?}"
     );
 }

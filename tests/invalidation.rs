@@ -80,6 +80,18 @@ async fn write_event(State(db): State<Db>, Path(id): Path<String>, req: Request<
             db.bump(&id);
             return (StatusCode::INTERNAL_SERVER_ERROR, "partial write").into_response();
         }
+        "late" => {
+            // The write lands after the handler gave its answer up (a statement the
+            // database finishes after the client left, a task the handler spawned).
+            let db = db.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                db.bump(&id);
+            });
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            return "late".into_response();
+        }
         "slow" => {
             // Writes, then takes its time answering (a client may give up meanwhile).
             let v = db.bump(&id);
@@ -351,6 +363,8 @@ mod cases {
             ("/events/%32", "/events/2"),
             ("/events/x%7ey", "/events/x~y"),
             ("/events/a%3ab", "/events/a%3Ab"),
+            ("/events/café", "/events/caf%C3%A9"),
+            ("/events/na%C3%AFve", "/events/naïve"),
         ];
         for (n, (read, write)) in spellings.iter().enumerate() {
             let first = get(&app, read).await;
@@ -396,6 +410,38 @@ mod cases {
                 r.text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The client leaves, and the write lands only afterwards: a second clear a moment
+    /// later catches what the first could not.
+    pub async fn a_write_landing_after_its_client_left_is_cleared<St: Store>(store: St) {
+        let cache = CacheLayer::new(store).routes(table());
+        let stats = cache.stats();
+        let app = app_with(cache, Db::default());
+        get(&app, "/events/6").await;
+        fills_reach(&stats, 1).await;
+        let req = Request::patch("/events/6")
+            .header("x-outcome", "late")
+            .body(Body::empty())
+            .unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), send(&app, req)).await;
+        assert!(gave_up.is_err());
+        // Read (and refill) between the first clear and the write.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(get(&app, "/events/6").await.text(), "6@0");
+        let deadline = Instant::now() + Duration::from_secs(4);
+        loop {
+            let r = get(&app, "/events/6").await;
+            if r.text() == "6@1" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "a late write was never cleared: {}",
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -574,6 +620,7 @@ store_suite!(
     a_tag_of_ten_thousand_entries_clears_in_one_call,
     a_write_is_cleared_even_if_its_client_leaves,
     a_write_clears_every_spelling_of_its_resource,
+    a_write_landing_after_its_client_left_is_cleared,
     no_stale_read_after_a_completed_write,
     without_the_fence_the_race_test_finds_stale_reads,
 );

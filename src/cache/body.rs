@@ -101,6 +101,12 @@ pin_project! {
 /// What the reader task hands the client.
 enum Fed<B> {
     Frame(Frame<Bytes>),
+    /// The inner body ended: without it, a closed queue means the reader died.
+    End,
+    /// The inner body panicked while the reader polled it: the client's task panics too,
+    /// as it would have polling the body itself (the connection is cut, never a body
+    /// that looks whole).
+    Panic(Box<dyn std::any::Any + Send>),
     /// The inner body's error (its type erased, so that `CacheBody<B>` needs no bound).
     Error(Box<dyn std::any::Any + Send>),
     /// Past the limit: the rest of the inner body, for the client to read itself.
@@ -108,17 +114,40 @@ enum Fed<B> {
 }
 
 /// Reads `inner` to its end (or to the limit) into `tee`, handing every frame to the client.
-async fn read_for_fill<B>(inner: B, mut tee: Tee, client: mpsc::UnboundedSender<Fed<B>>)
-where
+/// By `deadline` the copy is given up: the client, if still there, reads the rest itself,
+/// and a client that left no longer keeps a stalled origin body alive.
+async fn read_for_fill<B>(
+    inner: B,
+    mut tee: Tee,
+    client: mpsc::UnboundedSender<Fed<B>>,
+    deadline: tokio::time::Instant,
+) where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Send + 'static,
 {
-    use http_body_util::BodyExt;
     let mut inner = Box::pin(inner);
     loop {
-        let frame = match inner.frame().await {
-            None => return tee.complete(),
+        let next = tokio::time::timeout_at(deadline, NextFrame(inner.as_mut())).await;
+        let frame = match next {
+            Err(_) => {
+                // Too slow to wait for: no fill (the flight's waiters ask the origin).
+                drop(tee);
+                let _ = client.send(Fed::Rest(inner));
+                return;
+            }
+            Ok(Err(panic)) => {
+                let _ = client.send(Fed::Panic(panic));
+                return;
+            }
+            Ok(Ok(next)) => next,
+        };
+        let frame = match frame {
+            None => {
+                tee.complete();
+                let _ = client.send(Fed::End);
+                return;
+            }
             Some(Err(e)) => {
                 let _ = client.send(Fed::Error(Box::new(e))); // the copy is dropped: not stored
                 return;
@@ -133,7 +162,27 @@ where
             return;
         }
         if inner.is_end_stream() {
-            return tee.complete();
+            tee.complete();
+            let _ = client.send(Fed::End);
+            return;
+        }
+    }
+}
+
+/// The next frame of a body, with a panic inside the body caught and returned.
+struct NextFrame<'a, B>(Pin<&'a mut B>);
+
+type Panicked = Box<dyn std::any::Any + Send>;
+
+impl<B: Body> std::future::Future for NextFrame<'_, B> {
+    type Output = Result<Option<Result<Frame<B::Data>, B::Error>>, Panicked>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let body = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body.poll_frame(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(frame)) => Poll::Ready(Ok(frame)),
+            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }
@@ -159,7 +208,9 @@ impl<B: Body> CacheBody<B> {
         }
     }
 
-    pub(crate) fn filling(inner: B, tee: Tee) -> Self
+    /// A body streamed to the client while a copy is kept; the copy is given up at
+    /// `patience` from now if the origin has not finished by then.
+    pub(crate) fn filling(inner: B, tee: Tee, patience: std::time::Duration) -> Self
     where
         B: Send + 'static,
         B::Data: Send,
@@ -180,7 +231,8 @@ impl<B: Body> CacheBody<B> {
         };
         let hint = inner.size_hint();
         let (client, queue) = mpsc::unbounded_channel();
-        runtime.spawn(read_for_fill(inner, tee, client));
+        let deadline = tokio::time::Instant::now() + patience;
+        runtime.spawn(read_for_fill(inner, tee, client, deadline));
         CacheBody {
             kind: Kind::Driven {
                 queue,
@@ -261,8 +313,11 @@ where
                             .poll_frame(cx)
                             .map(|f| f.map(|r| r.map(|f| f.map_data(to_bytes))))
                     }
-                    // The reader finished (or failed before sending anything more).
-                    None => Poll::Ready(None),
+                    Some(Fed::End) => Poll::Ready(None),
+                    Some(Fed::Panic(panic)) => std::panic::resume_unwind(panic),
+                    // The reader was cancelled (the runtime is shutting down): never let a
+                    // cut body look whole.
+                    None => panic!("the body's reader task ended before the body did"),
                 }
             }
         }

@@ -257,7 +257,13 @@ impl<St: Store> Shared<St> {
                 shared.spawn_fill(key, encoded, entry.store_ttl(), entry.tags, fence, landing);
             }),
         );
-        Response::from_parts(parts, CacheBody::filling(body, tee))
+        // As long as requests waiting on this key would wait (10 s when nobody waits).
+        let patience = if self.stampede_wait.is_zero() {
+            Duration::from_secs(10)
+        } else {
+            self.stampede_wait
+        };
+        Response::from_parts(parts, CacheBody::filling(body, tee, patience))
     }
 }
 

@@ -126,13 +126,24 @@ where
             let clear = async move {
                 let _ = shared.clear(tags).await;
             };
-            let _ = tokio::spawn(clear.instrument(span)).await;
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let _ = runtime.spawn(clear.instrument(span)).await;
+                }
+                Err(_) => clear.instrument(span).await,
+            }
             result
         })
     }
 }
 
-/// Clears the tags it holds when dropped (in a task: drop cannot wait).
+/// How long after a dropped mutation its tags are cleared a second time: a write the
+/// dropped handler left running (a statement the database finishes anyway, a task it
+/// spawned) may land after the first clear.
+const SECOND_CLEAR_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Clears the tags it holds when dropped (in a task: drop cannot wait), and again a moment
+/// later.
 struct ClearOnDrop<St: Store> {
     shared: Arc<Shared<St>>,
     tags: Option<Vec<String>>,
@@ -145,6 +156,8 @@ impl<St: Store> Drop for ClearOnDrop<St> {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
+                    let _ = shared.clear(tags.clone()).await;
+                    tokio::time::sleep(SECOND_CLEAR_AFTER).await;
                     let _ = shared.clear(tags).await;
                 });
             }
