@@ -2,7 +2,8 @@
 //! produced a different one. Random sequences of requests from random users (with random
 //! credentials), hosts in any case, spellings of paths and queries, `Vary` values, GET and
 //! HEAD, over routes of every scope, against an origin that echoes every input it depends
-//! on. On every store (proptest shrinks a failing sequence to a short one).
+//! on. On every store, the near tier in front of Valkey included (proptest shrinks a
+//! failing sequence to a short one).
 
 mod support;
 
@@ -283,6 +284,22 @@ fn served(kind: Kind) {
             .operation_timeout(Duration::from_secs(1))
             .build()
             .unwrap()
+    });
+}
+
+#[test]
+fn isolation_tiered() {
+    let server = Server::start(Kind::Valkey);
+    let url = server.url();
+    let n = AtomicU64::new(0);
+    check(24, move || {
+        let far = tower_cache_aside::ValkeyStore::builder()
+            .url(url.clone())
+            .namespace(format!("tiered{}", n.fetch_add(1, Ordering::Relaxed)))
+            .operation_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        tower_cache_aside::TieredStore::new(MemoryStore::new(8 << 20), far)
     });
 }
 
