@@ -194,10 +194,13 @@ pub mod __fuzz {
         let _ = crate::store::Notice::parse(text);
     }
 
-    /// Percent-encoding: the forms keep every byte that is not an escape they decode.
+    /// Percent-encoding: a key path changes no byte but hex case; a tag value is ASCII
+    /// (raw non-ASCII encoded, at most three bytes for one).
     pub fn percent(text: &str) {
         let path = crate::percent::normalize_path(text);
+        assert_eq!(path.len(), text.len());
+        assert!(path.eq_ignore_ascii_case(text));
         let tag = crate::percent::decode_for_tags(text);
-        assert!(path.len() <= text.len() && tag.len() <= text.len());
+        assert!(tag.is_ascii() && tag.len() <= 3 * text.len());
     }
 }

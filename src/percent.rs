@@ -69,10 +69,16 @@ fn rewrite(s: &str, decode: impl Fn(u8) -> bool, encode_raw: bool) -> Cow<'_, st
         } else if encode_raw && !bytes[i].is_ascii() {
             push_escape(&mut out, bytes[i]);
             i += 1;
-        } else {
+        } else if bytes[i].is_ascii() {
             // One ASCII byte as it is (a `%` that starts no escape included).
             out.push(bytes[i] as char);
             i += 1;
+        } else {
+            // A whole character (`i` is on a boundary: only whole characters and ASCII
+            // moved it).
+            let c = s[i..].chars().next().unwrap_or('\u{fffd}');
+            out.push(c);
+            i += c.len_utf8().max(1);
         }
     }
     Cow::Owned(out)
@@ -126,5 +132,10 @@ mod tests {
         assert_eq!(decode_for_tags("%"), "%");
         assert_eq!(decode_for_tags("%4"), "%4");
         assert_eq!(normalize_path("é%4"), "é%4");
+        assert_eq!(
+            normalize_path("%b3%\u{fffd}3é"),
+            "%B3%\u{fffd}3é",
+            "found by fuzzing"
+        );
     }
 }
