@@ -751,35 +751,46 @@ async fn a_stalled_origin_body_is_let_go_once_its_client_left() {
 async fn a_body_that_panics_is_never_passed_off_as_whole() {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
-    let routes = tower_cache_aside::RouteTable::new().route(
-        "/boom",
-        tower_cache_aside::RoutePolicy::ttl(Duration::from_secs(60)),
-    );
-    let l = CacheLayer::new(MemoryStore::new(1 << 20)).routes(routes);
-    let app = axum::Router::new()
-        .route(
+    // Whole at once (read where the response is made), or arriving later (read by the
+    // reader task): either way the panic reaches the task that runs the request.
+    for later in [false, true] {
+        let routes = tower_cache_aside::RouteTable::new().route(
             "/boom",
-            axum::routing::get(|| async {
-                let mut polls = 0;
-                let stream = futures_util::stream::poll_fn(move |_| {
-                    polls += 1;
-                    if polls > 1 {
-                        panic!("the origin's body broke");
-                    }
-                    std::task::Poll::Ready(Some(Ok::<_, std::io::Error>(Bytes::from_static(
-                        b"part",
-                    ))))
-                });
-                Body::from_stream(stream)
-            }),
-        )
-        .layer(l);
-    let req = Request::get("/boom").body(Body::empty()).unwrap();
-    let res = app.oneshot(req).await.unwrap();
-    let read = tokio::spawn(async move { res.into_body().collect().await.map(|c| c.to_bytes()) });
-    let outcome = read.await;
-    assert!(
-        outcome.as_ref().is_err_and(|e| e.is_panic()),
-        "the client saw a body that looked whole: {outcome:?}"
-    );
+            tower_cache_aside::RoutePolicy::ttl(Duration::from_secs(60)),
+        );
+        let l = CacheLayer::new(MemoryStore::new(1 << 20)).routes(routes);
+        let app = axum::Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(move || async move {
+                    let mut polls = 0;
+                    let stream = futures_util::stream::poll_fn(move |cx| {
+                        polls += 1;
+                        if later && polls == 1 {
+                            cx.waker().wake_by_ref();
+                            return std::task::Poll::Pending;
+                        }
+                        if polls > 1 + usize::from(later) {
+                            panic!("the origin's body broke");
+                        }
+                        std::task::Poll::Ready(Some(Ok::<_, std::io::Error>(Bytes::from_static(
+                            b"part",
+                        ))))
+                    });
+                    Body::from_stream(stream)
+                }),
+            )
+            .layer(l);
+        // The request and its body in one task, as a connection runs them.
+        let read = tokio::spawn(async move {
+            let req = Request::get("/boom").body(Body::empty()).unwrap();
+            let res = app.oneshot(req).await.unwrap();
+            res.into_body().collect().await.map(|c| c.to_bytes())
+        });
+        let outcome = read.await;
+        assert!(
+            outcome.as_ref().is_err_and(|e| e.is_panic()),
+            "later: {later}: the client saw a body that looked whole: {outcome:?}"
+        );
+    }
 }

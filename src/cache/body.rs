@@ -117,7 +117,7 @@ enum Fed<B> {
 /// By `deadline` the copy is given up: the client, if still there, reads the rest itself,
 /// and a client that left no longer keeps a stalled origin body alive.
 async fn read_for_fill<B>(
-    inner: B,
+    mut inner: Pin<Box<B>>,
     mut tee: Tee,
     client: mpsc::UnboundedSender<Fed<B>>,
     deadline: tokio::time::Instant,
@@ -126,7 +126,6 @@ async fn read_for_fill<B>(
     B::Data: Send,
     B::Error: Send + 'static,
 {
-    let mut inner = Box::pin(inner);
     loop {
         let next = tokio::time::timeout_at(deadline, NextFrame(inner.as_mut())).await;
         let frame = match next {
@@ -231,8 +230,46 @@ impl<B: Body> CacheBody<B> {
         };
         let hint = inner.size_hint();
         let (client, queue) = mpsc::unbounded_channel();
-        let deadline = tokio::time::Instant::now() + patience;
-        runtime.spawn(read_for_fill(inner, tee, client, deadline));
+        // What the body has ready now is read here: most handlers' bodies are whole at once,
+        // need no reader task, and reach the client with the headers in one write (a
+        // first poll that waited on a task would send the headers alone, and a small body
+        // after them can then wait out a delayed ACK).
+        let mut inner = Box::pin(inner);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut tee = tee;
+        loop {
+            if inner.is_end_stream() {
+                tee.complete();
+                let _ = client.send(Fed::End);
+                break;
+            }
+            match inner.as_mut().poll_frame(&mut cx) {
+                Poll::Pending => {
+                    let deadline = tokio::time::Instant::now() + patience;
+                    runtime.spawn(read_for_fill(inner, tee, client, deadline));
+                    break;
+                }
+                Poll::Ready(None) => {
+                    tee.complete();
+                    let _ = client.send(Fed::End);
+                    break;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let _ = client.send(Fed::Error(Box::new(e))); // not stored
+                    break;
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = frame.map_data(to_bytes);
+                    let within = tee.observe(&frame);
+                    let _ = client.send(Fed::Frame(frame));
+                    if !within {
+                        let _ = client.send(Fed::Rest(inner));
+                        break;
+                    }
+                }
+            }
+        }
         CacheBody {
             kind: Kind::Driven {
                 queue,
