@@ -392,21 +392,32 @@ mod cases {
         fills_reach(&stats, 1).await;
         let before = get(&app, "/events/5").await;
         assert_eq!((before.x_cache(), before.text().as_str()), ("HIT", "5@0"));
-        let req = Request::patch("/events/5")
-            .header("x-outcome", "slow")
+        patch_and_leave(&app, "/events/5", "slow").await;
+        read_until(&app, "/events/5", "5@1", Duration::from_secs(3)).await;
+    }
+
+    /// Sends a PATCH and gives up on it after 50 ms, as a client that leaves.
+    async fn patch_and_leave(app: &Router, uri: &str, outcome: &str) {
+        let req = Request::patch(uri)
+            .header("x-outcome", outcome)
             .body(Body::empty())
             .unwrap();
-        let gave_up = tokio::time::timeout(Duration::from_millis(50), send(&app, req)).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), send(app, req)).await;
         assert!(gave_up.is_err(), "the client left before the answer");
-        let deadline = Instant::now() + Duration::from_secs(3);
+    }
+
+    /// Reads `uri` until it answers `want`, at most `within`.
+    async fn read_until(app: &Router, uri: &str, want: &str, within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
-            let r = get(&app, "/events/5").await;
-            if r.text() == "5@1" {
-                break;
+            let r = get(app, uri).await;
+            if r.text() == want {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
-                "the write was never cleared: {}",
+                "the write was never cleared: {} still reads {}",
+                uri,
                 r.text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -421,28 +432,11 @@ mod cases {
         let app = app_with(cache, Db::default());
         get(&app, "/events/6").await;
         fills_reach(&stats, 1).await;
-        let req = Request::patch("/events/6")
-            .header("x-outcome", "late")
-            .body(Body::empty())
-            .unwrap();
-        let gave_up = tokio::time::timeout(Duration::from_millis(50), send(&app, req)).await;
-        assert!(gave_up.is_err());
+        patch_and_leave(&app, "/events/6", "late").await;
         // Read (and refill) between the first clear and the write.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(get(&app, "/events/6").await.text(), "6@0");
-        let deadline = Instant::now() + Duration::from_secs(4);
-        loop {
-            let r = get(&app, "/events/6").await;
-            if r.text() == "6@1" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "a late write was never cleared: {}",
-                r.text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        read_until(&app, "/events/6", "6@1", Duration::from_secs(4)).await;
     }
 
     /// A clear costs the same whatever its tag carries: it is a record that every lookup
