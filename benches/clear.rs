@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bb8_redis::redis;
-use tower_cache_aside::{EntryKey, Fill, Store, ValkeyStore};
+use tower_cache_aside::{
+    store::{Fill, Store, ValkeyStore},
+    EntryKey,
+};
 
 #[allow(dead_code)]
 #[path = "../tests/support/server.rs"]

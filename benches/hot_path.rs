@@ -19,7 +19,10 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt};
-use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable, Store, ValkeyStore};
+use tower_cache_aside::{
+    store::{MemoryStore, Store, ValkeyStore},
+    CacheLayer, RoutePolicy, RouteTable,
+};
 
 const BODY: usize = 1024;
 
@@ -59,7 +62,7 @@ fn layered<St: Store>(
     store: St,
 ) -> impl Service<
     Request<Full<Bytes>>,
-    Response = Response<tower_cache_aside::CacheBody<Full<Bytes>>>,
+    Response = Response<tower_cache_aside::cache::CacheBody<Full<Bytes>>>,
     Error = Infallible,
 > + Clone {
     tower::ServiceBuilder::new()
@@ -82,7 +85,7 @@ fn key_derivation(c: &mut Criterion) {
 }
 
 fn entry_format(c: &mut Criterion) {
-    use tower_cache_aside::__bench::{decode_entry, encode_entry};
+    use tower_cache_aside::__private::bench::{decode_entry, encode_entry};
     let mut headers = http::HeaderMap::new();
     headers.insert("content-type", "application/json".parse().unwrap());
     headers.insert("content-length", "1024".parse().unwrap());

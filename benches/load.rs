@@ -22,7 +22,8 @@ use axum::Router;
 use bb8_redis::redis;
 use bytes::Bytes;
 use tower_cache_aside::{
-    CacheLayer, CacheStats, MemoryStore, RoutePolicy, RouteTable, Store, TieredStore, ValkeyStore,
+    store::{MemoryStore, Store, TieredStore, ValkeyStore},
+    CacheLayer, CacheStats, RoutePolicy, RouteTable,
 };
 
 const BODY: usize = 1024;
@@ -609,7 +610,7 @@ fn main() {
         return;
     }
     rt.block_on(async {
-        use tower_cache_aside::{EntryKey, Fill, Store};
+        use tower_cache_aside::{EntryKey, store::{Fill, Store}};
         const BUDGET: u64 = 64 << 20;
         let before = rss_bytes();
         let store = MemoryStore::new(BUDGET);

@@ -14,7 +14,7 @@ mod grpc_service;
 use std::time::Duration;
 
 use grpc_service::{grpc_routes, Events, EventsClient};
-use tower_cache_aside::{CacheLayer, MemoryStore};
+use tower_cache_aside::{store::MemoryStore, CacheLayer};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -21,7 +21,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
-use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable, Store, ValkeyStore};
+use tower_cache_aside::{
+    store::{MemoryStore, Store, ValkeyStore},
+    CacheLayer, RoutePolicy, RouteTable,
+};
 
 async fn handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let zone = req.uri().path().trim_start_matches("/time/").to_owned();

@@ -23,7 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drive::{drive, pct, Class, Outcome, CLIENTS};
-use tower_cache_aside::{CacheLayer, MemoryStore, ValkeyStore};
+use tower_cache_aside::{
+    store::{MemoryStore, ValkeyStore},
+    CacheLayer,
+};
 
 struct Run {
     name: &'static str,

@@ -24,7 +24,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tower_cache_aside::{CacheLayer, MemoryStore, ValkeyStore};
+use tower_cache_aside::{
+    store::{MemoryStore, ValkeyStore},
+    CacheLayer,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drive::{drive, pct, Class};
-use tower_cache_aside::{CacheLayer, ValkeyStore};
+use tower_cache_aside::{store::ValkeyStore, CacheLayer};
 
 /// Enough data for the load's id ranges, quick to create.
 const SEED: app::Seed = app::Seed {

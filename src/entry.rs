@@ -68,16 +68,66 @@ pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(1 << 31);
 
 /// A lifetime or window in milliseconds, clamped to [`MAX_LIFETIME`].
 pub(crate) fn clamped_ms(d: Duration) -> u64 {
-    d.min(MAX_LIFETIME).as_millis() as u64
+    millis(d.min(MAX_LIFETIME))
 }
 
+/// A duration in whole milliseconds, saturating (the one conversion the crate uses).
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, millis)
+}
+
+/// How long an entry is fresh, and may be served stale, from the response's point of view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Lifetimes {
+    /// Freshness lifetime (RFC 9111 §4.2.1).
+    pub(crate) lifetime: Duration,
+    /// The `Age` the origin response already had.
+    pub(crate) initial_age_s: u32,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
+}
+
+impl Lifetimes {
+    /// Fresh for `lifetime`, never served stale.
+    pub(crate) fn fresh_for(lifetime: Duration) -> Self {
+        Lifetimes {
+            lifetime,
+            ..Lifetimes::default()
+        }
+    }
 }
 
 impl Entry {
+    /// An entry received now, with no body yet (a fill adds it when the body has ended).
+    pub(crate) fn new(
+        status: StatusCode,
+        headers: HeaderMap,
+        fence: Fence,
+        tags: Vec<String>,
+        lifetimes: Lifetimes,
+    ) -> Self {
+        Entry {
+            status,
+            headers,
+            body: Bytes::new(),
+            trailers: None,
+            stored_at_ms: now_ms(),
+            lifetime_ms: clamped_ms(lifetimes.lifetime),
+            initial_age_s: lifetimes.initial_age_s,
+            fence,
+            stale_while_revalidate_ms: clamped_ms(lifetimes.stale_while_revalidate),
+            stale_if_error_ms: clamped_ms(lifetimes.stale_if_error),
+            tags,
+        }
+    }
+
     /// Age in whole seconds at `now_ms`, as sent in the `Age` header (RFC 9111 §4.2.3).
     pub(crate) fn age_secs(&self, now_ms: u64) -> u64 {
         let resident_ms = now_ms.saturating_sub(self.stored_at_ms);

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-/// An error from a [`Store`](crate::Store) operation.
+/// An error from a [`Store`](crate::store::Store) operation.
 ///
 /// The cache layer never returns this to the client: it counts the error, feeds the circuit
 /// breaker and serves the request from the inner service instead.

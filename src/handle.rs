@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::cache::Shared;
+use crate::engine::Engine;
 use crate::error::StoreError;
 use crate::stats::CacheStats;
 use crate::store::{Invalidation, Store};
@@ -13,7 +13,7 @@ use crate::tags::push_tags;
 ///
 /// ```
 /// # async fn demo() {
-/// use tower_cache_aside::{CacheLayer, MemoryStore};
+/// use tower_cache_aside::{CacheLayer, store::MemoryStore};
 ///
 /// let cache = CacheLayer::new(MemoryStore::new(64 << 20));
 /// let handle = cache.handle();
@@ -22,13 +22,13 @@ use crate::tags::push_tags;
 /// # }
 /// ```
 pub struct CacheHandle<St> {
-    pub(crate) shared: Arc<Shared<St>>,
+    pub(crate) engine: Arc<Engine<St>>,
 }
 
 impl<St> Clone for CacheHandle<St> {
     fn clone(&self) -> Self {
         CacheHandle {
-            shared: self.shared.clone(),
+            engine: self.engine.clone(),
         }
     }
 }
@@ -58,28 +58,29 @@ impl<St: Store> CacheHandle<St> {
             given.iter().map(AsRef::as_ref),
             "CacheHandle::invalidate",
         );
-        self.shared.clear(valid).await
+        self.engine.clear(valid).await
     }
 
     /// Makes every entry of the namespace dead at once (O(1): a floor that lookups compare
     /// with each entry's fence; the dead entries expire or are evicted on their own).
     pub async fn purge(&self) -> Result<u64, StoreError> {
-        self.shared.purge_all().await
+        self.engine.purge_all().await
     }
 
     /// The layer's counters.
     pub fn stats(&self) -> CacheStats {
-        self.shared.stats.clone()
+        self.engine.stats.clone()
     }
 }
 
 #[cfg(feature = "serde")]
 mod values {
     use super::*;
-    use crate::cache::{Fence, Found};
-    use crate::entry::{now_ms, Entry};
+    use crate::engine::Found;
+    use crate::entry::{now_ms, Entry, Lifetimes};
     use crate::key::EntryKey;
     use crate::stats::count;
+    use crate::store::{Fence, Fill};
     use sha2::{Digest, Sha256};
     use std::time::Duration;
 
@@ -96,7 +97,7 @@ mod values {
         /// ```
         /// # async fn demo() -> Result<(), std::io::Error> {
         /// use std::time::Duration;
-        /// use tower_cache_aside::{CacheLayer, MemoryStore};
+        /// use tower_cache_aside::{CacheLayer, store::MemoryStore};
         ///
         /// let handle = CacheLayer::new(MemoryStore::new(1 << 20)).handle();
         /// let total: u64 = handle
@@ -122,14 +123,14 @@ mod values {
         {
             let entry_key = EntryKey::new("data", Sha256::digest(key.as_bytes()).into());
             let now = now_ms();
-            let fence: Option<Fence> = match self.shared.lookup(&entry_key, now).await {
+            let fence: Option<Fence> = match self.engine.lookup(&entry_key, now).await {
                 Found::Hit(entry) => match serde_json::from_slice(&entry.body) {
                     Ok(value) => {
-                        count!(self.shared.stats.inner, hits);
+                        count!(self.engine.stats.inner, hits);
                         return Ok(value);
                     }
                     Err(e) => {
-                        count!(self.shared.stats.inner, decode_errors);
+                        count!(self.engine.stats.inner, decode_errors);
                         tracing::warn!(error = %e, "cached value does not deserialize; recomputing");
                         None
                     }
@@ -137,33 +138,24 @@ mod values {
                 Found::Miss { fence } | Found::Stale { fence, .. } => Some(fence),
                 Found::Unavailable => None,
             };
-            count!(self.shared.stats.inner, misses);
+            count!(self.engine.stats.inner, misses);
             let value = compute().await?;
             let Some(fence) = fence else { return Ok(value) };
             match serde_json::to_vec(&value) {
-                Ok(json) if json.len() <= self.shared.max_body_bytes && !ttl.is_zero() => {
+                Ok(json) if json.len() <= self.engine.max_body_bytes && !ttl.is_zero() => {
                     let given: Vec<Tag> = tags.into_iter().collect();
                     let mut valid = Vec::new();
                     push_tags(&mut valid, given.iter().map(AsRef::as_ref), "get_or_fill");
-                    let entry = Entry {
-                        status: http::StatusCode::OK,
-                        headers: http::HeaderMap::new(),
-                        body: json.into(),
-                        trailers: None,
-                        stored_at_ms: now_ms(),
-                        lifetime_ms: crate::entry::clamped_ms(ttl),
-                        initial_age_s: 0,
-                        fence,
-                        stale_while_revalidate_ms: 0,
-                        stale_if_error_ms: 0,
-                        tags: valid,
-                    };
+                    let headers = http::HeaderMap::new();
+                    let lifetimes = Lifetimes::fresh_for(ttl);
+                    let mut entry =
+                        Entry::new(http::StatusCode::OK, headers, fence, valid, lifetimes);
+                    entry.body = json.into();
                     let (encoded, ttl) = (entry.encode(), entry.store_ttl());
-                    self.shared
-                        .clone()
-                        .spawn_fill(entry_key, encoded, ttl, entry.tags, fence, None);
+                    let fill = Fill::new(entry_key, encoded, ttl, entry.tags, fence);
+                    self.engine.clone().spawn_fill(fill, None);
                 }
-                Ok(_) => count!(self.shared.stats.inner, oversize),
+                Ok(_) => count!(self.engine.stats.inner, oversize),
                 Err(e) => tracing::warn!(error = %e, "value does not serialize; not cached"),
             }
             Ok(value)

@@ -1,13 +1,14 @@
-//! Counters and the circuit breaker: what the layer did, and whether it talks to the store.
+//! The counters: what the layer did. [`CacheStats`] reads them, with the breaker's state.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+
+use crate::engine::Breaker;
 
 /// Live counters of one [`CacheLayer`](crate::CacheLayer) (clones share them).
 ///
 /// ```
-/// use tower_cache_aside::{CacheLayer, MemoryStore};
+/// use tower_cache_aside::{CacheLayer, store::MemoryStore};
 ///
 /// let layer = CacheLayer::new(MemoryStore::new(64 << 20));
 /// let stats = layer.stats();
@@ -16,11 +17,11 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug)]
 pub struct CacheStats {
     pub(crate) inner: Arc<Counters>,
+    breaker: Arc<Breaker>,
 }
 
 #[derive(Debug)]
 pub(crate) struct Counters {
-    pub(crate) breaker: Breaker,
     /// One set of counters per stripe: threads count in their own stripe (their own cache
     /// lines), so two cores serving hits do not pass one counter's line back and forth.
     stripes: Box<[Tally; STRIPES]>,
@@ -128,12 +129,12 @@ impl StatsSnapshot {
 }
 
 impl CacheStats {
-    pub(crate) fn new(breaker: Breaker) -> Self {
+    pub(crate) fn new(breaker: Arc<Breaker>) -> Self {
         CacheStats {
             inner: Arc::new(Counters {
-                breaker,
                 stripes: Box::default(),
             }),
+            breaker,
         }
     }
 
@@ -159,8 +160,8 @@ impl CacheStats {
             stale_hits: c.sum(|t| &t.stale_hits),
             stale_on_error: c.sum(|t| &t.stale_on_error),
             refreshes: c.sum(|t| &t.refreshes),
-            breaker_trips: c.breaker.trips.load(Relaxed),
-            breaker_open: c.breaker.is_open(),
+            breaker_trips: self.breaker.trips(),
+            breaker_open: self.breaker.is_open(),
         }
     }
 }
@@ -178,136 +179,3 @@ macro_rules! count {
     }};
 }
 pub(crate) use count;
-
-/// Skips the store after `threshold` consecutive failures, for `cooldown`; then lets one
-/// probe through, whose success closes it again. A probe that never reports (its request
-/// was dropped, its fill was shed) gives way to another after a further `cooldown`: the
-/// breaker cannot stay open for good.
-#[derive(Debug)]
-pub(crate) struct Breaker {
-    threshold: u32,
-    cooldown: Duration,
-    epoch: Instant,
-    failures: AtomicU32,
-    /// Milliseconds since `epoch` until which the breaker is open; 0 when closed.
-    open_until_ms: AtomicU64,
-    /// Milliseconds since `epoch` when the current probe was let through; 0 when none is.
-    probe_since_ms: AtomicU64,
-    pub(crate) trips: AtomicU64,
-}
-
-impl Breaker {
-    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
-        Breaker {
-            threshold: threshold.max(1),
-            // Bounded, so that millisecond sums cannot overflow.
-            cooldown: cooldown.min(Duration::from_secs(24 * 3600)),
-            epoch: Instant::now(),
-            failures: AtomicU32::new(0),
-            open_until_ms: AtomicU64::new(0),
-            probe_since_ms: AtomicU64::new(0),
-            trips: AtomicU64::new(0),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
-    /// May the next store operation run?
-    pub(crate) fn allow(&self) -> bool {
-        let until = self.open_until_ms.load(Relaxed);
-        if until == 0 {
-            return true;
-        }
-        let now = self.now_ms();
-        if now < until {
-            return false;
-        }
-        // Cool-down over: exactly one caller probes, until it reports or its time is up.
-        let since = self.probe_since_ms.load(Relaxed);
-        if since != 0 && now < since + (self.cooldown.as_millis() as u64).max(1) {
-            return false;
-        }
-        self.probe_since_ms
-            .compare_exchange(since, now, Relaxed, Relaxed)
-            .is_ok()
-    }
-
-    pub(crate) fn is_open(&self) -> bool {
-        self.open_until_ms.load(Relaxed) != 0
-    }
-
-    pub(crate) fn success(&self) {
-        // Read first: a store on every hit would pull this line away from the other cores.
-        if self.failures.load(Relaxed) != 0 {
-            self.failures.store(0, Relaxed);
-        }
-        if self.open_until_ms.load(Relaxed) != 0 {
-            self.open_until_ms.store(0, Relaxed);
-            self.probe_since_ms.store(0, Relaxed);
-            #[cfg(feature = "metrics")]
-            metrics::gauge!("tower_cache_aside_breaker_open").set(0.0);
-            tracing::info!("cache store reachable again; circuit breaker closed");
-        }
-    }
-
-    pub(crate) fn failure(&self) {
-        let n = self.failures.fetch_add(1, Relaxed) + 1;
-        let was_probe = self.probe_since_ms.swap(0, Relaxed) != 0;
-        if was_probe || (n >= self.threshold && self.open_until_ms.load(Relaxed) == 0) {
-            self.open_until_ms
-                .store(self.now_ms() + self.cooldown.as_millis() as u64, Relaxed);
-            #[cfg(feature = "metrics")]
-            metrics::gauge!("tower_cache_aside_breaker_open").set(1.0);
-            if !was_probe {
-                self.trips.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    failures = n,
-                    "cache store failing; circuit breaker open, passing requests through"
-                );
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn opens_after_threshold_and_probes_after_cooldown() {
-        let b = Breaker::new(3, Duration::from_millis(30));
-        b.failure();
-        b.failure();
-        assert!(b.allow());
-        b.failure();
-        assert!(b.is_open());
-        assert!(!b.allow());
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow(), "one probe");
-        assert!(!b.allow(), "only one probe");
-        b.failure(); // probe failed: open again
-        assert!(!b.allow());
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow());
-        b.success();
-        assert!(!b.is_open());
-        assert!(b.allow() && b.allow());
-        assert_eq!(b.trips.load(Relaxed), 1);
-    }
-
-    #[test]
-    fn a_probe_that_never_reports_gives_way() {
-        let b = Breaker::new(1, Duration::from_millis(30));
-        b.failure();
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow(), "the probe");
-        // Its request was dropped, or its fill shed: no success, no failure.
-        assert!(!b.allow(), "still its turn");
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow(), "another probe after a cooldown");
-        b.success();
-        assert!(!b.is_open());
-    }
-}

@@ -5,7 +5,19 @@ use http::header::{HeaderName, HOST};
 use http::{HeaderMap, Uri};
 use sha2::{Digest, Sha256};
 
-use crate::policy::is_valid_tag;
+/// The longest tag accepted, in bytes (as Fastly and Cloudflare allow).
+pub const MAX_TAG_LEN: usize = 1024;
+
+/// Is `tag` acceptable as a cache tag: 1 to [`MAX_TAG_LEN`] bytes of visible ASCII.
+pub fn is_valid_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.len() <= MAX_TAG_LEN && tag.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A tag a user may give (in a route, a hint, a header, a handle call): valid, and not
+/// starting with the crate's reserved `~`. The one check every source of tags goes through.
+pub(crate) fn is_user_tag(tag: &str) -> bool {
+    is_valid_tag(tag) && !tag.starts_with(RESERVED_PREFIX)
+}
 
 /// Most tags one response may add or clear; more are logged and dropped.
 pub const MAX_TAGS_PER_RESPONSE: usize = 128;
@@ -34,7 +46,7 @@ pub(crate) fn uri_tag(host: &[u8], path: &str) -> String {
     let digest = h.finalize();
     let mut tag = String::with_capacity(3 + 32);
     tag.push_str("~u:");
-    crate::key::push_hex(&mut tag, &digest[..16]);
+    crate::hex::push_hex(&mut tag, &digest[..16]);
     tag
 }
 
@@ -57,7 +69,7 @@ pub(crate) fn push_tags<'a>(
         if tag.is_empty() {
             continue;
         }
-        if !is_valid_tag(tag) || tag.starts_with(RESERVED_PREFIX) {
+        if !is_user_tag(tag) {
             tracing::warn!(from, "skipping an invalid cache tag");
         } else if out.len() >= MAX_TAGS_PER_RESPONSE {
             tracing::warn!(

@@ -9,7 +9,10 @@ use axum::body::Body;
 use axum::http::Request;
 use bytes::Bytes;
 use support::*;
-use tower_cache_aside::{CacheLayer, Fill, MemoryStore, Store};
+use tower_cache_aside::{
+    store::{Fill, MemoryStore, Store},
+    CacheLayer,
+};
 
 fn layer<St: Store>(store: St) -> CacheLayer<St> {
     CacheLayer::new(store)

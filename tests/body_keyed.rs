@@ -15,7 +15,9 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use support::*;
 use tower::{Service, ServiceExt};
-use tower_cache_aside::{BufferedBody, CacheLayer, RoutePolicy, RouteTable, Store};
+use tower_cache_aside::{
+    body_digest::BufferedBody, store::Store, CacheLayer, RoutePolicy, RouteTable,
+};
 
 type RespBody =
     StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;

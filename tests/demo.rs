@@ -14,7 +14,10 @@ use axum::http::{Method, Request};
 use axum::Router;
 use serde_json::Value;
 use support::*;
-use tower_cache_aside::{CacheLayer, MemoryStore, Store};
+use tower_cache_aside::{
+    store::{MemoryStore, Store},
+    CacheLayer,
+};
 
 fn demo<St: Store>(store: Option<St>) -> (Router, Arc<app::Db>) {
     let db = Arc::new(app::Db::create(app::Seed::SMALL).unwrap());

@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tower_cache_aside::{CacheLayer, StatsSnapshot, ValkeyStore};
+use tower_cache_aside::{store::ValkeyStore, CacheLayer, StatsSnapshot};
 
 const OP_TIMEOUT: Duration = Duration::from_millis(100);
 /// Generous bound for "about one operation timeout" on a loaded 2-core CI machine: a hang

@@ -12,7 +12,8 @@ use axum::routing::get as route_get;
 use axum::Router;
 use support::*;
 use tower_cache_aside::{
-    CacheLayer, MemoryStore, Notice, RoutePolicy, RouteTable, Store, TieredStore,
+    store::{MemoryStore, Notice, Store, TieredStore},
+    CacheLayer, RoutePolicy, RouteTable,
 };
 
 fn table() -> RouteTable {
@@ -206,7 +207,10 @@ async fn the_near_tier_stops_answering_when_its_subscription_breaks(kind: Kind) 
 /// A `FLUSHALL` (or the record set's eviction) starts a new epoch, whose first clear is
 /// numbered 1: a near tier must not take it for a clear older than its entries.
 async fn a_clear_in_a_new_epoch_reaches_the_near_tier(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Fill, Store};
+    use tower_cache_aside::{
+        store::{Fill, Store},
+        EntryKey,
+    };
     let server = Server::start(kind);
     let (a, b) = (tiered(&server), valkey_store(&server));
     let key = EntryKey::new("r", [3; 32]);

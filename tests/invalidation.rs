@@ -18,7 +18,8 @@ use axum::Router;
 use bytes::Bytes;
 use support::*;
 use tower_cache_aside::{
-    CacheLayer, EntryKey, Fill, FillOutcome, InvalidateTags, RoutePolicy, RouteTable, Store,
+    store::{Fill, FillOutcome, Store},
+    CacheLayer, EntryKey, InvalidateTags, RoutePolicy, RouteTable,
 };
 
 /// A data source with versions, and a count of the reads that reached it.
@@ -596,9 +597,7 @@ mod cases {
     }
 
     pub async fn without_the_fence_the_race_test_finds_stale_reads<St: Store>(store: St) {
-        let cache = CacheLayer::new(store)
-            .routes(table())
-            .disable_fence_for_tests();
+        let cache = CacheLayer::new(support::unfenced::Unfenced(store)).routes(table());
         let (reads, writes, violations) = race(cache, Duration::from_secs(2)).await;
         eprintln!("unfenced race: {reads} reads and {writes} writes, {violations} violations");
         assert!(violations > 0, "the race test must be able to fail");

@@ -17,7 +17,10 @@ use axum::routing::get;
 use axum::Router;
 use proptest::prelude::*;
 use support::*;
-use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable, Scope, Store};
+use tower_cache_aside::{
+    store::{MemoryStore, Store},
+    CacheLayer, RoutePolicy, RouteTable, Scope,
+};
 
 const ROUTES: [&str; 4] = ["shared", "public", "user", "lang"];
 const IDS: [&str; 3] = ["a", "b", "a@b"];
@@ -278,7 +281,7 @@ fn served(kind: Kind) {
     let url = server.url();
     let n = Arc::new(AtomicU64::new(0));
     check(24, move || {
-        tower_cache_aside::ValkeyStore::builder()
+        tower_cache_aside::store::ValkeyStore::builder()
             .url(url.clone())
             .namespace(format!("iso{}", n.fetch_add(1, Ordering::Relaxed)))
             .operation_timeout(Duration::from_secs(1))
@@ -293,13 +296,13 @@ fn isolation_tiered() {
     let url = server.url();
     let n = AtomicU64::new(0);
     check(24, move || {
-        let far = tower_cache_aside::ValkeyStore::builder()
+        let far = tower_cache_aside::store::ValkeyStore::builder()
             .url(url.clone())
             .namespace(format!("tiered{}", n.fetch_add(1, Ordering::Relaxed)))
             .operation_timeout(Duration::from_secs(1))
             .build()
             .unwrap();
-        tower_cache_aside::TieredStore::new(MemoryStore::new(8 << 20), far)
+        tower_cache_aside::store::TieredStore::new(MemoryStore::new(8 << 20), far)
     });
 }
 

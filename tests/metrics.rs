@@ -11,7 +11,7 @@ use metrics::{
     Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
 use support::*;
-use tower_cache_aside::{CacheLayer, MemoryStore};
+use tower_cache_aside::{store::MemoryStore, CacheLayer};
 
 #[derive(Default)]
 struct Counts(Mutex<HashMap<String, Arc<AtomicU64>>>);

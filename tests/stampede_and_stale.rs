@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get as route_get;
 use axum::Router;
 use support::*;
-use tower_cache_aside::{CacheLayer, RoutePolicy, RouteTable, Store};
+use tower_cache_aside::{store::Store, CacheLayer, RoutePolicy, RouteTable};
 
 #[derive(Clone, Default)]
 struct Origin {

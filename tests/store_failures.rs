@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use bb8_redis::redis as rds;
 use support::*;
-use tower_cache_aside::{EntryKey, Fence, Fill, Store, ValkeyStore};
+use tower_cache_aside::{
+    store::{Fence, Fill, Store, ValkeyStore},
+    EntryKey,
+};
 
 const RESOURCES: u64 = 4;
 
@@ -276,7 +279,7 @@ async fn noeviction_with_memory_full_still_clears(kind: Kind) {
             .expect("a clear lands with memory full");
         assert!(store.lookup(&key(id)).await.unwrap().value.is_none());
     }
-    let stats = tower_cache_aside::FillOutcome::Dropped;
+    let stats = tower_cache_aside::store::FillOutcome::Dropped;
     let fence = store.lookup(&key(0)).await.unwrap().fence;
     let fill = Fill::new(key(0), "2".into(), Duration::from_secs(60), vec![], fence);
     assert_eq!(
@@ -331,7 +334,7 @@ async fn a_restart_between_lookup_and_fill_cannot_send_the_fence_back(kind: Kind
 async fn snapshot_then_clear(
     server: &Server,
     store: &ValkeyStore,
-) -> tower_cache_aside::Invalidation {
+) -> tower_cache_aside::store::Invalidation {
     let fence = store.lookup(&key(1)).await.unwrap().fence;
     let tags = vec!["res:1".to_owned()];
     let fill = Fill::new(

@@ -43,7 +43,7 @@ async fn one_round_trip_per_hit(kind: Kind) {
     let server = Server::start(kind);
     hits_send(&server, valkey_store(&server), &["get"]).await;
     // Without client tracking, every lookup reads what changed in the records too.
-    let untracked = tower_cache_aside::ValkeyStore::builder()
+    let untracked = tower_cache_aside::store::ValkeyStore::builder()
         .url(server.url())
         .namespace("untracked")
         .operation_timeout(Duration::from_secs(1))
@@ -56,7 +56,11 @@ async fn one_round_trip_per_hit(kind: Kind) {
 
 /// Serves 100 hits and checks that each sent exactly one of each of `commands`, and
 /// nothing else.
-async fn hits_send(server: &Server, store: tower_cache_aside::ValkeyStore, commands: &[&str]) {
+async fn hits_send(
+    server: &Server,
+    store: tower_cache_aside::store::ValkeyStore,
+    commands: &[&str],
+) {
     let l = CacheLayer::new(store).routes(routes());
     let stats = l.stats();
     let (app, calls) = app(l);
@@ -92,7 +96,7 @@ async fn hits_send(server: &Server, store: tower_cache_aside::ValkeyStore, comma
 
 async fn key_layout_and_ttl(kind: Kind) {
     let server = Server::start(kind);
-    let store = tower_cache_aside::ValkeyStore::builder()
+    let store = tower_cache_aside::store::ValkeyStore::builder()
         .url(server.url())
         .namespace("demo")
         .build()
@@ -162,13 +166,13 @@ async fn key_layout_and_ttl(kind: Kind) {
 }
 
 /// Fills `n` one-byte entries, each tagged `shared` and `own:{i}`.
-async fn fill_tagged<St: tower_cache_aside::Store>(
+async fn fill_tagged<St: tower_cache_aside::store::Store>(
     store: &St,
     n: u16,
     ttl: Duration,
-    fence: tower_cache_aside::Fence,
+    fence: tower_cache_aside::store::Fence,
 ) {
-    use tower_cache_aside::{EntryKey, Fill};
+    use tower_cache_aside::{store::Fill, EntryKey};
     for i in 0..n {
         let mut digest = [0u8; 32];
         digest[..2].copy_from_slice(&i.to_le_bytes());
@@ -185,7 +189,9 @@ async fn fill_tagged<St: tower_cache_aside::Store>(
 }
 
 /// The store's invalidation sequence now, as a lookup reports it.
-async fn current_fence<St: tower_cache_aside::Store>(store: &St) -> tower_cache_aside::Fence {
+async fn current_fence<St: tower_cache_aside::store::Store>(
+    store: &St,
+) -> tower_cache_aside::store::Fence {
     let probe = tower_cache_aside::EntryKey::new("r", [0; 32]);
     store.lookup(&probe).await.unwrap().fence
 }
@@ -193,7 +199,7 @@ async fn current_fence<St: tower_cache_aside::Store>(store: &St) -> tower_cache_
 /// A fill writes its entry and nothing else, and a clear writes the records and nothing
 /// else: once the entries expire, only the (bounded) record set is left.
 async fn fills_and_clears_write_one_key_each(kind: Kind) {
-    use tower_cache_aside::Store;
+    use tower_cache_aside::store::Store;
     let server = Server::start(kind);
     let store = valkey_store(&server);
     let mut conn = raw(&server).await;
@@ -240,8 +246,8 @@ async fn fills_and_clears_write_one_key_each(kind: Kind) {
 
 /// Clears keep at most `max_clear_records` records; the floor rises over what they drop, so
 /// an entry whose record was dropped still reads as a miss.
-async fn clear_records_stay_bounded<St: tower_cache_aside::Store>(store: St, cap: usize) {
-    use tower_cache_aside::{EntryKey, Fill};
+async fn clear_records_stay_bounded<St: tower_cache_aside::store::Store>(store: St, cap: usize) {
+    use tower_cache_aside::{store::Fill, EntryKey};
     let key = EntryKey::new("r", [1; 32]);
     // Fills `key`, tagged `t0`, under the fence of a lookup made now.
     let fill_now = || async {
@@ -265,7 +271,7 @@ async fn clear_records_stay_bounded<St: tower_cache_aside::Store>(store: St, cap
 
 async fn valkey_clear_records_stay_bounded(kind: Kind) {
     let server = Server::start(kind);
-    let store = tower_cache_aside::ValkeyStore::builder()
+    let store = tower_cache_aside::store::ValkeyStore::builder()
         .url(server.url())
         .max_clear_records(50)
         .build()
@@ -283,7 +289,10 @@ async fn valkey_clear_records_stay_bounded(kind: Kind) {
 /// A new instance (a new connection, an empty mirror) reads a large record set whole, with
 /// a plain `ZRANGE` rather than through a script, and sees every clear in it.
 async fn a_new_instance_reads_a_large_record_set(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Fill, Store};
+    use tower_cache_aside::{
+        store::{Fill, Store},
+        EntryKey,
+    };
     let server = Server::start(kind);
     let a = valkey_store(&server);
     let key = |i: u32| {
@@ -312,7 +321,7 @@ async fn a_new_instance_reads_a_large_record_set(kind: Kind) {
 /// the epoch they knew, as after a failover) make different ones: an epoch never repeats, so
 /// entries of one incarnation of the records are never checked against another's.
 async fn new_epochs_never_repeat(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Store};
+    use tower_cache_aside::{store::Store, EntryKey};
     let server = Server::start(kind);
     let (a, b) = (valkey_store(&server), valkey_store(&server));
     let mut conn = raw(&server).await;
@@ -353,7 +362,7 @@ async fn new_epochs_never_repeat(kind: Kind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_clear_records_stay_bounded() {
-    let store = tower_cache_aside::MemoryStore::new(16 << 20).max_clear_records(50);
+    let store = tower_cache_aside::store::MemoryStore::new(16 << 20).max_clear_records(50);
     clear_records_stay_bounded(store.clone(), 50).await;
     assert_eq!(store.clear_records(), 50);
 }
@@ -376,7 +385,10 @@ async fn tls_connection_to_redis() {
 /// cleared after their lookup are refused without being sent (the mirror knows the clear),
 /// the others stored; and whatever was sent, only the current ones are ever read.
 async fn concurrent_fills_are_pipelined_and_fenced_each(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Fill, FillOutcome, Store};
+    use tower_cache_aside::{
+        store::{Fill, FillOutcome, Store},
+        EntryKey,
+    };
     let server = Server::start(kind);
     let store = valkey_store(&server);
     let mut conn = raw(&server).await;
@@ -431,11 +443,11 @@ async fn concurrent_fills_are_pipelined_and_fenced_each(kind: Kind) {
 
 /// Sends `fills` to `store` at once; counts those shed as `Dropped` within `wait`.
 async fn shed_within(
-    store: &tower_cache_aside::ValkeyStore,
-    fills: Vec<tower_cache_aside::Fill>,
+    store: &tower_cache_aside::store::ValkeyStore,
+    fills: Vec<tower_cache_aside::store::Fill>,
     wait: Duration,
 ) -> usize {
-    use tower_cache_aside::{FillOutcome, Store};
+    use tower_cache_aside::store::{FillOutcome, Store};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let tasks: Vec<_> = fills
         .into_iter()
@@ -470,10 +482,13 @@ async fn shed_within(
 /// queue (4,096 fills or 64 MiB of entries), fills are shed at once as `Dropped` (which the
 /// layer does not count as failures).
 async fn a_stalled_store_sheds_fills(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Fill, Store};
+    use tower_cache_aside::{
+        store::{Fill, Store},
+        EntryKey,
+    };
     let server = Server::start(kind);
     let (by_count, by_bytes) = (valkey_store(&server), valkey_store(&server));
-    let mut fence = tower_cache_aside::Fence::default();
+    let mut fence = tower_cache_aside::store::Fence::default();
     for store in [&by_count, &by_bytes] {
         fence = store
             .lookup(&EntryKey::new("r", [0; 32]))
@@ -517,7 +532,10 @@ async fn a_stalled_store_sheds_fills(kind: Kind) {
 /// One instance keeps the records on its side of the connection; another instance's purge
 /// or clear must still be seen by the very next lookup, with no time for pub/sub.
 async fn known_records_follow_other_instances_exactly(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Fill, Store};
+    use tower_cache_aside::{
+        store::{Fill, Store},
+        EntryKey,
+    };
     let server = Server::start(kind);
     let (a, b) = (valkey_store(&server), valkey_store(&server));
     let key = EntryKey::new("r", [7; 32]);
@@ -561,7 +579,10 @@ async fn known_records_follow_other_instances_exactly(kind: Kind) {
 /// A `FLUSHALL` (like an eviction or a restart) loses the records: the next lookup sees a
 /// new epoch, and nothing filled before, even if written back afterwards, is served.
 async fn a_flush_is_heard_by_the_known_records(kind: Kind) {
-    use tower_cache_aside::{EntryKey, Fill, Store};
+    use tower_cache_aside::{
+        store::{Fill, Store},
+        EntryKey,
+    };
     let server = Server::start(kind);
     let (a, b) = (valkey_store(&server), valkey_store(&server));
     let key = EntryKey::new("r", [7; 32]);
@@ -601,11 +622,11 @@ async fn calls_of(conn: &mut rds::aio::MultiplexedConnection, name: &str) -> u64
 /// `a`'s lookups work, see `b`'s purge at once, and read the records with every entry (a
 /// `GET` and the sync script each time): what a store without tracking must do.
 async fn lookups_read_every_record(
-    a: &tower_cache_aside::ValkeyStore,
-    b: &tower_cache_aside::ValkeyStore,
+    a: &tower_cache_aside::store::ValkeyStore,
+    b: &tower_cache_aside::store::ValkeyStore,
     conn: &mut rds::aio::MultiplexedConnection,
 ) {
-    use tower_cache_aside::{EntryKey, Store};
+    use tower_cache_aside::{store::Store, EntryKey};
     let key = EntryKey::new("r", [7; 32]);
     for _ in 0..3 {
         a.lookup(&key).await.expect("lookups are served");
@@ -640,7 +661,7 @@ async fn a_server_refusing_tracking_reads_the_records_each_time(kind: Kind) {
         .await
         .unwrap();
     let url = server.url().replace("redis://", "redis://notrack:pw@");
-    let a = tower_cache_aside::ValkeyStore::builder()
+    let a = tower_cache_aside::store::ValkeyStore::builder()
         .url(url)
         .operation_timeout(Duration::from_secs(1))
         .build()
@@ -652,7 +673,10 @@ async fn a_server_refusing_tracking_reads_the_records_each_time(kind: Kind) {
 /// A server that forgot the scripts (a restart with no persistence, `SCRIPT FLUSH`) is sent
 /// them again: lookups, fills and clears go on.
 async fn forgotten_scripts_are_loaded_again(kind: Kind) {
-    use tower_cache_aside::{EntryKey, FillOutcome, Store};
+    use tower_cache_aside::{
+        store::{FillOutcome, Store},
+        EntryKey,
+    };
     let server = Server::start(kind);
     let store = valkey_store(&server);
     let mut conn = raw(&server).await;
@@ -664,7 +688,7 @@ async fn forgotten_scripts_are_loaded_again(kind: Kind) {
             .await
             .unwrap();
         let key = EntryKey::new("r", [round; 32]);
-        let fill = tower_cache_aside::Fill::new(
+        let fill = tower_cache_aside::store::Fill::new(
             key.clone(),
             bytes::Bytes::from_static(b"v"),
             Duration::from_secs(60),

@@ -19,7 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tower_cache_aside::{
-    CacheHint, CacheLayer, CacheStats, InvalidateTags, RoutePolicy, RouteTable, Scope, Store,
+    store::Store, CacheHint, CacheLayer, CacheStats, InvalidateTags, RoutePolicy, RouteTable, Scope,
 };
 
 /// How much data to seed.

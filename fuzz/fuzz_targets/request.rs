@@ -10,5 +10,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             Some((&f[..at], &f[at + 1..]))
         })
         .collect();
-    tower_cache_aside::__fuzz::request(&uri, &headers);
+    tower_cache_aside::__private::fuzz::request(&uri, &headers);
 });

@@ -13,5 +13,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             Some((&f[..at], &f[at + 1..]))
         })
         .collect();
-    tower_cache_aside::__fuzz::response(status, &headers);
+    tower_cache_aside::__private::fuzz::response(status, &headers);
 });

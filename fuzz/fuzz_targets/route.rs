@@ -7,5 +7,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let pattern = fields.next().unwrap_or_default();
     let path = fields.next().unwrap_or_default();
     let templates: Vec<&str> = fields.take(8).collect();
-    tower_cache_aside::__fuzz::route(pattern, &templates, path);
+    tower_cache_aside::__private::fuzz::route(pattern, &templates, path);
 });

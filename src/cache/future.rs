@@ -5,22 +5,13 @@ use std::task::{ready, Context, Poll};
 use http::{HeaderMap, Response};
 use pin_project_lite::pin_project;
 
-use super::body::CacheBody;
-
-/// How a request was served, for the status headers.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Outcome {
-    Hit,
-    Stale,
-    Miss,
-    Bypass,
-}
+use crate::engine::CacheBody;
 
 type Boxed<B, E> = Pin<Box<dyn Future<Output = Result<Response<CacheBody<B>>, E>> + Send>>;
 type Annotate = Box<dyn FnOnce(&mut HeaderMap) + Send>;
 
 pin_project! {
-    /// The future of [`Cache`](crate::Cache).
+    /// The future of [`Cache`](crate::cache::Cache).
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         state: State<F, B, E>,

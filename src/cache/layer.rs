@@ -6,13 +6,11 @@ use http::request::Parts;
 use tower_layer::Layer;
 
 use super::service::Cache;
-use crate::key::{EntryKey, QueryFilter};
+use crate::engine::{Engine, Plan};
+use crate::key::EntryKey;
 use crate::policy::RouteTable;
-use crate::stats::{Breaker, CacheStats};
+use crate::stats::CacheStats;
 use crate::store::Store;
-
-/// Default largest body stored (larger ones stream through unstored).
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// The most `max_body_bytes` accepts: Valkey's largest value.
 const MAX_BODY_LIMIT: usize = 512 * 1024 * 1024;
@@ -25,7 +23,7 @@ const MAX_BODY_LIMIT: usize = 512 * 1024 * 1024;
 /// ```
 /// use std::time::Duration;
 /// use axum::{routing::get, Router};
-/// use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable};
+/// use tower_cache_aside::{CacheLayer, RoutePolicy, RouteTable, store::MemoryStore};
 ///
 /// let routes = RouteTable::new()
 ///     .route("/events/{id}", RoutePolicy::ttl(Duration::from_secs(300)).tags(["events", "event:{id}"]));
@@ -39,35 +37,15 @@ const MAX_BODY_LIMIT: usize = 512 * 1024 * 1024;
 #[derive(Clone)]
 #[must_use]
 pub struct CacheLayer<St> {
-    pub(crate) shared: Arc<Shared<St>>,
-}
-
-#[derive(Clone)]
-pub(crate) struct Shared<St> {
-    pub(crate) store: St,
-    pub(crate) routes: RouteTable,
-    pub(crate) query_filter: QueryFilter,
-    pub(crate) max_body_bytes: usize,
-    pub(crate) status_name: Arc<str>,
-    pub(crate) x_cache: bool,
-    pub(crate) mark_everything: bool,
-    pub(crate) credential_headers: Vec<HeaderName>,
-    pub(crate) stats: CacheStats,
-    pub(crate) deferred: Arc<crate::invalidate::Deferred>,
-    /// Test-only: fills ignore the fence, to show the race test can fail.
-    pub(crate) unfenced: bool,
-    pub(crate) flights: Arc<super::flights::Flights>,
-    pub(crate) stampede_wait: Duration,
-    pub(crate) hit_for_miss: Duration,
-    pub(crate) lease: Option<Duration>,
+    pub(crate) engine: Arc<Engine<St>>,
 }
 
 impl<St: std::fmt::Debug> std::fmt::Debug for CacheLayer<St> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheLayer")
-            .field("store", &self.shared.store)
-            .field("routes", &self.shared.routes)
-            .field("max_body_bytes", &self.shared.max_body_bytes)
+            .field("store", &self.engine.store)
+            .field("routes", &self.engine.routes)
+            .field("max_body_bytes", &self.engine.max_body_bytes)
             .finish()
     }
 }
@@ -78,28 +56,12 @@ impl<St: Store> CacheLayer<St> {
     /// are cached until routes are added.
     pub fn new(store: St) -> Self {
         CacheLayer {
-            shared: Arc::new(Shared {
-                store,
-                routes: RouteTable::new(),
-                query_filter: QueryFilter::default(),
-                max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-                status_name: Arc::from("tower-cache-aside"),
-                x_cache: true,
-                mark_everything: false,
-                credential_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],
-                stats: CacheStats::new(Breaker::new(5, Duration::from_secs(1))),
-                deferred: Arc::default(),
-                unfenced: false,
-                flights: Arc::default(),
-                stampede_wait: Duration::from_secs(10),
-                hit_for_miss: Duration::from_secs(30),
-                lease: None,
-            }),
+            engine: Arc::new(Engine::new(store)),
         }
     }
 
-    fn edit(mut self, f: impl FnOnce(&mut Shared<St>)) -> Self {
-        f(Arc::make_mut(&mut self.shared));
+    fn edit(mut self, f: impl FnOnce(&mut Engine<St>)) -> Self {
+        f(Arc::make_mut(&mut self.engine));
         self
     }
 
@@ -185,17 +147,11 @@ impl<St: Store> CacheLayer<St> {
     }
 
     /// Circuit breaker: after `failures` consecutive store errors, skip the store for
-    /// `cooldown`, then probe it with one request (default 5 failures, 1 s). Resets counters:
-    /// call it before [`CacheLayer::stats`].
+    /// `cooldown`, then probe it with one request (default 5 failures, 1 s). It may be set
+    /// at any point: nothing is reset.
     pub fn circuit_breaker(self, failures: u32, cooldown: Duration) -> Self {
-        self.edit(|s| s.stats = CacheStats::new(Breaker::new(failures, cooldown)))
-    }
-
-    /// Makes fills ignore the invalidation fence, reopening the stale-set race. For the test
-    /// that shows the race test can fail; never use it in an application.
-    #[doc(hidden)]
-    pub fn disable_fence_for_tests(self) -> Self {
-        self.edit(|s| s.unfenced = true)
+        self.engine.breaker.configure(failures, cooldown);
+        self
     }
 
     /// Stampede protection: how long a miss waits for another request already fetching the
@@ -221,7 +177,7 @@ impl<St: Store> CacheLayer<St> {
 
     /// The layer's counters (shared with every service it made).
     pub fn stats(&self) -> CacheStats {
-        self.shared.stats.clone()
+        self.engine.stats.clone()
     }
 
     /// The layer that clears tags after mutations, sharing this layer's store, routes,
@@ -230,14 +186,14 @@ impl<St: Store> CacheLayer<St> {
     /// runs first.
     pub fn invalidate_layer(&self) -> crate::InvalidateLayer<St> {
         crate::InvalidateLayer {
-            shared: self.shared.clone(),
+            engine: self.engine.clone(),
         }
     }
 
     /// A handle for handlers and background jobs: clear tags, purge, cache values.
     pub fn handle(&self) -> crate::CacheHandle<St> {
         crate::CacheHandle {
-            shared: self.shared.clone(),
+            engine: self.engine.clone(),
         }
     }
 
@@ -245,19 +201,19 @@ impl<St: Store> CacheLayer<St> {
     /// ([`RoutePolicy::keyed_by_body`](crate::RoutePolicy::keyed_by_body), [`grpc`](crate::RoutePolicy::grpc)).
     /// Put it outside this layer: in tonic, `Server::builder().layer(cache.body_digest_layer()).layer(cache)`.
     pub fn body_digest_layer(&self) -> crate::BodyDigestLayer {
-        crate::BodyDigestLayer::new(self.shared.routes.clone())
+        crate::BodyDigestLayer::new(self.engine.routes.clone())
     }
 
     /// The store.
     pub fn store(&self) -> &St {
-        &self.shared.store
+        &self.engine.store
     }
 
     /// The key a GET or HEAD request with these parts would be cached under, or `None` when
     /// it would not be looked up (another method, an uncached route, a bypass).
     pub fn entry_key(&self, parts: &Parts) -> Option<EntryKey> {
-        match self.shared.plan(parts) {
-            super::lookup::Plan::Lookup { key, .. } => Some(key),
+        match self.engine.plan(parts) {
+            Plan::Lookup { key, .. } => Some(key),
             _ => None,
         }
     }
@@ -269,10 +225,7 @@ impl<S, St: Store> Layer<S> for CacheLayer<St> {
     fn layer(&self, inner: S) -> Self::Service {
         Cache {
             inner,
-            shared: self.shared.clone(),
+            engine: self.engine.clone(),
         }
     }
 }
-
-pub(crate) static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");

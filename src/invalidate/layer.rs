@@ -3,7 +3,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::service::Invalidate;
-use crate::cache::Shared;
+use crate::engine::Engine;
 
 /// A tower layer that clears tags after mutating requests: the tags a POST, PUT, PATCH or
 /// DELETE names are cleared after the inner service answered and before the response goes
@@ -34,7 +34,7 @@ use crate::cache::Shared;
 /// ```
 /// use std::time::Duration;
 /// use axum::{routing::get, Router};
-/// use tower_cache_aside::{CacheLayer, MemoryStore, RoutePolicy, RouteTable};
+/// use tower_cache_aside::{CacheLayer, RoutePolicy, RouteTable, store::MemoryStore};
 ///
 /// let routes = RouteTable::new()
 ///     .route("/events/{id}", RoutePolicy::ttl(Duration::from_secs(300)).tags(["events", "event:{id}"]));
@@ -46,13 +46,13 @@ use crate::cache::Shared;
 /// ```
 #[must_use]
 pub struct InvalidateLayer<St> {
-    pub(crate) shared: Arc<Shared<St>>,
+    pub(crate) engine: Arc<Engine<St>>,
 }
 
 impl<St> Clone for InvalidateLayer<St> {
     fn clone(&self) -> Self {
         InvalidateLayer {
-            shared: self.shared.clone(),
+            engine: self.engine.clone(),
         }
     }
 }
@@ -69,7 +69,7 @@ impl<S, St> Layer<S> for InvalidateLayer<St> {
     fn layer(&self, inner: S) -> Self::Service {
         Invalidate {
             inner,
-            shared: self.shared.clone(),
+            engine: self.engine.clone(),
         }
     }
 }

@@ -5,10 +5,13 @@
 //! The rules (which tags, on which statuses, when the store cannot be reached) are on
 //! [`InvalidateLayer`].
 
-mod deferred;
 mod layer;
 mod service;
 
-pub(crate) use deferred::Deferred;
 pub use layer::InvalidateLayer;
 pub use service::Invalidate;
+
+crate::service_future::response_future! {
+    /// The future of [`Invalidate`]: the inner future untouched for requests that clear
+    /// nothing, else the inner call followed by the clear.
+}

@@ -6,23 +6,23 @@ use http::{HeaderMap, Method, Request, Response, Uri};
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::cache::Shared;
+use super::ResponseFuture;
+use crate::engine::{Clear, Engine};
 use crate::policy::InvalidateTags;
-use crate::service_future::PassthroughOrBoxed;
 use crate::store::Store;
 use crate::tags::{invalidation_header_tags, push_tags, request_host, uri_tag};
 
 /// The service made by [`InvalidateLayer`](crate::InvalidateLayer).
 pub struct Invalidate<S, St> {
     pub(crate) inner: S,
-    pub(crate) shared: Arc<Shared<St>>,
+    pub(crate) engine: Arc<Engine<St>>,
 }
 
 impl<S: Clone, St> Clone for Invalidate<S, St> {
     fn clone(&self) -> Self {
         Invalidate {
             inner: self.inner.clone(),
-            shared: self.shared.clone(),
+            engine: self.engine.clone(),
         }
     }
 }
@@ -63,7 +63,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = PassthroughOrBoxed<S::Future>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -71,13 +71,13 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         if !is_mutation(req.method()) {
-            return PassthroughOrBoxed::passthrough(self.inner.call(req));
+            return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let matched = self.shared.routes.find(req.uri().path());
+        let matched = self.engine.routes.find(req.uri().path());
         let route = matched.route.clone();
         if req.method() == Method::POST && route.policy.body_key.is_some() {
             // A body-keyed POST is a read (a gRPC query, say), not a write.
-            return PassthroughOrBoxed::passthrough(self.inner.call(req));
+            return ResponseFuture::passthrough(self.inner.call(req));
         }
         let mut tags = route.clear_tags(req.method(), &matched.params);
         let host = request_host(req.headers(), req.uri()).to_vec();
@@ -86,12 +86,12 @@ where
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let shared = self.shared.clone();
-        PassthroughOrBoxed::boxed(async move {
+        let engine = self.engine.clone();
+        ResponseFuture::boxed(async move {
             // Dropped before the clear ran (the client left, an outer timeout): the handler
             // may have written, so what the route clears is cleared anyway.
             let mut unless_done = ClearOnDrop {
-                shared: shared.clone(),
+                engine: engine.clone(),
                 tags: Some(tags.clone()),
             };
             let result = inner.call(req).await;
@@ -124,7 +124,7 @@ where
             // Fail-open: a failed clear is deferred (and the store bypassed) by `clear`. In a
             // task of its own, so that it runs to the end even if this future is dropped.
             let clear = async move {
-                let _ = shared.clear(tags).await;
+                let _ = engine.clear(tags).await;
             };
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
@@ -145,24 +145,24 @@ const SECOND_CLEAR_AFTER: std::time::Duration = std::time::Duration::from_secs(1
 /// Clears the tags it holds when dropped (in a task: drop cannot wait), and again a moment
 /// later.
 struct ClearOnDrop<St: Store> {
-    shared: Arc<Shared<St>>,
+    engine: Arc<Engine<St>>,
     tags: Option<Vec<String>>,
 }
 
 impl<St: Store> Drop for ClearOnDrop<St> {
     fn drop(&mut self) {
         let Some(tags) = self.tags.take() else { return };
-        let shared = self.shared.clone();
+        let engine = self.engine.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    let _ = shared.clear(tags.clone()).await;
+                    let _ = engine.clear(tags.clone()).await;
                     tokio::time::sleep(SECOND_CLEAR_AFTER).await;
-                    let _ = shared.clear(tags).await;
+                    let _ = engine.clear(tags).await;
                 });
             }
             // No runtime to clear from: bypass the store until a clear can land.
-            Err(_) => shared.defer(tags, false),
+            Err(_) => engine.defer(Clear::Tags(tags)),
         }
     }
 }

@@ -29,7 +29,7 @@ const ENTRY_OVERHEAD: usize = 560;
 /// the tags carry; entries it made dead are dropped when next read, or by TTL and eviction.
 ///
 /// ```
-/// use tower_cache_aside::{CacheLayer, MemoryStore};
+/// use tower_cache_aside::{CacheLayer, store::MemoryStore};
 ///
 /// let layer = CacheLayer::new(MemoryStore::new(64 * 1024 * 1024)); // 64 MiB
 /// ```
@@ -120,14 +120,11 @@ impl MemoryStore {
     }
 
     fn records(&self) -> std::sync::RwLockReadGuard<'_, Records> {
-        self.inner.records.read().unwrap_or_else(|e| e.into_inner())
+        crate::lock::read(&self.inner.records)
     }
 
     fn records_mut(&self) -> std::sync::RwLockWriteGuard<'_, Records> {
-        self.inner
-            .records
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::lock::write(&self.inner.records)
     }
 }
 

@@ -1,8 +1,11 @@
 //! Where entries live. [`Store`] is the small async trait every backend implements; the
 //! layer owns the rules (keys, freshness, fail-open) and a store only moves bytes.
 //!
-//! - [`MemoryStore`](crate::MemoryStore): in-process, bounded by bytes; needs no server.
-//! - [`ValkeyStore`](crate::ValkeyStore): Valkey or Redis through a `bb8-redis` pool.
+//! - [`MemoryStore`]: in-process, bounded by bytes; needs no server (feature `memory`).
+//! - [`ValkeyStore`]: Valkey or Redis through a `bb8-redis` pool (feature `valkey`).
+//! - [`TieredStore`]: a `MemoryStore` near cache in front of a `ValkeyStore` (both).
+//!
+//! Write your own by implementing [`Store`]: its docs state the contract and show one.
 
 use std::future::Future;
 use std::time::Duration;
@@ -13,12 +16,22 @@ use crate::error::StoreError;
 use crate::key::EntryKey;
 
 #[cfg(feature = "memory")]
-pub(crate) mod memory;
+mod memory;
 pub(crate) mod records;
 #[cfg(all(feature = "valkey", feature = "memory"))]
-pub(crate) mod tiered;
+mod tiered;
 #[cfg(feature = "valkey")]
-pub(crate) mod valkey;
+mod valkey;
+
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use memory::MemoryStore;
+#[cfg(all(feature = "valkey", feature = "memory"))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "valkey", feature = "memory"))))]
+pub use tiered::{TieredStore, DEFAULT_MAX_NEAR_TTL};
+#[cfg(feature = "valkey")]
+#[cfg_attr(docsrs, doc(cfg(feature = "valkey")))]
+pub use valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};
 
 /// Where a store's invalidation state stood when a lookup read it: the *epoch* of its clear
 /// records (made anew whenever they are created, so a lost record set shows) and the
@@ -93,7 +106,7 @@ impl Invalidation {
     }
 }
 
-/// A clear announced on a namespace's channel (see [`ValkeyStore::subscribe`](crate::ValkeyStore::subscribe)).
+/// A clear announced on a namespace's channel (see [`ValkeyStore::subscribe`](crate::store::ValkeyStore::subscribe)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Notice {
@@ -207,9 +220,8 @@ pub enum FillOutcome {
 /// ```
 /// use std::collections::HashMap;
 /// use std::sync::{Arc, Mutex};
-/// use tower_cache_aside::{
-///     EntryKey, Fence, Fill, FillOutcome, Invalidation, Lookup, Store, StoreError,
-/// };
+/// use tower_cache_aside::store::{Fence, Fill, FillOutcome, Invalidation, Lookup, Store};
+/// use tower_cache_aside::{EntryKey, StoreError};
 ///
 /// /// A toy store without expiry or bounds (use `MemoryStore` for real).
 /// #[derive(Clone, Default)]
@@ -316,7 +328,7 @@ pub trait Store: Clone + Send + Sync + 'static {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_cache_aside::{EntryKey, Fence, Fill, FillOutcome, MemoryStore, Store};
+    /// use tower_cache_aside::{EntryKey, store::{Fence, Fill, FillOutcome, MemoryStore, Store}};
     ///
     /// let store = MemoryStore::new(1 << 20);
     /// let key = EntryKey::new("events_id", [0; 32]);
@@ -353,7 +365,7 @@ mod tests {
     /// A store that keeps `Store`'s default `fill_in_background` (a task per fill).
     #[cfg(feature = "memory")]
     #[derive(Clone)]
-    struct Plain(crate::MemoryStore);
+    struct Plain(crate::store::MemoryStore);
 
     #[cfg(feature = "memory")]
     impl Store for Plain {
@@ -389,7 +401,7 @@ mod tests {
     #[cfg(feature = "memory")]
     #[tokio::test]
     async fn default_background_fill_runs_a_task_and_reports() {
-        let store = Plain(crate::MemoryStore::new(1 << 20));
+        let store = Plain(crate::store::MemoryStore::new(1 << 20));
         let fence = store
             .lookup(&EntryKey::new("r", [1; 32]))
             .await
@@ -405,7 +417,7 @@ mod tests {
     #[cfg(feature = "memory")]
     #[test]
     fn default_background_fill_outside_a_runtime_reports_an_error() {
-        let store = Plain(crate::MemoryStore::new(1 << 20));
+        let store = Plain(crate::store::MemoryStore::new(1 << 20));
         let outcome = std::sync::Arc::new(std::sync::Mutex::new(None));
         let seen = outcome.clone();
         store.fill_in_background(

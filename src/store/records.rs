@@ -14,7 +14,7 @@
 //! make entries dead, never alive: the records are one unit (one map here, one sorted set in
 //! Valkey), lost whole or not at all, and a loss shows as a new epoch.
 //!
-//! [`MemoryStore`](crate::MemoryStore) keeps its records here; the Valkey store keeps a
+//! [`MemoryStore`](crate::store::MemoryStore) keeps its records here; the Valkey store keeps a
 //! mirror of the server's record set here, per connection.
 
 // Each store uses part of this; a build with one store (or none) leaves the rest unused.

@@ -33,7 +33,7 @@ pub const DEFAULT_MAX_NEAR_TTL: Duration = Duration::from_secs(5);
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_cache_aside::{CacheLayer, MemoryStore, TieredStore, ValkeyStore};
+/// use tower_cache_aside::{CacheLayer, store::{MemoryStore, TieredStore, ValkeyStore}};
 ///
 /// # fn main() -> Result<(), tower_cache_aside::ConfigError> {
 /// let store = TieredStore::new(MemoryStore::new(32 << 20), ValkeyStore::from_env()?)

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod server;
+pub mod unfenced;
 
 /// Runs every listed `cases::NAME(store)` against MemoryStore, Valkey, Redis and a
 /// TieredStore (a near tier in front of Valkey).
@@ -55,8 +56,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_cache_aside::{
-    CacheHint, CacheLayer, CacheStats, MemoryStore, RoutePolicy, RouteTable, Scope, Store,
-    ValkeyStore,
+    store::{MemoryStore, Store, ValkeyStore},
+    CacheHint, CacheLayer, CacheStats, RoutePolicy, RouteTable, Scope,
 };
 
 pub use server::{Kind, Server};
@@ -84,10 +85,12 @@ pub fn valkey_store(server: &Server) -> ValkeyStore {
 }
 
 /// A near tier in front of a served store, its subscription live (so the near tier answers).
-pub async fn tiered(kind: Kind) -> Fixture<tower_cache_aside::TieredStore> {
+pub async fn tiered(kind: Kind) -> Fixture<tower_cache_aside::store::TieredStore> {
     let server = Server::start(kind);
-    let store =
-        tower_cache_aside::TieredStore::new(MemoryStore::new(64 << 20), valkey_store(&server));
+    let store = tower_cache_aside::store::TieredStore::new(
+        MemoryStore::new(64 << 20),
+        valkey_store(&server),
+    );
     // The first lookup starts the subscription; the near tier is used once it is live.
     let probe = tower_cache_aside::EntryKey::new("probe", [0; 32]);
     let deadline = Instant::now() + Duration::from_secs(10);

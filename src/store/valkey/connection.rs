@@ -15,11 +15,7 @@ use crate::error::StoreError;
 impl ValkeyStore {
     /// The shared connection, if one is open (nothing is connected here).
     pub(super) fn cached_connection(&self) -> Option<Tracked> {
-        self.inner
-            .conn
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::lock::read(&self.inner.conn).clone()
     }
 
     /// Takes a fresh connection from the pool and keeps a clone of it for every later
@@ -38,11 +34,7 @@ impl ValkeyStore {
     }
 
     fn discard_connection(&self) {
-        self.inner
-            .conn
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        crate::lock::write(&self.inner.conn).take();
     }
 
     /// Runs one command on the shared connection, bounded by the operation timeout (the
@@ -82,7 +74,7 @@ impl ValkeyStore {
     }
 
     /// The server's `maxmemory-policy`, where `CONFIG GET` is allowed. At start the store
-    /// logs what the cache does under it (see README, "What the store may drop").
+    /// logs what the cache does under it (see the crate docs, "What the store may drop").
     pub async fn eviction_policy(&self) -> Result<String, StoreError> {
         self.run(eviction_policy).await
     }
@@ -120,7 +112,7 @@ async fn report_eviction_policy(conn: MultiplexedConnection, url: String) {
         Err(e) => tracing::info!(
             %url, error = %e,
             "cannot read maxmemory-policy (CONFIG may be disabled); the cache stays correct under \
-             any policy, see README \"What the store may drop\""
+             any policy, see the crate docs, \"What the store may drop\""
         ),
     }
 }
@@ -147,8 +139,8 @@ pub(crate) fn policy_advice(policy: &str) -> (bool, &'static str) {
         ),
         _ => (
             false,
-            "unknown eviction policy: the cache stays correct, but check README \"What the \
-             store may drop\"",
+            "unknown eviction policy: the cache stays correct, but see the crate docs, \"What \
+             the store may drop\"",
         ),
     }
 }
@@ -169,7 +161,7 @@ async fn checkout(inner: &ValkeyInner) -> Result<Tracked, StoreError> {
     })?;
     let conn = pooled.clone();
     drop(pooled);
-    *inner.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+    *crate::lock::write(&inner.conn) = Some(conn.clone());
     Ok(conn)
 }
 
@@ -198,13 +190,13 @@ impl ValkeyStore {
         };
         let mut c = conn.conn;
         let high = self.high_water();
-        let mut sync = super::SYNC.prepare_invoke();
+        let mut sync = super::scripts::SYNC.prepare_invoke();
         sync.key(&self.inner.records_key)
             .arg(high.epoch())
             .arg(high.seq())
             .arg(high.epoch())
             .arg(high.seq())
-            .arg(super::epoch_nonce());
+            .arg(super::scripts::epoch_nonce());
         match sync
             .invoke_async::<redis::Value>(&mut c)
             .await
@@ -217,7 +209,7 @@ impl ValkeyStore {
             Err(e) => Err(e),
             Ok(reply) => {
                 // What it read raises the mark: a set it made anew is this store's newest.
-                if let Some(synced) = super::parse_synced(reply)? {
+                if let Some(synced) = super::replies::parse_synced(reply)? {
                     let seq = match synced.seq {
                         Some(seq) => seq,
                         None if synced.epoch == high.epoch() => high.seq(),

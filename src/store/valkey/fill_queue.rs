@@ -108,7 +108,7 @@ impl ValkeyStore {
             return reply.send(Ok(FillOutcome::Stored)); // nothing to keep
         }
         let sent = {
-            let mut slot = self.inner.fills.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = crate::lock::lock(&self.inner.fills);
             let queue = match slot.take().filter(|q| !q.is_closed()) {
                 Some(q) => slot.insert(q),
                 None => match tokio::runtime::Handle::try_current() {
@@ -177,7 +177,7 @@ impl ValkeyStore {
         let mut pipe = redis::Pipeline::with_capacity(sent.len());
         for &i in &sent {
             let fill = &batch[i];
-            let ttl_ms = (fill.ttl.as_millis().min(u128::from(MAX_TTL_MS)) as u64).max(1);
+            let ttl_ms = crate::entry::millis(fill.ttl).clamp(1, MAX_TTL_MS);
             pipe.cmd("SET")
                 .arg(self.entry_key(&fill.key))
                 .arg(StampedValue {
@@ -208,7 +208,7 @@ impl ValkeyStore {
                 redis::Value::ServerError(e) => {
                     Err(StoreError::Server(Box::new(RedisError::from(e))))
                 }
-                other => Err(super::unexpected_reply(other, "SET")),
+                other => Err(super::replies::unexpected_reply(other, "SET")),
             });
         }
         Ok(outcomes.into_iter().flatten().collect())

@@ -21,7 +21,7 @@ impl redis::ToRedisArgs for KeyArg<'_> {
         let _ = arg.write_all(self.prefix.as_bytes());
         let _ = arg.write_all(self.key.route().as_bytes());
         let _ = arg.write_all(b":");
-        let _ = arg.write_all(&crate::key::hex(self.key.digest()));
+        let _ = arg.write_all(&crate::hex::hex(self.key.digest()));
     }
 }
 

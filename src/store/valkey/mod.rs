@@ -6,6 +6,8 @@
 //! - `fill_queue`: the fill writer (pipelined `SET`s, bounded queue);
 //! - `subscription`: the pub/sub connection for near caches;
 //! - `keys`: key names and stamped values written into commands, lease tokens;
+//! - `scripts`: the record set's scripts, and the high-water mark their replies raise;
+//! - `replies`: reading what the server answered;
 //! - the `.lua` files: the record set's scripts (each touches that one key).
 //!
 //! Hot path: one cloned `MultiplexedConnection` is kept outside the pool, so a lookup is one
@@ -22,7 +24,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bb8_redis::bb8;
-use bb8_redis::redis::{self, RedisError};
+use bb8_redis::redis;
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -30,15 +32,18 @@ mod builder;
 mod connection;
 mod fill_queue;
 mod keys;
+mod replies;
+mod scripts;
 mod subscription;
 mod tracking;
 
 pub use builder::ValkeyStoreBuilder;
 use fill_queue::Reply;
 use keys::{lease_token, KeyArg};
-use tracking::{Manager, Synced, Tracker};
+use replies::{bulk, is_noscript, parse_synced, reads_whole_set};
+use scripts::{RELEASE_LEASE, SYNC};
+use tracking::{Manager, Tracker};
 
-use super::records::tag_id;
 use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store};
 use crate::error::{ConfigError, StoreError};
 use crate::key::EntryKey;
@@ -65,11 +70,11 @@ pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_millis(100);
 /// floor and none of its tags was cleared after its fence. A clear writes the record set
 /// and nothing else (O(tags)); a fill is one `SET ... PX`. Every command touches one key.
 /// Losing the record set (eviction, a restart, `FLUSHALL`) starts a new epoch: every entry
-/// from before reads as a miss, never as a hit. See README, "What the store may drop".
+/// from before reads as a miss, never as a hit. See the crate docs, "What the store may drop".
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use tower_cache_aside::ValkeyStore;
+/// use tower_cache_aside::store::ValkeyStore;
 ///
 /// # fn main() -> Result<(), tower_cache_aside::ConfigError> {
 /// // VALKEY_URL, else REDIS_URL, else redis://127.0.0.1:6379
@@ -171,97 +176,7 @@ impl ValkeyStore {
             key,
         }
     }
-
-    /// `EVALSHA` of the sync script: what changed in the record set since `from`.
-    fn sync_command(&self, from: Fence) -> redis::Cmd {
-        let high = self.high_water();
-        let mut cmd = redis::Cmd::with_capacity(8, self.inner.records_key.len() + 112);
-        cmd.arg("EVALSHA")
-            .arg(SYNC.get_hash())
-            .arg(1)
-            .arg(&self.inner.records_key)
-            .arg(high.epoch())
-            .arg(high.seq())
-            .arg(from.epoch())
-            .arg(from.seq())
-            .arg(epoch_nonce());
-        cmd
-    }
-
-    fn high_water(&self) -> Fence {
-        *self
-            .inner
-            .high_water
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Raises the high-water mark to a state a reply showed. Epochs only grow (the scripts
-    /// make each new one later than any the caller has seen), so states are ordered by
-    /// epoch, then sequence, and a late reply never lowers the mark.
-    pub(crate) fn saw(&self, fence: Fence) {
-        let mut high = self
-            .inner
-            .high_water
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if (fence.epoch(), fence.seq()) > (high.epoch(), high.seq()) {
-            *high = fence;
-        }
-    }
-
-    /// The purge, with the epoch it was made in (for a near tier).
-    pub(crate) async fn purge_fence(&self) -> Result<Fence, StoreError> {
-        self.write_records(None).await
-    }
-
-    /// Runs the clear script: clears `tags`, or purges when `None`.
-    async fn write_records(&self, tags: Option<&[String]>) -> Result<Fence, StoreError> {
-        let high = self.high_water();
-        let mut invocation = CLEAR.prepare_invoke();
-        invocation
-            .key(&self.inner.records_key)
-            .arg(high.epoch())
-            .arg(high.seq())
-            .arg(&self.inner.channel)
-            .arg(self.inner.max_clear_records);
-        match tags {
-            None => {
-                invocation.arg(-1);
-            }
-            Some(tags) => {
-                invocation.arg(tags.len());
-                for tag in tags {
-                    invocation.arg(&tag_id(tag).to_le_bytes()[..]);
-                }
-                for tag in tags {
-                    invocation.arg(tag);
-                }
-            }
-        }
-        invocation.arg(epoch_nonce());
-        let (epoch, seq): (u64, u64) = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        let fence = Fence::new(epoch, seq);
-        self.saw(fence);
-        Ok(fence)
-    }
 }
-
-/// A random number below 2^20 that a script adds to a new epoch, so that two instances
-/// making one from the same view still make different ones.
-fn epoch_nonce() -> u64 {
-    super::records::new_epoch() & ((1 << 20) - 1)
-}
-
-/// The record set's scripts.
-static SYNC: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("sync.lua")));
-static CLEAR: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("clear.lua")));
-static RELEASE_LEASE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("release_lease.lua")));
 
 /// What a lookup read: the entry alone (the mirror was current), or the entry and what
 /// changed in the records.
@@ -393,7 +308,7 @@ impl Store for ValkeyStore {
     async fn try_lease(&self, key: &EntryKey, ttl: Duration) -> Result<Option<u64>, StoreError> {
         let lease_key = self.lease_key(key);
         let token = lease_token();
-        let ttl_ms = ttl.as_millis().clamp(1, 1 << 40) as u64;
+        let ttl_ms = crate::entry::millis(ttl).clamp(1, 1 << 40);
         let set: Option<String> = self
             .run(|mut c| async move {
                 redis::cmd("SET")
@@ -420,187 +335,5 @@ impl Store for ValkeyStore {
 
     async fn purge(&self) -> Result<u64, StoreError> {
         Ok(self.write_records(None).await?.seq())
-    }
-}
-
-/// Whether the sync script asked for the whole set to be read with a plain `ZRANGE`.
-fn reads_whole_set(reply: &redis::Value) -> bool {
-    matches!(reply, redis::Value::Array(parts) if matches!(parts.get(1), Some(redis::Value::Int(2))))
-}
-
-fn is_noscript(reply: Option<&redis::Value>) -> bool {
-    matches!(reply, Some(redis::Value::ServerError(e)) if e.kind() == Some(redis::ServerErrorKind::NoScript))
-}
-
-/// A `GET` reply: a string or nil.
-fn bulk(value: redis::Value) -> Result<Option<Vec<u8>>, StoreError> {
-    match value {
-        redis::Value::BulkString(b) => Ok(Some(b)),
-        redis::Value::Nil => Ok(None),
-        other => Err(unexpected_reply(other, "GET")),
-    }
-}
-
-/// Reads the sync script's answer: `{ epoch, whole, { member, score, ... } }`; `None` when
-/// the records were gone by the time they were read.
-fn parse_synced(reply: redis::Value) -> Result<Option<Synced>, StoreError> {
-    let redis::Value::Array(mut parts) = reply else {
-        return Err(unexpected_reply(reply, "the sync script"));
-    };
-    if parts.len() != 3 {
-        return Err(unexpected_reply(
-            redis::Value::Array(parts),
-            "the sync script",
-        ));
-    }
-    let list = parts.pop().unwrap_or(redis::Value::Nil);
-    let whole = parts.pop().unwrap_or(redis::Value::Nil);
-    let epoch = parts.pop().unwrap_or(redis::Value::Nil);
-    let (redis::Value::Int(epoch), redis::Value::Int(whole), redis::Value::Array(list)) =
-        (epoch, whole, list)
-    else {
-        return Err(StoreError::Server(
-            "the sync script answered values of the wrong types".into(),
-        ));
-    };
-    let mut synced = Synced {
-        epoch: u64::try_from(epoch).unwrap_or(0),
-        whole: whole == 1,
-        ..Synced::default()
-    };
-    // A script's reply is flat (member, score, ...); a plain ZRANGE over RESP3 answers
-    // [member, score] pairs.
-    let mut items = list.into_iter();
-    let mut next_pair = || match items.next()? {
-        redis::Value::Array(pair) if pair.len() == 2 => {
-            let mut pair = pair.into_iter();
-            Some((pair.next()?, pair.next()?))
-        }
-        member => Some((member, items.next()?)),
-    };
-    while let Some((member, score)) = next_pair() {
-        let (redis::Value::BulkString(member), Some(score)) = (member, score_of(&score)) else {
-            return Err(StoreError::Server(
-                "the clear records hold an unreadable member".into(),
-            ));
-        };
-        match member.as_slice() {
-            b"seq" => synced.seq = Some(score),
-            b"floor" => synced.floor = Some(score),
-            // The set's own word on its epoch (a whole set read after the script).
-            b"epoch" => synced.epoch = score,
-            id => match <[u8; 8]>::try_from(id) {
-                Ok(id) => synced.records.push((u64::from_le_bytes(id), score)),
-                // Not ours: whatever wrote it, it cannot make an entry live.
-                Err(_) => tracing::warn!("ignoring a foreign member in the clear records"),
-            },
-        }
-    }
-    if synced.epoch == 0 || synced.whole && synced.seq.is_none() {
-        // The set vanished between the script and the whole read (evicted, flushed): this
-        // lookup knows nothing, and the next one makes the set again.
-        return Ok(None);
-    }
-    Ok(Some(synced))
-}
-
-/// A score as the server prints it: an integer, or a float for very large ones.
-fn score_of(value: &redis::Value) -> Option<u64> {
-    let text = match value {
-        redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?,
-        redis::Value::SimpleString(s) => s.as_str(),
-        redis::Value::Double(d) => return (d.is_finite() && *d >= 0.0).then_some(*d as u64),
-        redis::Value::Int(n) => return u64::try_from(*n).ok(),
-        _ => return None,
-    };
-    text.parse::<u64>().ok().or_else(|| {
-        let f: f64 = text.parse().ok()?;
-        (f.is_finite() && f >= 0.0).then_some(f as u64)
-    })
-}
-
-fn unexpected_reply(value: redis::Value, to: &str) -> StoreError {
-    match value {
-        redis::Value::ServerError(e) => StoreError::Server(Box::new(RedisError::from(e))),
-        // Described, not printed: the value may be a whole entry.
-        other => {
-            let what = match &other {
-                redis::Value::Array(items) => format!("an array of {} values", items.len()),
-                redis::Value::Int(_) => "an integer".to_owned(),
-                _ => "a value of another type".to_owned(),
-            };
-            StoreError::Server(format!("unexpected reply to {to}: {what}").into())
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scores_read_as_servers_print_them() {
-        let bulk = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
-        assert_eq!(score_of(&bulk("17")), Some(17));
-        assert_eq!(
-            score_of(&bulk("4503599627370495")),
-            Some(4_503_599_627_370_495)
-        );
-        assert_eq!(
-            score_of(&bulk("4.503599627370495e+15")),
-            Some(4_503_599_627_370_495)
-        );
-        assert_eq!(score_of(&redis::Value::Double(3.0)), Some(3));
-        assert_eq!(score_of(&bulk("x")), None);
-        assert_eq!(score_of(&bulk("-1")), None);
-    }
-
-    #[test]
-    fn sync_replies_are_checked() {
-        let bulk = |s: &[u8]| redis::Value::BulkString(s.to_vec());
-        let reply = |list: Vec<redis::Value>| {
-            redis::Value::Array(vec![
-                redis::Value::Int(5),
-                redis::Value::Int(0),
-                redis::Value::Array(list),
-            ])
-        };
-        let ok = parse_synced(reply(vec![
-            bulk(b"seq"),
-            bulk(b"9"),
-            bulk(&7u64.to_le_bytes()),
-            bulk(b"8"),
-            bulk(b"epoch"),
-            bulk(b"5"),
-        ]))
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            (ok.epoch, ok.whole, ok.seq, ok.floor),
-            (5, false, Some(9), None)
-        );
-        assert_eq!(ok.records, vec![(7, 8)]);
-        assert!(parse_synced(reply(vec![bulk(b"seq"), bulk(b"x")])).is_err());
-        assert!(parse_synced(redis::Value::Nil).is_err());
-        assert!(parse_synced(redis::Value::Array(vec![])).is_err());
-        // A whole read that found the set gone: nothing known, not an error.
-        let gone = redis::Value::Array(vec![
-            redis::Value::Int(0),
-            redis::Value::Int(1),
-            redis::Value::Array(vec![]),
-        ]);
-        assert!(parse_synced(gone).unwrap().is_none());
-        // RESP3 pairs, as a plain ZRANGE answers.
-        let pairs = redis::Value::Array(vec![
-            redis::Value::Int(0),
-            redis::Value::Int(1),
-            redis::Value::Array(vec![
-                redis::Value::Array(vec![bulk(b"floor"), redis::Value::Double(2.0)]),
-                redis::Value::Array(vec![bulk(b"seq"), redis::Value::Double(4.0)]),
-                redis::Value::Array(vec![bulk(b"epoch"), redis::Value::Double(9.0)]),
-            ]),
-        ]);
-        let whole = parse_synced(pairs).unwrap().unwrap();
-        assert_eq!((whole.epoch, whole.seq, whole.floor), (9, Some(4), Some(2)));
     }
 }

@@ -21,7 +21,7 @@ impl ValkeyStore {
     ///
     /// Must be called inside a Tokio runtime.
     pub fn subscribe(&self) -> broadcast::Receiver<Notice> {
-        let mut slot = self.inner.notices.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = crate::lock::lock(&self.inner.notices);
         if let Some(tx) = slot.as_ref().filter(|tx| tx.receiver_count() > 0) {
             return tx.subscribe();
         }

@@ -70,7 +70,7 @@ impl Tracker {
     }
 
     fn mirror(&self) -> std::sync::RwLockReadGuard<'_, Records> {
-        self.mirror.read().unwrap_or_else(|e| e.into_inner())
+        crate::lock::read(&self.mirror)
     }
 
     /// The fence, if the mirror is known to be current.
@@ -119,7 +119,7 @@ impl Tracker {
     /// newer one), or a list of changes against another epoch. Re-arms the mirror if nothing
     /// was announced since `mark`.
     pub(super) fn merge(&self, mark: u64, from: Fence, synced: Synced) -> Option<Fence> {
-        let mut mirror = self.mirror.write().unwrap_or_else(|e| e.into_inner());
+        let mut mirror = crate::lock::write(&self.mirror);
         let announced = self.state.load(Ordering::Acquire) >> 1 != mark;
         if synced.epoch < mirror.epoch() {
             return None;

@@ -5,14 +5,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::cache::Shared;
+use super::Engine;
+use crate::error::StoreError;
+use crate::lock::lock;
 use crate::stats::count;
 use crate::store::{Invalidation, Store};
-use crate::StoreError;
 
 /// Past this many deferred tags, the retry purges the namespace instead.
 const MAX_DEFERRED_TAGS: usize = 10_000;
 const RETRY_EVERY: Duration = Duration::from_millis(200);
+
+/// A clear to make.
+#[derive(Debug)]
+pub(crate) enum Clear {
+    /// Every entry carrying any of these tags.
+    Tags(Vec<String>),
+    /// Every entry of the namespace.
+    All,
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct Deferred {
@@ -34,11 +44,11 @@ impl Deferred {
     }
 
     fn state(&self) -> MutexGuard<'_, DeferredState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 
-impl<St: Store> Shared<St> {
+impl<St: Store> Engine<St> {
     /// Clears `tags` in the store now, or defers the clear when the store cannot be reached.
     pub(crate) async fn clear(
         self: &Arc<Self>,
@@ -49,22 +59,22 @@ impl<St: Store> Shared<St> {
         }
         let counters = &self.stats.inner;
         // An open breaker means the store is known to be down: defer without waiting on it.
-        let result = if counters.breaker.allow() {
+        let result = if self.breaker.allow() {
             self.store.invalidate(&tags).await
         } else {
             Err(StoreError::Unavailable("circuit breaker open".into()))
         };
         match result {
             Ok(done) => {
-                counters.breaker.success();
+                self.breaker.success();
                 count!(counters, invalidations);
                 Ok(done)
             }
             Err(e) => {
                 count!(counters, store_errors);
-                counters.breaker.failure();
+                self.breaker.failure();
                 tracing::warn!(error = %e, ?tags, "cache clear failed; deferring it and bypassing the store until it lands");
-                self.defer(tags, false);
+                self.defer(Clear::Tags(tags));
                 Err(e)
             }
         }
@@ -74,24 +84,29 @@ impl<St: Store> Shared<St> {
     pub(crate) async fn purge_all(self: &Arc<Self>) -> Result<u64, StoreError> {
         match self.store.purge().await {
             Ok(seq) => {
-                self.stats.inner.breaker.success();
+                self.breaker.success();
                 count!(self.stats.inner, invalidations);
                 Ok(seq)
             }
             Err(e) => {
                 count!(self.stats.inner, store_errors);
-                self.stats.inner.breaker.failure();
-                self.defer(Vec::new(), true);
+                self.breaker.failure();
+                self.defer(Clear::All);
                 Err(e)
             }
         }
     }
 
-    pub(crate) fn defer(self: &Arc<Self>, tags: Vec<String>, purge: bool) {
+    /// Keeps a clear that could not reach the store, bypasses the store until it lands,
+    /// and makes sure a retry runs.
+    pub(crate) fn defer(self: &Arc<Self>, clear: Clear) {
         count!(self.stats.inner, clears_deferred);
         let mut state = self.deferred.state();
-        state.tags.extend(tags);
-        state.purge |= purge || state.tags.len() > MAX_DEFERRED_TAGS;
+        match clear {
+            Clear::Tags(tags) => state.tags.extend(tags),
+            Clear::All => state.purge = true,
+        }
+        state.purge |= state.tags.len() > MAX_DEFERRED_TAGS;
         if state.purge {
             state.tags.clear();
         }
@@ -131,7 +146,7 @@ impl<St: Store> Shared<St> {
                 self.store.invalidate(&tags).await.map(|_| ())
             };
             if result.is_ok() {
-                self.stats.inner.breaker.success();
+                self.breaker.success();
                 count!(self.stats.inner, invalidations);
             } else {
                 let mut state = self.deferred.state();

@@ -78,7 +78,7 @@ impl Tee {
 }
 
 pin_project! {
-    /// The body of a response that went through [`Cache`](crate::Cache).
+    /// The body of a response that went through [`Cache`](crate::cache::Cache).
     pub struct CacheBody<B> {
         #[pin]
         kind: Kind<B>,

@@ -6,13 +6,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::key::EntryKey;
+use crate::lock::lock;
 
 /// What a leader's miss ended in, as its waiters see it.
 #[derive(Clone, Debug)]
@@ -52,10 +53,6 @@ pub(crate) enum Join {
     Waiter(watch::Receiver<Option<Landed>>),
     /// Recently uncacheable: go to the origin without waiting.
     Alone,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Flights {

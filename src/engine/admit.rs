@@ -1,0 +1,229 @@
+//! Whether a miss's response may be stored, and the entry it becomes: the RFC 9111
+//! decision, the size limit, the tags, and (once the body has ended) the checks that keep a
+//! broken body out of the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{CONNECTION, CONTENT_LENGTH};
+use http::response::Parts;
+use http::{HeaderMap, HeaderValue, Response};
+use http_body::Body;
+
+use super::body::{CacheBody, Tee};
+use super::flights::{FlightGuard, Landed};
+use super::status::{Miss, Status};
+use super::Engine;
+use crate::entry::{Entry, Lifetimes};
+use crate::key::EntryKey;
+use crate::policy::{decide, CacheHint, Decision, Route};
+use crate::stats::count;
+use crate::store::{Fence, Fill, Store};
+use crate::tags::{push_tags, take_entry_tags};
+
+/// A response admitted for storing, waiting for its body to end.
+struct Admitted {
+    key: EntryKey,
+    /// The entry without its body.
+    entry: Entry,
+    /// The `Content-Length` the response declared, which the body must match.
+    declared_len: Option<u64>,
+    /// A gRPC route: only a call whose status trailer says it succeeded is stored.
+    grpc: bool,
+    flight: Option<FlightGuard>,
+}
+
+impl<St: Store> Engine<St> {
+    /// Marks a miss's response and, when it may be stored, wraps its body so that a copy
+    /// is filled once the body has ended.
+    pub(crate) fn miss_response<B>(
+        self: &Arc<Self>,
+        res: Response<B>,
+        key: EntryKey,
+        route: &Route,
+        tags: Vec<String>,
+        fence: Option<Fence>,
+        flight: Option<FlightGuard>,
+    ) -> Response<CacheBody<B>>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Send + 'static,
+    {
+        count!(self.stats.inner, misses);
+        let (mut parts, body) = res.into_parts();
+        let admitted = match fence {
+            Some(fence) => self.admit(&mut parts, &body, route, tags, fence),
+            None => Err(Miss::StoreUnavailable),
+        };
+        let (entry, declared_len) = match admitted {
+            Ok(admitted) => admitted,
+            Err(miss) => {
+                self.refused(miss, flight);
+                self.mark(&mut parts.headers, Status::Miss(miss));
+                return Response::from_parts(parts, CacheBody::passthrough(body));
+            }
+        };
+        self.mark(&mut parts.headers, Status::Miss(Miss::Stored));
+        let admitted = Admitted {
+            key,
+            entry,
+            declared_len,
+            grpc: route.policy.grpc,
+            flight,
+        };
+        let engine = self.clone();
+        let tee = Tee::new(
+            self.max_body_bytes,
+            self.stats.clone(),
+            Box::new(move |body, trailers| engine.complete(admitted, body, trailers)),
+        );
+        // As long as requests waiting on this key would wait (10 s when nobody waits).
+        let patience = if self.stampede_wait.is_zero() {
+            Duration::from_secs(10)
+        } else {
+            self.stampede_wait
+        };
+        Response::from_parts(parts, CacheBody::filling(body, tee, patience))
+    }
+
+    /// The entry a response becomes (without its body) and the `Content-Length` it
+    /// declared, or why it is not stored. Takes the cache-only tag headers off the response.
+    fn admit<B: Body>(
+        &self,
+        parts: &mut Parts,
+        body: &B,
+        route: &Route,
+        mut tags: Vec<String>,
+        fence: Fence,
+    ) -> Result<(Entry, Option<u64>), Miss> {
+        let hint = parts.extensions.get::<CacheHint>();
+        let lifetimes = match decide(&route.policy, parts.status, &parts.headers, hint) {
+            Decision::Store {
+                lifetime,
+                initial_age_s,
+                stale_while_revalidate,
+                stale_if_error,
+            } => Lifetimes {
+                lifetime,
+                initial_age_s,
+                stale_while_revalidate,
+                stale_if_error,
+            },
+            Decision::Skip(why) => return Err(Miss::Uncacheable(why)),
+        };
+        let declared_len = crate::headers::content_length(&parts.headers);
+        let known_len = declared_len.unwrap_or(0).max(body.size_hint().lower());
+        if known_len > self.max_body_bytes as u64 {
+            return Err(Miss::TooLarge);
+        }
+        if let Some(hint) = hint {
+            push_tags(&mut tags, hint.tags.iter().map(String::as_str), "CacheHint");
+        }
+        take_entry_tags(&mut parts.headers, &mut tags);
+        let headers = storable_headers(&parts.headers);
+        let entry = Entry::new(parts.status, headers, fence, tags, lifetimes);
+        Ok((entry, declared_len))
+    }
+
+    /// Counts a response that is not stored, and tells the requests waiting on its key.
+    fn refused(&self, miss: Miss, flight: Option<FlightGuard>) {
+        match miss {
+            Miss::Uncacheable(_) => count!(self.stats.inner, uncacheable),
+            Miss::TooLarge => count!(self.stats.inner, oversize),
+            _ => {}
+        }
+        if let Some(f) = flight {
+            // Remembered as hit-for-miss: later misses go to the origin without queueing.
+            drop(f.land(Landed::Uncacheable, self.hit_for_miss));
+        }
+    }
+
+    /// The body has ended within the limit: checks it and fills the store.
+    fn complete(
+        self: Arc<Self>,
+        admitted: Admitted,
+        body: bytes::Bytes,
+        trailers: Option<HeaderMap>,
+    ) {
+        let Admitted {
+            key,
+            mut entry,
+            declared_len,
+            grpc,
+            flight,
+        } = admitted;
+        if grpc && !grpc_ok(&entry.headers, trailers.as_ref()) {
+            self.refused(
+                Miss::Uncacheable(crate::policy::Uncacheable::GrpcStatus),
+                flight,
+            );
+            return;
+        }
+        // A body that ended short of (or past) its Content-Length is broken: it reached
+        // this client as it is, but is never replayed to others.
+        if declared_len.is_some_and(|n| n != body.len() as u64) {
+            count!(self.stats.inner, uncacheable);
+            tracing::warn!(
+                declared = declared_len,
+                received = body.len(),
+                "response body does not match its Content-Length; not stored"
+            );
+            if let Some(f) = flight {
+                drop(f.land(Landed::Failed, Duration::ZERO));
+            }
+            return;
+        }
+        entry.body = body;
+        entry.trailers = trailers.map(Box::new);
+        // Stored once here, so that hits need not format it.
+        if !entry.headers.contains_key(CONTENT_LENGTH) {
+            let len = HeaderValue::from(entry.body.len());
+            entry.headers.insert(CONTENT_LENGTH, len);
+        }
+        let encoded = entry.encode();
+        let landing = flight.map(|f| f.land(Landed::Entry(encoded.clone()), Duration::ZERO));
+        let fill = Fill::new(key, encoded, entry.store_ttl(), entry.tags, entry.fence);
+        self.spawn_fill(fill, landing);
+    }
+}
+
+/// Whether a gRPC response says it succeeded: `grpc-status: 0` in the trailers, or in the
+/// headers of a trailers-only response.
+fn grpc_ok(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> bool {
+    let status = trailers
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| headers.get("grpc-status"));
+    status.is_some_and(|s| s == "0")
+}
+
+/// The headers worth storing: no hop-by-hop headers (RFC 9110 §7.6.1), no `Age` (recomputed
+/// on every hit) and no `Set-Cookie` (never stored anyway).
+fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    const HOP_BY_HOP: [&str; 8] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "age",
+    ];
+    let listed: Vec<String> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || n == "set-cookie" || listed.iter().any(|l| l == n) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}

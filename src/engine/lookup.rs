@@ -1,0 +1,93 @@
+//! The one store round trip that decides hit, stale or miss, with the breaker and deferred
+//! clears in front of it.
+
+use std::time::{Duration, Instant};
+
+use super::Engine;
+use crate::entry::{now_ms, Entry, Staleness};
+use crate::key::EntryKey;
+use crate::stats::count;
+use crate::store::{Fence, Store};
+
+/// What the lookup step found.
+// Lives for one step on the stack; boxing the entry would allocate on every hit.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Found {
+    Hit(Entry),
+    /// Past its freshness but within a stale window (RFC 5861).
+    Stale {
+        entry: Entry,
+        fence: Fence,
+    },
+    Miss {
+        fence: Fence,
+    },
+    /// The store failed or the breaker is open: serve from the origin, do not fill.
+    Unavailable,
+}
+
+impl<St: Store> Engine<St> {
+    pub(crate) async fn lookup(&self, key: &EntryKey, now_ms: u64) -> Found {
+        let counters = &self.stats.inner;
+        if self.deferred.pending() {
+            // A clear has not reached the store yet: what it holds may predate a mutation.
+            count!(counters, pending_clear_skips);
+            return Found::Unavailable;
+        }
+        if !self.breaker.allow() {
+            count!(counters, breaker_skips);
+            return Found::Unavailable;
+        }
+        let lookup = match self.store.lookup(key).await {
+            Ok(l) => l,
+            Err(e) => {
+                count!(counters, store_errors);
+                self.breaker.failure();
+                tracing::debug!(error = %e, %key, "cache lookup failed; passing through");
+                return Found::Unavailable;
+            }
+        };
+        self.breaker.success();
+        let fence = || lookup.fence;
+        let Some(bytes) = lookup.value else {
+            return Found::Miss { fence: fence() };
+        };
+        match Entry::decode(bytes) {
+            Ok(entry) => match entry.staleness(now_ms) {
+                Staleness::Fresh => Found::Hit(entry),
+                Staleness::Revalidate | Staleness::IfError => Found::Stale {
+                    entry,
+                    fence: fence(),
+                },
+                Staleness::Dead => Found::Miss { fence: fence() },
+            },
+            Err(e) => {
+                count!(counters, decode_errors);
+                tracing::warn!(%key, reason = e.0, "unreadable cache entry; treating as a miss");
+                Found::Miss { fence: fence() }
+            }
+        }
+    }
+
+    /// Polls the store for an entry another instance (holding the lease) is fetching, at
+    /// most `wait`; takes it only if no clear happened since our own lookup.
+    pub(crate) async fn await_remote_fill(
+        &self,
+        key: &EntryKey,
+        fence: Fence,
+        wait: Duration,
+    ) -> Option<Entry> {
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(5);
+        while Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+            match self.lookup(key, now_ms()).await {
+                Found::Hit(entry) if entry.fence.is_at_or_after(fence) => return Some(entry),
+                Found::Unavailable => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+}

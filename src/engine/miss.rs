@@ -1,0 +1,183 @@
+//! The miss path: call the origin once per key (stampede protection, in this instance and,
+//! with a lease, across instances), answer with a stale entry if the origin fails and one
+//! is allowed, and store what it returns when allowed. Also the background refresh of a
+//! stale entry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::body::CacheBody;
+use super::flights::{wait_for, FlightGuard, Join, Landed};
+use super::lookup::Found;
+use super::respond::Served;
+use super::status::{Miss, Stale, Status};
+use super::{Engine, Want};
+use crate::entry::{now_ms, Entry};
+use crate::key::EntryKey;
+use crate::policy::Route;
+use crate::stats::count;
+use crate::store::{Fence, Store};
+
+/// A request to send to the origin, with the key and route it was looked up under.
+pub(crate) struct OriginCall<S, ReqBody> {
+    pub(crate) inner: S,
+    pub(crate) req: Request<ReqBody>,
+    pub(crate) key: EntryKey,
+    pub(crate) route: Arc<Route>,
+}
+
+/// What joining a key's flight gave.
+enum Joined {
+    /// Another request fetched it since our lookup: serve that.
+    Served(Entry),
+    /// Call the origin, leading the flight (when there is one).
+    Lead(Option<FlightGuard>),
+}
+
+impl<St: Store> Engine<St> {
+    /// Answers a miss (or a stale entry that may be served only if the origin fails).
+    /// `fence` is `None` when the store could not be asked: nothing is stored then.
+    pub(crate) async fn fetch<S, ReqBody, ResBody>(
+        self: Arc<Self>,
+        call: OriginCall<S, ReqBody>,
+        want: Want,
+        fence: Option<Fence>,
+        stale: Option<Entry>,
+    ) -> Result<Response<CacheBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Send,
+        ResBody::Error: Send + 'static,
+    {
+        let OriginCall {
+            mut inner,
+            req,
+            key,
+            route,
+        } = call;
+        let flight = match self.join_flight(&key, fence, want).await {
+            Joined::Served(entry) => {
+                count!(self.stats.inner, collapsed);
+                return Ok(self.hit_response(entry, want, now_ms(), Served::Collapsed));
+            }
+            Joined::Lead(flight) => flight,
+        };
+        let tags = self.entry_tags(req.headers(), req.uri());
+        let result = inner.call(req).await;
+        // Stale-if-error: an origin failure is answered with the stale entry.
+        if let Some(entry) = stale {
+            let failed = match &result {
+                Ok(res) => res.status().is_server_error(),
+                Err(_) => true,
+            };
+            if failed {
+                count!(self.stats.inner, stale_on_error);
+                let served = Served::Stale(Stale::IfError);
+                return Ok(self.hit_response(entry, want, now_ms(), served));
+            }
+        }
+        let res = result?;
+        if want == Want::HeadersOnly {
+            // A HEAD response has no body to store, and storing it would poison GET.
+            count!(self.stats.inner, misses);
+            let (mut parts, body) = res.into_parts();
+            self.mark(&mut parts.headers, Status::Miss(Miss::Head));
+            return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
+        }
+        Ok(self.miss_response(res, key, &route, tags, fence, flight))
+    }
+
+    /// Stampede protection: one request per key calls the origin; the others wait for it.
+    async fn join_flight(&self, key: &EntryKey, fence: Option<Fence>, want: Want) -> Joined {
+        let Some(fence) = fence else {
+            return Joined::Lead(None);
+        };
+        if want == Want::HeadersOnly || self.stampede_wait.is_zero() {
+            return Joined::Lead(None);
+        }
+        match self.flights.join(key) {
+            Join::Leader(guard) => self.lease(key, fence, guard).await,
+            Join::Waiter(rx) => match wait_for(rx, self.stampede_wait).await {
+                Landed::Entry(bytes) => {
+                    // The leader's data is ours only if no clear happened between its
+                    // lookup and ours: a write acknowledged before we started would have
+                    // moved the fence past the leader's.
+                    match Entry::decode(bytes) {
+                        Ok(entry) if entry.fence.is_at_or_after(fence) => Joined::Served(entry),
+                        _ => Joined::Lead(None),
+                    }
+                }
+                Landed::Uncacheable | Landed::Failed => Joined::Lead(None),
+            },
+            Join::Alone => Joined::Lead(None),
+        }
+    }
+
+    /// Across instances (when configured): takes the store's lease on the key, or waits
+    /// for the instance holding it to fill the entry.
+    async fn lease(&self, key: &EntryKey, fence: Fence, mut guard: FlightGuard) -> Joined {
+        let Some(ttl) = self.lease else {
+            return Joined::Lead(Some(guard));
+        };
+        match self.store.try_lease(key, ttl).await {
+            Ok(Some(token)) => {
+                let (store, key) = (self.store.clone(), key.clone());
+                guard.on_done(move || {
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        rt.spawn(async move { store.release_lease(&key, token).await });
+                    }
+                });
+            }
+            Ok(None) => {
+                // Another instance is fetching it: wait for its result.
+                if let Some(entry) = self.await_remote_fill(key, fence, ttl).await {
+                    drop(guard.land(Landed::Entry(entry.encode()), Duration::ZERO));
+                    return Joined::Served(entry);
+                }
+            }
+            Err(_) => {}
+        }
+        Joined::Lead(Some(guard))
+    }
+
+    /// Refreshes a stale entry in the background with the request that found it stale.
+    pub(crate) async fn refresh<S, ReqBody, ResBody>(
+        self: Arc<Self>,
+        call: OriginCall<S, ReqBody>,
+        fence: Fence,
+        flight: FlightGuard,
+    ) where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Send,
+        ResBody::Error: Send + 'static,
+    {
+        use http_body_util::BodyExt;
+        let OriginCall {
+            mut inner,
+            req,
+            key,
+            route,
+        } = call;
+        // Another refresh may have landed between our lookup and our taking the lead.
+        if let Found::Hit(_) = self.lookup(&key, now_ms()).await {
+            return;
+        }
+        count!(self.stats.inner, refreshes);
+        let tags = self.entry_tags(req.headers(), req.uri());
+        let Ok(res) = inner.call(req).await else {
+            return; // the guard tells any waiter it failed
+        };
+        let res = self.miss_response(res, key, &route, tags, Some(fence), Some(flight));
+        // Drain the body so the copy completes and is stored.
+        let body = res.into_body();
+        if body.is_filling() {
+            let _ = body.collect().await;
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The engine: every decision the cache makes, behind the middlewares that adapt it to tower.
+//!
+//! [`Engine`] is the state one [`CacheLayer`](crate::CacheLayer) and everything it made
+//! share (its store, route table, counters, breaker, flights and deferred clears). The
+//! adapters (`cache/`, `invalidate/`, `body_digest/`, `handle`) call it and never the
+//! reverse. One step per file, in the order a request meets them:
+//!
+//! - `plan`: before anything is awaited, skip, bypass (and why) or look up under which key;
+//! - `lookup`: the one store round trip that says hit, stale or miss (and the breaker, and
+//!   clears still deferred);
+//! - `miss`: the origin call, once per key (`flights`), with stale-if-error and refreshes;
+//! - `admit`: whether a miss's response may be stored, and the entry it becomes;
+//! - `body`: the response body, streaming to the client while a copy is kept for the fill;
+//! - `fill`: the fenced write to the store, in the background;
+//! - `respond`: a stored entry answered as a response;
+//! - `status`: the `Cache-Status` and `X-Cache` headers, from one [`Status`];
+//! - `clear`: tag clears and purges, deferred and retried when the store is away;
+//! - `breaker`: the circuit breaker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+
+use crate::key::QueryFilter;
+use crate::policy::RouteTable;
+use crate::stats::CacheStats;
+
+mod admit;
+mod body;
+mod breaker;
+mod clear;
+mod fill;
+mod flights;
+mod lookup;
+mod miss;
+mod plan;
+mod respond;
+mod serve;
+mod status;
+
+pub use body::CacheBody;
+pub(crate) use breaker::Breaker;
+pub(crate) use clear::{Clear, Deferred};
+pub(crate) use lookup::Found;
+pub(crate) use miss::OriginCall;
+pub(crate) use plan::{Bypass, Plan};
+pub(crate) use status::Status;
+
+/// Default largest body stored (larger ones stream through unstored).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What one layer and everything it made share. The builder (`CacheLayer`) edits a copy
+/// before the first service is made; afterwards it is read-only but for its atomics and
+/// locks.
+#[derive(Clone)]
+pub(crate) struct Engine<St> {
+    pub(crate) store: St,
+    pub(crate) routes: RouteTable,
+    pub(crate) query_filter: QueryFilter,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) status_name: Arc<str>,
+    pub(crate) x_cache: bool,
+    pub(crate) mark_everything: bool,
+    pub(crate) credential_headers: Vec<HeaderName>,
+    pub(crate) stats: CacheStats,
+    pub(crate) breaker: Arc<Breaker>,
+    pub(crate) deferred: Arc<Deferred>,
+    pub(crate) flights: Arc<flights::Flights>,
+    pub(crate) stampede_wait: Duration,
+    pub(crate) hit_for_miss: Duration,
+    pub(crate) lease: Option<Duration>,
+}
+
+impl<St> Engine<St> {
+    /// The defaults every builder option documents.
+    pub(crate) fn new(store: St) -> Self {
+        let breaker = Arc::new(Breaker::new(5, Duration::from_secs(1)));
+        Engine {
+            store,
+            routes: RouteTable::new(),
+            query_filter: QueryFilter::default(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            status_name: Arc::from("tower-cache-aside"),
+            x_cache: true,
+            mark_everything: false,
+            credential_headers: vec![http::header::AUTHORIZATION, http::header::COOKIE],
+            stats: CacheStats::new(breaker.clone()),
+            breaker,
+            deferred: Arc::default(),
+            flights: Arc::default(),
+            stampede_wait: Duration::from_secs(10),
+            hit_for_miss: Duration::from_secs(30),
+            lease: None,
+        }
+    }
+}
+
+/// Whether a request wants the body or only the headers (HEAD): a HEAD is answered from the
+/// GET entry but never fills it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Want {
+    Body,
+    HeadersOnly,
+}
+
+impl Want {
+    pub(crate) fn of(method: &http::Method) -> Self {
+        if method == http::Method::HEAD {
+            Want::HeadersOnly
+        } else {
+            Want::Body
+        }
+    }
+}

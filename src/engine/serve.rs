@@ -1,0 +1,61 @@
+//! The path of a looked-up request, top to bottom: one store round trip; a fresh entry is
+//! answered without calling the origin; a stale one is answered while one request refreshes
+//! it; anything else goes down the miss path.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::body::CacheBody;
+use super::lookup::Found;
+use super::miss::OriginCall;
+use super::respond::Served;
+use super::status::Stale;
+use super::{Engine, Want};
+use crate::entry::{now_ms, Staleness};
+use crate::stats::count;
+use crate::store::Store;
+
+impl<St: Store> Engine<St> {
+    /// Answers a request the plan said to look up.
+    pub(crate) async fn serve<S, ReqBody, ResBody>(
+        self: Arc<Self>,
+        call: OriginCall<S, ReqBody>,
+        want: Want,
+    ) -> Result<Response<CacheBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send,
+        ReqBody: Send + 'static,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Send,
+        ResBody::Error: Send + 'static,
+    {
+        let now = now_ms();
+        let (fence, stale) = match self.lookup(&call.key, now).await {
+            Found::Hit(entry) => {
+                count!(self.stats.inner, hits);
+                return Ok(self.hit_response(entry, want, now, Served::Fresh));
+            }
+            Found::Stale { entry, fence } if entry.staleness(now) == Staleness::Revalidate => {
+                // Serve it now; this request, in the background, refreshes it (once).
+                count!(self.stats.inner, stale_hits);
+                if want == Want::Body {
+                    if let Some(flight) = self.flights.lead(&call.key) {
+                        tokio::spawn(self.clone().refresh(call, fence, flight));
+                    }
+                }
+                let served = Served::Stale(Stale::WhileRevalidate);
+                return Ok(self.hit_response(entry, want, now, served));
+            }
+            Found::Stale { entry, fence } => (Some(fence), Some(entry)),
+            Found::Miss { fence } => (Some(fence), None),
+            Found::Unavailable => (None, None),
+        };
+        // Misses run in a future of their own, so a hit's future stays small to allocate
+        // and move.
+        Box::pin(self.fetch(call, want, fence, stale)).await
+    }
+}

@@ -1,0 +1,407 @@
+//! The HTTP rules a shared cache applies to one response (RFC 9111, RFC 5861): the
+//! `Cache-Control` directives it acts on and the decision to store or not, with the lifetime.
+//! The precedence is in the `policy` module docs.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, SET_COOKIE, VARY};
+use http::HeaderMap;
+
+use super::{CacheHint, Freshness, RoutePolicy, Scope};
+
+/// The `Cache-Control` directives a shared cache acts on.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct CacheControl {
+    pub(crate) no_store: bool,
+    pub(crate) no_cache: bool,
+    pub(crate) private: bool,
+    pub(crate) public: bool,
+    pub(crate) max_age: Option<u64>,
+    pub(crate) s_maxage: Option<u64>,
+    pub(crate) stale_while_revalidate: Option<u64>,
+    pub(crate) stale_if_error: Option<u64>,
+    pub(crate) must_revalidate: bool,
+}
+
+impl CacheControl {
+    pub(crate) fn parse(headers: &HeaderMap) -> Self {
+        let mut cc = CacheControl::default();
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else {
+                // Unreadable directives: assume the strictest reading.
+                cc.no_store = true;
+                continue;
+            };
+            for directive in value.split(',') {
+                let (name, arg) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (directive.trim(), None),
+                };
+                // An unparsable delta-seconds makes the response stale (RFC 9111 §1.2.2).
+                let secs = || arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => cc.no_store = true,
+                    "no-cache" => cc.no_cache = true,
+                    "private" => cc.private = true,
+                    "public" => cc.public = true,
+                    "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
+                    "max-age" => cc.max_age = Some(secs()),
+                    "s-maxage" => cc.s_maxage = Some(secs()),
+                    "stale-while-revalidate" => cc.stale_while_revalidate = Some(secs()),
+                    "stale-if-error" => cc.stale_if_error = Some(secs()),
+                    _ => {}
+                }
+            }
+        }
+        cc
+    }
+}
+
+/// Why a response is not stored: the `detail` of its `Cache-Status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Uncacheable {
+    /// The status is not in the route's list.
+    Status,
+    /// The response sets a cookie.
+    SetCookie,
+    /// A gRPC call that failed (`grpc-status` other than 0).
+    GrpcStatus,
+    /// The handler said [`CacheHint::no_store`].
+    HandlerNoStore,
+    /// `Cache-Control: no-store`.
+    NoStore,
+    /// `Cache-Control: no-cache` (it would need revalidating on every use).
+    NoCache,
+    /// `Cache-Control: private` on a route that is not per-user.
+    Private,
+    /// A `Vary` header that is not readable text.
+    VaryUnreadable,
+    /// `Vary: *`.
+    VaryStar,
+    /// `Vary` on a header the route does not declare.
+    VaryUndeclared,
+    /// No lifetime from the hint, the headers or the route.
+    NoFreshness,
+    /// Already older (`Age`) than its lifetime.
+    Stale,
+}
+
+impl Uncacheable {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Uncacheable::Status => "status",
+            Uncacheable::SetCookie => "set-cookie",
+            Uncacheable::GrpcStatus => "grpc-status",
+            Uncacheable::HandlerNoStore => "handler-no-store",
+            Uncacheable::NoStore => "no-store",
+            Uncacheable::NoCache => "no-cache",
+            Uncacheable::Private => "private",
+            Uncacheable::VaryUnreadable => "vary",
+            Uncacheable::VaryStar => "vary-star",
+            Uncacheable::VaryUndeclared => "vary-undeclared",
+            Uncacheable::NoFreshness => "no-freshness",
+            Uncacheable::Stale => "stale",
+        }
+    }
+}
+
+/// What the layer does with a response it fetched on a miss.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    Store {
+        lifetime: Duration,
+        initial_age_s: u32,
+        stale_while_revalidate: Duration,
+        stale_if_error: Duration,
+    },
+    Skip(Uncacheable),
+}
+
+/// Applies the rules in the module docs to one response.
+pub(crate) fn decide(
+    policy: &RoutePolicy,
+    status: http::StatusCode,
+    headers: &HeaderMap,
+    hint: Option<&CacheHint>,
+) -> Decision {
+    if !policy.statuses.contains(&status) {
+        return Decision::Skip(Uncacheable::Status);
+    }
+    if headers.contains_key(SET_COOKIE) {
+        return Decision::Skip(Uncacheable::SetCookie);
+    }
+    // A trailers-only gRPC response carries its status in the headers.
+    if policy.grpc && headers.get("grpc-status").is_some_and(|s| s != "0") {
+        return Decision::Skip(Uncacheable::GrpcStatus);
+    }
+    if hint.is_some_and(|h| h.no_store) {
+        return Decision::Skip(Uncacheable::HandlerNoStore);
+    }
+    let cc = CacheControl::parse(headers);
+    if cc.no_store {
+        return Decision::Skip(Uncacheable::NoStore);
+    }
+    if cc.no_cache {
+        return Decision::Skip(Uncacheable::NoCache);
+    }
+    if cc.private && !matches!(policy.scope, Scope::PerUser(_)) {
+        return Decision::Skip(Uncacheable::Private);
+    }
+    for value in headers.get_all(VARY) {
+        let Ok(value) = value.to_str() else {
+            return Decision::Skip(Uncacheable::VaryUnreadable);
+        };
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return Decision::Skip(Uncacheable::VaryStar);
+            }
+            if !policy
+                .vary
+                .iter()
+                .any(|v| v.as_str().eq_ignore_ascii_case(name))
+            {
+                return Decision::Skip(Uncacheable::VaryUndeclared);
+            }
+        }
+    }
+    let lifetime = hint
+        .and_then(|h| h.ttl)
+        .or(cc.s_maxage.map(Duration::from_secs))
+        .or(cc.max_age.map(Duration::from_secs))
+        .or_else(|| expires_lifetime(headers))
+        .or(match policy.freshness {
+            Freshness::Ttl(ttl) => Some(ttl),
+            _ => None,
+        });
+    let Some(lifetime) = lifetime else {
+        return Decision::Skip(Uncacheable::NoFreshness);
+    };
+    let initial_age_s = headers
+        .get(AGE)
+        .and_then(|a| a.to_str().ok())
+        .and_then(|a| a.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    if lifetime <= Duration::from_secs(u64::from(initial_age_s)) {
+        return Decision::Skip(Uncacheable::Stale);
+    }
+    // RFC 5861: the response's own windows win over the route's; `must-revalidate` and
+    // `proxy-revalidate` forbid serving stale at all.
+    let (swr, sie) = if cc.must_revalidate {
+        (Duration::ZERO, Duration::ZERO)
+    } else {
+        (
+            cc.stale_while_revalidate
+                .map_or(policy.stale_while_revalidate, Duration::from_secs),
+            cc.stale_if_error
+                .map_or(policy.stale_if_error, Duration::from_secs),
+        )
+    };
+    Decision::Store {
+        lifetime,
+        initial_age_s,
+        stale_while_revalidate: swr,
+        stale_if_error: sie,
+    }
+}
+
+/// `Expires` minus `Date` (or now, without `Date`); an invalid `Expires` means stale.
+fn expires_lifetime(headers: &HeaderMap) -> Option<Duration> {
+    let expires = headers.get(EXPIRES)?;
+    let parse = |v: &http::HeaderValue| {
+        v.to_str()
+            .ok()
+            .and_then(|s| httpdate::parse_http_date(s).ok())
+    };
+    let Some(expires) = parse(expires) else {
+        return Some(Duration::ZERO);
+    };
+    let date = headers
+        .get(DATE)
+        .and_then(parse)
+        .unwrap_or_else(SystemTime::now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderName, HeaderValue};
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn code(n: u16) -> http::StatusCode {
+        http::StatusCode::from_u16(n).unwrap()
+    }
+
+    fn ttl(s: u64) -> RoutePolicy {
+        RoutePolicy::ttl(Duration::from_secs(s))
+    }
+
+    #[test]
+    fn lifetime_precedence() {
+        let p = ttl(300);
+        let store = |l| Decision::Store {
+            lifetime: Duration::from_secs(l),
+            initial_age_s: 0,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        };
+        assert_eq!(decide(&p, code(200), &headers(&[]), None), store(300));
+        assert_eq!(
+            decide(
+                &p,
+                code(200),
+                &headers(&[("cache-control", "max-age=10")]),
+                None
+            ),
+            store(10)
+        );
+        assert_eq!(
+            decide(
+                &p,
+                code(200),
+                &headers(&[("cache-control", "max-age=10, s-maxage=20")]),
+                None
+            ),
+            store(20)
+        );
+        let hint = CacheHint::ttl(Duration::from_secs(5));
+        assert_eq!(
+            decide(
+                &p,
+                code(200),
+                &headers(&[("cache-control", "s-maxage=20")]),
+                Some(&hint)
+            ),
+            store(5)
+        );
+        assert_eq!(
+            decide(
+                &p,
+                code(200),
+                &headers(&[("cache-control", "max-age=oops")]),
+                None
+            ),
+            Decision::Skip(Uncacheable::Stale)
+        );
+        let h = headers(&[
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"),
+        ]);
+        assert_eq!(decide(&p, code(200), &h, None), store(60));
+        assert_eq!(
+            decide(
+                &RoutePolicy::from_response(),
+                code(200),
+                &headers(&[]),
+                None
+            ),
+            Decision::Skip(Uncacheable::NoFreshness)
+        );
+        assert_eq!(
+            decide(
+                &p,
+                code(200),
+                &headers(&[("age", "100"), ("cache-control", "max-age=150")]),
+                None
+            ),
+            Decision::Store {
+                lifetime: Duration::from_secs(150),
+                initial_age_s: 100,
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+            }
+        );
+    }
+
+    #[test]
+    fn stale_windows() {
+        let p = ttl(60)
+            .stale_while_revalidate(Duration::from_secs(10))
+            .stale_if_error(Duration::from_secs(300));
+        let windows = |h: &[(&str, &str)]| match decide(&p, code(200), &headers(h), None) {
+            Decision::Store {
+                stale_while_revalidate,
+                stale_if_error,
+                ..
+            } => (stale_while_revalidate.as_secs(), stale_if_error.as_secs()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(windows(&[]), (10, 300));
+        assert_eq!(
+            windows(&[(
+                "cache-control",
+                "max-age=5, stale-while-revalidate=30, stale-if-error=86400"
+            )]),
+            (30, 86400)
+        );
+        assert_eq!(
+            windows(&[("cache-control", "max-age=5, must-revalidate")]),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn prohibitions_win() {
+        let p = ttl(300);
+        let hint = CacheHint::ttl(Duration::from_secs(5));
+        for (h, why) in [
+            (("set-cookie", "a=b"), Uncacheable::SetCookie),
+            (("cache-control", "no-store"), Uncacheable::NoStore),
+            (("cache-control", "No-Cache"), Uncacheable::NoCache),
+            (
+                ("cache-control", "private, max-age=60"),
+                Uncacheable::Private,
+            ),
+            (("vary", "*"), Uncacheable::VaryStar),
+            (("vary", "accept-encoding"), Uncacheable::VaryUndeclared),
+        ] {
+            assert_eq!(
+                decide(&p, code(200), &headers(&[h]), Some(&hint)),
+                Decision::Skip(why),
+                "{h:?}"
+            );
+        }
+        assert_eq!(
+            decide(&p, code(500), &headers(&[]), None),
+            Decision::Skip(Uncacheable::Status)
+        );
+        assert_eq!(
+            decide(&p, code(206), &headers(&[]), None),
+            Decision::Skip(Uncacheable::Status)
+        );
+        assert_eq!(
+            decide(&p, code(200), &headers(&[]), Some(&CacheHint::no_store())),
+            Decision::Skip(Uncacheable::HandlerNoStore)
+        );
+        let per_user = ttl(300).per_user(|_| None);
+        assert!(matches!(
+            decide(
+                &per_user,
+                code(200),
+                &headers(&[("cache-control", "private")]),
+                None
+            ),
+            Decision::Store { .. }
+        ));
+        let varying = ttl(300).vary(["Accept-Encoding"]);
+        assert!(matches!(
+            decide(
+                &varying,
+                code(200),
+                &headers(&[("vary", "Accept-Encoding")]),
+                None
+            ),
+            Decision::Store { .. }
+        ));
+    }
+}
