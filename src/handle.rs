@@ -107,6 +107,7 @@ mod values {
         ///     .await?;
         /// # Ok(()) }
         /// ```
+        #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
         pub async fn get_or_fill<T, I, Tag, F, Fut, E>(
             &self,
             key: &str,

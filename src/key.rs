@@ -72,6 +72,11 @@ impl fmt::Display for EntryKey {
     }
 }
 
+/// The SHA-256 of a request body, put in the request extensions by [`BodyDigest`](crate::body_digest::BodyDigest) for the
+/// cache key. Private: only this crate's layer can put one there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RequestBodyDigest(pub(crate) [u8; 32]);
+
 /// Query parameters left out of the key, such as tracking parameters (`utm_*`).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct QueryFilter {

@@ -3,6 +3,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body_digest;
+mod breaker;
 pub mod cache;
 mod engine;
 mod entry;

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::engine::Breaker;
+use crate::breaker::Breaker;
 
 /// Live counters of one [`CacheLayer`](crate::CacheLayer) (clones share them).
 ///

@@ -24,11 +24,6 @@ crate::service_future::response_future! {
     /// alone, else the body read and hashed, then the inner call.
 }
 
-/// The SHA-256 of a request body, put in the request extensions by [`BodyDigest`] for the
-/// cache key. Private: only this crate's layer can put one there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct RequestBodyDigest(pub(crate) [u8; 32]);
-
 /// Makes [`BodyDigest`] services; from [`CacheLayer::body_digest_layer`](crate::CacheLayer::body_digest_layer).
 #[derive(Clone, Debug)]
 #[must_use]

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use tower_service::Service;
 
 use super::body::{BufferedBody, Kind};
-use super::{BoxError, RequestBodyDigest, ResponseFuture};
+use super::{BoxError, ResponseFuture};
+use crate::key::RequestBodyDigest;
 use crate::policy::RouteTable;
 
 /// Reads and hashes the bodies of body-keyed `POST`s: up to the route's limit, it puts a

@@ -14,21 +14,23 @@
 //! - `fill`: the fenced write to the store, in the background;
 //! - `respond`: a stored entry answered as a response;
 //! - `status`: the `Cache-Status` and `X-Cache` headers, from one [`Status`];
-//! - `clear`: tag clears and purges, deferred and retried when the store is away;
-//! - `breaker`: the circuit breaker.
+//! - `clear`: tag clears and purges, deferred and retried when the store is away.
+//!
+//! Below it: `policy` (what may be stored), `key`, `tags`, `entry`, `store`, `stats` and
+//! `breaker` (whether to talk to the store at all).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderName;
 
+use crate::breaker::Breaker;
 use crate::key::QueryFilter;
 use crate::policy::RouteTable;
 use crate::stats::CacheStats;
 
 mod admit;
 mod body;
-mod breaker;
 mod clear;
 mod fill;
 mod flights;
@@ -40,8 +42,8 @@ mod serve;
 mod status;
 
 pub use body::CacheBody;
-pub(crate) use breaker::Breaker;
 pub(crate) use clear::{Clear, Deferred};
+#[cfg(feature = "serde")]
 pub(crate) use lookup::Found;
 pub(crate) use miss::OriginCall;
 pub(crate) use plan::{Bypass, Plan};

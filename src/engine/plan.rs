@@ -58,10 +58,7 @@ impl<St> Engine<St> {
         let body = match parts.method {
             Method::GET | Method::HEAD => None,
             Method::POST if route.policy.body_key.is_some() => {
-                match parts
-                    .extensions
-                    .get::<crate::body_digest::RequestBodyDigest>()
-                {
+                match parts.extensions.get::<crate::key::RequestBodyDigest>() {
                     Some(d) => Some(d.0),
                     None => return Plan::Skip,
                 }

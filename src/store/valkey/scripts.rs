@@ -41,6 +41,7 @@ impl ValkeyStore {
     }
 
     /// The purge, with the epoch it was made in (for a near tier).
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) async fn purge_fence(&self) -> Result<Fence, StoreError> {
         self.write_records(None).await
     }
