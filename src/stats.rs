@@ -50,6 +50,7 @@ pub(crate) struct Tally {
     pub(crate) stale_hits: AtomicU64,
     pub(crate) stale_on_error: AtomicU64,
     pub(crate) refreshes: AtomicU64,
+    pub(crate) not_modified: AtomicU64,
 }
 
 impl Counters {
@@ -108,6 +109,9 @@ pub struct StatsSnapshot {
     pub stale_on_error: u64,
     /// Background refreshes that called the origin.
     pub refreshes: u64,
+    /// Requests answered `304 Not Modified` (the client's validator matched a hit, or what
+    /// a miss fetched).
+    pub not_modified: u64,
     /// Times the circuit breaker opened.
     pub breaker_trips: u64,
     /// Whether the breaker is open now (the store is being skipped).
@@ -160,6 +164,7 @@ impl CacheStats {
             stale_hits: c.sum(|t| &t.stale_hits),
             stale_on_error: c.sum(|t| &t.stale_on_error),
             refreshes: c.sum(|t| &t.refreshes),
+            not_modified: c.sum(|t| &t.not_modified),
             breaker_trips: self.breaker.trips(),
             breaker_open: self.breaker.is_open(),
         }

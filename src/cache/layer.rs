@@ -148,7 +148,8 @@ impl<St: Store> CacheLayer<St> {
 
     /// Circuit breaker: after `failures` consecutive store errors, skip the store for
     /// `cooldown`, then probe it with one request (default 5 failures, 1 s). It may be set
-    /// at any point: nothing is reset.
+    /// at any point: nothing is reset. Clones of a layer share one breaker, as they share
+    /// counters (and one store): setting it on one sets it for all.
     pub fn circuit_breaker(self, failures: u32, cooldown: Duration) -> Self {
         self.engine.breaker.configure(failures, cooldown);
         self

@@ -6,7 +6,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use crate::engine::{Bypass, CacheBody, Engine, OriginCall, Plan, Status, Want};
+use crate::engine::{Asked, Bypass, CacheBody, Engine, OriginCall, Plan, Status};
 use crate::stats::count;
 use crate::store::Store;
 
@@ -70,7 +70,7 @@ where
         // The clone was not polled ready; keep it and hand the ready one to the future.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let want = Want::of(&parts.method);
+        let asked = Asked::of(&parts);
         let span = tracing::debug_span!("cache.request", route = key.route());
         let call = OriginCall {
             inner,
@@ -78,6 +78,6 @@ where
             key,
             route,
         };
-        ResponseFuture::boxed(Box::pin(self.engine.clone().serve(call, want)), span)
+        ResponseFuture::boxed(Box::pin(self.engine.clone().serve(call, asked)), span)
     }
 }

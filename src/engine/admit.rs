@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{CONNECTION, CONTENT_LENGTH};
+use http::header::{CONNECTION, CONTENT_LENGTH, ETAG};
 use http::response::Parts;
 use http::{HeaderMap, HeaderValue, Response};
 use http_body::Body;
 
 use super::body::{CacheBody, Tee};
+use super::conditional::digest_etag;
 use super::flights::{FlightGuard, Landed};
 use super::status::{Miss, Status};
 use super::Engine;
@@ -30,6 +31,8 @@ struct Admitted {
     declared_len: Option<u64>,
     /// A gRPC route: only a call whose status trailer says it succeeded is stored.
     grpc: bool,
+    /// Give the entry a digest `ETag` when it has none.
+    etag: bool,
     flight: Option<FlightGuard>,
 }
 
@@ -70,6 +73,7 @@ impl<St: Store> Engine<St> {
             entry,
             declared_len,
             grpc: route.policy.grpc,
+            etag: route.policy.etag && !route.policy.grpc,
             flight,
         };
         let engine = self.clone();
@@ -151,6 +155,7 @@ impl<St: Store> Engine<St> {
             mut entry,
             declared_len,
             grpc,
+            etag,
             flight,
         } = admitted;
         if grpc && !grpc_ok(&entry.headers, trailers.as_ref()) {
@@ -176,6 +181,9 @@ impl<St: Store> Engine<St> {
         }
         entry.body = body;
         entry.trailers = trailers.map(Box::new);
+        if etag && !entry.headers.contains_key(ETAG) {
+            entry.headers.insert(ETAG, digest_etag(&entry.body));
+        }
         // Stored once here, so that hits need not format it.
         if !entry.headers.contains_key(CONTENT_LENGTH) {
             let len = HeaderValue::from(entry.body.len());

@@ -90,6 +90,9 @@ pin_project! {
     enum Kind<B> {
         // Boxed: a response is moved several times on its way out, so the body is kept small.
         Stored { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
+        // A 304's: nothing, and no size either (an exact 0 would make a framework add
+        // `Content-Length: 0`, which a 304 must not say unless the 200's body was empty).
+        NotModified { hint: SizeHint },
         Passthrough { #[pin] inner: B },
         // Read here, as the client polls (no runtime to run a reader task on).
         Filling { #[pin] inner: B, tee: Option<Box<Tee>> },
@@ -201,6 +204,15 @@ impl<B: Body> CacheBody<B> {
         }
     }
 
+    /// The body of a `304 Not Modified`.
+    pub(crate) fn not_modified() -> Self {
+        CacheBody {
+            kind: Kind::NotModified {
+                hint: SizeHint::default(),
+            },
+        }
+    }
+
     pub(crate) fn passthrough(inner: B) -> Self {
         CacheBody {
             kind: Kind::Passthrough { inner },
@@ -303,6 +315,7 @@ where
                 }
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
+            KindProj::NotModified { .. } => Poll::Ready(None),
             KindProj::Passthrough { inner } => inner
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map(|f| f.map_data(to_bytes)))),
@@ -365,6 +378,7 @@ where
             Kind::Stored { data, trailers } => {
                 data.as_ref().is_none_or(|d| d.is_empty()) && trailers.is_none()
             }
+            Kind::NotModified { .. } => true,
             Kind::Passthrough { inner } | Kind::Filling { inner, .. } => inner.is_end_stream(),
             Kind::Driven { rest, .. } => rest.as_ref().is_some_and(|r| r.is_end_stream()),
         }
@@ -375,6 +389,7 @@ where
             Kind::Stored { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            Kind::NotModified { hint } => *hint,
             Kind::Passthrough { inner } | Kind::Filling { inner, .. } => inner.size_hint(),
             Kind::Driven { hint, .. } => *hint,
         }
@@ -385,6 +400,7 @@ impl<B> std::fmt::Debug for CacheBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match &self.kind {
             Kind::Stored { .. } => "CacheBody::Stored",
+            Kind::NotModified { .. } => "CacheBody::NotModified",
             Kind::Passthrough { .. } => "CacheBody::Passthrough",
             Kind::Filling { .. } => "CacheBody::Filling",
             Kind::Driven { .. } => "CacheBody::Driven",

@@ -15,7 +15,7 @@ use super::flights::{wait_for, FlightGuard, Join, Landed};
 use super::lookup::Found;
 use super::respond::Served;
 use super::status::{Miss, Stale, Status};
-use super::{Engine, Want};
+use super::{Asked, Engine, Want};
 use crate::entry::{now_ms, Entry};
 use crate::key::EntryKey;
 use crate::policy::Route;
@@ -28,6 +28,13 @@ pub(crate) struct OriginCall<S, ReqBody> {
     pub(crate) req: Request<ReqBody>,
     pub(crate) key: EntryKey,
     pub(crate) route: Arc<Route>,
+}
+
+/// Takes the validators off a request (RFC 9111 §4.3.1 lets a cache leave them out), so
+/// that the origin sends a full response to store.
+fn strip_conditions(headers: &mut http::HeaderMap) {
+    headers.remove(http::header::IF_NONE_MATCH);
+    headers.remove(http::header::IF_MODIFIED_SINCE);
 }
 
 /// What joining a key's flight gave.
@@ -44,7 +51,7 @@ impl<St: Store> Engine<St> {
     pub(crate) async fn fetch<S, ReqBody, ResBody>(
         self: Arc<Self>,
         call: OriginCall<S, ReqBody>,
-        want: Want,
+        asked: Asked,
         fence: Option<Fence>,
         stale: Option<Entry>,
     ) -> Result<Response<CacheBody<ResBody>>, S::Error>
@@ -56,18 +63,23 @@ impl<St: Store> Engine<St> {
     {
         let OriginCall {
             mut inner,
-            req,
+            mut req,
             key,
             route,
         } = call;
+        let want = asked.want;
         let flight = match self.join_flight(&key, fence, want).await {
             Joined::Served(entry) => {
                 count!(self.stats.inner, collapsed);
-                return Ok(self.hit_response(entry, want, now_ms(), Served::Collapsed));
+                return Ok(self.hit_response(entry, &asked, now_ms(), Served::Collapsed));
             }
             Joined::Lead(flight) => flight,
         };
         let tags = self.entry_tags(req.headers(), req.uri());
+        if want == Want::Body && fence.is_some() {
+            // The fill needs a full response: the client's validators are answered here.
+            strip_conditions(req.headers_mut());
+        }
         let result = inner.call(req).await;
         // Stale-if-error: an origin failure is answered with the stale entry.
         if let Some(entry) = stale {
@@ -78,7 +90,7 @@ impl<St: Store> Engine<St> {
             if failed {
                 count!(self.stats.inner, stale_on_error);
                 let served = Served::Stale(Stale::IfError);
-                return Ok(self.hit_response(entry, want, now_ms(), served));
+                return Ok(self.hit_response(entry, &asked, now_ms(), served));
             }
         }
         let res = result?;
@@ -89,7 +101,13 @@ impl<St: Store> Engine<St> {
             self.mark(&mut parts.headers, Status::Miss(Miss::Head));
             return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
         }
-        Ok(self.miss_response(res, key, &route, tags, fence, flight))
+        let res = self.miss_response(res, key, &route, tags, fence, flight);
+        match &asked.conditions {
+            Some(c) if c.not_modified(res.status(), res.headers(), now_ms()) => {
+                Ok(self.not_modified_miss(res))
+            }
+            _ => Ok(res),
+        }
     }
 
     /// Stampede protection: one request per key calls the origin; the others wait for it.

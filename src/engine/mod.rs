@@ -32,6 +32,7 @@ use crate::stats::CacheStats;
 mod admit;
 mod body;
 mod clear;
+mod conditional;
 mod fill;
 mod flights;
 mod lookup;
@@ -106,12 +107,24 @@ pub(crate) enum Want {
     HeadersOnly,
 }
 
-impl Want {
-    pub(crate) fn of(method: &http::Method) -> Self {
-        if method == http::Method::HEAD {
+/// What a client asked for besides the resource: the body or only the headers, and the
+/// validators of a copy it already has.
+#[derive(Clone, Debug)]
+pub(crate) struct Asked {
+    pub(crate) want: Want,
+    pub(crate) conditions: Option<conditional::Conditions>,
+}
+
+impl Asked {
+    pub(crate) fn of(parts: &http::request::Parts) -> Self {
+        let want = if parts.method == http::Method::HEAD {
             Want::HeadersOnly
         } else {
             Want::Body
+        };
+        Asked {
+            want,
+            conditions: conditional::Conditions::of(&parts.headers),
         }
     }
 }

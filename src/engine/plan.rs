@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use http::header::RANGE;
+use http::header::{IF_MATCH, IF_UNMODIFIED_SINCE, RANGE};
 use http::request::Parts;
 use http::{HeaderMap, Method};
 
@@ -30,6 +30,8 @@ pub(crate) enum Bypass {
     Range,
     /// A GET or HEAD with a body: the key does not cover it.
     RequestBody,
+    /// `If-Match` or `If-Unmodified-Since`: preconditions for the origin to evaluate.
+    Precondition,
     /// Credentials on a route shared by everyone.
     Credentials,
     /// Credentials on a per-user route whose scope function named nobody.
@@ -43,6 +45,7 @@ impl Bypass {
         match self {
             Bypass::Range => "range",
             Bypass::RequestBody => "request-body",
+            Bypass::Precondition => "precondition",
             Bypass::Credentials => "credentials",
             Bypass::UnknownUser => "unknown-user",
             Bypass::NotCached => "not-cached",
@@ -70,6 +73,10 @@ impl<St> Engine<St> {
         }
         if parts.headers.contains_key(RANGE) {
             return Plan::Bypass(Bypass::Range);
+        }
+        // Preconditions the cache does not evaluate: the origin answers them (412 or not).
+        if parts.headers.contains_key(IF_MATCH) || parts.headers.contains_key(IF_UNMODIFIED_SINCE) {
+            return Plan::Bypass(Bypass::Precondition);
         }
         // A GET or HEAD with a body: the key does not cover it, and a handler may read it.
         if body.is_none() && crate::headers::has_body(&parts.headers) {

@@ -1,14 +1,17 @@
 //! A stored entry answered as a response: its headers with `Age` and `Content-Length`, the
-//! status headers, and its body (none for HEAD).
+//! status headers, and its body (none for HEAD); or a `304 Not Modified` when the client
+//! already has it (see `conditional`).
 
 use http::header::{AGE, CONTENT_LENGTH};
-use http::{HeaderValue, Response};
+use http::{HeaderValue, Response, StatusCode};
 use http_body::Body;
 
 use super::body::CacheBody;
-use super::status::{Stale, Status};
-use super::{Engine, Want};
+use super::conditional::not_modified_headers;
+use super::status::{Stale, Status, CACHE_STATUS, X_CACHE};
+use super::{Asked, Engine, Want};
 use crate::entry::Entry;
+use crate::stats::count;
 
 /// How a stored entry came to be served; its figures (ttl, staleness) come from the entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,7 +27,7 @@ impl<St> Engine<St> {
     pub(crate) fn hit_response<B: Body>(
         &self,
         entry: Entry,
-        want: Want,
+        asked: &Asked,
         now_ms: u64,
         served: Served,
     ) -> Response<CacheBody<B>> {
@@ -39,8 +42,20 @@ impl<St> Engine<St> {
                 stale_for: (age as i64).saturating_sub((entry.lifetime_ms / 1000) as i64),
             },
         };
-        let mut headers = entry.headers;
-        if !headers.contains_key(CONTENT_LENGTH) {
+        let not_modified = asked
+            .conditions
+            .as_ref()
+            .is_some_and(|c| c.not_modified(entry.status, &entry.headers, entry.stored_at_ms));
+        let (status_code, mut headers) = if not_modified {
+            count!(self.stats.inner, not_modified);
+            (
+                StatusCode::NOT_MODIFIED,
+                not_modified_headers(&entry.headers),
+            )
+        } else {
+            (entry.status, entry.headers)
+        };
+        if !not_modified && !headers.contains_key(CONTENT_LENGTH) {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
         }
         // Most hits are under a second old: skip formatting (and allocating) the common case.
@@ -50,13 +65,44 @@ impl<St> Engine<St> {
         };
         headers.insert(AGE, age);
         self.mark(&mut headers, status);
-        let body = match want {
-            Want::HeadersOnly => CacheBody::stored(bytes::Bytes::new(), None),
+        let body = match asked.want {
+            _ if not_modified => CacheBody::not_modified(),
             Want::Body => CacheBody::stored(entry.body, entry.trailers),
+            Want::HeadersOnly => CacheBody::stored(bytes::Bytes::new(), None),
         };
         let mut res = Response::new(body);
-        *res.status_mut() = entry.status;
+        *res.status_mut() = status_code;
         *res.headers_mut() = headers;
         res
+    }
+
+    /// A miss's response turned into a `304` for a client whose copy matches it. A body
+    /// being copied to the store is read to its end in the background, so the fill lands.
+    pub(crate) fn not_modified_miss<B>(&self, res: Response<CacheBody<B>>) -> Response<CacheBody<B>>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Send,
+    {
+        use http_body_util::BodyExt;
+        count!(self.stats.inner, not_modified);
+        let (parts, body) = res.into_parts();
+        if body.is_filling() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = body.collect().await;
+                });
+            }
+        }
+        let mut headers = not_modified_headers(&parts.headers);
+        for name in [&CACHE_STATUS, &X_CACHE] {
+            for value in parts.headers.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let mut out = Response::new(CacheBody::not_modified());
+        *out.status_mut() = StatusCode::NOT_MODIFIED;
+        *out.headers_mut() = headers;
+        out
     }
 }

@@ -13,7 +13,7 @@ use super::lookup::Found;
 use super::miss::OriginCall;
 use super::respond::Served;
 use super::status::Stale;
-use super::{Engine, Want};
+use super::{Asked, Engine, Want};
 use crate::entry::{now_ms, Staleness};
 use crate::stats::count;
 use crate::store::Store;
@@ -23,7 +23,7 @@ impl<St: Store> Engine<St> {
     pub(crate) async fn serve<S, ReqBody, ResBody>(
         self: Arc<Self>,
         call: OriginCall<S, ReqBody>,
-        want: Want,
+        asked: Asked,
     ) -> Result<Response<CacheBody<ResBody>>, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -37,18 +37,18 @@ impl<St: Store> Engine<St> {
         let (fence, stale) = match self.lookup(&call.key, now).await {
             Found::Hit(entry) => {
                 count!(self.stats.inner, hits);
-                return Ok(self.hit_response(entry, want, now, Served::Fresh));
+                return Ok(self.hit_response(entry, &asked, now, Served::Fresh));
             }
             Found::Stale { entry, fence } if entry.staleness(now) == Staleness::Revalidate => {
                 // Serve it now; this request, in the background, refreshes it (once).
                 count!(self.stats.inner, stale_hits);
-                if want == Want::Body {
+                if asked.want == Want::Body {
                     if let Some(flight) = self.flights.lead(&call.key) {
                         tokio::spawn(self.clone().refresh(call, fence, flight));
                     }
                 }
                 let served = Served::Stale(Stale::WhileRevalidate);
-                return Ok(self.hit_response(entry, want, now, served));
+                return Ok(self.hit_response(entry, &asked, now, served));
             }
             Found::Stale { entry, fence } => (Some(fence), Some(entry)),
             Found::Miss { fence } => (Some(fence), None),
@@ -56,6 +56,6 @@ impl<St: Store> Engine<St> {
         };
         // Misses run in a future of their own, so a hit's future stays small to allocate
         // and move.
-        Box::pin(self.fetch(call, want, fence, stale)).await
+        Box::pin(self.fetch(call, asked, fence, stale)).await
     }
 }

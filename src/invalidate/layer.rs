@@ -5,9 +5,10 @@ use tower_layer::Layer;
 use super::service::Invalidate;
 use crate::engine::Engine;
 
-/// A tower layer that clears tags after mutating requests: the tags a POST, PUT, PATCH or
-/// DELETE names are cleared after the inner service answered and before the response goes
-/// out, so a client that got the response reads its own write.
+/// A tower layer that clears tags after mutating requests: the tags a POST, PUT, PATCH,
+/// DELETE (or any method not known to be safe, RFC 9111 §4.4) names are cleared after the
+/// inner service answered and before the response goes out, so a client that got the
+/// response reads its own write.
 ///
 /// # Which tags
 /// - the matched route's clear tags for the method ([`RoutePolicy::clears`](crate::RoutePolicy::clears),

@@ -1,6 +1,7 @@
 //! Invalidation on mutations: [`InvalidateLayer`] and its [`Invalidate`] service clear the
-//! tags a POST, PUT, PATCH or DELETE names, after the inner service answered and before the
-//! response goes out, so a client that got the response reads its own write.
+//! tags a POST, PUT, PATCH, DELETE (or any method not known to be safe) names, after the
+//! inner service answered and before the response goes out, so a client that got the
+//! response reads its own write.
 //!
 //! The rules (which tags, on which statuses, when the store cannot be reached) are on
 //! [`InvalidateLayer`].

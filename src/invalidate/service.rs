@@ -35,11 +35,13 @@ impl<S: std::fmt::Debug, St> std::fmt::Debug for Invalidate<S, St> {
     }
 }
 
+/// Whether a method may change what a URI holds: every method not known to be safe,
+/// including those whose safety is unknown (RFC 9111 §4.4: `M-SEARCH`, WebDAV's `MOVE`...).
 fn is_mutation(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    )
+    const SAFE: [&str; 8] = [
+        "GET", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "REPORT", "SEARCH", "QUERY",
+    ];
+    !SAFE.contains(&m.as_str())
 }
 
 /// The path of a `Location`-like header when it points at the same host.

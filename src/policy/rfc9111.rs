@@ -179,7 +179,9 @@ pub(crate) fn decide(
     let initial_age_s = headers
         .get(AGE)
         .and_then(|a| a.to_str().ok())
-        .and_then(|a| a.trim().parse::<u32>().ok())
+        // A list (`Age: 7200, 0`, as a combined header arrives): the first member counts
+        // (RFC 9111 §5.1). Unreadable: 0, as the RFC says to treat an invalid Age.
+        .and_then(|a| a.split(',').next()?.trim().parse::<u32>().ok())
         .unwrap_or(0);
     if lifetime <= Duration::from_secs(u64::from(initial_age_s)) {
         return Decision::Skip(Uncacheable::Stale);
@@ -348,6 +350,24 @@ mod tests {
             windows(&[("cache-control", "max-age=5, must-revalidate")]),
             (0, 0)
         );
+    }
+
+    #[test]
+    fn an_age_list_counts_its_first_member() {
+        // As a combined header arrives (RFC 9111 §5.1): 7200 s old, not 0.
+        let h = headers(&[("age", "7200, 0"), ("cache-control", "max-age=3600")]);
+        assert_eq!(
+            decide(&ttl(300), code(200), &h, None),
+            Decision::Skip(Uncacheable::Stale)
+        );
+        let h = headers(&[("age", "10, 99999"), ("cache-control", "max-age=3600")]);
+        assert!(matches!(
+            decide(&ttl(300), code(200), &h, None),
+            Decision::Store {
+                initial_age_s: 10,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub struct RoutePolicy {
     pub(crate) clear_uri: bool,
     pub(crate) body_key: Option<usize>,
     pub(crate) grpc: bool,
+    pub(crate) etag: bool,
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) error: Option<ConfigError>,
@@ -132,6 +133,7 @@ impl RoutePolicy {
             clear_uri: true,
             body_key: None,
             grpc: false,
+            etag: true,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             error: None,
@@ -185,8 +187,27 @@ impl RoutePolicy {
         self.scope(Scope::per_user(f))
     }
 
+    /// Whether a stored response that has no `ETag` gets a strong one made from its body's
+    /// digest (default on), so that clients can revalidate with `If-None-Match` and get a
+    /// `304`. The tag is the same on every instance and after restarts. Turn it off for a
+    /// route whose clients must see no validator the handler did not send.
+    #[must_use]
+    pub fn etag(mut self, on: bool) -> Self {
+        self.etag = on;
+        self
+    }
+
     /// The response statuses that may be stored, as numbers (default: [`DEFAULT_STATUSES`]).
     /// A number that is not a status code (outside 100–999) makes the route invalid.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_cache_aside::{RoutePolicy, DEFAULT_STATUSES};
+    ///
+    /// // The defaults, and 500 as well.
+    /// let policy = RoutePolicy::ttl(Duration::from_secs(5))
+    ///     .statuses(DEFAULT_STATUSES.map(|s| s.as_u16()).into_iter().chain([500]));
+    /// ```
     #[must_use]
     pub fn statuses(mut self, statuses: impl IntoIterator<Item = u16>) -> Self {
         self.statuses.clear();
