@@ -73,6 +73,23 @@ async fn plain(State(o): State<Origin>) -> &'static str {
     "no validator of its own"
 }
 
+/// `/status/{code}`: that status, with a lifetime of its own when `?max-age=N`.
+async fn status(
+    State(o): State<Origin>,
+    Path(code): Path<u16>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let mut res = (StatusCode::from_u16(code).unwrap(), "status body").into_response();
+    if let Some(max_age) = uri.query().and_then(|q| q.strip_prefix("max-age=")) {
+        res.headers_mut().insert(
+            "cache-control",
+            format!("max-age={max_age}").parse().unwrap(),
+        );
+    }
+    res
+}
+
 async fn me(State(o): State<Origin>, headers: HeaderMap) -> axum::response::Response {
     o.calls.fetch_add(1, Ordering::SeqCst);
     let user = headers
@@ -94,7 +111,8 @@ fn app<St: Store>(store: St) -> (Router, Origin, CacheStats) {
         .route("/doc/{id}", min().tags(["doc:{id}"]))
         .route("/plain", min())
         .route("/raw", min().etag(false))
-        .route("/me", min().per_user(bearer));
+        .route("/me", min().per_user(bearer))
+        .route("/status/{code}", min());
     let cache = CacheLayer::new(store).routes(routes);
     let origin = Origin::default();
     let router = Router::new()
@@ -102,6 +120,7 @@ fn app<St: Store>(store: St) -> (Router, Origin, CacheStats) {
         .route("/plain", route_get(plain))
         .route("/raw", route_get(plain))
         .route("/me", route_get(me))
+        .route("/status/{code}", route_get(status))
         .with_state(origin.clone())
         .layer(cache.invalidate_layer())
         .layer(cache.clone());
@@ -303,6 +322,29 @@ mod cases {
         assert_eq!(origin.calls(), 3);
     }
 
+    pub async fn statuses_that_state_their_lifetime_are_stored<St: Store>(store: St) {
+        let (router, origin, stats) = app(store);
+        for code in [302, 503] {
+            let uri = format!("/status/{code}?max-age=60");
+            let before = stats.snapshot().fills;
+            let first = get(&router, &uri).await;
+            assert_eq!(first.status.as_u16(), code);
+            fills_reach(&stats, before + 1).await;
+            let again = get(&router, &uri).await;
+            assert_eq!(again.status.as_u16(), code);
+            assert_eq!(again.x_cache(), "HIT", "{code}");
+        }
+        // Without a lifetime of its own, a 503 is not kept for the route's TTL.
+        let first = get(&router, "/status/503").await;
+        assert!(
+            first.cache_status().contains("detail=status"),
+            "{}",
+            first.cache_status()
+        );
+        assert_eq!(get(&router, "/status/503").await.x_cache(), "MISS");
+        assert_eq!(origin.calls(), 4);
+    }
+
     pub async fn methods_of_unknown_safety_invalidate<St: Store>(store: St) {
         let (router, origin, stats) = app(store);
         filled(&router, &stats, "/doc/7").await;
@@ -346,6 +388,7 @@ store_suite!(
     a_cleared_entry_is_never_answered_as_not_modified,
     a_304_is_only_about_the_requesters_own_entry,
     preconditions_go_to_the_origin,
+    statuses_that_state_their_lifetime_are_stored,
     methods_of_unknown_safety_invalidate,
 );
 

@@ -8,8 +8,12 @@
 //!
 //! HTTP's prohibitions always win, whatever the route or the hint says: a response with
 //! `Set-Cookie`, `Cache-Control: no-store` or `no-cache`, `private` (unless the route is
-//! per-user), `Vary: *`, a `Vary` on a header the route does not declare, or a status outside
-//! the route's list is never stored.
+//! per-user), `Vary: *`, or a `Vary` on a header the route does not declare is never stored.
+//!
+//! # Statuses
+//! The route's list ([`DEFAULT_STATUSES`] unless set) is stored with the route's TTL; any
+//! other final status only when its response states its own lifetime, and only while the
+//! route did not set its list itself (see [`RoutePolicy::statuses`]). 206 and 304 never.
 
 mod hints;
 mod rfc9111;

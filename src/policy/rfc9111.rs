@@ -21,6 +21,7 @@ pub(crate) struct CacheControl {
     pub(crate) stale_while_revalidate: Option<u64>,
     pub(crate) stale_if_error: Option<u64>,
     pub(crate) must_revalidate: bool,
+    pub(crate) must_understand: bool,
 }
 
 impl CacheControl {
@@ -45,6 +46,7 @@ impl CacheControl {
                     "private" => cc.private = true,
                     "public" => cc.public = true,
                     "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
+                    "must-understand" => cc.must_understand = true,
                     "max-age" => cc.max_age = Some(secs()),
                     "s-maxage" => cc.s_maxage = Some(secs()),
                     "stale-while-revalidate" => cc.stale_while_revalidate = Some(secs()),
@@ -124,7 +126,8 @@ pub(crate) fn decide(
     headers: &HeaderMap,
     hint: Option<&CacheHint>,
 ) -> Decision {
-    if !policy.statuses.contains(&status) {
+    let cc = CacheControl::parse(headers);
+    if !storable_status(policy, status, &cc, headers, hint) {
         return Decision::Skip(Uncacheable::Status);
     }
     if headers.contains_key(SET_COOKIE) {
@@ -137,8 +140,9 @@ pub(crate) fn decide(
     if hint.is_some_and(|h| h.no_store) {
         return Decision::Skip(Uncacheable::HandlerNoStore);
     }
-    let cc = CacheControl::parse(headers);
-    if cc.no_store {
+    // `must-understand`: a cache that knows the status's rules may store it despite
+    // `no-store` (RFC 9111 §5.2.2.3); `storable_status` refused the statuses it does not.
+    if cc.no_store && !cc.must_understand {
         return Decision::Skip(Uncacheable::NoStore);
     }
     if cc.no_cache {
@@ -204,6 +208,35 @@ pub(crate) fn decide(
         stale_while_revalidate: swr,
         stale_if_error: sie,
     }
+}
+
+/// Whether a response with this status may be stored (RFC 9111 §3): a status in the
+/// route's list; or, unless the route chose its list itself, any final status whose response
+/// states its own lifetime (`s-maxage`, `max-age`, `Expires`, a hint's TTL), such as a 302
+/// or a 503 that says how long it holds. Never a 206 (ranges pass through) or a 304. With
+/// `must-understand`, only the statuses whose caching rules the cache knows.
+fn storable_status(
+    policy: &RoutePolicy,
+    status: http::StatusCode,
+    cc: &CacheControl,
+    headers: &HeaderMap,
+    hint: Option<&CacheHint>,
+) -> bool {
+    use http::StatusCode;
+    let final_status = status.as_u16() >= 200
+        && status != StatusCode::PARTIAL_CONTENT
+        && status != StatusCode::NOT_MODIFIED;
+    if !final_status || (cc.must_understand && status.canonical_reason().is_none()) {
+        return false;
+    }
+    if policy.statuses.contains(&status) {
+        return true;
+    }
+    let explicit = hint.is_some_and(|h| h.ttl.is_some())
+        || cc.s_maxage.is_some()
+        || cc.max_age.is_some()
+        || headers.contains_key(EXPIRES);
+    explicit && !policy.statuses_chosen
 }
 
 /// `Expires` minus `Date` (or now, without `Date`); an invalid `Expires` means stale.
@@ -349,6 +382,71 @@ mod tests {
         assert_eq!(
             windows(&[("cache-control", "max-age=5, must-revalidate")]),
             (0, 0)
+        );
+    }
+
+    #[test]
+    fn statuses_with_their_own_lifetime_are_stored_unless_the_route_chose_its_list() {
+        let p = ttl(300);
+        let max_age = headers(&[("cache-control", "max-age=30")]);
+        for status in [302, 307, 400, 500, 503] {
+            assert!(
+                matches!(
+                    decide(&p, code(status), &max_age, None),
+                    Decision::Store { lifetime, .. } if lifetime == Duration::from_secs(30)
+                ),
+                "{status}"
+            );
+            // Without a lifetime of its own, the route's TTL does not make it storable.
+            assert_eq!(
+                decide(&p, code(status), &headers(&[]), None),
+                Decision::Skip(Uncacheable::Status)
+            );
+        }
+        let hint = CacheHint::ttl(Duration::from_secs(9));
+        assert!(matches!(
+            decide(&p, code(503), &headers(&[]), Some(&hint)),
+            Decision::Store { .. }
+        ));
+        let expires = headers(&[
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("expires", "Sun, 06 Nov 1994 08:50:37 GMT"),
+        ]);
+        assert!(matches!(
+            decide(&p, code(302), &expires, None),
+            Decision::Store { .. }
+        ));
+        // A list the route chose is the whole list.
+        let chosen = ttl(300).statuses([200]);
+        assert_eq!(
+            decide(&chosen, code(500), &max_age, None),
+            Decision::Skip(Uncacheable::Status)
+        );
+        for never in [206, 304, 101] {
+            assert_eq!(
+                decide(&p, code(never), &max_age, None),
+                Decision::Skip(Uncacheable::Status),
+                "{never}"
+            );
+        }
+    }
+
+    #[test]
+    fn must_understand_overrides_no_store_for_known_statuses_only() {
+        let p = ttl(300);
+        let h = headers(&[("cache-control", "must-understand, no-store, max-age=60")]);
+        assert!(matches!(
+            decide(&p, code(200), &h, None),
+            Decision::Store { .. }
+        ));
+        assert_eq!(
+            decide(&p, code(299), &h, None),
+            Decision::Skip(Uncacheable::Status)
+        );
+        let plain = headers(&[("cache-control", "no-store, max-age=60")]);
+        assert_eq!(
+            decide(&p, code(200), &plain, None),
+            Decision::Skip(Uncacheable::NoStore)
         );
     }
 

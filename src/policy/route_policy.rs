@@ -106,6 +106,8 @@ pub struct RoutePolicy {
     pub(crate) tags: Vec<String>,
     pub(crate) scope: Scope,
     pub(crate) statuses: Vec<StatusCode>,
+    /// Whether `statuses` was set: then it is the whole list, explicit freshness or not.
+    pub(crate) statuses_chosen: bool,
     pub(crate) vary: Vec<HeaderName>,
     pub(crate) id: Option<String>,
     pub(crate) clears: Option<Vec<String>>,
@@ -126,6 +128,7 @@ impl RoutePolicy {
             tags: Vec::new(),
             scope: Scope::Shared,
             statuses: DEFAULT_STATUSES.to_vec(),
+            statuses_chosen: false,
             vary: Vec::new(),
             id: None,
             clears: None,
@@ -197,8 +200,12 @@ impl RoutePolicy {
         self
     }
 
-    /// The response statuses that may be stored, as numbers (default: [`DEFAULT_STATUSES`]).
-    /// A number that is not a status code (outside 100–999) makes the route invalid.
+    /// The response statuses that may be stored, as numbers. By default the statuses of
+    /// [`DEFAULT_STATUSES`] are stored with the route's TTL, and any other final status
+    /// (a 302, a 503...) when its response states its own lifetime (`max-age`, `s-maxage`,
+    /// `Expires`, a [`CacheHint`](crate::CacheHint) TTL), as RFC 9111 allows. Once set,
+    /// only the listed statuses are stored, whatever the response says. A number that is not
+    /// a status code (outside 100–999) makes the route invalid.
     ///
     /// ```
     /// use std::time::Duration;
@@ -211,6 +218,7 @@ impl RoutePolicy {
     #[must_use]
     pub fn statuses(mut self, statuses: impl IntoIterator<Item = u16>) -> Self {
         self.statuses.clear();
+        self.statuses_chosen = true;
         for code in statuses {
             match StatusCode::from_u16(code) {
                 Ok(s) => self.statuses.push(s),
