@@ -51,6 +51,7 @@ pub(crate) struct Tally {
     pub(crate) stale_on_error: AtomicU64,
     pub(crate) refreshes: AtomicU64,
     pub(crate) not_modified: AtomicU64,
+    pub(crate) revalidated: AtomicU64,
 }
 
 impl Counters {
@@ -112,6 +113,8 @@ pub struct StatsSnapshot {
     /// Requests answered `304 Not Modified` (the client's validator matched a hit, or what
     /// a miss fetched).
     pub not_modified: u64,
+    /// Stale entries the origin confirmed with a `304` (revalidated, not fetched again).
+    pub revalidated: u64,
     /// Times the circuit breaker opened.
     pub breaker_trips: u64,
     /// Whether the breaker is open now (the store is being skipped).
@@ -165,6 +168,7 @@ impl CacheStats {
             stale_on_error: c.sum(|t| &t.stale_on_error),
             refreshes: c.sum(|t| &t.refreshes),
             not_modified: c.sum(|t| &t.not_modified),
+            revalidated: c.sum(|t| &t.revalidated),
             breaker_trips: self.breaker.trips(),
             breaker_open: self.breaker.is_open(),
         }

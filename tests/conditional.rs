@@ -30,6 +30,8 @@ struct Origin {
     calls: Arc<AtomicUsize>,
     /// The `If-None-Match` each GET reaching the handler carried.
     seen: Arc<Mutex<Vec<Option<String>>>>,
+    /// The 304s the handler sent (it answers `If-None-Match` itself).
+    not_modified: Arc<AtomicUsize>,
 }
 
 impl Origin {
@@ -55,8 +57,16 @@ async fn doc(
     let seen = headers
         .get("if-none-match")
         .map(|v| v.to_str().unwrap().to_owned());
-    o.seen.lock().unwrap().push(seen);
+    o.seen.lock().unwrap().push(seen.clone());
     let v = o.version.load(Ordering::SeqCst) + 1;
+    if seen.as_deref() == Some(format!("\"v{v}\"").as_str()) {
+        o.not_modified.fetch_add(1, Ordering::SeqCst);
+        let headers = [
+            ("etag", format!("\"v{v}\"")),
+            ("cache-control", "max-age=60".into()),
+        ];
+        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    }
     (
         [
             ("etag", format!("\"v{v}\"")),
@@ -112,11 +122,25 @@ fn app<St: Store>(store: St) -> (Router, Origin, CacheStats) {
         .route("/plain", min())
         .route("/raw", min().etag(false))
         .route("/me", min().per_user(bearer))
-        .route("/status/{code}", min());
+        .route("/status/{code}", min())
+        .route(
+            "/kept/{id}",
+            RoutePolicy::ttl(Duration::from_secs(1))
+                .tags(["doc:{id}"])
+                .keep(Duration::from_secs(60)),
+        )
+        .route(
+            "/swr/{id}",
+            RoutePolicy::ttl(Duration::from_secs(1))
+                .tags(["doc:{id}"])
+                .stale_while_revalidate(Duration::from_secs(60)),
+        );
     let cache = CacheLayer::new(store).routes(routes);
     let origin = Origin::default();
     let router = Router::new()
         .route("/doc/{id}", any(doc))
+        .route("/kept/{id}", any(doc))
+        .route("/swr/{id}", any(doc))
         .route("/plain", route_get(plain))
         .route("/raw", route_get(plain))
         .route("/me", route_get(me))
@@ -345,6 +369,86 @@ mod cases {
         assert_eq!(origin.calls(), 4);
     }
 
+    pub async fn a_kept_entry_is_revalidated_not_fetched_again<St: Store>(store: St) {
+        let (router, origin, stats) = app(store);
+        let first = filled(&router, &stats, "/kept/1").await;
+        // Its own `max-age` would win over the route's second: this handler sends none on
+        // the 200, so the entry is fresh for 1 s, then kept 60 s for revalidation.
+        assert!(header(&first, "cache-control").is_none());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let reply = get(&router, "/kept/1").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "{\"doc\":\"1\",\"version\":1}");
+        assert_eq!(reply.x_cache(), "HIT");
+        assert!(
+            reply.cache_status().contains("fwd=stale; fwd-status=304"),
+            "{}",
+            reply.cache_status()
+        );
+        assert_eq!(
+            origin.seen.lock().unwrap().as_slice(),
+            &[None, Some("\"v1\"".to_owned())],
+            "the origin is asked whether v1 is current"
+        );
+        assert_eq!(origin.not_modified.load(Ordering::SeqCst), 1);
+        assert_eq!(stats.snapshot().revalidated, 1);
+        // The 304's max-age=60 now rules: fresh, from the store, no origin call.
+        fills_reach(&stats, 2).await;
+        let hit = get(&router, "/kept/1").await;
+        assert_eq!(hit.x_cache(), "HIT");
+        assert!(hit.cache_status().starts_with("tower-cache-aside; hit"));
+        assert_eq!(origin.calls(), 2);
+        // A client's own validator is answered from the revalidated entry.
+        let reply = get_with(&router, "/kept/1", &[("if-none-match", "\"v1\"")]).await;
+        assert_not_modified(&reply, "\"v1\"");
+    }
+
+    pub async fn a_changed_resource_is_fetched_whole_on_revalidation<St: Store>(store: St) {
+        let (router, origin, stats) = app(store);
+        filled(&router, &stats, "/kept/2").await;
+        // Changed behind the cache's back (no clear): the entry is only stale.
+        origin.version.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let reply = get(&router, "/kept/2").await;
+        assert_eq!(reply.text(), "{\"doc\":\"2\",\"version\":2}");
+        assert_eq!(reply.x_cache(), "MISS");
+        assert_eq!(header(&reply, "etag"), Some("\"v2\""));
+        assert_eq!(stats.snapshot().revalidated, 0);
+        // A clear makes the entry dead at once: nothing is revalidated, the origin sends
+        // the body.
+        fills_reach(&stats, 2).await;
+        send(
+            &router,
+            Request::patch("/kept/2").body(Body::empty()).unwrap(),
+        )
+        .await;
+        let reply = get(&router, "/kept/2").await;
+        assert_eq!(reply.text(), "{\"doc\":\"2\",\"version\":3}");
+        assert_eq!(origin.seen.lock().unwrap().last().unwrap(), &None);
+        assert_eq!(origin.not_modified.load(Ordering::SeqCst), 0);
+    }
+
+    pub async fn a_background_refresh_revalidates<St: Store>(store: St) {
+        let (router, origin, stats) = app(store);
+        filled(&router, &stats, "/swr/3").await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let stale = get(&router, "/swr/3").await;
+        assert_eq!(stale.x_cache(), "STALE");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while stats.snapshot().revalidated < 1 || stats.snapshot().fills < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                stats.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(origin.not_modified.load(Ordering::SeqCst), 1);
+        let hit = get(&router, "/swr/3").await;
+        assert_eq!(hit.x_cache(), "HIT");
+        assert_eq!(hit.text(), "{\"doc\":\"3\",\"version\":1}");
+    }
+
     pub async fn methods_of_unknown_safety_invalidate<St: Store>(store: St) {
         let (router, origin, stats) = app(store);
         filled(&router, &stats, "/doc/7").await;
@@ -389,6 +493,9 @@ store_suite!(
     a_304_is_only_about_the_requesters_own_entry,
     preconditions_go_to_the_origin,
     statuses_that_state_their_lifetime_are_stored,
+    a_kept_entry_is_revalidated_not_fetched_again,
+    a_changed_resource_is_fetched_whole_on_revalidation,
+    a_background_refresh_revalidates,
     methods_of_unknown_safety_invalidate,
 );
 

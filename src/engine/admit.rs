@@ -19,7 +19,7 @@ use crate::entry::{Entry, Lifetimes};
 use crate::key::EntryKey;
 use crate::policy::{decide, CacheHint, Decision, Route};
 use crate::stats::count;
-use crate::store::{Fence, Fill, Store};
+use crate::store::{Fence, Store};
 use crate::tags::{push_tags, take_entry_tags};
 
 /// A response admitted for storing, waiting for its body to end.
@@ -33,6 +33,8 @@ struct Admitted {
     grpc: bool,
     /// Give the entry a digest `ETag` when it has none.
     etag: bool,
+    /// How long the store keeps it past its stale windows, for revalidation.
+    keep: Duration,
     flight: Option<FlightGuard>,
 }
 
@@ -74,6 +76,7 @@ impl<St: Store> Engine<St> {
             declared_len,
             grpc: route.policy.grpc,
             etag: route.policy.etag && !route.policy.grpc,
+            keep: route.policy.keep,
             flight,
         };
         let engine = self.clone();
@@ -156,6 +159,7 @@ impl<St: Store> Engine<St> {
             declared_len,
             grpc,
             etag,
+            keep,
             flight,
         } = admitted;
         if grpc && !grpc_ok(&entry.headers, trailers.as_ref()) {
@@ -189,10 +193,7 @@ impl<St: Store> Engine<St> {
             let len = HeaderValue::from(entry.body.len());
             entry.headers.insert(CONTENT_LENGTH, len);
         }
-        let encoded = entry.encode();
-        let landing = flight.map(|f| f.land(Landed::Entry(encoded.clone()), Duration::ZERO));
-        let fill = Fill::new(key, encoded, entry.store_ttl(), entry.tags, entry.fence);
-        self.spawn_fill(fill, landing);
+        self.store_entry(key, &entry, keep, flight);
     }
 }
 

@@ -2,13 +2,40 @@
 
 use std::sync::Arc;
 
-use super::flights::Landing;
+use std::time::Duration;
+
+use super::flights::{FlightGuard, Landed, Landing};
+use super::revalidate::has_validator;
 use super::Engine;
+use crate::entry::Entry;
 use crate::error::StoreError;
+use crate::key::EntryKey;
 use crate::stats::count;
 use crate::store::{Fill, FillOutcome, Store};
 
 impl<St: Store> Engine<St> {
+    /// Stores an entry (in the background) and hands it to the requests waiting on its key.
+    /// An entry with a validator stays `keep` longer than its stale windows, so that it can
+    /// be revalidated instead of fetched again.
+    pub(crate) fn store_entry(
+        self: Arc<Self>,
+        key: EntryKey,
+        entry: &Entry,
+        keep: Duration,
+        flight: Option<FlightGuard>,
+    ) {
+        let encoded = entry.encode();
+        let landing = flight.map(|f| f.land(Landed::Entry(encoded.clone()), Duration::ZERO));
+        let keep = if has_validator(entry) {
+            keep
+        } else {
+            Duration::ZERO
+        };
+        let ttl = entry.store_ttl().saturating_add(keep);
+        let fill = Fill::new(key, encoded, ttl, entry.tags.clone(), entry.fence);
+        self.spawn_fill(fill, landing);
+    }
+
     /// Writes an encoded entry in the background: the client never waits for the store on a
     /// miss.
     pub(crate) fn spawn_fill(self: Arc<Self>, fill: Fill, landing: Option<Landing>) {

@@ -59,6 +59,12 @@ impl<St: Store> Engine<St> {
                     entry,
                     fence: fence(),
                 },
+                // Kept for revalidation (`RoutePolicy::keep`): the miss asks the origin
+                // whether it is still current.
+                Staleness::Dead if super::revalidate::has_validator(&entry) => Found::Stale {
+                    entry,
+                    fence: fence(),
+                },
                 Staleness::Dead => Found::Miss { fence: fence() },
             },
             Err(e) => {

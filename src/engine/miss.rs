@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
@@ -14,9 +14,10 @@ use super::body::CacheBody;
 use super::flights::{wait_for, FlightGuard, Join, Landed};
 use super::lookup::Found;
 use super::respond::Served;
+use super::revalidate::{ask_about, has_validator, refreshed};
 use super::status::{Miss, Stale, Status};
 use super::{Asked, Engine, Want};
-use crate::entry::{now_ms, Entry};
+use crate::entry::{now_ms, Entry, Staleness};
 use crate::key::EntryKey;
 use crate::policy::Route;
 use crate::stats::count;
@@ -53,7 +54,7 @@ impl<St: Store> Engine<St> {
         call: OriginCall<S, ReqBody>,
         asked: Asked,
         fence: Option<Fence>,
-        stale: Option<Entry>,
+        previous: Option<Entry>,
     ) -> Result<Response<CacheBody<ResBody>>, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -76,13 +77,24 @@ impl<St: Store> Engine<St> {
             Joined::Lead(flight) => flight,
         };
         let tags = self.entry_tags(req.headers(), req.uri());
-        if want == Want::Body && fence.is_some() {
+        // What the origin is asked to confirm: the stale entry, when it has a validator.
+        let mut revalidating = None;
+        if let (Want::Body, Some(fence)) = (want, fence) {
             // The fill needs a full response: the client's validators are answered here.
             strip_conditions(req.headers_mut());
+            if let Some(entry) = previous.as_ref().filter(|e| has_validator(e)) {
+                ask_about(req.headers_mut(), entry);
+                revalidating = Some(fence);
+            }
         }
         let result = inner.call(req).await;
-        // Stale-if-error: an origin failure is answered with the stale entry.
-        if let Some(entry) = stale {
+        // Stale-if-error: an origin failure is answered with the stale entry while its
+        // window lasts.
+        let now = now_ms();
+        if let Some(entry) = previous
+            .as_ref()
+            .filter(|e| e.staleness(now) != Staleness::Dead)
+        {
             let failed = match &result {
                 Ok(res) => res.status().is_server_error(),
                 Err(_) => true,
@@ -90,10 +102,20 @@ impl<St: Store> Engine<St> {
             if failed {
                 count!(self.stats.inner, stale_on_error);
                 let served = Served::Stale(Stale::IfError);
-                return Ok(self.hit_response(entry, &asked, now_ms(), served));
+                let entry = entry.clone();
+                return Ok(self.hit_response(entry, &asked, now, served));
             }
         }
         let res = result?;
+        if let (Some(fence), Some(stale)) = (revalidating, previous) {
+            if res.status() == StatusCode::NOT_MODIFIED {
+                let (parts, _) = res.into_parts();
+                let entry = self
+                    .clone()
+                    .revalidated(key, &route, stale, &parts, fence, flight);
+                return Ok(self.hit_response(entry, &asked, now_ms(), Served::Revalidated));
+            }
+        }
         if want == Want::HeadersOnly {
             // A HEAD response has no body to store, and storing it would poison GET.
             count!(self.stats.inner, misses);
@@ -163,10 +185,39 @@ impl<St: Store> Engine<St> {
         Joined::Lead(Some(guard))
     }
 
-    /// Refreshes a stale entry in the background with the request that found it stale.
+    /// A stale entry the origin confirmed with a `304`: stored again, refreshed (and the
+    /// requests waiting on the key told), or, when the refreshed response may no longer be
+    /// stored, answered this once as it is.
+    fn revalidated(
+        self: Arc<Self>,
+        key: EntryKey,
+        route: &Route,
+        stale: Entry,
+        not_modified: &http::response::Parts,
+        fence: Fence,
+        flight: Option<FlightGuard>,
+    ) -> Entry {
+        count!(self.stats.inner, revalidated);
+        match refreshed(&stale, not_modified, route, fence) {
+            Some(entry) => {
+                self.store_entry(key, &entry, route.policy.keep, flight);
+                entry
+            }
+            None => {
+                if let Some(f) = flight {
+                    drop(f.land(Landed::Uncacheable, self.hit_for_miss));
+                }
+                stale
+            }
+        }
+    }
+
+    /// Refreshes a stale entry in the background with the request that found it stale:
+    /// revalidated when it has a validator, else fetched again.
     pub(crate) async fn refresh<S, ReqBody, ResBody>(
         self: Arc<Self>,
         call: OriginCall<S, ReqBody>,
+        stale: Entry,
         fence: Fence,
         flight: FlightGuard,
     ) where
@@ -178,7 +229,7 @@ impl<St: Store> Engine<St> {
         use http_body_util::BodyExt;
         let OriginCall {
             mut inner,
-            req,
+            mut req,
             key,
             route,
         } = call;
@@ -188,9 +239,19 @@ impl<St: Store> Engine<St> {
         }
         count!(self.stats.inner, refreshes);
         let tags = self.entry_tags(req.headers(), req.uri());
+        strip_conditions(req.headers_mut());
+        let revalidating = has_validator(&stale);
+        if revalidating {
+            ask_about(req.headers_mut(), &stale);
+        }
         let Ok(res) = inner.call(req).await else {
             return; // the guard tells any waiter it failed
         };
+        if revalidating && res.status() == StatusCode::NOT_MODIFIED {
+            let (parts, _) = res.into_parts();
+            self.revalidated(key, &route, stale, &parts, fence, Some(flight));
+            return;
+        }
         let res = self.miss_response(res, key, &route, tags, Some(fence), Some(flight));
         // Drain the body so the copy completes and is stored.
         let body = res.into_body();

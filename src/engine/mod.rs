@@ -39,6 +39,7 @@ mod lookup;
 mod miss;
 mod plan;
 mod respond;
+mod revalidate;
 mod serve;
 mod status;
 

@@ -19,6 +19,8 @@ pub(crate) enum Served {
     Fresh,
     /// A waiter got what its flight's leader fetched.
     Collapsed,
+    /// The origin confirmed a stale entry.
+    Revalidated,
     Stale(Stale),
 }
 
@@ -37,6 +39,7 @@ impl<St> Engine<St> {
                 ttl: entry.remaining(now_ms).map_or(0, |d| d.as_secs()),
             },
             Served::Collapsed => Status::Collapsed,
+            Served::Revalidated => Status::Revalidated,
             Served::Stale(why) => Status::Stale {
                 why,
                 stale_for: (age as i64).saturating_sub((entry.lifetime_ms / 1000) as i64),

@@ -44,7 +44,8 @@ impl<St: Store> Engine<St> {
                 count!(self.stats.inner, stale_hits);
                 if asked.want == Want::Body {
                     if let Some(flight) = self.flights.lead(&call.key) {
-                        tokio::spawn(self.clone().refresh(call, fence, flight));
+                        let stale = entry.clone();
+                        tokio::spawn(self.clone().refresh(call, stale, fence, flight));
                     }
                 }
                 let served = Served::Stale(Stale::WhileRevalidate);

@@ -20,6 +20,8 @@ pub(crate) enum Status {
     Hit { ttl: u64 },
     /// A waiter got what its flight's leader fetched.
     Collapsed,
+    /// A stale entry the origin confirmed with a `304`.
+    Revalidated,
     /// A stale entry, `stale_for` seconds past its lifetime.
     Stale { why: Stale, stale_for: i64 },
     /// The origin answered.
@@ -78,7 +80,7 @@ impl Status {
     /// The `X-Cache` value.
     pub(crate) fn x_cache(self) -> &'static str {
         match self {
-            Status::Hit { .. } | Status::Collapsed => "HIT",
+            Status::Hit { .. } | Status::Collapsed | Status::Revalidated => "HIT",
             Status::Stale { .. } => "STALE",
             Status::Miss(_) => "MISS",
             Status::Bypass(_) => "BYPASS",
@@ -92,6 +94,7 @@ impl fmt::Display for Status {
         match *self {
             Status::Hit { ttl } => write!(f, "hit; ttl={ttl}"),
             Status::Collapsed => f.write_str("fwd=miss; collapsed"),
+            Status::Revalidated => f.write_str("fwd=stale; fwd-status=304"),
             Status::Stale { why, stale_for } => {
                 write!(f, "hit; ttl=-{stale_for}; detail={}", why.as_str())
             }

@@ -116,6 +116,7 @@ pub struct RoutePolicy {
     pub(crate) body_key: Option<usize>,
     pub(crate) grpc: bool,
     pub(crate) etag: bool,
+    pub(crate) keep: Duration,
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) error: Option<ConfigError>,
@@ -137,6 +138,7 @@ impl RoutePolicy {
             body_key: None,
             grpc: false,
             etag: true,
+            keep: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             error: None,
@@ -188,6 +190,19 @@ impl RoutePolicy {
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
         self.scope(Scope::per_user(f))
+    }
+
+    /// How long an entry with a validator (`ETag` or `Last-Modified`) stays stored after
+    /// its freshness and stale windows have passed (default none; Varnish calls it
+    /// `keep`). A request that finds it then does not fetch it again: it asks the origin
+    /// with `If-None-Match` / `If-Modified-Since`, and a `304` makes the stored response
+    /// fresh again without its body crossing. Worth it for large bodies from handlers that
+    /// answer conditional requests (tower-http's `ServeDir`, a handler checking
+    /// `If-None-Match`). Entries in their stale windows are revalidated the same way.
+    #[must_use]
+    pub fn keep(mut self, keep: Duration) -> Self {
+        self.keep = keep;
+        self
     }
 
     /// Whether a stored response that has no `ETag` gets a strong one made from its body's
