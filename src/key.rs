@@ -169,6 +169,13 @@ pub(crate) fn derive_key(
     for name in vary {
         field(name.as_str().as_bytes());
         let values = parts.headers.get_all(name);
+        if crate::compress::is_accept_encoding(name) {
+            // One entry per set of codings, not per spelling of the header.
+            let joined: Vec<&[u8]> = values.iter().map(|v| v.as_bytes()).collect();
+            let normalized = crate::compress::normalized_accept_encoding(&joined.join(&b","[..]));
+            field(normalized.as_bytes());
+            continue;
+        }
         field(&(values.iter().count() as u64).to_le_bytes());
         for v in values {
             field(v.as_bytes());

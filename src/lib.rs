@@ -5,6 +5,7 @@
 pub mod body_digest;
 mod breaker;
 pub mod cache;
+mod compress;
 mod engine;
 mod entry;
 mod error;
@@ -23,6 +24,7 @@ mod tags;
 
 pub use body_digest::BodyDigestLayer;
 pub use cache::CacheLayer;
+pub use compress::{Encoding, MIN_COMPRESS_BYTES};
 pub use error::{ConfigError, StoreError};
 pub use handle::CacheHandle;
 pub use invalidate::InvalidateLayer;

@@ -67,7 +67,28 @@ impl<St: Store> CacheLayer<St> {
 
     /// Sets the route table (per-route TTL, tags, scope, statuses, vary).
     pub fn routes(self, routes: RouteTable) -> Self {
-        self.edit(|s| s.routes = routes)
+        self.edit(|s| {
+            s.routes = match s.compress {
+                Some(encoding) => routes.with_compression(encoding),
+                None => routes,
+            }
+        })
+    }
+
+    /// Stores bodies compressed with `encoding` on every route that does not choose for
+    /// itself ([`RoutePolicy::compress`](crate::RoutePolicy::compress) has the rules), before
+    /// or after [`routes`](Self::routes). Off by default.
+    ///
+    /// ```
+    /// use tower_cache_aside::{store::MemoryStore, CacheLayer, Encoding};
+    ///
+    /// let cache = CacheLayer::new(MemoryStore::new(64 << 20)).compress(Encoding::Gzip);
+    /// ```
+    pub fn compress(self, encoding: crate::Encoding) -> Self {
+        self.edit(|s| {
+            s.compress = Some(encoding);
+            s.routes = s.routes.with_compression(encoding);
+        })
     }
 
     /// Leaves these query parameters out of the key. A trailing `*` matches a prefix:

@@ -15,6 +15,7 @@ use super::conditional::digest_etag;
 use super::flights::{FlightGuard, Landed};
 use super::status::{Miss, Status};
 use super::Engine;
+use crate::compress::{add_vary_accept_encoding, compressible, mark_compressed, Encoding};
 use crate::entry::{Entry, Lifetimes};
 use crate::key::EntryKey;
 use crate::policy::{decide, CacheHint, Decision, Route};
@@ -35,6 +36,8 @@ struct Admitted {
     etag: bool,
     /// How long the store keeps it past its stale windows, for revalidation.
     keep: Duration,
+    /// The coding to store the body in, when it compresses.
+    compress: Option<Encoding>,
     flight: Option<FlightGuard>,
 }
 
@@ -77,6 +80,7 @@ impl<St: Store> Engine<St> {
             grpc: route.policy.grpc,
             etag: route.policy.etag && !route.policy.grpc,
             keep: route.policy.keep,
+            compress: route.policy.compress,
             flight,
         };
         let engine = self.clone();
@@ -128,6 +132,11 @@ impl<St: Store> Engine<St> {
             push_tags(&mut tags, hint.tags.iter().map(String::as_str), "CacheHint");
         }
         take_entry_tags(&mut parts.headers, &mut tags);
+        if route.policy.compress.is_some() && compressible(&parts.headers, usize::MAX) {
+            // Hits of this URL depend on the client's `Accept-Encoding`: say so to caches
+            // downstream, on this response too.
+            add_vary_accept_encoding(&mut parts.headers);
+        }
         let headers = storable_headers(&parts.headers);
         let entry = Entry::new(parts.status, headers, fence, tags, lifetimes);
         Ok((entry, declared_len))
@@ -160,6 +169,7 @@ impl<St: Store> Engine<St> {
             grpc,
             etag,
             keep,
+            compress,
             flight,
         } = admitted;
         if grpc && !grpc_ok(&entry.headers, trailers.as_ref()) {
@@ -193,7 +203,30 @@ impl<St: Store> Engine<St> {
             let len = HeaderValue::from(entry.body.len());
             entry.headers.insert(CONTENT_LENGTH, len);
         }
-        self.store_entry(key, &entry, keep, flight);
+        match compress.filter(|_| compressible(&entry.headers, entry.body.len())) {
+            // Off the response's path: the client that fetched it is not kept waiting.
+            Some(encoding) => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn_blocking(move || {
+                        compress_entry(&mut entry, encoding);
+                        self.store_entry(key, &entry, keep, flight);
+                    });
+                }
+                Err(_) => self.store_entry(key, &entry, keep, flight),
+            },
+            None => self.store_entry(key, &entry, keep, flight),
+        }
+    }
+}
+
+/// Stores the entry's body in `encoding` when that makes it smaller.
+fn compress_entry(entry: &mut Entry, encoding: Encoding) {
+    if let Some(compressed) = encoding.compress(&entry.body) {
+        entry
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(compressed.len()));
+        entry.body = compressed;
+        mark_compressed(&mut entry.headers, encoding);
     }
 }
 

@@ -74,6 +74,8 @@ pub(crate) struct Engine<St> {
     pub(crate) stampede_wait: Duration,
     pub(crate) hit_for_miss: Duration,
     pub(crate) lease: Option<Duration>,
+    /// Compression for routes that set none (`CacheLayer::compress`).
+    pub(crate) compress: Option<crate::compress::Encoding>,
 }
 
 impl<St> Engine<St> {
@@ -96,6 +98,7 @@ impl<St> Engine<St> {
             stampede_wait: Duration::from_secs(10),
             hit_for_miss: Duration::from_secs(30),
             lease: None,
+            compress: None,
         }
     }
 }
@@ -114,6 +117,8 @@ pub(crate) enum Want {
 pub(crate) struct Asked {
     pub(crate) want: Want,
     pub(crate) conditions: Option<conditional::Conditions>,
+    /// For entries stored compressed: which codings the client takes.
+    pub(crate) accept_encoding: Option<http::HeaderValue>,
 }
 
 impl Asked {
@@ -126,6 +131,7 @@ impl Asked {
         Asked {
             want,
             conditions: conditional::Conditions::of(&parts.headers),
+            accept_encoding: parts.headers.get(http::header::ACCEPT_ENCODING).cloned(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! status headers, and its body (none for HEAD); or a `304 Not Modified` when the client
 //! already has it (see `conditional`).
 
-use http::header::{AGE, CONTENT_LENGTH};
+use http::header::{AGE, CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{HeaderValue, Response, StatusCode};
 use http_body::Body;
 
@@ -10,6 +10,7 @@ use super::body::CacheBody;
 use super::conditional::not_modified_headers;
 use super::status::{Stale, Status, CACHE_STATUS, X_CACHE};
 use super::{Asked, Engine, Want};
+use crate::compress;
 use crate::entry::Entry;
 use crate::stats::count;
 
@@ -33,6 +34,7 @@ impl<St> Engine<St> {
         now_ms: u64,
         served: Served,
     ) -> Response<CacheBody<B>> {
+        let entry = represent(entry, asked.accept_encoding.as_ref(), self.max_body_bytes);
         let age = entry.age_secs(now_ms);
         let status = match served {
             Served::Fresh => Status::Hit {
@@ -108,4 +110,35 @@ impl<St> Engine<St> {
         *out.headers_mut() = headers;
         out
     }
+}
+
+/// The entry as this client takes it: a body stored compressed is decompressed for a
+/// client that does not accept its coding (see `compress`). Served as stored when that
+/// cannot be done; `serve` sends such requests to the origin first (`servable`).
+fn represent(mut entry: Entry, accept: Option<&HeaderValue>, max_body: usize) -> Entry {
+    let Some(coding) = entry.headers.get(CONTENT_ENCODING) else {
+        return entry;
+    };
+    if let compress::Served::Identity(encoding) =
+        compress::negotiate(coding, accept, &entry.headers)
+    {
+        // A bound against bodies that expand a thousandfold (a handler's own gzip).
+        let limit = max_body.saturating_mul(32).max(64 << 20);
+        match encoding.decompress(&entry.body, limit) {
+            Some(body) => {
+                compress::identity_headers(&mut entry.headers, encoding, body.len());
+                entry.body = body;
+            }
+            None => tracing::warn!("a stored body does not decompress; served as stored"),
+        }
+    }
+    entry
+}
+
+/// Whether a stored entry can be served to this client at all: not when its coding is one
+/// the client refuses and the layer cannot undo (unknown, or `no-transform`).
+pub(crate) fn servable(entry: &Entry, accept: Option<&HeaderValue>) -> bool {
+    entry.headers.get(CONTENT_ENCODING).is_none_or(|coding| {
+        compress::negotiate(coding, accept, &entry.headers) != compress::Served::Unservable
+    })
 }

@@ -159,10 +159,13 @@ pub(crate) fn decide(
             if name == "*" {
                 return Decision::Skip(Uncacheable::VaryStar);
             }
-            if !policy
-                .vary
-                .iter()
-                .any(|v| v.as_str().eq_ignore_ascii_case(name))
+            let negotiated =
+                policy.compress.is_some() && name.eq_ignore_ascii_case("accept-encoding");
+            if !negotiated
+                && !policy
+                    .vary
+                    .iter()
+                    .any(|v| v.as_str().eq_ignore_ascii_case(name))
             {
                 return Decision::Skip(Uncacheable::VaryUndeclared);
             }

@@ -117,6 +117,7 @@ pub struct RoutePolicy {
     pub(crate) grpc: bool,
     pub(crate) etag: bool,
     pub(crate) keep: Duration,
+    pub(crate) compress: Option<crate::compress::Encoding>,
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) error: Option<ConfigError>,
@@ -139,6 +140,7 @@ impl RoutePolicy {
             grpc: false,
             etag: true,
             keep: Duration::ZERO,
+            compress: None,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             error: None,
@@ -190,6 +192,20 @@ impl RoutePolicy {
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
         self.scope(Scope::per_user(f))
+    }
+
+    /// Stores bodies compressed with `encoding` (opt-in; see also
+    /// [`CacheLayer::compress`](crate::CacheLayer::compress) for every route). A text-like
+    /// body of at least [`MIN_COMPRESS_BYTES`](crate::MIN_COMPRESS_BYTES) is compressed once,
+    /// when filled; each hit is served in the client's best accepted coding: the stored
+    /// bytes as they are, or decompressed for a client that accepts none, with
+    /// `Vary: Accept-Encoding`, `Content-Length` and a representation's own `ETag` right.
+    /// Bodies the handler compressed itself are stored as they are and served the same way.
+    /// `Accept-Encoding` is then never part of the key: one entry serves every client.
+    #[must_use]
+    pub fn compress(mut self, encoding: crate::compress::Encoding) -> Self {
+        self.compress = Some(encoding);
+        self
     }
 
     /// How long an entry with a validator (`ETag` or `Last-Modified`) stays stored after

@@ -147,6 +147,27 @@ impl RouteTable {
         self
     }
 
+    /// The table with `encoding` for every route (and the fallback) that has none.
+    pub(crate) fn with_compression(&self, encoding: crate::compress::Encoding) -> RouteTable {
+        let apply = |route: &Arc<Route>| {
+            if route.policy.compress.is_some() {
+                return route.clone();
+            }
+            let mut route = Route::clone(route);
+            route.policy.compress = Some(encoding);
+            route
+                .policy
+                .vary
+                .retain(|h| h != http::header::ACCEPT_ENCODING);
+            Arc::new(route)
+        };
+        RouteTable {
+            router: self.router.clone(),
+            routes: self.routes.iter().map(apply).collect(),
+            fallback: apply(&self.fallback),
+        }
+    }
+
     pub(crate) fn find<'t, 'p>(&'t self, path: &'p str) -> Matched<'t, 'p> {
         match self.router.at(path) {
             Ok(m) => Matched {
@@ -165,7 +186,15 @@ impl RouteTable {
 /// panicking: refused here with an error first).
 const MAX_ROUTE_PARAMS: usize = 16;
 
-fn build_route(pattern: &str, policy: RoutePolicy, default_id: &str) -> Result<Route, ConfigError> {
+fn build_route(
+    pattern: &str,
+    mut policy: RoutePolicy,
+    default_id: &str,
+) -> Result<Route, ConfigError> {
+    if policy.compress.is_some() {
+        // The layer negotiates the coding itself: no entry per `Accept-Encoding`.
+        policy.vary.retain(|h| h != http::header::ACCEPT_ENCODING);
+    }
     if let Some(e) = &policy.error {
         return Err(e.clone());
     }
