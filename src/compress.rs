@@ -304,8 +304,14 @@ mod tests {
             "over the limit"
         );
         assert!(Encoding::Gzip.decompress(b"not gzip", 1 << 20).is_none());
-        let random: Vec<u8> = (0..4096u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let random: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
             .collect();
         assert!(Encoding::Gzip.compress(&random).is_none());
     }
