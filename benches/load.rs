@@ -91,6 +91,38 @@ fn body() -> Bytes {
     Bytes::from(vec![b'x'; BODY])
 }
 
+/// 16 KiB of JSON, as an API list page would be, with an `ETag` of its own.
+fn json_app() -> Router {
+    let items: Vec<String> = (0..200)
+        .map(|i| format!("{{\"id\":{i},\"name\":\"event number {i}\",\"tags\":[\"a\",\"b\"]}}"))
+        .collect();
+    let mut text = format!("[{}]", items.join(","));
+    text.truncate(16 * 1024);
+    let json = Bytes::from(text);
+    Router::new().route(
+        "/json",
+        get(move || {
+            let json = json.clone();
+            async move {
+                (
+                    [("content-type", "application/json"), ("etag", "\"j1\"")],
+                    json,
+                )
+            }
+        }),
+    )
+}
+
+/// `json_app` behind a memory-store cache, with stored compression or not.
+fn json_cached<St: Store>(store: St, compress: bool) -> Router {
+    let routes = RouteTable::new().route("/json", RoutePolicy::ttl(Duration::from_secs(300)));
+    let mut cache = CacheLayer::new(store).routes(routes);
+    if compress {
+        cache = cache.compress(tower_cache_aside::Encoding::Gzip);
+    }
+    json_app().layer(cache)
+}
+
 fn static_app() -> Router {
     let b = body();
     Router::new().route(
@@ -201,20 +233,30 @@ enum Paths {
     UniquePatch,
 }
 
+/// How a case's requests are made, and whose CPU is counted with ours.
+#[derive(Clone, Copy)]
+struct How<'a> {
+    paths: Paths,
+    /// Request headers, as wrk's `-H` takes them.
+    headers: &'static [&'static str],
+    valkey_pid: Option<&'a str>,
+}
+
 /// Runs wrk against `url` with the requests `paths` says.
 /// `valkey_pid` names the store's process, whose CPU per request is reported with ours.
 /// `warm` runs a 1 s warm-up first.
-fn wrk(
-    name: &'static str,
-    url: &str,
-    secs: u64,
-    paths: Paths,
-    valkey_pid: Option<&str>,
-    warm: bool,
-) -> Row {
+fn wrk(name: &'static str, url: &str, secs: u64, how: How, warm: bool) -> Row {
+    let How {
+        paths,
+        headers,
+        valkey_pid,
+    } = how;
     let run = |secs: u64| {
         let mut cmd = Command::new("wrk");
         cmd.args(["-t1", "-c50", &format!("-d{secs}s"), "--latency"]);
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
         // wrk seeds its random numbers the same way every run: a run id keeps every run's
         // paths apart, so a miss case never meets what an earlier run (a warm-up, an earlier
         // round) stored.
@@ -429,7 +471,20 @@ fn main() {
             serve(miss_servers[1].take().unwrap()).await,
             serve(patch_app()).await,
             serve(clearing(valkey_store())).await,
+            serve(json_cached(MemoryStore::new(64 << 20), false)).await,
+            serve(json_cached(MemoryStore::new(64 << 20), true)).await,
+            serve(
+                json_cached(MemoryStore::new(64 << 20), false)
+                    .layer(tower_http::compression::CompressionLayer::new().gzip(true)),
+            )
+            .await,
         ];
+        for a in &addrs[12..15] {
+            for _ in 0..3 {
+                raw_get(*a, "/json").await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         // Warm the cached routes (and let the near tier's subscription come up).
         for a in &addrs[3..6] {
             for _ in 0..3 {
@@ -511,24 +566,54 @@ fn main() {
     // Every case runs ROUNDS times, round-robin, and reports its median round: this
     // machine's speed drifts over a minute, and interleaving keeps the drift out of the
     // ratios between cases.
-    let mut cases: Vec<(&'static str, String, Paths, Option<&str>)> = cases
+    let mut cases: Vec<(&'static str, String, How)> = cases
         .into_iter()
-        .map(|(name, url, paths)| (name, url, paths, Some(valkey_pid.as_str())))
+        .map(|(name, url, paths)| {
+            let how = How {
+                paths,
+                headers: &[],
+                valkey_pid: Some(valkey_pid.as_str()),
+            };
+            (name, url, how)
+        })
         .collect();
+    let same = |headers| How {
+        paths: Paths::Same,
+        headers,
+        valkey_pid: None,
+    };
     if let Some((_, addr, _)) = v.as_ref() {
         let url = format!("http://{addr}/static");
-        cases.push((
-            "Varnish 7 hit in front of the bare handler",
-            url,
-            Paths::Same,
-            None,
-        ));
+        let name = "Varnish 7 hit in front of the bare handler";
+        cases.push((name, url, same(&[])));
+    } else {
+        cases.push(("Varnish 7 (not installed)", String::new(), same(&[])));
     }
+    // Issue 12's rows: a 16 KiB JSON body from a MemoryStore, so the layer's own work shows.
+    let json = |i: usize| format!("http://{}/json", addrs[i]);
+    cases.extend([
+        ("16 KiB JSON hit, MemoryStore", json(12), same(&[])),
+        (
+            "16 KiB JSON hit answered 304 (If-None-Match)",
+            json(12),
+            same(&["If-None-Match: \"j1\""]),
+        ),
+        (
+            "16 KiB JSON hit, stored gzip sent as is",
+            json(13),
+            same(&["Accept-Encoding: gzip"]),
+        ),
+        (
+            "16 KiB JSON hit + tower-http CompressionLayer (gzip per hit)",
+            json(14),
+            same(&["Accept-Encoding: gzip"]),
+        ),
+    ]);
     let mut samples: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        for (i, (name, url, paths, pid)) in cases.iter().enumerate() {
-            if wanted(i) {
-                samples[i].push(wrk(name, url, secs, *paths, *pid, round == 0));
+        for (i, (name, url, how)) in cases.iter().enumerate() {
+            if wanted(i) && !url.is_empty() {
+                samples[i].push(wrk(name, url, secs, *how, round == 0));
             }
         }
     }
@@ -600,13 +685,26 @@ fn main() {
         rps(10),
         0.0,
     );
+    ratio(
+        "304 hit / full 16 KiB hit (for reference)",
+        rps(14),
+        rps(13),
+        0.0,
+    );
+    ratio(
+        "stored gzip hit / CompressionLayer gzip per hit",
+        rps(15),
+        rps(16),
+        5.0,
+    );
     println!(
         "\nclears per second through InvalidateLayer: {:.0}",
         rps(11)
     );
+    rt.block_on(entry_bytes(&url));
 
     // Memory: a 64 MiB near cache after a million distinct 1 KiB entries.
-    if !wanted(13) {
+    if !wanted(17) {
         return;
     }
     rt.block_on(async {
@@ -638,6 +736,44 @@ fn main() {
         );
     });
     drop(valkey);
+}
+
+/// Bytes one 16 KiB JSON entry takes in Valkey (`MEMORY USAGE`), with and without stored
+/// compression.
+async fn entry_bytes(url: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut sizes = Vec::new();
+    for (namespace, compress) in [("bytes-plain", false), ("bytes-gzip", true)] {
+        let store = ValkeyStore::builder()
+            .url(url)
+            .namespace(namespace)
+            .build()
+            .unwrap();
+        let addr = serve(json_cached(store, compress)).await;
+        raw_get(addr, "/json").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{namespace}:*:e:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut bytes = 0u64;
+        for key in &keys {
+            let used: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            bytes += used.unwrap_or(0);
+        }
+        sizes.push((keys.len(), bytes));
+    }
+    println!(
+        "\none 16 KiB JSON entry in Valkey: {} bytes stored as is, {} bytes with stored gzip ({} and {} keys)",
+        sizes[0].1, sizes[1].1, sizes[0].0, sizes[1].0
+    );
 }
 
 /// A minimal HTTP/1.1 GET over a raw socket (the benchmark needs no HTTP client crate).

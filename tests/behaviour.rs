@@ -797,3 +797,48 @@ async fn a_body_that_panics_is_never_passed_off_as_whole() {
         );
     }
 }
+
+/// A body still arriving when the response is made is read by a task and fed to the client:
+/// polled again after its end (as compression wrappers do), it stays ended instead of
+/// panicking the connection. Found by `scripts/load` with tower-http's CompressionLayer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_polled_after_its_end_stays_ended() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let routes = tower_cache_aside::RouteTable::new().route(
+        "/drip",
+        tower_cache_aside::RoutePolicy::ttl(Duration::from_secs(60)),
+    );
+    let cache = CacheLayer::new(MemoryStore::new(1 << 20)).routes(routes);
+    let router = axum::Router::new()
+        .route(
+            "/drip",
+            axum::routing::get(|| async {
+                let chunks = futures_util::stream::unfold(0u8, |i| async move {
+                    if i == 3 {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Some((
+                        Ok::<_, std::io::Error>(Bytes::from(vec![b'a' + i; 100])),
+                        i + 1,
+                    ))
+                });
+                Body::from_stream(chunks)
+            }),
+        )
+        .layer(cache);
+    let res = router
+        .oneshot(Request::get("/drip").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    let mut received = 0;
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().into_data().map_or(0, |d| d.len());
+    }
+    assert_eq!(received, 300);
+    for _ in 0..3 {
+        assert!(body.frame().await.is_none(), "ended stays ended");
+    }
+}

@@ -97,7 +97,9 @@ pin_project! {
         // Read here, as the client polls (no runtime to run a reader task on).
         Filling { #[pin] inner: B, tee: Option<Box<Tee>> },
         // Read by a task at the origin's speed; the client is fed from `queue`.
-        Driven { queue: mpsc::UnboundedReceiver<Fed<B>>, rest: Option<Pin<Box<B>>>, hint: SizeHint },
+        // `ended` once the reader said the body ended (or failed): a body polled again after
+        // that answers `None`, as wrappers such as compression bodies expect.
+        Driven { queue: mpsc::UnboundedReceiver<Fed<B>>, rest: Option<Pin<Box<B>>>, hint: SizeHint, ended: bool },
     }
 }
 
@@ -287,6 +289,7 @@ impl<B: Body> CacheBody<B> {
                 queue,
                 rest: None,
                 hint,
+                ended: false,
             },
         }
     }
@@ -343,7 +346,12 @@ where
                 }
                 Poll::Ready(polled)
             }
-            KindProj::Driven { queue, rest, .. } => {
+            KindProj::Driven {
+                queue, rest, ended, ..
+            } => {
+                if *ended {
+                    return Poll::Ready(None);
+                }
                 if let Some(inner) = rest {
                     return inner
                         .as_mut()
@@ -352,10 +360,13 @@ where
                 }
                 match ready!(queue.poll_recv(cx)) {
                     Some(Fed::Frame(frame)) => Poll::Ready(Some(Ok(frame))),
-                    Some(Fed::Error(e)) => match e.downcast::<B::Error>() {
-                        Ok(e) => Poll::Ready(Some(Err(*e))),
-                        Err(_) => Poll::Ready(None), // cannot happen: the reader sends B::Error
-                    },
+                    Some(Fed::Error(e)) => {
+                        *ended = true;
+                        match e.downcast::<B::Error>() {
+                            Ok(e) => Poll::Ready(Some(Err(*e))),
+                            Err(_) => Poll::Ready(None), // cannot happen: the reader sends B::Error
+                        }
+                    }
                     Some(Fed::Rest(inner)) => {
                         let inner = rest.insert(inner);
                         inner
@@ -363,7 +374,10 @@ where
                             .poll_frame(cx)
                             .map(|f| f.map(|r| r.map(|f| f.map_data(to_bytes))))
                     }
-                    Some(Fed::End) => Poll::Ready(None),
+                    Some(Fed::End) => {
+                        *ended = true;
+                        Poll::Ready(None)
+                    }
                     Some(Fed::Panic(panic)) => std::panic::resume_unwind(panic),
                     // The reader was cancelled (the runtime is shutting down): never let a
                     // cut body look whole.
@@ -380,7 +394,9 @@ where
             }
             Kind::NotModified { .. } => true,
             Kind::Passthrough { inner } | Kind::Filling { inner, .. } => inner.is_end_stream(),
-            Kind::Driven { rest, .. } => rest.as_ref().is_some_and(|r| r.is_end_stream()),
+            Kind::Driven { rest, ended, .. } => {
+                *ended || rest.as_ref().is_some_and(|r| r.is_end_stream())
+            }
         }
     }
 
