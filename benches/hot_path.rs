@@ -103,6 +103,39 @@ fn entry_format(c: &mut Criterion) {
     g.finish();
 }
 
+/// What stored compression costs and saves on a 16 KiB JSON body: compressing once per
+/// fill, and decompressing per hit for a client that takes no compression.
+fn compression(c: &mut Criterion) {
+    use tower_cache_aside::__private::bench::{compress, decompress};
+    use tower_cache_aside::Encoding;
+    let items: Vec<String> = (0..300)
+        .map(|i| format!("{{\"id\":{i},\"name\":\"event number {i}\",\"tags\":[\"a\",\"b\"]}}"))
+        .collect();
+    let json = format!("[{}]", items.join(","));
+    let mut codecs = vec![Encoding::Gzip];
+    #[cfg(feature = "brotli")]
+    codecs.push(Encoding::Brotli);
+    let mut g = c.benchmark_group(format!("compression ({} bytes of JSON)", json.len()));
+    for encoding in codecs {
+        let packed = compress(encoding, json.as_bytes()).unwrap();
+        eprintln!(
+            "{}: {} -> {} bytes ({:.1}%)",
+            encoding.token(),
+            json.len(),
+            packed.len(),
+            packed.len() as f64 * 100.0 / json.len() as f64
+        );
+        g.bench_function(format!("{} compress (per fill)", encoding.token()), |b| {
+            b.iter(|| compress(encoding, std::hint::black_box(json.as_bytes())))
+        });
+        g.bench_function(
+            format!("{} decompress (per identity hit)", encoding.token()),
+            |b| b.iter(|| decompress(encoding, std::hint::black_box(&packed))),
+        );
+    }
+    g.finish();
+}
+
 fn memory_paths(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -203,6 +236,6 @@ fn valkey_paths(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = key_derivation, entry_format, memory_paths, valkey_paths
+    targets = key_derivation, entry_format, compression, memory_paths, valkey_paths
 }
 criterion_main!(benches);

@@ -16,6 +16,16 @@ pub mod bench {
         entry.encode()
     }
 
+    /// A body compressed as a fill stores it (`None` when it would not shrink).
+    pub fn compress(encoding: crate::Encoding, body: &[u8]) -> Option<Bytes> {
+        encoding.compress(body)
+    }
+
+    /// A stored body decompressed as a hit for a client without its coding does.
+    pub fn decompress(encoding: crate::Encoding, body: &[u8]) -> Option<Bytes> {
+        encoding.decompress(body, 64 << 20)
+    }
+
     /// Decodes an entry as a hit does; returns its body length and header count.
     pub fn decode_entry(encoded: Bytes) -> Option<(usize, usize)> {
         let entry = crate::entry::Entry::decode(encoded).ok()?;
