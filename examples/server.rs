@@ -16,6 +16,17 @@
 //! curl -s localhost:3000/dashboard/stats -H 'Authorization: Bearer 2'                # per user
 //! curl -s localhost:3000/cache/stats
 //! ```
+//!
+//! Hits answer conditional requests and keep their bodies gzipped (the layer's
+//! `compress(Encoding::Gzip)`):
+//!
+//! ```sh
+//! curl -si localhost:3000/servers -H 'Authorization: Bearer 1' | grep -i etag   # ETag: "…"
+//! curl -si localhost:3000/servers -H 'Authorization: Bearer 1' \
+//!      -H 'If-None-Match: "…"' | head -1                                         # 304
+//! curl -s --compressed -w '%{size_download}\n' -o /dev/null \
+//!      localhost:3000/servers -H 'Authorization: Bearer 1'                       # gzip bytes
+//! ```
 
 #[path = "demo/app.rs"]
 mod app;
@@ -26,7 +37,7 @@ use std::time::Instant;
 
 use tower_cache_aside::{
     store::{MemoryStore, ValkeyStore},
-    CacheLayer,
+    CacheLayer, Encoding,
 };
 
 #[tokio::main]
@@ -59,7 +70,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         app::app(
             db,
-            Some(CacheLayer::new(store).routes(app::cache_routes())),
+            Some(
+                CacheLayer::new(store)
+                    .routes(app::cache_routes())
+                    .compress(Encoding::Gzip),
+            ),
             "valkey",
         )
     } else {
@@ -67,7 +82,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let store = MemoryStore::new(64 << 20);
         app::app(
             db,
-            Some(CacheLayer::new(store).routes(app::cache_routes())),
+            Some(
+                CacheLayer::new(store)
+                    .routes(app::cache_routes())
+                    .compress(Encoding::Gzip),
+            ),
             "memory",
         )
     };

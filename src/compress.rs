@@ -156,15 +156,25 @@ pub(crate) fn mark_compressed(headers: &mut HeaderMap, encoding: Encoding) {
 
 /// Adds `Accept-Encoding` to `Vary` unless it is there (or `Vary: *`).
 pub(crate) fn add_vary_accept_encoding(headers: &mut HeaderMap) {
-    let listed = headers
+    let star = headers.get_all(VARY).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|n| n.trim() == "*"))
+    });
+    if !star && !varies_on_accept_encoding(headers) {
+        headers.append(VARY, HeaderValue::from_static("accept-encoding"));
+    }
+}
+
+/// Whether a response says its coding depends on `Accept-Encoding`: only such entries are
+/// negotiated on hits. One that does not (an origin that always sends gzip) is served as the
+/// origin sent it.
+pub(crate) fn varies_on_accept_encoding(headers: &HeaderMap) -> bool {
+    headers
         .get_all(VARY)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|n| n.trim().eq_ignore_ascii_case("accept-encoding") || n.trim() == "*");
-    if !listed {
-        headers.append(VARY, HeaderValue::from_static("accept-encoding"));
-    }
+        .any(|n| n.trim().eq_ignore_ascii_case("accept-encoding"))
 }
 
 /// `"x"` → `"x-gzip"`, `W/"x"` → `W/"x-gzip"`.
@@ -194,7 +204,10 @@ pub(crate) enum Served {
 }
 
 /// Chooses how to serve a body stored in `stored` coding to a client that sent
-/// `accept` (RFC 9110 §12.5.3: q-values, `*`, no header meaning anything goes).
+/// `accept` (RFC 9110 §12.5.3 q-values and `*`). A client that sends no `Accept-Encoding`
+/// gets the identity bytes: the RFC lets a server send it anything, but such clients are
+/// mostly plain tools (`curl` without `--compressed`, simple HTTP libraries) that cannot
+/// decode it, and Varnish and nginx decompress for them too.
 pub(crate) fn negotiate(
     stored: &HeaderValue,
     accept: Option<&HeaderValue>,
@@ -203,10 +216,7 @@ pub(crate) fn negotiate(
     let Some(stored_token) = stored.to_str().ok().map(str::trim) else {
         return Served::Unservable;
     };
-    let Some(accept) = accept else {
-        return Served::AsStored;
-    };
-    if accepts(accept, stored_token) {
+    if accept.is_some_and(|a| accepts(a, stored_token)) {
         return Served::AsStored;
     }
     match Encoding::from_token(stored_token) {
@@ -332,7 +342,7 @@ mod tests {
         let gzip = value("gzip");
         let h = HeaderMap::new();
         let n = |accept: Option<&str>| negotiate(&gzip, accept.map(value).as_ref(), &h);
-        assert_eq!(n(None), Served::AsStored);
+        assert_eq!(n(None), Served::Identity(Encoding::Gzip));
         assert_eq!(n(Some("gzip, deflate, br")), Served::AsStored);
         assert_eq!(n(Some("GZIP;q=0.5")), Served::AsStored);
         assert_eq!(n(Some("x-gzip")), Served::AsStored);

@@ -119,6 +119,9 @@ fn represent(mut entry: Entry, accept: Option<&HeaderValue>, max_body: usize) ->
     let Some(coding) = entry.headers.get(CONTENT_ENCODING) else {
         return entry;
     };
+    if !compress::varies_on_accept_encoding(&entry.headers) {
+        return entry;
+    }
     if let compress::Served::Identity(encoding) =
         compress::negotiate(coding, accept, &entry.headers)
     {
@@ -139,6 +142,7 @@ fn represent(mut entry: Entry, accept: Option<&HeaderValue>, max_body: usize) ->
 /// the client refuses and the layer cannot undo (unknown, or `no-transform`).
 pub(crate) fn servable(entry: &Entry, accept: Option<&HeaderValue>) -> bool {
     entry.headers.get(CONTENT_ENCODING).is_none_or(|coding| {
-        compress::negotiate(coding, accept, &entry.headers) != compress::Served::Unservable
+        !compress::varies_on_accept_encoding(&entry.headers)
+            || compress::negotiate(coding, accept, &entry.headers) != compress::Served::Unservable
     })
 }
