@@ -183,13 +183,9 @@ pub(crate) fn decide(
     let Some(lifetime) = lifetime else {
         return Decision::Skip(Uncacheable::NoFreshness);
     };
-    let initial_age_s = headers
-        .get(AGE)
-        .and_then(|a| a.to_str().ok())
-        // A list (`Age: 7200, 0`, as a combined header arrives): the first member counts
-        // (RFC 9111 §5.1). Unreadable: 0, as the RFC says to treat an invalid Age.
-        .and_then(|a| a.split(',').next()?.trim().parse::<u32>().ok())
-        .unwrap_or(0);
+    let Some(initial_age_s) = initial_age(headers) else {
+        return Decision::Skip(Uncacheable::Stale);
+    };
     if lifetime <= Duration::from_secs(u64::from(initial_age_s)) {
         return Decision::Skip(Uncacheable::Stale);
     }
@@ -211,6 +207,27 @@ pub(crate) fn decide(
         stale_while_revalidate: swr,
         stale_if_error: sie,
     }
+}
+
+/// The `Age` a response arrived with, in seconds: 0 without one; `None` (stale, never
+/// stored) when it is not a non-negative integer (`abc`, `-1`, `1.5`, `7200;x=y`) or comes
+/// on several header lines. A list on one line (`Age: 7200, 0`, as a combined header
+/// arrives) counts its first member (RFC 9111 §5.1). Treating a broken `Age` as stale
+/// rather than as 0 keeps an old response from passing for a fresh one.
+fn initial_age(headers: &HeaderMap) -> Option<u32> {
+    let mut lines = headers.get_all(AGE).iter();
+    let Some(line) = lines.next() else {
+        return Some(0);
+    };
+    if lines.next().is_some() {
+        return None;
+    }
+    let first = line.to_str().ok()?.split(',').next()?.trim();
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Larger than u32 seconds (136 years): older than any lifetime.
+    first.parse::<u32>().ok().or(Some(u32::MAX))
 }
 
 /// Whether a response with this status may be stored (RFC 9111 §3): a status in the
@@ -469,6 +486,28 @@ mod tests {
                 ..
             }
         ));
+        // A broken Age is stale, not 0.
+        for age in [
+            "abc",
+            "-7200",
+            "7200.0",
+            "7200;foo=bar",
+            "",
+            "99999999999999",
+        ] {
+            let h = headers(&[("age", age), ("cache-control", "max-age=3600")]);
+            assert_eq!(
+                decide(&ttl(300), code(200), &h, None),
+                Decision::Skip(Uncacheable::Stale),
+                "{age}"
+            );
+        }
+        let mut two = headers(&[("age", "0"), ("cache-control", "max-age=3600")]);
+        two.append(AGE, http::HeaderValue::from_static("0"));
+        assert_eq!(
+            decide(&ttl(300), code(200), &two, None),
+            Decision::Skip(Uncacheable::Stale)
+        );
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl RoutePolicy {
             body_key: None,
             grpc: false,
             etag: true,
-            keep: Duration::ZERO,
+            keep: Duration::from_secs(10),
             compress: None,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
@@ -209,8 +209,8 @@ impl RoutePolicy {
     }
 
     /// How long an entry with a validator (`ETag` or `Last-Modified`) stays stored after
-    /// its freshness and stale windows have passed (default none; Varnish calls it
-    /// `keep`). A request that finds it then does not fetch it again: it asks the origin
+    /// its freshness and stale windows have passed (default 10 s, as Varnish's default
+    /// grace; Varnish calls this `keep`). A request that finds it then does not fetch it again: it asks the origin
     /// with `If-None-Match` / `If-Modified-Since`, and a `304` makes the stored response
     /// fresh again without its body crossing. Worth it for large bodies from handlers that
     /// answer conditional requests (tower-http's `ServeDir`, a handler checking
