@@ -86,7 +86,8 @@ impl Encoding {
         let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
         let cap = limit as u64 + 1;
         let read = match self {
-            Encoding::Gzip => flate2::read::GzDecoder::new(body)
+            // Every member: a handler's gzip may be several files concatenated.
+            Encoding::Gzip => flate2::read::MultiGzDecoder::new(body)
                 .take(cap)
                 .read_to_end(&mut out),
             #[cfg(feature = "brotli")]
@@ -148,6 +149,16 @@ fn text_like(content_type: &str) -> bool {
 /// `Content-Encoding`, the `ETag` suffixed, `Vary: Accept-Encoding`.
 pub(crate) fn mark_compressed(headers: &mut HeaderMap, encoding: Encoding) {
     headers.insert(CONTENT_ENCODING, HeaderValue::from_static(encoding.token()));
+    // They describe the identity bytes: ranges and digests of those mean nothing now.
+    for name in [
+        "accept-ranges",
+        "content-digest",
+        "repr-digest",
+        "digest",
+        "content-md5",
+    ] {
+        headers.remove(name);
+    }
     if let Some(etag) = headers.get(ETAG).and_then(|e| suffixed(e, encoding)) {
         headers.insert(ETAG, etag);
     }
@@ -184,6 +195,18 @@ fn suffixed(etag: &HeaderValue, encoding: Encoding) -> Option<HeaderValue> {
     HeaderValue::from_str(&format!("{quoted}-{}\"", encoding.token())).ok()
 }
 
+/// The `ETag` the origin gave a representation the layer compressed (`"x-gzip"` → `"x"`);
+/// the tag as it is otherwise.
+pub(crate) fn origin_etag(etag: &HeaderValue, headers: &HeaderMap) -> HeaderValue {
+    let ours = headers
+        .get(CONTENT_ENCODING)
+        .and_then(|c| c.to_str().ok())
+        .and_then(Encoding::from_token)
+        .filter(|_| varies_on_accept_encoding(headers));
+    ours.and_then(|e| unsuffixed(etag, e))
+        .unwrap_or_else(|| etag.clone())
+}
+
 /// The identity representation's `ETag` from a compressed one's, when the suffix is ours.
 fn unsuffixed(etag: &HeaderValue, encoding: Encoding) -> Option<HeaderValue> {
     let text = etag.to_str().ok()?;
@@ -216,6 +239,9 @@ pub(crate) fn negotiate(
     let Some(stored_token) = stored.to_str().ok().map(str::trim) else {
         return Served::Unservable;
     };
+    if stored_token.eq_ignore_ascii_case("identity") {
+        return Served::AsStored;
+    }
     if accept.is_some_and(|a| accepts(a, stored_token)) {
         return Served::AsStored;
     }
@@ -285,6 +311,53 @@ pub(crate) fn normalized_accept_encoding(value: &[u8]) -> String {
     codings.sort();
     codings.dedup();
     codings.join(",")
+}
+
+/// A request's `Accept-Encoding`, its lines joined into one list (usually one line: no
+/// copy beyond a reference count).
+pub(crate) fn accept_encoding(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut lines = headers.get_all(ACCEPT_ENCODING).iter();
+    let first = lines.next()?;
+    let rest: Vec<&HeaderValue> = lines.collect();
+    if rest.is_empty() {
+        return Some(first.clone());
+    }
+    let joined: Vec<&[u8]> = std::iter::once(first)
+        .chain(rest)
+        .map(HeaderValue::as_bytes)
+        .collect();
+    HeaderValue::from_bytes(&joined.join(&b","[..])).ok()
+}
+
+/// Takes the layer's coding suffix off the entity-tags in a request's preconditions
+/// (`If-Match: "x-gzip"` → `"x"`): a client that got a compressed representation sends its
+/// tag back with a write, and the origin only knows its own. Only for routes that compress.
+pub(crate) fn strip_validator_suffixes(headers: &mut HeaderMap) {
+    use http::header::{IF_MATCH, IF_NONE_MATCH, IF_RANGE};
+    for name in [IF_MATCH, IF_NONE_MATCH, IF_RANGE] {
+        let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let mut changed = false;
+        let tags: Vec<String> = value
+            .split(',')
+            .map(|tag| {
+                let tag = tag.trim();
+                for suffix in ["-gzip\"", "-br\""] {
+                    if let Some(stem) = tag.strip_suffix(suffix) {
+                        changed = true;
+                        return format!("{stem}\"");
+                    }
+                }
+                tag.to_owned()
+            })
+            .collect();
+        if changed {
+            if let Ok(v) = HeaderValue::from_str(&tags.join(", ")) {
+                headers.insert(name, v);
+            }
+        }
+    }
 }
 
 /// Whether this request header is `Accept-Encoding`.
@@ -403,6 +476,17 @@ mod tests {
         let mut nt = h("application/json");
         nt.insert(CACHE_CONTROL, value("no-transform"));
         assert!(!compressible(&nt, 2048));
+    }
+
+    #[test]
+    fn precondition_tags_lose_the_coding_suffix() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::IF_MATCH,
+            value("\"v1-gzip\", W/\"v2-br\", \"v3\""),
+        );
+        strip_validator_suffixes(&mut h);
+        assert_eq!(h[http::header::IF_MATCH], "\"v1\", W/\"v2\", \"v3\"");
     }
 
     #[test]

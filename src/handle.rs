@@ -125,7 +125,7 @@ mod values {
             let entry_key = EntryKey::new("data", Sha256::digest(key.as_bytes()).into());
             let now = now_ms();
             let fence: Option<Fence> = match self.engine.lookup(&entry_key, now).await {
-                Found::Hit(entry) => match serde_json::from_slice(&entry.body) {
+                Found::Hit { entry, .. } => match serde_json::from_slice(&entry.body) {
                     Ok(value) => {
                         count!(self.engine.stats.inner, hits);
                         return Ok(value);

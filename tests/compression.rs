@@ -339,3 +339,59 @@ async fn brotli_is_stored_and_undone_for_other_clients() {
     assert_eq!(header(&gz_only, "content-encoding"), None);
     assert_eq!(gz_only.text(), json_body());
 }
+
+/// A compressed entry is revalidated with the origin's own tag (not the `-gzip` one the
+/// layer made), and the origin's 304 keeps it compressed, its coding, tag and `Vary` intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_entry_is_revalidated_with_the_origins_tag() {
+    let seen: Arc<std::sync::Mutex<Vec<Option<String>>>> = Arc::default();
+    let handler_seen = seen.clone();
+    let handler = move |headers: HeaderMap| {
+        let seen = handler_seen.clone();
+        async move {
+            let inm = headers
+                .get("if-none-match")
+                .map(|v| v.to_str().unwrap().to_owned());
+            seen.lock().unwrap().push(inm.clone());
+            if inm.as_deref() == Some("\"list-7\"") {
+                return (StatusCode::NOT_MODIFIED, [("etag", "\"list-7\"")]).into_response();
+            }
+            (
+                [("content-type", "application/json"), ("etag", "\"list-7\"")],
+                json_body(),
+            )
+                .into_response()
+        }
+    };
+    let routes = RouteTable::new().route(
+        "/json",
+        RoutePolicy::ttl(Duration::from_secs(1)).keep(Duration::from_secs(60)),
+    );
+    let cache = CacheLayer::new(tower_cache_aside::store::MemoryStore::new(1 << 24))
+        .routes(routes)
+        .compress(Encoding::Gzip);
+    let stats = cache.stats();
+    let router = Router::new()
+        .route("/json", route_get(handler))
+        .layer(cache);
+    get(&router, "/json").await;
+    fills_reach(&stats, 1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = get_with(&router, "/json", &[("accept-encoding", "gzip")]).await;
+    assert!(
+        reply.cache_status().contains("fwd-status=304"),
+        "{}",
+        reply.cache_status()
+    );
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        &[None, Some("\"list-7\"".to_owned())]
+    );
+    assert_eq!(header(&reply, "content-encoding"), Some("gzip"));
+    assert_eq!(header(&reply, "etag"), Some("\"list-7-gzip\""));
+    assert!(varies_on_accept_encoding(&reply));
+    assert_eq!(gunzip(&reply.body), json_body().as_bytes());
+    let plain = get(&router, "/json").await;
+    assert_eq!(plain.text(), json_body());
+    assert_eq!(header(&plain, "etag"), Some("\"list-7\""));
+}

@@ -49,6 +49,9 @@ async fn doc(
     if method.as_str() == "PROPFIND" {
         return StatusCode::MULTI_STATUS.into_response();
     }
+    if method.as_str() == "BREW" {
+        return StatusCode::NOT_IMPLEMENTED.into_response();
+    }
     if method != Method::GET && method != Method::HEAD {
         o.version.fetch_add(1, Ordering::SeqCst);
         return StatusCode::NO_CONTENT.into_response();
@@ -83,7 +86,13 @@ async fn plain(State(o): State<Origin>) -> &'static str {
     "no validator of its own"
 }
 
-/// `/status/{code}`: that status, with a lifetime of its own when `?max-age=N`.
+/// `/status/299` rotates a session cookie (and has an `ETag`).
+fn headers_cookie(uri: &axum::http::Uri) -> Option<&'static str> {
+    (uri.path() == "/status/299").then_some("session=rotated")
+}
+
+/// `/status/{code}`: that status, with the query as its `Cache-Control` (`?max-age=60`).
+/// A handler that does not know a method answers 501 (`BREW`).
 async fn status(
     State(o): State<Origin>,
     Path(code): Path<u16>,
@@ -91,11 +100,14 @@ async fn status(
 ) -> axum::response::Response {
     o.calls.fetch_add(1, Ordering::SeqCst);
     let mut res = (StatusCode::from_u16(code).unwrap(), "status body").into_response();
-    if let Some(max_age) = uri.query().and_then(|q| q.strip_prefix("max-age=")) {
-        res.headers_mut().insert(
-            "cache-control",
-            format!("max-age={max_age}").parse().unwrap(),
-        );
+    if let Some(query) = uri.query() {
+        res.headers_mut()
+            .insert("cache-control", query.parse().unwrap());
+    }
+    if let Some(cookie) = headers_cookie(&uri) {
+        res.headers_mut()
+            .insert("set-cookie", cookie.parse().unwrap());
+        res.headers_mut().insert("etag", "\"c1\"".parse().unwrap());
     }
     res
 }
@@ -262,10 +274,7 @@ mod cases {
         let hit = get(&router, "/plain").await;
         assert_eq!(hit.x_cache(), "HIT");
         let etag = header(&hit, "etag").expect("a digest ETag").to_owned();
-        assert!(
-            etag.len() == 34 && etag.starts_with('"') && !etag.starts_with("W/"),
-            "{etag}"
-        );
+        assert!(etag.len() == 38 && etag.starts_with("\"tca-"), "{etag}");
         let reply = get_with(&router, "/plain", &[("if-none-match", &etag)]).await;
         assert_not_modified(&reply, &etag);
         // The same body has the same tag in another layer (another instance, a restart).
@@ -280,6 +289,20 @@ mod cases {
         let raw = get(&router, "/raw").await;
         assert_eq!(raw.x_cache(), "HIT");
         assert_eq!(header(&raw, "etag"), None);
+    }
+
+    pub async fn a_miss_not_stored_goes_out_whole<St: Store>(store: St) {
+        let (router, _origin, _stats) = app(store);
+        // A response refused for Set-Cookie is not the cache's to validate: the client gets
+        // the 200 and its cookie, even with a matching validator.
+        let reply = get_with(
+            &router,
+            "/status/299?max-age=60",
+            &[("if-none-match", "\"c1\"")],
+        )
+        .await;
+        assert_eq!(reply.status.as_u16(), 299);
+        assert_eq!(header(&reply, "set-cookie"), Some("session=rotated"));
     }
 
     pub async fn a_cleared_entry_is_never_answered_as_not_modified<St: Store>(store: St) {
@@ -348,8 +371,12 @@ mod cases {
 
     pub async fn statuses_that_state_their_lifetime_are_stored<St: Store>(store: St) {
         let (router, origin, stats) = app(store);
-        for code in [302, 503] {
-            let uri = format!("/status/{code}?max-age=60");
+        for (code, cc) in [
+            (302, "max-age=60"),
+            (307, "max-age=60"),
+            (503, "s-maxage=60"),
+        ] {
+            let uri = format!("/status/{code}?{cc}");
             let before = stats.snapshot().fills;
             let first = get(&router, &uri).await;
             assert_eq!(first.status.as_u16(), code);
@@ -358,15 +385,19 @@ mod cases {
             assert_eq!(again.status.as_u16(), code);
             assert_eq!(again.x_cache(), "HIT", "{code}");
         }
-        // Without a lifetime of its own, a 503 is not kept for the route's TTL.
-        let first = get(&router, "/status/503").await;
-        assert!(
-            first.cache_status().contains("detail=status"),
-            "{}",
-            first.cache_status()
-        );
-        assert_eq!(get(&router, "/status/503").await.x_cache(), "MISS");
-        assert_eq!(origin.calls(), 4);
+        // Without a lifetime of its own, a 503 is not kept for the route's TTL; nor with a
+        // blanket max-age (a layer that puts one on every response): only s-maxage says it
+        // is meant for shared caches.
+        for uri in ["/status/503", "/status/503?max-age=60"] {
+            let first = get(&router, uri).await;
+            assert!(
+                first.cache_status().contains("detail=status"),
+                "{}",
+                first.cache_status()
+            );
+            assert_eq!(get(&router, uri).await.x_cache(), "MISS");
+        }
+        assert_eq!(origin.calls(), 7);
     }
 
     pub async fn a_kept_entry_is_revalidated_not_fetched_again<St: Store>(store: St) {
@@ -467,8 +498,22 @@ mod cases {
         let after = get(&router, "/doc/7").await;
         assert_eq!(after.x_cache(), "MISS", "M-SEARCH must clear like a POST");
         assert_eq!(after.text(), "{\"doc\":\"7\",\"version\":2}");
-        // A safe WebDAV method clears nothing.
+        // An unknown method the handler refuses (501) clears nothing: any client can send
+        // one.
         fills_reach(&stats, 2).await;
+        let brew = Method::from_bytes(b"BREW").unwrap();
+        let refused = send(
+            &router,
+            Request::builder()
+                .method(brew)
+                .uri("/doc/7")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(get(&router, "/doc/7").await.x_cache(), "HIT");
+        // A safe WebDAV method clears nothing.
         let propfind = Method::from_bytes(b"PROPFIND").unwrap();
         send(
             &router,
@@ -493,6 +538,7 @@ store_suite!(
     a_304_is_only_about_the_requesters_own_entry,
     preconditions_go_to_the_origin,
     statuses_that_state_their_lifetime_are_stored,
+    a_miss_not_stored_goes_out_whole,
     a_kept_entry_is_revalidated_not_fetched_again,
     a_changed_resource_is_fetched_whole_on_revalidation,
     a_background_refresh_revalidates,

@@ -18,7 +18,7 @@ use super::Engine;
 use crate::compress::{add_vary_accept_encoding, compressible, mark_compressed, Encoding};
 use crate::entry::{Entry, Lifetimes};
 use crate::key::EntryKey;
-use crate::policy::{decide, CacheHint, Decision, Route};
+use crate::policy::{decide, CacheHint, Decision, Route, Uncacheable};
 use crate::stats::count;
 use crate::store::{Fence, Store};
 use crate::tags::{push_tags, take_entry_tags};
@@ -142,6 +142,21 @@ impl<St: Store> Engine<St> {
         Ok((entry, declared_len))
     }
 
+    /// A response passed on unstored, marked with why.
+    pub(crate) fn unstored<B: Body>(
+        &self,
+        res: Response<B>,
+        why: Uncacheable,
+        flight: Option<FlightGuard>,
+    ) -> Response<CacheBody<B>> {
+        count!(self.stats.inner, misses);
+        let miss = Miss::Uncacheable(why);
+        self.refused(miss, flight);
+        let (mut parts, body) = res.into_parts();
+        self.mark(&mut parts.headers, Status::Miss(miss));
+        Response::from_parts(parts, CacheBody::passthrough(body))
+    }
+
     /// Counts a response that is not stored, and tells the requests waiting on its key.
     fn refused(&self, miss: Miss, flight: Option<FlightGuard>) {
         match miss {
@@ -173,10 +188,7 @@ impl<St: Store> Engine<St> {
             flight,
         } = admitted;
         if grpc && !grpc_ok(&entry.headers, trailers.as_ref()) {
-            self.refused(
-                Miss::Uncacheable(crate::policy::Uncacheable::GrpcStatus),
-                flight,
-            );
+            self.refused(Miss::Uncacheable(Uncacheable::GrpcStatus), flight);
             return;
         }
         // A body that ended short of (or past) its Content-Length is broken: it reached
@@ -203,19 +215,50 @@ impl<St: Store> Engine<St> {
             let len = HeaderValue::from(entry.body.len());
             entry.headers.insert(CONTENT_LENGTH, len);
         }
-        match compress.filter(|_| compressible(&entry.headers, entry.body.len())) {
-            // Off the response's path: the client that fetched it is not kept waiting.
-            Some(encoding) => match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn_blocking(move || {
-                        compress_entry(&mut entry, encoding);
-                        self.store_entry(key, &entry, keep, flight);
-                    });
-                }
-                Err(_) => self.store_entry(key, &entry, keep, flight),
-            },
-            None => self.store_entry(key, &entry, keep, flight),
+        let encoding = compress.filter(|_| compressible(&entry.headers, entry.body.len()));
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let slot = encoding
+            .and(runtime.as_ref())
+            .and_then(|_| CompressionSlot::take());
+        let (Some(encoding), Some(runtime), Some(slot)) = (encoding, runtime, slot) else {
+            return self.store_entry(key, &entry, keep, flight);
+        };
+        // The requests waiting on the key get the entry now, as it is; it is compressed off
+        // the response's path (the client that fetched it is not kept waiting either) and
+        // stored compressed.
+        let landing = flight.map(|f| f.land(Landed::Entry(entry.encode()), Duration::ZERO));
+        runtime.spawn_blocking(move || {
+            compress_entry(&mut entry, encoding);
+            drop(slot);
+            let encoded = entry.encode();
+            self.store_encoded(key, &entry, encoded, keep, landing);
+        });
+    }
+}
+
+/// One of the few compressions that may run at once. Past them an entry is stored as it is:
+/// compression shares Tokio's blocking pool with the application's own blocking work, and
+/// must not queue behind it or crowd it out.
+struct CompressionSlot;
+
+static COMPRESSING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_COMPRESSING: usize = 4;
+
+impl CompressionSlot {
+    fn take() -> Option<Self> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let n = COMPRESSING.fetch_add(1, AcqRel);
+        if n >= MAX_COMPRESSING {
+            COMPRESSING.fetch_sub(1, AcqRel);
+            return None;
         }
+        Some(CompressionSlot)
+    }
+}
+
+impl Drop for CompressionSlot {
+    fn drop(&mut self) {
+        COMPRESSING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -353,10 +353,9 @@ where
                     return Poll::Ready(None);
                 }
                 if let Some(inner) = rest {
-                    return inner
-                        .as_mut()
-                        .poll_frame(cx)
-                        .map(|f| f.map(|r| r.map(|f| f.map_data(to_bytes))));
+                    let polled = ready!(inner.as_mut().poll_frame(cx));
+                    *ended = polled.is_none();
+                    return Poll::Ready(polled.map(|r| r.map(|f| f.map_data(to_bytes))));
                 }
                 match ready!(queue.poll_recv(cx)) {
                     Some(Fed::Frame(frame)) => Poll::Ready(Some(Ok(frame))),
@@ -369,10 +368,9 @@ where
                     }
                     Some(Fed::Rest(inner)) => {
                         let inner = rest.insert(inner);
-                        inner
-                            .as_mut()
-                            .poll_frame(cx)
-                            .map(|f| f.map(|r| r.map(|f| f.map_data(to_bytes))))
+                        let polled = ready!(inner.as_mut().poll_frame(cx));
+                        *ended = polled.is_none();
+                        Poll::Ready(polled.map(|r| r.map(|f| f.map_data(to_bytes))))
                     }
                     Some(Fed::End) => {
                         *ended = true;

@@ -126,13 +126,16 @@ pub(crate) fn not_modified_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// A strong `ETag` for a stored body: the first 16 bytes of its SHA-256, in hex. The same
-/// body gives the same tag on every instance and after restarts.
+/// What starts the `ETag`s the layer makes, so that it never asks an origin about them.
+pub(crate) const DIGEST_ETAG_PREFIX: &str = "\"tca-";
+
+/// A strong `ETag` for a stored body: `"tca-` and the first 16 bytes of its SHA-256, in hex.
+/// The same body gives the same tag on every instance and after restarts.
 pub(crate) fn digest_etag(body: &[u8]) -> HeaderValue {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(body);
-    let mut tag = String::with_capacity(34);
-    tag.push('"');
+    let mut tag = String::with_capacity(38);
+    tag.push_str(DIGEST_ETAG_PREFIX);
     crate::hex::push_hex(&mut tag, &digest[..16]);
     tag.push('"');
     HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
@@ -238,7 +241,8 @@ mod tests {
         let a = digest_etag(b"hello");
         assert_eq!(a, digest_etag(b"hello"));
         assert_ne!(a, digest_etag(b"hello!"));
-        assert_eq!(a.len(), 34);
+        assert_eq!(a.len(), 38);
+        assert!(a.to_str().unwrap().starts_with(DIGEST_ETAG_PREFIX));
         assert!(a.to_str().unwrap().starts_with('"'));
     }
 }

@@ -26,6 +26,19 @@ impl<St: Store> Engine<St> {
     ) {
         let encoded = entry.encode();
         let landing = flight.map(|f| f.land(Landed::Entry(encoded.clone()), Duration::ZERO));
+        self.store_encoded(key, entry, encoded, keep, landing);
+    }
+
+    /// Stores an entry already encoded; `landing` keeps its flight visible until the store
+    /// has it.
+    pub(crate) fn store_encoded(
+        self: Arc<Self>,
+        key: EntryKey,
+        entry: &Entry,
+        encoded: bytes::Bytes,
+        keep: Duration,
+        landing: Option<Landing>,
+    ) {
         let keep = if has_validator(entry) {
             keep
         } else {

@@ -13,7 +13,10 @@ use crate::store::{Fence, Store};
 // Lives for one step on the stack; boxing the entry would allocate on every hit.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Found {
-    Hit(Entry),
+    Hit {
+        entry: Entry,
+        fence: Fence,
+    },
     /// Past its freshness but within a stale window (RFC 5861).
     Stale {
         entry: Entry,
@@ -54,7 +57,10 @@ impl<St: Store> Engine<St> {
         };
         match Entry::decode(bytes) {
             Ok(entry) => match entry.staleness(now_ms) {
-                Staleness::Fresh => Found::Hit(entry),
+                Staleness::Fresh => Found::Hit {
+                    entry,
+                    fence: fence(),
+                },
                 Staleness::Revalidate | Staleness::IfError => Found::Stale {
                     entry,
                     fence: fence(),
@@ -89,7 +95,9 @@ impl<St: Store> Engine<St> {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
             match self.lookup(key, now_ms()).await {
-                Found::Hit(entry) if entry.fence.is_at_or_after(fence) => return Some(entry),
+                Found::Hit { entry, .. } if entry.fence.is_at_or_after(fence) => {
+                    return Some(entry)
+                }
                 Found::Unavailable => return None,
                 _ => {}
             }

@@ -13,13 +13,13 @@ use tower_service::Service;
 use super::body::CacheBody;
 use super::flights::{wait_for, FlightGuard, Join, Landed};
 use super::lookup::Found;
-use super::respond::Served;
+use super::respond::{servable, Served};
 use super::revalidate::{ask_about, has_validator, refreshed};
 use super::status::{Miss, Stale, Status};
 use super::{Asked, Engine, Want};
 use crate::entry::{now_ms, Entry, Staleness};
 use crate::key::EntryKey;
-use crate::policy::Route;
+use crate::policy::{Route, Uncacheable};
 use crate::stats::count;
 use crate::store::{Fence, Store};
 
@@ -69,7 +69,10 @@ impl<St: Store> Engine<St> {
             route,
         } = call;
         let want = asked.want;
-        let flight = match self.join_flight(&key, fence, want).await {
+        let accept = asked.accept_encoding.as_ref();
+        // A stale entry this client could not take (a coding it refuses) is no use to it.
+        let previous = previous.filter(|e| servable(e, accept));
+        let flight = match self.join_flight(&key, fence, &asked).await {
             Joined::Served(entry) => {
                 count!(self.stats.inner, collapsed);
                 return Ok(self.hit_response(entry, &asked, now_ms(), Served::Collapsed));
@@ -107,6 +110,11 @@ impl<St: Store> Engine<St> {
             }
         }
         let res = result?;
+        if previous.is_some() && res.status().is_server_error() {
+            // Past the stale-if-error window: the error goes out, and the stale entry is not
+            // replaced by it (nor is a revalidation answered by it).
+            return Ok(self.unstored(res, Uncacheable::Status, flight));
+        }
         if let (Some(fence), Some(stale)) = (revalidating, previous) {
             if res.status() == StatusCode::NOT_MODIFIED {
                 let (parts, _) = res.into_parts();
@@ -124,8 +132,11 @@ impl<St: Store> Engine<St> {
             return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
         }
         let res = self.miss_response(res, key, &route, tags, fence, flight);
+        // Only a response being stored is answered 304 here: it is the cache's to validate
+        // (one refused for Set-Cookie, say, goes out whole, cookie and all).
+        let stored = res.body().is_filling();
         match &asked.conditions {
-            Some(c) if c.not_modified(res.status(), res.headers(), now_ms()) => {
+            Some(c) if stored && c.not_modified(res.status(), res.headers(), now_ms()) => {
                 Ok(self.not_modified_miss(res))
             }
             _ => Ok(res),
@@ -133,7 +144,9 @@ impl<St: Store> Engine<St> {
     }
 
     /// Stampede protection: one request per key calls the origin; the others wait for it.
-    async fn join_flight(&self, key: &EntryKey, fence: Option<Fence>, want: Want) -> Joined {
+    async fn join_flight(&self, key: &EntryKey, fence: Option<Fence>, asked: &Asked) -> Joined {
+        let want = asked.want;
+        let accept = asked.accept_encoding.as_ref();
         let Some(fence) = fence else {
             return Joined::Lead(None);
         };
@@ -141,14 +154,18 @@ impl<St: Store> Engine<St> {
             return Joined::Lead(None);
         }
         match self.flights.join(key) {
-            Join::Leader(guard) => self.lease(key, fence, guard).await,
+            Join::Leader(guard) => self.lease(key, fence, guard, accept).await,
             Join::Waiter(rx) => match wait_for(rx, self.stampede_wait).await {
                 Landed::Entry(bytes) => {
                     // The leader's data is ours only if no clear happened between its
                     // lookup and ours: a write acknowledged before we started would have
                     // moved the fence past the leader's.
                     match Entry::decode(bytes) {
-                        Ok(entry) if entry.fence.is_at_or_after(fence) => Joined::Served(entry),
+                        Ok(entry)
+                            if entry.fence.is_at_or_after(fence) && servable(&entry, accept) =>
+                        {
+                            Joined::Served(entry)
+                        }
                         _ => Joined::Lead(None),
                     }
                 }
@@ -160,7 +177,13 @@ impl<St: Store> Engine<St> {
 
     /// Across instances (when configured): takes the store's lease on the key, or waits
     /// for the instance holding it to fill the entry.
-    async fn lease(&self, key: &EntryKey, fence: Fence, mut guard: FlightGuard) -> Joined {
+    async fn lease(
+        &self,
+        key: &EntryKey,
+        fence: Fence,
+        mut guard: FlightGuard,
+        accept: Option<&http::HeaderValue>,
+    ) -> Joined {
         let Some(ttl) = self.lease else {
             return Joined::Lead(Some(guard));
         };
@@ -175,7 +198,8 @@ impl<St: Store> Engine<St> {
             }
             Ok(None) => {
                 // Another instance is fetching it: wait for its result.
-                if let Some(entry) = self.await_remote_fill(key, fence, ttl).await {
+                let filled = self.await_remote_fill(key, fence, ttl).await;
+                if let Some(entry) = filled.filter(|e| servable(e, accept)) {
                     drop(guard.land(Landed::Entry(entry.encode()), Duration::ZERO));
                     return Joined::Served(entry);
                 }
@@ -226,7 +250,6 @@ impl<St: Store> Engine<St> {
         ResBody::Data: Send,
         ResBody::Error: Send + 'static,
     {
-        use http_body_util::BodyExt;
         let OriginCall {
             mut inner,
             mut req,
@@ -234,7 +257,7 @@ impl<St: Store> Engine<St> {
             route,
         } = call;
         // Another refresh may have landed between our lookup and our taking the lead.
-        if let Found::Hit(_) = self.lookup(&key, now_ms()).await {
+        if let Found::Hit { .. } = self.lookup(&key, now_ms()).await {
             return;
         }
         count!(self.stats.inner, refreshes);
@@ -252,11 +275,12 @@ impl<St: Store> Engine<St> {
             self.revalidated(key, &route, stale, &parts, fence, Some(flight));
             return;
         }
-        let res = self.miss_response(res, key, &route, tags, Some(fence), Some(flight));
-        // Drain the body so the copy completes and is stored.
-        let body = res.into_body();
-        if body.is_filling() {
-            let _ = body.collect().await;
+        if res.status().is_server_error() {
+            return; // the stale entry stays; the guard tells any waiter it failed
         }
+        // Nobody reads this response: its body's reader task finishes the copy for the
+        // store by itself, within the size limit and the flight's patience (reading it here
+        // would also hold whatever comes past the limit).
+        drop(self.miss_response(res, key, &route, tags, Some(fence), Some(flight)));
     }
 }

@@ -128,10 +128,15 @@ impl Asked {
         } else {
             Want::Body
         };
+        // A 304 answers only GET and HEAD (RFC 9110 §13.1.2); a body-keyed POST gets it all.
+        let conditions = match parts.method {
+            http::Method::GET | http::Method::HEAD => conditional::Conditions::of(&parts.headers),
+            _ => None,
+        };
         Asked {
             want,
-            conditions: conditional::Conditions::of(&parts.headers),
-            accept_encoding: parts.headers.get(http::header::ACCEPT_ENCODING).cloned(),
+            conditions,
+            accept_encoding: crate::compress::accept_encoding(&parts.headers),
         }
     }
 }

@@ -34,7 +34,10 @@ impl<St> Engine<St> {
         now_ms: u64,
         served: Served,
     ) -> Response<CacheBody<B>> {
-        let entry = represent(entry, asked.accept_encoding.as_ref(), self.max_body_bytes);
+        // Paths that could not ask the origin instead (a stale entry, a flight's) send what
+        // is stored when it cannot be represented; `serve` checks fresh hits first.
+        let entry = represent(entry, asked.accept_encoding.as_ref(), self.max_body_bytes)
+            .unwrap_or_else(|stored| stored);
         let age = entry.age_secs(now_ms);
         let status = match served {
             Served::Fresh => Status::Hit {
@@ -81,24 +84,16 @@ impl<St> Engine<St> {
         res
     }
 
-    /// A miss's response turned into a `304` for a client whose copy matches it. A body
-    /// being copied to the store is read to its end in the background, so the fill lands.
-    pub(crate) fn not_modified_miss<B>(&self, res: Response<CacheBody<B>>) -> Response<CacheBody<B>>
-    where
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Send,
-    {
-        use http_body_util::BodyExt;
+    /// A miss's response turned into a `304` for a client whose copy matches it. The body
+    /// is dropped: its reader task still finishes the copy for the store, within the size
+    /// limit and the time the flight waits (nothing here holds more of it).
+    pub(crate) fn not_modified_miss<B: Body>(
+        &self,
+        res: Response<CacheBody<B>>,
+    ) -> Response<CacheBody<B>> {
         count!(self.stats.inner, not_modified);
         let (parts, body) = res.into_parts();
-        if body.is_filling() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = body.collect().await;
-                });
-            }
-        }
+        drop(body);
         let mut headers = not_modified_headers(&parts.headers);
         for name in [&CACHE_STATUS, &X_CACHE] {
             for value in parts.headers.get_all(name) {
@@ -113,33 +108,40 @@ impl<St> Engine<St> {
 }
 
 /// The entry as this client takes it: a body stored compressed is decompressed for a
-/// client that does not accept its coding (see `compress`). Served as stored when that
-/// cannot be done; `serve` sends such requests to the origin first (`servable`).
-fn represent(mut entry: Entry, accept: Option<&HeaderValue>, max_body: usize) -> Entry {
+/// client that does not accept its coding (see `compress`), up to `limit` bytes. `Err` with
+/// the entry as stored when that cannot be done (a coding the client refuses and the layer
+/// cannot undo, or bytes that do not decompress): `serve` sends such requests to the origin.
+pub(crate) fn represent(
+    mut entry: Entry,
+    accept: Option<&HeaderValue>,
+    limit: usize,
+) -> Result<Entry, Entry> {
     let Some(coding) = entry.headers.get(CONTENT_ENCODING) else {
-        return entry;
+        return Ok(entry);
     };
     if !compress::varies_on_accept_encoding(&entry.headers) {
-        return entry;
+        return Ok(entry);
     }
-    if let compress::Served::Identity(encoding) =
-        compress::negotiate(coding, accept, &entry.headers)
-    {
-        // A bound against bodies that expand a thousandfold (a handler's own gzip).
-        let limit = max_body.saturating_mul(32).max(64 << 20);
-        match encoding.decompress(&entry.body, limit) {
+    match compress::negotiate(coding, accept, &entry.headers) {
+        compress::Served::AsStored => Ok(entry),
+        compress::Served::Unservable => Err(entry),
+        compress::Served::Identity(encoding) => match encoding.decompress(&entry.body, limit) {
             Some(body) => {
                 compress::identity_headers(&mut entry.headers, encoding, body.len());
                 entry.body = body;
+                Ok(entry)
             }
-            None => tracing::warn!("a stored body does not decompress; served as stored"),
-        }
+            None => {
+                tracing::warn!("a stored body does not decompress within the size limit");
+                Err(entry)
+            }
+        },
     }
-    entry
 }
 
-/// Whether a stored entry can be served to this client at all: not when its coding is one
-/// the client refuses and the layer cannot undo (unknown, or `no-transform`).
+/// Whether a stored entry can be served to this client at all without asking the origin:
+/// not when its coding is one the client refuses and the layer cannot undo (unknown, or
+/// `no-transform`).
 pub(crate) fn servable(entry: &Entry, accept: Option<&HeaderValue>) -> bool {
     entry.headers.get(CONTENT_ENCODING).is_none_or(|coding| {
         !compress::varies_on_accept_encoding(&entry.headers)

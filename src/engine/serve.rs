@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::body::CacheBody;
 use super::lookup::Found;
 use super::miss::OriginCall;
-use super::respond::{servable, Served};
+use super::respond::{represent, servable, Served};
 use super::status::Stale;
 use super::{Asked, Engine, Want};
 use crate::entry::{now_ms, Staleness};
@@ -35,16 +35,22 @@ impl<St: Store> Engine<St> {
     {
         let now = now_ms();
         let (fence, stale) = match self.lookup(&call.key, now).await {
-            // Stored in a coding this client refuses and that cannot be undone: the origin
-            // answers it (the entry's own fence is older than this lookup's: stricter).
-            Found::Hit(entry) if !servable(&entry, asked.accept_encoding.as_ref()) => {
-                (Some(entry.fence), None)
+            Found::Hit { entry, fence } => {
+                let accept = asked.accept_encoding.as_ref();
+                match represent(entry, accept, self.max_body_bytes) {
+                    Ok(entry) => {
+                        count!(self.stats.inner, hits);
+                        return Ok(self.hit_response(entry, &asked, now, Served::Fresh));
+                    }
+                    // Stored in a coding this client refuses and that cannot be undone: the
+                    // origin answers it.
+                    Err(_) => (Some(fence), None),
+                }
             }
-            Found::Hit(entry) => {
-                count!(self.stats.inner, hits);
-                return Ok(self.hit_response(entry, &asked, now, Served::Fresh));
-            }
-            Found::Stale { entry, fence } if entry.staleness(now) == Staleness::Revalidate => {
+            Found::Stale { entry, fence }
+                if entry.staleness(now) == Staleness::Revalidate
+                    && servable(&entry, asked.accept_encoding.as_ref()) =>
+            {
                 // Serve it now; this request, in the background, refreshes it (once).
                 count!(self.stats.inner, stale_hits);
                 if asked.want == Want::Body {

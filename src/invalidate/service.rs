@@ -86,6 +86,19 @@ where
         if route.policy.clear_uri {
             tags.push(uri_tag(&host, req.uri().path()));
         }
+        let mut req = req;
+        if route.policy.compress.is_some() {
+            // Tags of representations the layer compressed, sent back with a write.
+            crate::compress::strip_validator_suffixes(req.headers_mut());
+        }
+        // POST, PUT, PATCH and DELETE clear on anything but a 1xx or 4xx, errors and dropped
+        // requests included (a write may have happened). Other methods, whose safety is
+        // unknown, clear only after a 2xx or 3xx (RFC 9111 §4.4): any client can send one,
+        // and a handler that does not know it answers 405 or 501.
+        let known_write = matches!(
+            *req.method(),
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        );
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let engine = self.engine.clone();
@@ -94,15 +107,17 @@ where
             // may have written, so what the route clears is cleared anyway.
             let mut unless_done = ClearOnDrop {
                 engine: engine.clone(),
-                tags: Some(tags.clone()),
+                tags: known_write.then(|| tags.clone()),
             };
             let result = inner.call(req).await;
-            let status = result.as_ref().map(|r| r.status());
-            if let Ok(s) = status {
-                if s.is_client_error() || s.is_informational() {
-                    unless_done.tags = None;
-                    return result;
-                }
+            let clears = match result.as_ref().map(|r| r.status()).ok() {
+                Some(s) if known_write => !(s.is_client_error() || s.is_informational()),
+                Some(s) => s.is_success() || s.is_redirection(),
+                None => known_write,
+            };
+            if !clears {
+                unless_done.tags = None;
+                return result;
             }
             if let Ok(res) = &result {
                 if let Some(emitted) = res.extensions().get::<InvalidateTags>() {

@@ -252,10 +252,17 @@ fn storable_status(
     if policy.statuses.contains(&status) {
         return true;
     }
-    let explicit = hint.is_some_and(|h| h.ttl.is_some())
-        || cc.s_maxage.is_some()
-        || cc.max_age.is_some()
-        || headers.contains_key(EXPIRES);
+    // A server error is kept only when it says so to shared caches in particular
+    // (`s-maxage`, a hint): a blanket `max-age` that some layer puts on every response must
+    // not turn a passing 500 into a minute of cached errors.
+    let explicit = if status.is_server_error() {
+        hint.is_some_and(|h| h.ttl.is_some()) || cc.s_maxage.is_some()
+    } else {
+        hint.is_some_and(|h| h.ttl.is_some())
+            || cc.s_maxage.is_some()
+            || cc.max_age.is_some()
+            || headers.contains_key(EXPIRES)
+    };
     explicit && !policy.statuses_chosen
 }
 
@@ -409,7 +416,7 @@ mod tests {
     fn statuses_with_their_own_lifetime_are_stored_unless_the_route_chose_its_list() {
         let p = ttl(300);
         let max_age = headers(&[("cache-control", "max-age=30")]);
-        for status in [302, 307, 400, 500, 503] {
+        for status in [302, 307, 400] {
             assert!(
                 matches!(
                     decide(&p, code(status), &max_age, None),
@@ -422,6 +429,18 @@ mod tests {
                 decide(&p, code(status), &headers(&[]), None),
                 Decision::Skip(Uncacheable::Status)
             );
+        }
+        // A server error only with a lifetime meant for shared caches.
+        for status in [500, 503] {
+            assert_eq!(
+                decide(&p, code(status), &max_age, None),
+                Decision::Skip(Uncacheable::Status)
+            );
+            let s_maxage = headers(&[("cache-control", "s-maxage=30")]);
+            assert!(matches!(
+                decide(&p, code(status), &s_maxage, None),
+                Decision::Store { .. }
+            ));
         }
         let hint = CacheHint::ttl(Duration::from_secs(9));
         assert!(matches!(
