@@ -37,7 +37,7 @@ impl<St> Engine<St> {
         // Paths that could not ask the origin instead (a stale entry, a flight's) send what
         // is stored when it cannot be represented; `serve` checks fresh hits first.
         let entry = represent(entry, asked.accept_encoding.as_ref(), self.max_body_bytes)
-            .unwrap_or_else(|stored| stored);
+            .unwrap_or_else(|stored| *stored);
         let age = entry.age_secs(now_ms);
         let status = match served {
             Served::Fresh => Status::Hit {
@@ -115,7 +115,7 @@ pub(crate) fn represent(
     mut entry: Entry,
     accept: Option<&HeaderValue>,
     limit: usize,
-) -> Result<Entry, Entry> {
+) -> Result<Entry, Box<Entry>> {
     let Some(coding) = entry.headers.get(CONTENT_ENCODING) else {
         return Ok(entry);
     };
@@ -124,7 +124,7 @@ pub(crate) fn represent(
     }
     match compress::negotiate(coding, accept, &entry.headers) {
         compress::Served::AsStored => Ok(entry),
-        compress::Served::Unservable => Err(entry),
+        compress::Served::Unservable => Err(Box::new(entry)),
         compress::Served::Identity(encoding) => match encoding.decompress(&entry.body, limit) {
             Some(body) => {
                 compress::identity_headers(&mut entry.headers, encoding, body.len());
@@ -133,7 +133,7 @@ pub(crate) fn represent(
             }
             None => {
                 tracing::warn!("a stored body does not decompress within the size limit");
-                Err(entry)
+                Err(Box::new(entry))
             }
         },
     }
