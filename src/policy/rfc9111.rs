@@ -1,6 +1,8 @@
 //! The HTTP rules a shared cache applies to one response (RFC 9111, RFC 5861): the
 //! `Cache-Control` directives it acts on and the decision to store or not, with the lifetime.
 //! The precedence is in the `policy` module docs.
+//!
+//! (Over 500 lines with its tests, which are most of it: each rule's cases sit with it.)
 
 use std::time::{Duration, SystemTime};
 
