@@ -282,10 +282,11 @@ fn grpc_ok(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> bool {
     status.is_some_and(|s| s == "0")
 }
 
-/// The headers worth storing: no hop-by-hop headers (RFC 9110 §7.6.1), no `Age` (recomputed
-/// on every hit) and no `Set-Cookie` (never stored anyway).
+/// The headers worth storing: no hop-by-hop headers (RFC 9110 §7.6.1), none a proxy
+/// authenticates with (RFC 9111 §3.1), no `Age` (recomputed on every hit) and no
+/// `Set-Cookie` (never stored anyway).
 fn storable_headers(headers: &HeaderMap) -> HeaderMap {
-    const HOP_BY_HOP: [&str; 8] = [
+    const HOP_BY_HOP: [&str; 11] = [
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -294,6 +295,9 @@ fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         "transfer-encoding",
         "upgrade",
         "age",
+        "proxy-authenticate",
+        "proxy-authentication-info",
+        "proxy-authorization",
     ];
     let listed: Vec<String> = headers
         .get_all(CONNECTION)

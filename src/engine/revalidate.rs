@@ -7,8 +7,8 @@
 //! clear made dead: a validator never brings a cleared entry back.
 
 use http::header::{
-    HeaderName, AGE, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, LAST_MODIFIED, SET_COOKIE, TRANSFER_ENCODING, VARY,
+    HeaderName, AGE, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, SET_COOKIE, TRANSFER_ENCODING, VARY,
 };
 use http::{HeaderMap, HeaderValue, StatusCode};
 
@@ -64,8 +64,9 @@ pub(crate) fn refreshed(
     // What describes the stored bytes stays as stored (RFC 9111 §3.2 lets a cache keep
     // them): their length, their coding, and the tag and `Vary` of a representation the
     // layer compressed (the origin's `304` speaks of its identity bytes).
-    let skip: [&HeaderName; 8] = [
+    let skip: [&HeaderName; 9] = [
         &CONTENT_LENGTH,
+        &CONTENT_RANGE,
         &TRANSFER_ENCODING,
         &CONNECTION,
         &SET_COOKIE,
@@ -74,9 +75,11 @@ pub(crate) fn refreshed(
         &ETAG,
         &VARY,
     ];
+    // Digests of the stored bytes, too.
+    const DIGESTS: [&str; 4] = ["content-md5", "content-digest", "repr-digest", "digest"];
     let mut replaced: Vec<&HeaderName> = Vec::new();
     for (name, value) in &not_modified.headers {
-        if skip.contains(&name) {
+        if skip.contains(&name) || DIGESTS.contains(&name.as_str()) {
             continue;
         }
         if !replaced.contains(&name) {
@@ -111,4 +114,77 @@ pub(crate) fn refreshed(
     entry.body = stale.body.clone();
     entry.trailers = stale.trailers.clone();
     Some(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn value(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn a_304_updates_metadata_but_not_what_describes_the_stored_bytes() {
+        let mut stored = HeaderMap::new();
+        stored.insert(CONTENT_ENCODING, value("gzip"));
+        stored.insert(ETAG, value("\"x-gzip\""));
+        stored.insert(VARY, value("accept-encoding"));
+        stored.insert("content-md5", value("old"));
+        stored.insert(http::header::CACHE_CONTROL, value("max-age=1"));
+        stored.insert("x-old", value("kept"));
+        let lifetimes = Lifetimes::fresh_for(Duration::from_secs(1));
+        let fence = Fence::new(1, 1);
+        let mut stale = Entry::new(StatusCode::OK, stored, fence, vec!["a".into()], lifetimes);
+        stale.body = bytes::Bytes::from_static(b"gzip bytes");
+        let mut res = http::Response::new(());
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        let h = res.headers_mut();
+        h.insert(ETAG, value("\"x\""));
+        h.insert(VARY, value("origin"));
+        h.insert("content-md5", value("new"));
+        h.insert(http::header::CACHE_CONTROL, value("max-age=60"));
+        h.insert("x-new", value("added"));
+        h.insert("surrogate-key", value("b"));
+        let (parts, ()) = res.into_parts();
+        // A route that compresses: its entries vary on Accept-Encoding.
+        let table = crate::policy::RouteTable::new().with_compression(compress::Encoding::Gzip);
+        let route = table.find("/");
+        let entry = refreshed(&stale, &parts, route.route, Fence::new(1, 2)).unwrap();
+        let h = &entry.headers;
+        assert_eq!(h[CONTENT_ENCODING], "gzip");
+        assert_eq!(h[ETAG], "\"x-gzip\"");
+        assert_eq!(h[VARY], "accept-encoding");
+        assert_eq!(h["content-md5"], "old");
+        assert_eq!(h[http::header::CACHE_CONTROL], "max-age=60");
+        assert_eq!(h["x-old"], "kept");
+        assert_eq!(h["x-new"], "added");
+        assert_eq!(entry.lifetime_ms, 60_000);
+        assert_eq!(entry.body, stale.body);
+        assert_eq!(entry.fence, Fence::new(1, 2));
+        assert_eq!(entry.tags, ["a", "b"]);
+    }
+
+    #[test]
+    fn the_origin_is_asked_with_its_own_validators() {
+        let lifetimes = Lifetimes::fresh_for(Duration::from_secs(1));
+        let mut headers = HeaderMap::new();
+        headers.insert(ETAG, value("\"tca-00ff\""));
+        let ours = Entry::new(StatusCode::OK, headers, Fence::new(1, 1), vec![], lifetimes);
+        assert!(
+            !has_validator(&ours),
+            "the layer's digest tag is not the origin's"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(ETAG, value("\"v1-gzip\""));
+        headers.insert(CONTENT_ENCODING, value("gzip"));
+        headers.insert(VARY, value("accept-encoding"));
+        headers.insert(LAST_MODIFIED, value("Sun, 06 Nov 1994 08:49:37 GMT"));
+        let compressed = Entry::new(StatusCode::OK, headers, Fence::new(1, 1), vec![], lifetimes);
+        let mut request = HeaderMap::new();
+        ask_about(&mut request, &compressed);
+        assert_eq!(request[IF_NONE_MATCH], "\"v1\"");
+        assert_eq!(request[IF_MODIFIED_SINCE], "Sun, 06 Nov 1994 08:49:37 GMT");
+    }
 }
