@@ -136,7 +136,9 @@ mod values {
                         None
                     }
                 },
-                Found::Miss { fence } | Found::Stale { fence, .. } => Some(fence),
+                Found::Miss { fence }
+                | Found::Stale { fence, .. }
+                | Found::Varies { fence, .. } => Some(fence),
                 Found::Unavailable => None,
             };
             count!(self.engine.stats.inner, misses);

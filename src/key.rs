@@ -50,6 +50,14 @@ impl EntryKey {
         &self.digest
     }
 
+    /// Another key of the same route.
+    pub(crate) fn with_digest(&self, digest: [u8; 32]) -> EntryKey {
+        EntryKey {
+            route: self.route.clone(),
+            digest,
+        }
+    }
+
     /// Appends `{route}:{hex digest}` to `out` (no intermediate allocation).
     pub fn write_to(&self, out: &mut String) {
         out.push_str(&self.route);

@@ -75,6 +75,7 @@ where
         let call = OriginCall {
             inner,
             req: Request::from_parts(parts, body),
+            primary: key.clone(),
             key,
             route,
         };

@@ -14,13 +14,13 @@ use super::body::{CacheBody, Tee};
 use super::conditional::digest_etag;
 use super::flights::{FlightGuard, Landed};
 use super::status::{Miss, Status};
-use super::Engine;
+use super::{vary, Engine};
 use crate::compress::{add_vary_accept_encoding, compressible, mark_compressed, Encoding};
 use crate::entry::{Entry, Lifetimes};
 use crate::key::EntryKey;
-use crate::policy::{decide, CacheHint, Decision, Route, Uncacheable};
+use crate::policy::{decide, extra_vary_names, CacheHint, Decision, Route, Uncacheable};
 use crate::stats::count;
-use crate::store::{Fence, Store};
+use crate::store::{Fence, Fill, Store};
 use crate::tags::{push_tags, take_entry_tags};
 
 /// A response admitted for storing, waiting for its body to end.
@@ -38,8 +38,21 @@ struct Admitted {
     keep: Duration,
     /// The coding to store the body in, when it compresses.
     compress: Option<Encoding>,
+    /// For a variant: the URL's own key and the marker to store there.
+    marker: Option<(EntryKey, bytes::Bytes)>,
     flight: Option<FlightGuard>,
 }
+
+/// Where a miss's response may go: the key it was looked up under, the URL's own key, and
+/// the request's headers (a response may turn out to vary on some of them).
+pub(crate) struct MissKeys {
+    pub(crate) key: EntryKey,
+    pub(crate) primary: EntryKey,
+    pub(crate) request: HeaderMap,
+}
+
+/// Where an admitted response is stored: its key, and the marker for a variant.
+type Placement = (EntryKey, Option<(EntryKey, bytes::Bytes)>);
 
 impl<St: Store> Engine<St> {
     /// Marks a miss's response and, when it may be stored, wraps its body so that a copy
@@ -47,7 +60,7 @@ impl<St: Store> Engine<St> {
     pub(crate) fn miss_response<B>(
         self: &Arc<Self>,
         res: Response<B>,
-        key: EntryKey,
+        keys: MissKeys,
         route: &Route,
         tags: Vec<String>,
         fence: Option<Fence>,
@@ -64,8 +77,13 @@ impl<St: Store> Engine<St> {
             Some(fence) => self.admit(&mut parts, &body, route, tags, fence),
             None => Err(Miss::StoreUnavailable),
         };
-        let (entry, declared_len) = match admitted {
-            Ok(admitted) => admitted,
+        let mut flight = flight;
+        let placed = admitted.and_then(|(entry, declared_len)| {
+            let placement = self.place(keys, route, &entry.headers, &mut flight)?;
+            Ok((entry, declared_len, placement))
+        });
+        let (entry, declared_len, (key, marker)) = match placed {
+            Ok(placed) => placed,
             Err(miss) => {
                 self.refused(miss, flight);
                 self.mark(&mut parts.headers, Status::Miss(miss));
@@ -75,6 +93,7 @@ impl<St: Store> Engine<St> {
         self.mark(&mut parts.headers, Status::Miss(Miss::Stored));
         let admitted = Admitted {
             key,
+            marker,
             entry,
             declared_len,
             grpc: route.policy.grpc,
@@ -142,6 +161,36 @@ impl<St: Store> Engine<St> {
         Ok((entry, declared_len))
     }
 
+    /// Where a response goes: under the URL's own key, or, when it varies on request headers
+    /// the route does not key by, under its variant's key with a marker under the URL's.
+    /// The requests waiting on another key than the one it goes to are let go at once.
+    fn place(
+        &self,
+        keys: MissKeys,
+        route: &Route,
+        headers: &HeaderMap,
+        flight: &mut Option<FlightGuard>,
+    ) -> Result<Placement, Miss> {
+        let names = extra_vary_names(&route.policy, headers).map_err(Miss::Uncacheable)?;
+        if names.is_empty() {
+            return Ok((keys.primary, None));
+        }
+        let variant = vary::variant_key(&keys.primary, &names, &keys.request)
+            .ok_or(Miss::Uncacheable(Uncacheable::VaryUndeclared))?;
+        if !self.variants.admit(&keys.primary, &variant) {
+            return Err(Miss::Uncacheable(Uncacheable::TooManyVariants));
+        }
+        if keys.key != variant {
+            if let Some(f) = flight.take() {
+                // They waited on the URL's key: whether this variant is theirs, only their
+                // own headers say.
+                drop(f.land(Landed::Failed, Duration::ZERO));
+            }
+        }
+        let marker = vary::encode_marker(&names);
+        Ok((variant, Some((keys.primary, marker))))
+    }
+
     /// A response passed on unstored, marked with why.
     pub(crate) fn unstored<B: Body>(
         &self,
@@ -185,6 +234,7 @@ impl<St: Store> Engine<St> {
             etag,
             keep,
             compress,
+            marker,
             flight,
         } = admitted;
         if grpc && !grpc_ok(&entry.headers, trailers.as_ref()) {
@@ -214,6 +264,12 @@ impl<St: Store> Engine<St> {
         if !entry.headers.contains_key(CONTENT_LENGTH) {
             let len = HeaderValue::from(entry.body.len());
             entry.headers.insert(CONTENT_LENGTH, len);
+        }
+        if let Some((primary, marker)) = marker {
+            // Under the URL's own key, as long as the variant lives, with its tags and fence.
+            let ttl = entry.store_ttl().saturating_add(keep);
+            let fill = Fill::new(primary, marker, ttl, entry.tags.clone(), entry.fence);
+            self.clone().spawn_fill(fill, None);
         }
         let encoding = compress.filter(|_| compressible(&entry.headers, entry.body.len()));
         let runtime = tokio::runtime::Handle::try_current().ok();

@@ -25,6 +25,11 @@ pub(crate) enum Found {
     Miss {
         fence: Fence,
     },
+    /// The URL's responses vary on these request headers: look up the variant.
+    Varies {
+        names: Vec<http::HeaderName>,
+        fence: Fence,
+    },
     /// The store failed or the breaker is open: serve from the origin, do not fill.
     Unavailable,
 }
@@ -55,6 +60,19 @@ impl<St: Store> Engine<St> {
         let Some(bytes) = lookup.value else {
             return Found::Miss { fence: fence() };
         };
+        match super::vary::read_marker(&bytes) {
+            super::vary::Stored::Marker(names) => {
+                return Found::Varies {
+                    names,
+                    fence: fence(),
+                }
+            }
+            super::vary::Stored::Broken => {
+                count!(counters, decode_errors);
+                return Found::Miss { fence: fence() };
+            }
+            super::vary::Stored::NotMarker => {}
+        }
         match Entry::decode(bytes) {
             Ok(entry) => match entry.staleness(now_ms) {
                 Staleness::Fresh => Found::Hit {

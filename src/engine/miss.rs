@@ -10,6 +10,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
+use super::admit::MissKeys;
 use super::body::CacheBody;
 use super::flights::{wait_for, FlightGuard, Join, Landed};
 use super::lookup::Found;
@@ -27,7 +28,10 @@ use crate::store::{Fence, Store};
 pub(crate) struct OriginCall<S, ReqBody> {
     pub(crate) inner: S,
     pub(crate) req: Request<ReqBody>,
+    /// The key looked up: the URL's own, or a variant's (see `vary`).
     pub(crate) key: EntryKey,
+    /// The URL's own key, where a marker of its variants goes.
+    pub(crate) primary: EntryKey,
     pub(crate) route: Arc<Route>,
 }
 
@@ -66,6 +70,7 @@ impl<St: Store> Engine<St> {
             mut inner,
             mut req,
             key,
+            primary,
             route,
         } = call;
         let want = asked.want;
@@ -90,6 +95,8 @@ impl<St: Store> Engine<St> {
                 revalidating = Some(fence);
             }
         }
+        // Kept for the key of a response that turns out to vary on some of them.
+        let request = req.headers().clone();
         let result = inner.call(req).await;
         // Stale-if-error: an origin failure is answered with the stale entry while its
         // window lasts.
@@ -131,7 +138,12 @@ impl<St: Store> Engine<St> {
             self.mark(&mut parts.headers, Status::Miss(Miss::Head));
             return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
         }
-        let res = self.miss_response(res, key, &route, tags, fence, flight);
+        let keys = MissKeys {
+            key,
+            primary,
+            request,
+        };
+        let res = self.miss_response(res, keys, &route, tags, fence, flight);
         // Only a response being stored is answered 304 here: it is the cache's to validate
         // (one refused for Set-Cookie, say, goes out whole, cookie and all).
         let stored = res.body().is_filling();
@@ -254,6 +266,7 @@ impl<St: Store> Engine<St> {
             mut inner,
             mut req,
             key,
+            primary,
             route,
         } = call;
         // Another refresh may have landed between our lookup and our taking the lead.
@@ -267,6 +280,7 @@ impl<St: Store> Engine<St> {
         if revalidating {
             ask_about(req.headers_mut(), &stale);
         }
+        let request = req.headers().clone();
         let Ok(res) = inner.call(req).await else {
             return; // the guard tells any waiter it failed
         };
@@ -281,6 +295,11 @@ impl<St: Store> Engine<St> {
         // Nobody reads this response: its body's reader task finishes the copy for the
         // store by itself, within the size limit and the flight's patience (reading it here
         // would also hold whatever comes past the limit).
-        drop(self.miss_response(res, key, &route, tags, Some(fence), Some(flight)));
+        let keys = MissKeys {
+            key,
+            primary,
+            request,
+        };
+        drop(self.miss_response(res, keys, &route, tags, Some(fence), Some(flight)));
     }
 }

@@ -42,6 +42,7 @@ mod respond;
 mod revalidate;
 mod serve;
 mod status;
+mod vary;
 
 pub use body::CacheBody;
 pub(crate) use clear::{Clear, Deferred};
@@ -71,6 +72,7 @@ pub(crate) struct Engine<St> {
     pub(crate) breaker: Arc<Breaker>,
     pub(crate) deferred: Arc<Deferred>,
     pub(crate) flights: Arc<flights::Flights>,
+    pub(crate) variants: Arc<vary::Variants>,
     pub(crate) stampede_wait: Duration,
     pub(crate) hit_for_miss: Duration,
     pub(crate) lease: Option<Duration>,
@@ -95,6 +97,7 @@ impl<St> Engine<St> {
             breaker,
             deferred: Arc::default(),
             flights: Arc::default(),
+            variants: Arc::default(),
             stampede_wait: Duration::from_secs(10),
             hit_for_miss: Duration::from_secs(30),
             lease: None,

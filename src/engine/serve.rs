@@ -13,7 +13,7 @@ use super::lookup::Found;
 use super::miss::OriginCall;
 use super::respond::{represent, servable, Served};
 use super::status::Stale;
-use super::{Asked, Engine, Want};
+use super::{vary, Asked, Engine, Want};
 use crate::entry::{now_ms, Staleness};
 use crate::stats::count;
 use crate::store::Store;
@@ -34,7 +34,24 @@ impl<St: Store> Engine<St> {
         ResBody::Error: Send + 'static,
     {
         let now = now_ms();
-        let (fence, stale) = match self.lookup(&call.key, now).await {
+        let mut call = call;
+        let mut found = self.lookup(&call.key, now).await;
+        if let Found::Varies { names, .. } = found {
+            // The URL's responses vary on request headers the route does not key by: look
+            // up the variant this request's values select.
+            found = match vary::variant_key(&call.primary, &names, call.req.headers()) {
+                Some(variant) => {
+                    call.key = variant;
+                    match self.lookup(&call.key, now).await {
+                        Found::Varies { fence, .. } => Found::Miss { fence },
+                        other => other,
+                    }
+                }
+                // A value too long to key by: the origin answers, nothing is stored.
+                None => Found::Unavailable,
+            };
+        }
+        let (fence, stale) = match found {
             Found::Hit { entry, fence } => {
                 let accept = asked.accept_encoding.as_ref();
                 match represent(entry, accept, self.max_body_bytes) {
@@ -63,7 +80,7 @@ impl<St: Store> Engine<St> {
                 return Ok(self.hit_response(entry, &asked, now, served));
             }
             Found::Stale { entry, fence } => (Some(fence), Some(entry)),
-            Found::Miss { fence } => (Some(fence), None),
+            Found::Miss { fence } | Found::Varies { fence, .. } => (Some(fence), None),
             Found::Unavailable => (None, None),
         };
         // Misses run in a future of their own, so a hit's future stays small to allocate

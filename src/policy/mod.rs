@@ -22,7 +22,7 @@ mod routes;
 mod template;
 
 pub use hints::{CacheHint, InvalidateTags};
-pub(crate) use rfc9111::{decide, Decision, Uncacheable};
+pub(crate) use rfc9111::{decide, extra_vary_names, Decision, Uncacheable, MAX_VARY_NAMES};
 pub(crate) use route_policy::Freshness;
 pub use route_policy::{RoutePolicy, Scope, DEFAULT_STATUSES};
 pub(crate) use routes::Route;

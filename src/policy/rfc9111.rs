@@ -6,7 +6,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, SET_COOKIE, VARY};
+use http::header::{
+    HeaderName, ACCEPT_ENCODING, AGE, CACHE_CONTROL, DATE, EXPIRES, SET_COOKIE, VARY,
+};
 use http::HeaderMap;
 
 use super::{CacheHint, Freshness, RoutePolicy, Scope};
@@ -82,8 +84,10 @@ pub(crate) enum Uncacheable {
     VaryUnreadable,
     /// `Vary: *`.
     VaryStar,
-    /// `Vary` on a header the route does not declare.
+    /// `Vary` on more request headers than a variant is keyed by, or on values too long.
     VaryUndeclared,
+    /// More variants of one URL than an instance stores.
+    TooManyVariants,
     /// No lifetime from the hint, the headers or the route.
     NoFreshness,
     /// Already older (`Age`) than its lifetime.
@@ -103,6 +107,7 @@ impl Uncacheable {
             Uncacheable::VaryUnreadable => "vary",
             Uncacheable::VaryStar => "vary-star",
             Uncacheable::VaryUndeclared => "vary-undeclared",
+            Uncacheable::TooManyVariants => "too-many-variants",
             Uncacheable::NoFreshness => "no-freshness",
             Uncacheable::Stale => "stale",
         }
@@ -153,25 +158,10 @@ pub(crate) fn decide(
     if cc.private && !matches!(policy.scope, Scope::PerUser(_)) {
         return Decision::Skip(Uncacheable::Private);
     }
-    for value in headers.get_all(VARY) {
-        let Ok(value) = value.to_str() else {
-            return Decision::Skip(Uncacheable::VaryUnreadable);
-        };
-        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if name == "*" {
-                return Decision::Skip(Uncacheable::VaryStar);
-            }
-            let negotiated =
-                policy.compress.is_some() && name.eq_ignore_ascii_case("accept-encoding");
-            if !negotiated
-                && !policy
-                    .vary
-                    .iter()
-                    .any(|v| v.as_str().eq_ignore_ascii_case(name))
-            {
-                return Decision::Skip(Uncacheable::VaryUndeclared);
-            }
-        }
+    // Headers the route does not key by make the response a variant of its URL (stored
+    // under a key with their values, see `engine::vary`); `*`, or too many, is not stored.
+    if let Err(why) = extra_vary_names(policy, headers) {
+        return Decision::Skip(why);
     }
     let lifetime = hint
         .and_then(|h| h.ttl)
@@ -230,6 +220,41 @@ fn initial_age(headers: &HeaderMap) -> Option<u32> {
     }
     // Larger than u32 seconds (136 years): older than any lifetime.
     first.parse::<u32>().ok().or(Some(u32::MAX))
+}
+
+/// The most request headers a response may vary on beyond the route's declared ones.
+pub(crate) const MAX_VARY_NAMES: usize = 4;
+
+/// The request headers a response varies on that the route does not key by itself: sorted,
+/// lower-case, without duplicates. Empty for most responses.
+pub(crate) fn extra_vary_names(
+    policy: &RoutePolicy,
+    headers: &HeaderMap,
+) -> Result<Vec<HeaderName>, Uncacheable> {
+    let mut names = Vec::new();
+    for value in headers.get_all(VARY) {
+        let Ok(value) = value.to_str() else {
+            return Err(Uncacheable::VaryUnreadable);
+        };
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return Err(Uncacheable::VaryStar);
+            }
+            let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
+                return Err(Uncacheable::VaryUnreadable);
+            };
+            let declared = policy.vary.contains(&name)
+                || (policy.compress.is_some() && name == ACCEPT_ENCODING);
+            if !declared && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    if names.len() > MAX_VARY_NAMES {
+        return Err(Uncacheable::VaryUndeclared);
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Ok(names)
 }
 
 /// Whether a response with this status may be stored (RFC 9111 §3): a status in the
@@ -532,6 +557,31 @@ mod tests {
     }
 
     #[test]
+    fn extra_names_leave_out_what_the_route_declares() {
+        let policy = RoutePolicy::ttl(std::time::Duration::from_secs(1)).vary(["accept-language"]);
+        let h = headers(&[
+            ("vary", "Accept-Language, X-Tenant"),
+            ("vary", "x-tenant, Origin"),
+        ]);
+        let names = extra_vary_names(&policy, &h).unwrap();
+        assert_eq!(
+            names,
+            [
+                HeaderName::from_static("origin"),
+                HeaderName::from_static("x-tenant")
+            ]
+        );
+        assert!(matches!(
+            extra_vary_names(&policy, &headers(&[("vary", "a, b, c, d, e")])),
+            Err(Uncacheable::VaryUndeclared)
+        ));
+        assert!(matches!(
+            extra_vary_names(&policy, &headers(&[("vary", "*")])),
+            Err(Uncacheable::VaryStar)
+        ));
+    }
+
+    #[test]
     fn prohibitions_win() {
         let p = ttl(300);
         let hint = CacheHint::ttl(Duration::from_secs(5));
@@ -544,7 +594,7 @@ mod tests {
                 Uncacheable::Private,
             ),
             (("vary", "*"), Uncacheable::VaryStar),
-            (("vary", "accept-encoding"), Uncacheable::VaryUndeclared),
+            (("vary", "a, b, c, d, e"), Uncacheable::VaryUndeclared),
         ] {
             assert_eq!(
                 decide(&p, code(200), &headers(&[h]), Some(&hint)),
