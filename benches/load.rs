@@ -364,6 +364,53 @@ fn varnish(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std:
     None
 }
 
+/// nginx with `proxy_cache` in front of `backend`, every response kept 300 s (a reference:
+/// on this kind of machine the faster of the two proxies).
+fn nginx(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std::path::PathBuf)> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let dir = std::env::temp_dir().join(format!("tca-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("cache")).ok()?;
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           proxy_cache_path {d}/cache keys_zone=bench:8m max_size=64m;\n\
+           upstream app {{ server 127.0.0.1:{}; keepalive 32; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+               proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+               proxy_cache bench;\n      proxy_cache_valid 200 300s;\n    }}\n  }}\n}}\n",
+        backend.port()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).ok()?;
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-p")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Some((child, addr, dir));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
@@ -493,6 +540,7 @@ fn main() {
         (addrs, tiered)
     });
     let v = varnish(addrs[0]);
+    let n = nginx(addrs[0]);
 
     // LOAD_ONLY=1,3 runs just those cases (by index in the table), for A/B comparisons.
     let only: Option<Vec<usize>> = std::env::var("LOAD_ONLY")
@@ -607,6 +655,15 @@ fn main() {
             same(&["Accept-Encoding: gzip"]),
         ),
     ]);
+    // 17: nginx, a reference beside Varnish.
+    match n.as_ref() {
+        Some((_, addr, _)) => cases.push((
+            "nginx 1.22 proxy_cache hit in front of the bare handler",
+            format!("http://{addr}/static"),
+            same(&[]),
+        )),
+        None => cases.push(("nginx (not installed)", String::new(), same(&[]))),
+    }
     let mut samples: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, (name, url, how)) in cases.iter().enumerate() {
@@ -628,7 +685,7 @@ fn main() {
         .zip(samples)
         .map(|((name, ..), mut runs)| median(name, &mut runs))
         .collect();
-    if let Some((mut child, _, dir)) = v {
+    for (mut child, _, dir) in [v, n].into_iter().flatten() {
         let _ = child.kill();
         let _ = child.wait();
         let _ = std::fs::remove_dir_all(dir);
@@ -662,6 +719,12 @@ fn main() {
     };
     ratio("Valkey hit / raw multiplexed GET", rps(3), rps(1), 0.95);
     ratio("Valkey hit / Varnish hit", rps(3), varnish_rps, 1.0);
+    ratio(
+        "Valkey hit / nginx hit (for reference)",
+        rps(3),
+        rps(17),
+        0.0,
+    );
     ratio("near-cache hit / bare handler", rps(4), rps(0), 0.90);
     ratio("near-cache hit / Varnish hit", rps(4), varnish_rps, 1.5);
     ratio("miss + fill / 1 ms backend alone", rps(9), rps(8), 0.95);
@@ -702,7 +765,7 @@ fn main() {
     rt.block_on(entry_bytes(&url));
 
     // Memory: a 64 MiB near cache after a million distinct 1 KiB entries.
-    if !wanted(17) {
+    if !wanted(18) {
         return;
     }
     rt.block_on(async {
