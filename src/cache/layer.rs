@@ -232,7 +232,10 @@ impl<St: Store> CacheLayer<St> {
     }
 
     /// The key a GET or HEAD request with these parts would be cached under, or `None` when
-    /// it would not be looked up (another method, an uncached route, a bypass).
+    /// it would not be looked up (another method, an uncached route, a bypass). For a URL
+    /// whose responses vary on headers the route does not declare, this key holds the marker
+    /// of its variants, not a response: removing it does not remove them. Clear tags to
+    /// reach every variant.
     pub fn entry_key(&self, parts: &Parts) -> Option<EntryKey> {
         match self.engine.plan(parts) {
             Plan::Lookup { key, .. } => Some(key),

@@ -20,7 +20,7 @@ use crate::entry::{Entry, Lifetimes};
 use crate::key::EntryKey;
 use crate::policy::{decide, extra_vary_names, CacheHint, Decision, Route, Uncacheable};
 use crate::stats::count;
-use crate::store::{Fence, Fill, Store};
+use crate::store::{Fence, Store};
 use crate::tags::{push_tags, take_entry_tags};
 
 /// A response admitted for storing, waiting for its body to end.
@@ -79,7 +79,7 @@ impl<St: Store> Engine<St> {
         };
         let mut flight = flight;
         let placed = admitted.and_then(|(entry, declared_len)| {
-            let placement = self.place(keys, route, &entry.headers, &mut flight)?;
+            let placement = self.place(keys, route, &entry, &mut flight)?;
             Ok((entry, declared_len, placement))
         });
         let (entry, declared_len, (key, marker)) = match placed {
@@ -168,23 +168,24 @@ impl<St: Store> Engine<St> {
         &self,
         keys: MissKeys,
         route: &Route,
-        headers: &HeaderMap,
+        entry: &Entry,
         flight: &mut Option<FlightGuard>,
     ) -> Result<Placement, Miss> {
-        let names = extra_vary_names(&route.policy, headers).map_err(Miss::Uncacheable)?;
+        let names = extra_vary_names(&route.policy, &entry.headers).map_err(Miss::Uncacheable)?;
         if names.is_empty() {
             return Ok((keys.primary, None));
         }
         let variant = vary::variant_key(&keys.primary, &names, &keys.request)
-            .ok_or(Miss::Uncacheable(Uncacheable::VaryUndeclared))?;
-        if !self.variants.admit(&keys.primary, &variant) {
+            .ok_or(Miss::Uncacheable(Uncacheable::VaryValueTooLong))?;
+        let lives = entry.store_ttl().saturating_add(route.policy.keep);
+        if !self.variants.admit(&keys.primary, &variant, lives) {
             return Err(Miss::Uncacheable(Uncacheable::TooManyVariants));
         }
         if keys.key != variant {
             if let Some(f) = flight.take() {
                 // They waited on the URL's key: whether this variant is theirs, only their
-                // own headers say.
-                drop(f.land(Landed::Failed, Duration::ZERO));
+                // own headers say; each joins its own variant's flight.
+                drop(f.land(Landed::Varies(names.clone()), Duration::ZERO));
             }
         }
         let marker = vary::encode_marker(&names);
@@ -213,9 +214,14 @@ impl<St: Store> Engine<St> {
             Miss::TooLarge => count!(self.stats.inner, oversize),
             _ => {}
         }
-        if let Some(f) = flight {
+        let Some(f) = flight else { return };
+        match miss {
+            // About this request's values, not the URL: the waiters try on their own.
+            Miss::Uncacheable(Uncacheable::TooManyVariants | Uncacheable::VaryValueTooLong) => {
+                drop(f.land(Landed::Failed, Duration::ZERO));
+            }
             // Remembered as hit-for-miss: later misses go to the origin without queueing.
-            drop(f.land(Landed::Uncacheable, self.hit_for_miss));
+            _ => drop(f.land(Landed::Uncacheable, self.hit_for_miss)),
         }
     }
 
@@ -266,10 +272,7 @@ impl<St: Store> Engine<St> {
             entry.headers.insert(CONTENT_LENGTH, len);
         }
         if let Some((primary, marker)) = marker {
-            // Under the URL's own key, as long as the variant lives, with its tags and fence.
-            let ttl = entry.store_ttl().saturating_add(keep);
-            let fill = Fill::new(primary, marker, ttl, entry.tags.clone(), entry.fence);
-            self.clone().spawn_fill(fill, None);
+            self.store_marker(primary, marker, &entry, keep);
         }
         let encoding = compress.filter(|_| compressible(&entry.headers, entry.body.len()));
         let runtime = tokio::runtime::Handle::try_current().ok();

@@ -29,6 +29,20 @@ impl<St: Store> Engine<St> {
         self.store_encoded(key, entry, encoded, keep, landing);
     }
 
+    /// Stores a URL's marker of its variants under its own key, as long as `variant` lives
+    /// and with its tags and fence, so that a clear of one is a clear of both.
+    pub(crate) fn store_marker(
+        self: &Arc<Self>,
+        primary: EntryKey,
+        marker: bytes::Bytes,
+        variant: &Entry,
+        keep: Duration,
+    ) {
+        let ttl = variant.store_ttl().saturating_add(keep);
+        let fill = Fill::new(primary, marker, ttl, variant.tags.clone(), variant.fence);
+        self.clone().spawn_fill(fill, None);
+    }
+
     /// Stores an entry already encoded; `landing` keeps its flight visible until the store
     /// has it.
     pub(crate) fn store_encoded(

@@ -24,6 +24,9 @@ pub(crate) enum Landed {
     Uncacheable,
     /// The leader failed, was cancelled, or its body was too large or broke.
     Failed,
+    /// The leader's response varies on these request headers: each waiter's own values
+    /// select its variant, whose flight it joins instead.
+    Varies(Vec<http::HeaderName>),
 }
 
 type Slot = watch::Sender<Option<Landed>>;
@@ -163,7 +166,7 @@ impl FlightGuard {
         match &landed {
             Landed::Uncacheable => self.flights.remember_uncacheable(&self.key, hit_for_miss),
             Landed::Entry(_) => self.flights.forget_uncacheable(&self.key),
-            Landed::Failed => {}
+            Landed::Failed | Landed::Varies(_) => {}
         }
         self.send(landed);
         Landing {

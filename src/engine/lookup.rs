@@ -117,6 +117,9 @@ impl<St: Store> Engine<St> {
                     return Some(entry)
                 }
                 Found::Unavailable => return None,
+                // The holder's response varied: its entry is under a variant key, and only
+                // this request's headers say which. Ask the origin now rather than poll.
+                Found::Varies { .. } => return None,
                 _ => {}
             }
         }

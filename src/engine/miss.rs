@@ -17,10 +17,10 @@ use super::lookup::Found;
 use super::respond::{servable, Served};
 use super::revalidate::{ask_about, has_validator, refreshed};
 use super::status::{Miss, Stale, Status};
-use super::{Asked, Engine, Want};
+use super::{vary, Asked, Engine, Want};
 use crate::entry::{now_ms, Entry, Staleness};
 use crate::key::EntryKey;
-use crate::policy::{Route, Uncacheable};
+use crate::policy::{extra_vary_names, Route, Uncacheable};
 use crate::stats::count;
 use crate::store::{Fence, Store};
 
@@ -44,6 +44,8 @@ fn strip_conditions(headers: &mut http::HeaderMap) {
 
 /// What joining a key's flight gave.
 enum Joined {
+    /// The leader's response varied on these request headers: join this request's variant.
+    Varies(Vec<http::HeaderName>),
     /// Another request fetched it since our lookup: serve that.
     Served(Entry),
     /// Call the origin, leading the flight (when there is one).
@@ -69,7 +71,7 @@ impl<St: Store> Engine<St> {
         let OriginCall {
             mut inner,
             mut req,
-            key,
+            mut key,
             primary,
             route,
         } = call;
@@ -77,7 +79,22 @@ impl<St: Store> Engine<St> {
         let accept = asked.accept_encoding.as_ref();
         // A stale entry this client could not take (a coding it refuses) is no use to it.
         let previous = previous.filter(|e| servable(e, accept));
-        let flight = match self.join_flight(&key, fence, &asked).await {
+        let mut joined = self.join_flight(&key, fence, &asked).await;
+        if let Joined::Varies(names) = joined {
+            // The URL turned out to vary: this request's variant has a flight of its own.
+            joined = match vary::variant_key(&primary, &names, req.headers()) {
+                Some(variant) => {
+                    key = variant;
+                    match self.join_flight(&key, fence, &asked).await {
+                        Joined::Varies(_) => Joined::Lead(None),
+                        other => other,
+                    }
+                }
+                None => Joined::Lead(None),
+            };
+        }
+        let flight = match joined {
+            Joined::Varies(_) => None,
             Joined::Served(entry) => {
                 count!(self.stats.inner, collapsed);
                 return Ok(self.hit_response(entry, &asked, now_ms(), Served::Collapsed));
@@ -85,6 +102,9 @@ impl<St: Store> Engine<St> {
             Joined::Lead(flight) => flight,
         };
         let tags = self.entry_tags(req.headers(), req.uri());
+        // The client's headers, for the key of a response that turns out to vary on some of
+        // them (taken before the layer changes the validators).
+        let request = req.headers().clone();
         // What the origin is asked to confirm: the stale entry, when it has a validator.
         let mut revalidating = None;
         if let (Want::Body, Some(fence)) = (want, fence) {
@@ -95,8 +115,6 @@ impl<St: Store> Engine<St> {
                 revalidating = Some(fence);
             }
         }
-        // Kept for the key of a response that turns out to vary on some of them.
-        let request = req.headers().clone();
         let result = inner.call(req).await;
         // Stale-if-error: an origin failure is answered with the stale entry while its
         // window lasts.
@@ -125,9 +143,18 @@ impl<St: Store> Engine<St> {
         if let (Some(fence), Some(stale)) = (revalidating, previous) {
             if res.status() == StatusCode::NOT_MODIFIED {
                 let (parts, _) = res.into_parts();
-                let entry = self
-                    .clone()
-                    .revalidated(key, &route, stale, &parts, fence, flight);
+                let entry = self.clone().revalidated(
+                    MissKeys {
+                        key,
+                        primary,
+                        request,
+                    },
+                    &route,
+                    stale,
+                    &parts,
+                    fence,
+                    flight,
+                );
                 return Ok(self.hit_response(entry, &asked, now_ms(), Served::Revalidated));
             }
         }
@@ -181,6 +208,7 @@ impl<St: Store> Engine<St> {
                         _ => Joined::Lead(None),
                     }
                 }
+                Landed::Varies(names) => Joined::Varies(names),
                 Landed::Uncacheable | Landed::Failed => Joined::Lead(None),
             },
             Join::Alone => Joined::Lead(None),
@@ -226,7 +254,7 @@ impl<St: Store> Engine<St> {
     /// stored, answered this once as it is.
     fn revalidated(
         self: Arc<Self>,
-        key: EntryKey,
+        keys: MissKeys,
         route: &Route,
         stale: Entry,
         not_modified: &http::response::Parts,
@@ -236,7 +264,15 @@ impl<St: Store> Engine<St> {
         count!(self.stats.inner, revalidated);
         match refreshed(&stale, not_modified, route, fence) {
             Some(entry) => {
-                self.store_entry(key, &entry, route.policy.keep, flight);
+                let keep = route.policy.keep;
+                if keys.key != keys.primary {
+                    // A variant: its URL's marker lives as long as it does.
+                    if let Ok(names) = extra_vary_names(&route.policy, &entry.headers) {
+                        let marker = vary::encode_marker(&names);
+                        self.store_marker(keys.primary, marker, &entry, keep);
+                    }
+                }
+                self.store_entry(keys.key, &entry, keep, flight);
                 entry
             }
             None => {
@@ -275,18 +311,23 @@ impl<St: Store> Engine<St> {
         }
         count!(self.stats.inner, refreshes);
         let tags = self.entry_tags(req.headers(), req.uri());
+        let request = req.headers().clone();
         strip_conditions(req.headers_mut());
         let revalidating = has_validator(&stale);
         if revalidating {
             ask_about(req.headers_mut(), &stale);
         }
-        let request = req.headers().clone();
         let Ok(res) = inner.call(req).await else {
             return; // the guard tells any waiter it failed
         };
         if revalidating && res.status() == StatusCode::NOT_MODIFIED {
             let (parts, _) = res.into_parts();
-            self.revalidated(key, &route, stale, &parts, fence, Some(flight));
+            let keys = MissKeys {
+                key,
+                primary,
+                request,
+            };
+            self.revalidated(keys, &route, stale, &parts, fence, Some(flight));
             return;
         }
         if res.status().is_server_error() {

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, ACCEPT_ENCODING, ACCEPT_LANGUAGE};
@@ -42,41 +43,61 @@ pub(crate) fn variant_key(
     request: &HeaderMap,
 ) -> Option<EntryKey> {
     let mut h = Sha256::new();
-    h.update(b"variant");
-    h.update(primary.digest());
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(b"variant");
+    field(primary.digest());
     for name in names {
-        let value = normalized(name, request)?;
-        for part in [name.as_str().as_bytes(), value.as_bytes()] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part);
+        field(name.as_str().as_bytes());
+        match normalized(name, request)? {
+            Value::Normalized(value) => {
+                field(b"n");
+                field(value.as_bytes());
+            }
+            // Every line's exact bytes, counted: two values never share a variant unless
+            // they are the same bytes (UTF-8 or not).
+            Value::Raw(lines) => {
+                field(b"r");
+                field(&(lines.len() as u64).to_le_bytes());
+                for line in lines {
+                    field(line);
+                }
+            }
         }
     }
     Some(primary.with_digest(h.finalize().into()))
 }
 
-/// A request header's value as a variant is keyed by it: its lines joined; the codings of
-/// `Accept-Encoding` and the languages of `Accept-Language` as sets in preference order,
-/// lower-case; other values trimmed. A missing header keys as absent, not as empty.
-fn normalized(name: &HeaderName, request: &HeaderMap) -> Option<String> {
-    let lines: Vec<&str> = request
-        .get_all(name)
-        .iter()
-        .map(|v| v.to_str().unwrap_or("\u{fffd}").trim())
-        .collect();
-    if lines.is_empty() {
-        return Some("\u{0}absent".to_owned());
-    }
-    let joined = lines.join(",");
-    if joined.len() > MAX_VARY_VALUE {
+/// A request header's value as a variant is keyed by it.
+enum Value<'a> {
+    /// A preference list reduced to what it means.
+    Normalized(String),
+    /// The lines as sent (none: the header is absent).
+    Raw(Vec<&'a [u8]>),
+}
+
+/// A request header's value as a variant is keyed by it: the codings of `Accept-Encoding`
+/// and the languages of `Accept-Language` (when ASCII) as sets in preference order,
+/// lower-case; any other value as its exact bytes, line by line. `None` when the value is
+/// longer than [`MAX_VARY_VALUE`] bytes.
+fn normalized<'a>(name: &HeaderName, request: &'a HeaderMap) -> Option<Value<'a>> {
+    let lines: Vec<&[u8]> = request.get_all(name).iter().map(|v| v.as_bytes()).collect();
+    if lines.iter().map(|l| l.len()).sum::<usize>() > MAX_VARY_VALUE {
         return None;
     }
-    Some(if name == ACCEPT_ENCODING {
-        crate::compress::normalized_accept_encoding(joined.as_bytes())
-    } else if name == ACCEPT_LANGUAGE {
-        normalized_languages(&joined)
+    let preference = name == ACCEPT_ENCODING || name == ACCEPT_LANGUAGE;
+    if !preference || lines.is_empty() || !lines.iter().all(|l| l.is_ascii()) {
+        return Some(Value::Raw(lines));
+    }
+    let joined = lines.join(&b","[..]);
+    let text = String::from_utf8_lossy(&joined);
+    Some(Value::Normalized(if name == ACCEPT_ENCODING {
+        crate::compress::normalized_accept_encoding(&joined)
     } else {
-        joined
-    })
+        normalized_languages(&text)
+    }))
 }
 
 /// `Accept-Language` as the languages accepted (q > 0), lower-case, highest q first (ties
@@ -150,29 +171,41 @@ pub(crate) fn read_marker(bytes: &[u8]) -> Stored {
     Stored::Marker(names)
 }
 
-/// How many variants of each URL this instance stored: the bound on variants per URL.
+/// The variants of each URL this instance stored and until when they live: the bound on
+/// variants per URL counts only live ones.
 #[derive(Debug, Default)]
 pub(crate) struct Variants {
-    seen: Mutex<HashMap<EntryKey, Vec<[u8; 8]>>>,
+    seen: Mutex<HashMap<EntryKey, Vec<([u8; 8], Instant)>>>,
 }
 
 impl Variants {
-    /// Whether one more variant of `primary` may be stored (one already counted may).
-    pub(crate) fn admit(&self, primary: &EntryKey, variant: &EntryKey) -> bool {
+    /// Whether one more variant of `primary`, living `lives`, may be stored (one already
+    /// counted may, and lives longer).
+    pub(crate) fn admit(&self, primary: &EntryKey, variant: &EntryKey, lives: Duration) -> bool {
         let mut id = [0u8; 8];
         id.copy_from_slice(&variant.digest()[..8]);
+        let now = Instant::now();
+        let until = now
+            .checked_add(lives)
+            .unwrap_or(now + Duration::from_secs(1 << 31));
         let mut seen = lock(&self.seen);
         if seen.len() >= MAX_COUNTED_URLS && !seen.contains_key(primary) {
-            seen.clear();
+            // Forget the URLs whose variants all expired; if that is not enough, all.
+            seen.retain(|_, ids| ids.iter().any(|(_, until)| *until > now));
+            if seen.len() >= MAX_COUNTED_URLS {
+                seen.clear();
+            }
         }
         let ids = seen.entry(primary.clone()).or_default();
-        if ids.contains(&id) {
+        ids.retain(|(_, until)| *until > now);
+        if let Some(known) = ids.iter_mut().find(|(known, _)| *known == id) {
+            known.1 = known.1.max(until);
             return true;
         }
         if ids.len() >= MAX_VARIANTS {
             return false;
         }
-        ids.push(id);
+        ids.push((id, until));
         true
     }
 }
@@ -222,6 +255,25 @@ mod tests {
             key(""),
             "absent is not empty"
         );
+        // Other headers: exact bytes, non-ASCII ones included, lines counted.
+        let tenant = [HeaderName::from_static("x-user")];
+        let raw = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("x-user", HeaderValue::from_bytes(v).unwrap());
+            }
+            variant_key(&primary, &tenant, &h)
+        };
+        assert_ne!(
+            raw(&["jos\u{e9}".as_bytes()]),
+            raw(&["zo\u{eb}".as_bytes()])
+        );
+        assert_ne!(raw(&[b"jos\xe9"]), raw(&[b"zo\xeb"]));
+        assert_ne!(raw(&[b"a,b"]), raw(&[b"a", b"b"]));
+        assert!(
+            raw(&[&[0xe9; 1025]]).is_none(),
+            "bytes, not characters, are counted"
+        );
         let long = "a".repeat(MAX_VARY_VALUE + 1);
         assert!(key(&long).is_none());
         assert_ne!(key("en").unwrap(), primary);
@@ -231,13 +283,19 @@ mod tests {
     fn variants_per_url_are_bounded() {
         let v = Variants::default();
         let primary = EntryKey::new("r", [1; 32]);
-        for i in 0..MAX_VARIANTS {
-            assert!(v.admit(&primary, &EntryKey::new("r", [i as u8 + 10; 32])));
+        let long = Duration::from_secs(60);
+        for i in 0..MAX_VARIANTS - 1 {
+            assert!(v.admit(&primary, &EntryKey::new("r", [i as u8 + 10; 32]), long));
         }
-        assert!(!v.admit(&primary, &EntryKey::new("r", [200; 32])));
+        let short = Duration::from_millis(20);
+        assert!(v.admit(&primary, &EntryKey::new("r", [100; 32]), short));
+        assert!(!v.admit(&primary, &EntryKey::new("r", [200; 32]), long));
         assert!(
-            v.admit(&primary, &EntryKey::new("r", [10; 32])),
+            v.admit(&primary, &EntryKey::new("r", [10; 32]), long),
             "a known one"
         );
+        // Once a variant has expired, its place is free again.
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(v.admit(&primary, &EntryKey::new("r", [200; 32]), long));
     }
 }

@@ -84,10 +84,12 @@ pub(crate) enum Uncacheable {
     VaryUnreadable,
     /// `Vary: *`.
     VaryStar,
-    /// `Vary` on more request headers than a variant is keyed by, or on values too long.
+    /// `Vary` on more request headers than a variant is keyed by.
     VaryUndeclared,
     /// More variants of one URL than an instance stores.
     TooManyVariants,
+    /// A request header the response varies on is too long to key a variant by.
+    VaryValueTooLong,
     /// No lifetime from the hint, the headers or the route.
     NoFreshness,
     /// Already older (`Age`) than its lifetime.
@@ -108,6 +110,7 @@ impl Uncacheable {
             Uncacheable::VaryStar => "vary-star",
             Uncacheable::VaryUndeclared => "vary-undeclared",
             Uncacheable::TooManyVariants => "too-many-variants",
+            Uncacheable::VaryValueTooLong => "vary-value-too-long",
             Uncacheable::NoFreshness => "no-freshness",
             Uncacheable::Stale => "stale",
         }
@@ -240,9 +243,13 @@ pub(crate) fn extra_vary_names(
             if name == "*" {
                 return Err(Uncacheable::VaryStar);
             }
+            // A name a marker can hold (one byte of length).
             let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
                 return Err(Uncacheable::VaryUnreadable);
             };
+            if name.as_str().len() > 255 {
+                return Err(Uncacheable::VaryUndeclared);
+            }
             let declared = policy.vary.contains(&name)
                 || (policy.compress.is_some() && name == ACCEPT_ENCODING);
             if !declared && !names.contains(&name) {
