@@ -175,8 +175,11 @@ pub(crate) fn read_marker(bytes: &[u8]) -> Stored {
 /// variants per URL counts only live ones.
 #[derive(Debug, Default)]
 pub(crate) struct Variants {
-    seen: Mutex<HashMap<EntryKey, Vec<([u8; 8], Instant)>>>,
+    seen: Mutex<HashMap<EntryKey, Vec<Live>>>,
 }
+
+/// A variant (the first bytes of its key's digest) and until when it lives.
+type Live = ([u8; 8], Instant);
 
 impl Variants {
     /// Whether one more variant of `primary`, living `lives`, may be stored (one already
