@@ -354,14 +354,7 @@ fn varnish(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std:
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return Some((child, addr, dir));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+    listening(child, port, dir)
 }
 
 /// nginx with `proxy_cache` in front of `backend`, every response kept 300 s (a reference:
@@ -401,6 +394,15 @@ fn nginx(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std::p
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
+    listening(child, port, dir)
+}
+
+/// A proxy started on `port`, once it accepts connections (5 s at most).
+fn listening(
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+) -> Option<(std::process::Child, SocketAddr, std::path::PathBuf)> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
     for _ in 0..100 {
         if std::net::TcpStream::connect(addr).is_ok() {

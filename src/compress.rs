@@ -257,13 +257,7 @@ fn accepts(accept: &HeaderValue, coding: &str) -> bool {
         return false;
     };
     let mut star = None;
-    for item in accept.split(',') {
-        let mut parts = item.split(';');
-        let name = parts.next().unwrap_or("").trim();
-        let q = parts
-            .find_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
-            .and_then(|q| q.trim().parse::<f32>().ok())
-            .unwrap_or(1.0);
+    for (name, q) in crate::headers::weighted(accept) {
         let same = name.eq_ignore_ascii_case(coding)
             || (coding.eq_ignore_ascii_case("gzip") && name.eq_ignore_ascii_case("x-gzip"));
         if same {
@@ -296,17 +290,9 @@ pub(crate) fn identity_headers(headers: &mut HeaderMap, encoding: Encoding, len:
 /// sorted, deduplicated; so `gzip, br` and `br;q=1.0,GZIP` share one entry.
 pub(crate) fn normalized_accept_encoding(value: &[u8]) -> String {
     let text = String::from_utf8_lossy(value);
-    let mut codings: Vec<String> = text
-        .split(',')
-        .filter_map(|item| {
-            let mut parts = item.split(';');
-            let name = parts.next()?.trim().to_ascii_lowercase();
-            let q = parts
-                .find_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
-                .and_then(|q| q.trim().parse::<f32>().ok())
-                .unwrap_or(1.0);
-            (!name.is_empty() && q > 0.0).then_some(name)
-        })
+    let mut codings: Vec<String> = crate::headers::weighted(&text)
+        .filter(|(_, q)| *q > 0.0)
+        .map(|(name, _)| name.to_ascii_lowercase())
         .collect();
     codings.sort();
     codings.dedup();

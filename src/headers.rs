@@ -20,3 +20,33 @@ pub(crate) fn has_body(headers: &HeaderMap) -> bool {
             .iter()
             .any(|v| v.as_bytes() != b"0")
 }
+
+/// The members of a weighted list (`Accept-Encoding`, `Accept-Language`): each name, trimmed,
+/// with its `q` (1 when absent or unreadable), empty members left out.
+pub(crate) fn weighted(list: &str) -> impl Iterator<Item = (&str, f32)> {
+    list.split(',').filter_map(|item| {
+        let mut parts = item.split(';');
+        let name = parts.next()?.trim();
+        let q = parts
+            .find_map(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=").or(p.strip_prefix("Q="))
+            })
+            .and_then(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        (!name.is_empty()).then_some((name, q))
+    })
+}
+
+/// A header map from pairs, for tests.
+#[cfg(test)]
+pub(crate) fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}

@@ -145,16 +145,7 @@ pub(crate) fn digest_etag(body: &[u8]) -> HeaderValue {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::headers::map as headers;
 
     fn not_modified(request: &[(&str, &str)], response: &[(&str, &str)]) -> bool {
         Conditions::of(&headers(request))

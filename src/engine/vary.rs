@@ -103,17 +103,9 @@ fn normalized<'a>(name: &HeaderName, request: &'a HeaderMap) -> Option<Value<'a>
 /// `Accept-Language` as the languages accepted (q > 0), lower-case, highest q first (ties
 /// in their order): `en-US, fr;q=0.5` and `en-us,fr;q=0.5` are one variant.
 fn normalized_languages(value: &str) -> String {
-    let mut langs: Vec<(String, f32)> = value
-        .split(',')
-        .filter_map(|item| {
-            let mut parts = item.split(';');
-            let lang = parts.next()?.trim().to_ascii_lowercase();
-            let q = parts
-                .find_map(|p| p.trim().strip_prefix("q=").or(p.trim().strip_prefix("Q=")))
-                .and_then(|q| q.trim().parse::<f32>().ok())
-                .unwrap_or(1.0);
-            (!lang.is_empty() && q > 0.0).then_some((lang, q))
-        })
+    let mut langs: Vec<(String, f32)> = crate::headers::weighted(value)
+        .filter(|(_, q)| *q > 0.0)
+        .map(|(lang, q)| (lang.to_ascii_lowercase(), q))
         .collect();
     langs.sort_by(|a, b| b.1.total_cmp(&a.1));
     langs.dedup_by(|a, b| a.0 == b.0);
@@ -218,16 +210,7 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::headers::map as headers;
 
     #[test]
     fn markers_round_trip_and_garbage_is_refused() {
