@@ -8,11 +8,15 @@
 //! - `plan`: before anything is awaited, skip, bypass (and why) or look up under which key;
 //! - `lookup`: the one store round trip that says hit, stale or miss (and the breaker, and
 //!   clears still deferred);
-//! - `miss`: the origin call, once per key (`flights`), with stale-if-error and refreshes;
-//! - `admit`: whether a miss's response may be stored, and the entry it becomes;
+//! - `serve`: a looked-up request top to bottom: hit, stale while refreshed, or the miss
+//!   path; a URL whose responses vary is looked up again under its variant's key (`vary`);
+//! - `miss`: the origin call, once per key (`flights`), with stale-if-error, refreshes and
+//!   revalidation of stale entries (`revalidate`);
+//! - `admit`: whether a miss's response may be stored, the entry it becomes and where;
 //! - `body`: the response body, streaming to the client while a copy is kept for the fill;
 //! - `fill`: the fenced write to the store, in the background;
-//! - `respond`: a stored entry answered as a response;
+//! - `respond`: a stored entry answered as a response, in the client's coding, or as a
+//!   `304` (`conditional`);
 //! - `status`: the `Cache-Status` and `X-Cache` headers, from one [`Status`];
 //! - `clear`: tag clears and purges, deferred and retried when the store is away.
 //!
