@@ -326,14 +326,7 @@ fn wrk(name: &'static str, url: &str, secs: u64, how: How, warm: bool) -> Row {
 }
 
 fn varnish(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std::path::PathBuf)> {
-    let varnishd = ["/usr/sbin/varnishd", "/usr/bin/varnishd"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
+    let (varnishd, port) = installed(["/usr/sbin/varnishd", "/usr/bin/varnishd"])?;
     let dir = std::env::temp_dir().join(format!("tca-varnish-{}", std::process::id()));
     std::fs::create_dir_all(&dir).ok()?;
     let vcl = dir.join("bench.vcl");
@@ -360,14 +353,7 @@ fn varnish(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std:
 /// nginx with `proxy_cache` in front of `backend`, every response kept 300 s (a reference:
 /// on this kind of machine the faster of the two proxies).
 fn nginx(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std::path::PathBuf)> {
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .ok()?
-        .local_addr()
-        .ok()?
-        .port();
+    let (nginx, port) = installed(["/usr/sbin/nginx", "/usr/bin/nginx"])?;
     let dir = std::env::temp_dir().join(format!("tca-nginx-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("cache")).ok()?;
     let d = dir.display();
@@ -395,6 +381,19 @@ fn nginx(backend: SocketAddr) -> Option<(std::process::Child, SocketAddr, std::p
         .spawn()
         .ok()?;
     listening(child, port, dir)
+}
+
+/// The first of `paths` that exists, and a free loopback port for it to listen on.
+fn installed(paths: [&'static str; 2]) -> Option<(&'static str, u16)> {
+    let path = paths
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    Some((path, port))
 }
 
 /// A proxy started on `port`, once it accepts connections (5 s at most).
