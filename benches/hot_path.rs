@@ -112,9 +112,11 @@ fn compression(c: &mut Criterion) {
         .map(|i| format!("{{\"id\":{i},\"name\":\"event number {i}\",\"tags\":[\"a\",\"b\"]}}"))
         .collect();
     let json = format!("[{}]", items.join(","));
-    let mut codecs = vec![Encoding::Gzip];
-    #[cfg(feature = "brotli")]
-    codecs.push(Encoding::Brotli);
+    let codecs = [
+        Encoding::Gzip,
+        #[cfg(feature = "brotli")]
+        Encoding::Brotli,
+    ];
     let mut g = c.benchmark_group(format!("compression ({} bytes of JSON)", json.len()));
     for encoding in codecs {
         let packed = compress(encoding, json.as_bytes()).unwrap();

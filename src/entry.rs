@@ -1,15 +1,17 @@
 //! The stored entry: a versioned, compact binary encoding of one response.
 //!
-//! Layout (little endian), version 3:
+//! Layout (little endian), version 4:
 //! ```text
-//! "TCA" 0x03 | status u16 | stored_at_ms u64 | lifetime_ms u64 | initial_age_s u32
+//! "TCA" 0x04 | status u16 | stored_at_ms u64 | lifetime_ms u64 | initial_age_s u32
 //! | fence epoch u64 | fence sequence u64
-//! | stale_while_revalidate_ms u64 | stale_if_error_ms u64
+//! | stale_while_revalidate_ms u64 | stale_if_error_ms u64 | origin_ms u32
 //! | tags:     u16 count, each (u16 len, bytes)
 //! | headers:  u16 count, each (u16 name len, name, u32 value len, value)
 //! | trailers: u8 present, then as headers when present
 //! | body:     u32 len, bytes (must end the buffer)
 //! ```
+//! Version 3 is the same without `origin_ms`; it is still read (its origin time is 0), so
+//! entries written before an upgrade keep being served.
 //! Decoding checks every length and every header name and value; anything else is a
 //! [`DecodeError`], which the layer treats as a miss (and the next fill overwrites it).
 
@@ -20,7 +22,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::store::Fence;
 
-const MAGIC: [u8; 4] = *b"TCA\x03";
+const MAGIC: [u8; 4] = *b"TCA\x04";
+/// The previous version: no origin time.
+const MAGIC_V3: [u8; 4] = *b"TCA\x03";
 
 /// One cached response with the metadata the layer needs to serve it.
 #[derive(Debug, Clone)]
@@ -43,6 +47,9 @@ pub(crate) struct Entry {
     pub(crate) stale_while_revalidate_ms: u64,
     /// How long after going stale the entry may be served when the origin fails.
     pub(crate) stale_if_error_ms: u64,
+    /// How long the origin took to produce the response (from the request to its body's
+    /// end), in milliseconds: what each hit saves it. 0 when unknown.
+    pub(crate) origin_ms: u32,
     pub(crate) tags: Vec<String>,
 }
 
@@ -124,6 +131,7 @@ impl Entry {
             fence,
             stale_while_revalidate_ms: clamped_ms(lifetimes.stale_while_revalidate),
             stale_if_error_ms: clamped_ms(lifetimes.stale_if_error),
+            origin_ms: 0,
             tags,
         }
     }
@@ -169,7 +177,7 @@ impl Entry {
     }
 
     pub(crate) fn encode(&self) -> Bytes {
-        let mut size = 4 + 2 + 8 + 8 + 4 + 16 + 16 + 2 + 2 + 1 + 4 + self.body.len();
+        let mut size = 4 + 2 + 8 + 8 + 4 + 16 + 16 + 4 + 2 + 2 + 1 + 4 + self.body.len();
         size += self.tags.iter().map(|t| 2 + t.len()).sum::<usize>();
         size += header_size(&self.headers);
         size += self.trailers.as_ref().map_or(0, |t| 2 + header_size(t));
@@ -183,6 +191,7 @@ impl Entry {
         out.put_u64_le(self.fence.seq());
         out.put_u64_le(self.stale_while_revalidate_ms);
         out.put_u64_le(self.stale_if_error_ms);
+        out.put_u32_le(self.origin_ms);
         let tags: Vec<&String> = self
             .tags
             .iter()
@@ -219,9 +228,12 @@ impl Entry {
 
     fn decode_inner(buf: Bytes, with_tags: bool) -> Result<Entry, DecodeError> {
         let mut r = Reader { buf: &buf, pos: 0 };
-        if r.take(4)? != MAGIC {
-            return Err(DecodeError("not an entry of format version 3"));
-        }
+        let version = r.take(4)?;
+        let has_origin_time = match version.try_into() {
+            Ok(MAGIC) => true,
+            Ok(MAGIC_V3) => false,
+            _ => return Err(DecodeError("not an entry of format version 3 or 4")),
+        };
         let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("bad status"))?;
         let stored_at_ms = r.u64()?;
         let lifetime_ms = r.u64()?;
@@ -229,6 +241,7 @@ impl Entry {
         let fence = Fence::new(r.u64()?, r.u64()?);
         let stale_while_revalidate_ms = r.u64()?;
         let stale_if_error_ms = r.u64()?;
+        let origin_ms = if has_origin_time { r.u32()? } else { 0 };
         let n_tags = r.u16()? as usize;
         let mut tags = Vec::with_capacity(if with_tags { n_tags.min(64) } else { 0 });
         for _ in 0..n_tags {
@@ -261,6 +274,7 @@ impl Entry {
             fence,
             stale_while_revalidate_ms,
             stale_if_error_ms,
+            origin_ms,
             tags,
         })
     }
@@ -373,8 +387,30 @@ mod tests {
             fence: Fence::new(9, 42),
             stale_while_revalidate_ms: 10_000,
             stale_if_error_ms: 60_000,
+            origin_ms: 37,
             tags: vec!["events".into(), "event:1".into()],
         }
+    }
+
+    #[test]
+    fn version_3_entries_are_still_read_with_no_origin_time() {
+        let e = sample();
+        let v4 = e.encode();
+        // Version 3: the same bytes without the origin time (after the stale windows).
+        let at = 4 + 2 + 8 + 8 + 4 + 16 + 16;
+        let mut v3 = Vec::from(&v4[..at]);
+        v3[3] = 3;
+        v3.extend_from_slice(&v4[at + 4..]);
+        let d = Entry::decode_with_tags(Bytes::from(v3)).unwrap();
+        assert_eq!(d.origin_ms, 0);
+        assert_eq!(
+            (d.body, d.tags, d.fence),
+            (e.body.clone(), e.tags.clone(), e.fence)
+        );
+        assert_eq!(Entry::decode(v4).unwrap().origin_ms, 37);
+        let mut v5 = Vec::from(&e.encode()[..]);
+        v5[3] = 5;
+        assert!(Entry::decode(Bytes::from(v5)).is_err());
     }
 
     #[test]

@@ -79,7 +79,7 @@ mod values {
     use crate::engine::Found;
     use crate::entry::{now_ms, Entry, Lifetimes};
     use crate::key::EntryKey;
-    use crate::stats::count;
+    use crate::stats::{count, count_route};
     use crate::store::{Fence, Fill};
     use sha2::{Digest, Sha256};
     use std::time::Duration;
@@ -127,7 +127,10 @@ mod values {
             let fence: Option<Fence> = match self.engine.lookup(&entry_key, now).await {
                 Found::Hit { entry, .. } => match serde_json::from_slice(&entry.body) {
                     Ok(value) => {
-                        count!(self.engine.stats.inner, hits);
+                        count_route!(self.engine.stats.inner, self.engine.values, hits);
+                        self.engine
+                            .values
+                            .served(entry.body.len() as u64, entry.origin_ms);
                         return Ok(value);
                     }
                     Err(e) => {
@@ -141,7 +144,8 @@ mod values {
                 | Found::Varies { fence, .. } => Some(fence),
                 Found::Unavailable => None,
             };
-            count!(self.engine.stats.inner, misses);
+            count_route!(self.engine.stats.inner, self.engine.values, misses);
+            let asked_at = now_ms();
             let value = compute().await?;
             let Some(fence) = fence else { return Ok(value) };
             match serde_json::to_vec(&value) {
@@ -154,6 +158,8 @@ mod values {
                     let mut entry =
                         Entry::new(http::StatusCode::OK, headers, fence, valid, lifetimes);
                     entry.body = json.into();
+                    let took = now_ms().saturating_sub(asked_at);
+                    entry.origin_ms = u32::try_from(took).unwrap_or(u32::MAX);
                     let (encoded, ttl) = (entry.encode(), entry.store_ttl());
                     let fill = Fill::new(entry_key, encoded, ttl, entry.tags, fence);
                     self.engine.clone().spawn_fill(fill, None);

@@ -30,7 +30,7 @@ pub use handle::CacheHandle;
 pub use invalidate::InvalidateLayer;
 pub use key::EntryKey;
 pub use policy::{CacheHint, InvalidateTags, RoutePolicy, RouteTable, Scope, DEFAULT_STATUSES};
-pub use stats::{CacheStats, StatsSnapshot};
+pub use stats::{CacheStats, RouteStats, StatsSnapshot};
 pub use tags::{is_valid_tag, MAX_TAGS_PER_RESPONSE, MAX_TAG_LEN};
 
 #[doc(hidden)]

@@ -1,9 +1,11 @@
 //! The counters: what the layer did. [`CacheStats`] reads them, with the breaker's state.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::breaker::Breaker;
+use crate::lock::{read, write};
 
 /// Live counters of one [`CacheLayer`](crate::CacheLayer) (clones share them).
 ///
@@ -20,14 +22,189 @@ pub struct CacheStats {
     breaker: Arc<Breaker>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Counters {
-    /// One set of counters per stripe: threads count in their own stripe (their own cache
-    /// lines), so two cores serving hits do not pass one counter's line back and forth.
-    stripes: Box<[Tally; STRIPES]>,
+    tallies: Striped<Tally>,
+    /// Every route's counters, in the route table's order, for [`CacheStats::routes`].
+    routes: RwLock<Vec<Arc<RouteCounters>>>,
+}
+
+/// One set of counters per stripe: threads count in their own stripe (their own cache
+/// lines), so two cores serving hits do not pass one counter's line back and forth.
+#[derive(Debug, Default)]
+pub(crate) struct Striped<T> {
+    stripes: Box<[T; STRIPES]>,
 }
 
 const STRIPES: usize = 8;
+
+impl<T> Striped<T> {
+    /// This thread's stripe.
+    pub(crate) fn local(&self) -> &T {
+        use std::sync::atomic::AtomicUsize;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STRIPE: usize = NEXT.fetch_add(1, Relaxed) % STRIPES;
+        }
+        &self.stripes[STRIPE.with(|s| *s)]
+    }
+
+    fn sum(&self, field: impl Fn(&T) -> &AtomicU64) -> u64 {
+        self.stripes.iter().map(|t| field(t).load(Relaxed)).sum()
+    }
+}
+
+/// The counters of one route (its hits, misses, ... and what its hits saved the origin).
+#[derive(Debug)]
+pub(crate) struct RouteCounters {
+    /// The route's id: the `route` label of its metrics.
+    pub(crate) id: Arc<str>,
+    pattern: Arc<str>,
+    pub(crate) tallies: Striped<RouteTally>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct RouteTally {
+    pub(crate) hits: AtomicU64,
+    pub(crate) stale_hits: AtomicU64,
+    pub(crate) collapsed: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) bypasses: AtomicU64,
+    pub(crate) fills: AtomicU64,
+    pub(crate) bytes_served: AtomicU64,
+    pub(crate) origin_saved_ms: AtomicU64,
+}
+
+impl RouteCounters {
+    pub(crate) fn new(id: Arc<str>, pattern: &str) -> Self {
+        RouteCounters {
+            id,
+            pattern: Arc::from(pattern),
+            tallies: Striped::default(),
+        }
+    }
+
+    pub(crate) fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// A hit (fresh or stale) that sent `bytes` of body and saved the origin `origin_ms`.
+    pub(crate) fn served(&self, bytes: u64, origin_ms: u32) {
+        let t = self.tallies.local();
+        t.bytes_served.fetch_add(bytes, Relaxed);
+        t.origin_saved_ms.fetch_add(u64::from(origin_ms), Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            let route = self.id.clone();
+            metrics::counter!("tower_cache_aside_bytes_served_total", "route" => route.clone())
+                .increment(bytes);
+            metrics::counter!("tower_cache_aside_origin_saved_ms_total", "route" => route)
+                .increment(u64::from(origin_ms));
+        }
+    }
+
+    fn snapshot(&self) -> RouteStats {
+        let t = &self.tallies;
+        RouteStats {
+            route: self.id.to_string(),
+            pattern: self.pattern.to_string(),
+            hits: t.sum(|t| &t.hits),
+            stale_hits: t.sum(|t| &t.stale_hits),
+            collapsed: t.sum(|t| &t.collapsed),
+            misses: t.sum(|t| &t.misses),
+            bypasses: t.sum(|t| &t.bypasses),
+            fills: t.sum(|t| &t.fills),
+            bytes_served: t.sum(|t| &t.bytes_served),
+            origin_time_saved: Duration::from_millis(t.sum(|t| &t.origin_saved_ms)),
+        }
+    }
+}
+
+/// Times a request or an origin call for the `metrics` histograms
+/// (`tower_cache_aside_response_seconds{route, cache}` and
+/// `tower_cache_aside_origin_seconds{route}`); does nothing without the feature.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timer {
+    #[cfg(feature = "metrics")]
+    started: std::time::Instant,
+}
+
+impl Timer {
+    pub(crate) fn start() -> Self {
+        Timer {
+            #[cfg(feature = "metrics")]
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// A response's headers are ready: `cache` is `hit` (fresh or stale, from the store) or
+    /// `miss` (after the origin or another request's call).
+    pub(crate) fn response(self, route: &RouteCounters, cache: &'static str) {
+        #[cfg(feature = "metrics")]
+        metrics::histogram!(
+            "tower_cache_aside_response_seconds",
+            "route" => route.id.clone(),
+            "cache" => cache
+        )
+        .record(self.started.elapsed().as_secs_f64());
+        let _ = (route, cache);
+    }
+
+    /// The origin's response headers arrived.
+    pub(crate) fn origin(self, route: &RouteCounters) {
+        #[cfg(feature = "metrics")]
+        metrics::histogram!("tower_cache_aside_origin_seconds", "route" => route.id.clone())
+            .record(self.started.elapsed().as_secs_f64());
+        let _ = route;
+    }
+}
+
+/// What one route did: a row of [`CacheStats::routes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouteStats {
+    /// The route's id ([`RoutePolicy::id`](crate::RoutePolicy::id), or made from its
+    /// pattern: `events_id` for `/events/{id}`); `default` for the fallback and
+    /// `get_or_fill` for [`CacheHandle::get_or_fill`](crate::CacheHandle)'s values.
+    pub route: String,
+    /// The route's pattern (empty for the fallback and for values).
+    pub pattern: String,
+    /// Requests answered from a fresh entry.
+    pub hits: u64,
+    /// Requests answered from a stale entry (while revalidated, or because the origin failed).
+    pub stale_hits: u64,
+    /// Requests that waited for another's origin call and were served its response.
+    pub collapsed: u64,
+    /// Requests that called the origin.
+    pub misses: u64,
+    /// Requests that skipped the cache (credentials, `Range`, ...).
+    pub bypasses: u64,
+    /// Responses written to the store.
+    pub fills: u64,
+    /// Body bytes sent from the store (hits and stale hits; none for `HEAD` and `304`).
+    pub bytes_served: u64,
+    /// The origin time the hits saved: each hit adds the time its entry took the origin to
+    /// produce (from the request to the body's end, as measured when it was filled).
+    pub origin_time_saved: Duration,
+}
+
+impl RouteStats {
+    /// The share of looked-up requests answered without calling the origin (as
+    /// [`StatsSnapshot::hit_rate`]).
+    pub fn hit_rate(&self) -> f64 {
+        let served = self.hits + self.stale_hits + self.collapsed;
+        ratio(served, served + self.misses)
+    }
+}
+
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
 
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -57,16 +234,17 @@ pub(crate) struct Tally {
 impl Counters {
     /// This thread's stripe.
     pub(crate) fn local(&self) -> &Tally {
-        use std::sync::atomic::AtomicUsize;
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static STRIPE: usize = NEXT.fetch_add(1, Relaxed) % STRIPES;
-        }
-        &self.stripes[STRIPE.with(|s| *s)]
+        self.tallies.local()
     }
 
     fn sum(&self, field: impl Fn(&Tally) -> &AtomicU64) -> u64 {
-        self.stripes.iter().map(|t| field(t).load(Relaxed)).sum()
+        self.tallies.sum(field)
+    }
+
+    /// The routes whose counters [`CacheStats::routes`] reports (the layer's table, and
+    /// the values of `get_or_fill`).
+    pub(crate) fn set_routes(&self, routes: Vec<Arc<RouteCounters>>) {
+        *write(&self.routes) = routes;
     }
 }
 
@@ -126,21 +304,14 @@ impl StatsSnapshot {
     /// hits and collapsed waiters, over those plus misses (0 when there were none).
     pub fn hit_rate(&self) -> f64 {
         let served = self.hits + self.stale_hits + self.collapsed;
-        let total = served + self.misses;
-        if total == 0 {
-            0.0
-        } else {
-            served as f64 / total as f64
-        }
+        ratio(served, served + self.misses)
     }
 }
 
 impl CacheStats {
     pub(crate) fn new(breaker: Arc<Breaker>) -> Self {
         CacheStats {
-            inner: Arc::new(Counters {
-                stripes: Box::default(),
-            }),
+            inner: Arc::default(),
             breaker,
         }
     }
@@ -173,6 +344,28 @@ impl CacheStats {
             breaker_open: self.breaker.is_open(),
         }
     }
+
+    /// Reads every route's counters, in the route table's order (the fallback, `default`,
+    /// and `get_or_fill`'s values last).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_cache_aside::{CacheLayer, RoutePolicy, RouteTable, store::MemoryStore};
+    ///
+    /// let layer = CacheLayer::new(MemoryStore::new(64 << 20)).routes(
+    ///     RouteTable::new().route("/events/{id}", RoutePolicy::ttl(Duration::from_secs(60))),
+    /// );
+    /// let rows = layer.stats().routes();
+    /// assert_eq!(rows[0].route, "events_id");
+    /// assert_eq!(rows[0].pattern, "/events/{id}");
+    /// assert_eq!(rows[0].hits, 0);
+    /// ```
+    pub fn routes(&self) -> Vec<RouteStats> {
+        read(&self.inner.routes)
+            .iter()
+            .map(|r| r.snapshot())
+            .collect()
+    }
 }
 
 /// Counts one event: `count!(counters, hits)` bumps the counter and, with the `metrics`
@@ -188,3 +381,22 @@ macro_rules! count {
     }};
 }
 pub(crate) use count;
+
+/// Counts one event of a route, in the layer's counters and the route's:
+/// `count_route!(counters, route_counters, hits)`; with the `metrics` feature, the
+/// `tower_cache_aside_hits_total` counter with the route's id as its `route` label.
+macro_rules! count_route {
+    ($counters:expr, $route:expr, $field:ident) => {{
+        use std::sync::atomic::Ordering::Relaxed;
+        $counters.local().$field.fetch_add(1, Relaxed);
+        let route: &$crate::stats::RouteCounters = &$route;
+        route.tallies.local().$field.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            concat!("tower_cache_aside_", stringify!($field), "_total"),
+            "route" => route.id.clone()
+        )
+        .increment(1);
+    }};
+}
+pub(crate) use count_route;

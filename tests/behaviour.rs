@@ -626,6 +626,68 @@ mod cases {
         assert_eq!(calls.get(), 4);
     }
 
+    /// Each route's row counts its own hits, misses, bypasses and fills, the bytes its hits
+    /// sent and the origin time they saved (which the entry carries through the store).
+    pub async fn every_route_has_its_own_figures<St: Store>(store: St) {
+        let l = layer(store);
+        let stats = l.stats();
+        let (app, _calls) = app(l);
+        get(&app, "/items/1").await;
+        fills_reach(&stats, 1).await;
+        get(&app, "/slow").await;
+        fills_reach(&stats, 2).await;
+        for _ in 0..3 {
+            assert_eq!(get(&app, "/items/1").await.x_cache(), "HIT");
+        }
+        assert_eq!(get(&app, "/slow").await.x_cache(), "HIT");
+        let head = Request::head("/slow").body(Body::empty()).unwrap();
+        assert_eq!(send(&app, head).await.x_cache(), "HIT");
+        let with_auth = [("authorization", "Bearer 1")];
+        assert_eq!(
+            get_with(&app, "/items/1", &with_auth).await.x_cache(),
+            "BYPASS"
+        );
+        let rows = stats.routes();
+        let row = |id: &str| rows.iter().find(|r| r.route == id).unwrap().clone();
+        let items = row("items_id");
+        assert_eq!(items.pattern, "/items/{id}");
+        assert_eq!(
+            (items.hits, items.misses, items.bypasses, items.fills),
+            (3, 1, 1, 1)
+        );
+        assert_eq!(items.bytes_served, 3 * "item 1".len() as u64);
+        assert!(
+            (items.hit_rate() - 0.75).abs() < 1e-9,
+            "{}",
+            items.hit_rate()
+        );
+        let slow = row("slow");
+        assert_eq!((slow.hits, slow.misses, slow.fills), (2, 1, 1));
+        assert_eq!(
+            slow.bytes_served,
+            "slow".len() as u64,
+            "a HEAD sends no body"
+        );
+        // Each hit saved the origin the time the entry took it: at least `SLOW`.
+        assert!(
+            slow.origin_time_saved >= 2 * SLOW,
+            "{:?}",
+            slow.origin_time_saved
+        );
+        assert!(
+            items.origin_time_saved < SLOW,
+            "{:?}",
+            items.origin_time_saved
+        );
+        // The rows add up to the layer's counters.
+        let s = stats.snapshot();
+        assert_eq!(rows.iter().map(|r| r.hits).sum::<u64>(), s.hits);
+        assert_eq!(rows.iter().map(|r| r.misses).sum::<u64>(), s.misses);
+        assert_eq!(rows.iter().map(|r| r.fills).sum::<u64>(), s.fills);
+        assert_eq!(rows.iter().map(|r| r.bypasses).sum::<u64>(), s.bypasses);
+        assert_eq!(rows.last().unwrap().route, "get_or_fill");
+    }
+
     pub async fn concurrent_clients_all_get_correct_bodies<St: Store>(store: St) {
         let l = layer(store);
         let (app, _calls) = app(l);
@@ -666,7 +728,28 @@ store_suite!(
     entries_expire,
     concurrent_clients_all_get_correct_bodies,
     odd_inputs_are_served_safely,
+    every_route_has_its_own_figures,
 );
+
+/// Two layers given one route table count apart.
+#[tokio::test]
+async fn two_layers_sharing_a_table_keep_their_own_figures() {
+    let table = routes();
+    let a = CacheLayer::new(MemoryStore::new(1 << 20)).routes(table.clone());
+    let b = CacheLayer::new(MemoryStore::new(1 << 20)).routes(table);
+    let (stats_a, stats_b) = (a.stats(), b.stats());
+    let (app_a, _) = app(a);
+    let (_app_b, _) = app(b);
+    get(&app_a, "/items/1").await;
+    let misses = |s: &tower_cache_aside::CacheStats| {
+        s.routes()
+            .iter()
+            .find(|r| r.route == "items_id")
+            .unwrap()
+            .misses
+    };
+    assert_eq!((misses(&stats_a), misses(&stats_b)), (1, 0));
+}
 
 /// A status name longer than the stack buffer the status header is formatted in still
 /// yields the whole value.

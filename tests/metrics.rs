@@ -35,7 +35,15 @@ impl Recorder for Capture {
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         let mut map = self.0 .0.lock().unwrap();
-        let slot = map.entry(key.name().to_owned()).or_default().clone();
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = match labels.is_empty() {
+            true => key.name().to_owned(),
+            false => format!("{}{{{}}}", key.name(), labels.join(",")),
+        };
+        let slot = map.entry(name).or_default().clone();
         Counter::from_arc(Arc::new(Handle(slot)))
     }
     fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
@@ -64,7 +72,16 @@ async fn counters_reach_the_metrics_facade() {
             .get(name)
             .map_or(0, |c| c.load(Ordering::SeqCst))
     };
-    assert_eq!(read("tower_cache_aside_hits_total"), 1);
-    assert_eq!(read("tower_cache_aside_misses_total"), 1);
-    assert_eq!(read("tower_cache_aside_fills_total"), 1);
+    // Per route: the route's id is the `route` label.
+    assert_eq!(read("tower_cache_aside_hits_total{route=items_id}"), 1);
+    assert_eq!(read("tower_cache_aside_misses_total{route=items_id}"), 1);
+    assert_eq!(read("tower_cache_aside_fills_total{route=items_id}"), 1);
+    assert_eq!(
+        read("tower_cache_aside_bytes_served_total{route=items_id}"),
+        "item 1".len() as u64
+    );
+    // Counted once: no unlabelled series beside the labelled ones.
+    assert_eq!(read("tower_cache_aside_hits_total"), 0);
+    get_with(&app, "/items/1", &[("authorization", "Bearer 1")]).await;
+    assert_eq!(read("tower_cache_aside_bypasses_total{route=items_id}"), 1);
 }

@@ -68,10 +68,11 @@ impl<St: Store> CacheLayer<St> {
     /// Sets the route table (per-route TTL, tags, scope, statuses, vary).
     pub fn routes(self, routes: RouteTable) -> Self {
         self.edit(|s| {
-            s.routes = match s.compress {
+            let routes = match s.compress {
                 Some(encoding) => routes.with_compression(encoding),
                 None => routes,
-            }
+            };
+            s.set_routes(routes);
         })
     }
 

@@ -7,7 +7,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use crate::engine::{Asked, Bypass, CacheBody, Engine, OriginCall, Plan, Status};
-use crate::stats::count;
+use crate::stats::count_route;
 use crate::store::Store;
 
 /// The service made by [`CacheLayer`](crate::CacheLayer).
@@ -54,8 +54,8 @@ where
             // Passed through, with status headers saying why.
             skipped => {
                 let why = match skipped {
-                    Plan::Bypass(why) => {
-                        count!(self.engine.stats.inner, bypasses);
+                    Plan::Bypass(why, route) => {
+                        count_route!(self.engine.stats.inner, route.counters, bypasses);
                         why
                     }
                     _ => Bypass::NotCached,

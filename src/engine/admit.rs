@@ -19,7 +19,7 @@ use crate::compress::{add_vary_accept_encoding, compressible, mark_compressed, E
 use crate::entry::{Entry, Lifetimes};
 use crate::key::EntryKey;
 use crate::policy::{decide, extra_vary_names, CacheHint, Decision, Route, Uncacheable};
-use crate::stats::count;
+use crate::stats::{count, count_route};
 use crate::store::{Fence, Store};
 use crate::tags::{push_tags, take_entry_tags};
 
@@ -41,14 +41,18 @@ struct Admitted {
     /// For a variant: the URL's own key and the marker to store there.
     marker: Option<(EntryKey, bytes::Bytes)>,
     flight: Option<FlightGuard>,
+    /// When the origin was asked (the entry's origin time runs to the body's end).
+    asked_at_ms: u64,
 }
 
 /// Where a miss's response may go: the key it was looked up under, the URL's own key, and
-/// the request's headers (a response may turn out to vary on some of them).
+/// the request's headers (a response may turn out to vary on some of them); and when the
+/// origin was asked, so that the entry records how long it took.
 pub(crate) struct MissKeys {
     pub(crate) key: EntryKey,
     pub(crate) primary: EntryKey,
     pub(crate) request: HeaderMap,
+    pub(crate) asked_at_ms: u64,
 }
 
 /// Where an admitted response is stored: its key, and the marker for a variant.
@@ -71,13 +75,14 @@ impl<St: Store> Engine<St> {
         B::Data: Send,
         B::Error: Send + 'static,
     {
-        count!(self.stats.inner, misses);
+        count_route!(self.stats.inner, route.counters, misses);
         let (mut parts, body) = res.into_parts();
         let admitted = match fence {
             Some(fence) => self.admit(&mut parts, &body, route, tags, fence),
             None => Err(Miss::StoreUnavailable),
         };
         let mut flight = flight;
+        let asked_at_ms = keys.asked_at_ms;
         let placed = admitted.and_then(|(entry, declared_len)| {
             let placement = self.place(keys, route, &entry, &mut flight)?;
             Ok((entry, declared_len, placement))
@@ -101,6 +106,7 @@ impl<St: Store> Engine<St> {
             keep: route.policy.keep,
             compress: route.policy.compress,
             flight,
+            asked_at_ms,
         };
         let engine = self.clone();
         let tee = Tee::new(
@@ -196,10 +202,11 @@ impl<St: Store> Engine<St> {
     pub(crate) fn unstored<B: Body>(
         &self,
         res: Response<B>,
+        route: &Route,
         why: Uncacheable,
         flight: Option<FlightGuard>,
     ) -> Response<CacheBody<B>> {
-        count!(self.stats.inner, misses);
+        count_route!(self.stats.inner, route.counters, misses);
         let miss = Miss::Uncacheable(why);
         self.refused(miss, flight);
         let (mut parts, body) = res.into_parts();
@@ -242,6 +249,7 @@ impl<St: Store> Engine<St> {
             compress,
             marker,
             flight,
+            asked_at_ms,
         } = admitted;
         if grpc && !grpc_ok(&entry.headers, trailers.as_ref()) {
             self.refused(Miss::Uncacheable(Uncacheable::GrpcStatus), flight);
@@ -263,6 +271,8 @@ impl<St: Store> Engine<St> {
         }
         entry.body = body;
         entry.trailers = trailers.map(Box::new);
+        let took = crate::entry::now_ms().saturating_sub(asked_at_ms);
+        entry.origin_ms = u32::try_from(took).unwrap_or(u32::MAX);
         if etag && !entry.headers.contains_key(ETAG) {
             entry.headers.insert(ETAG, digest_etag(&entry.body));
         }

@@ -10,7 +10,7 @@ use super::Engine;
 use crate::entry::Entry;
 use crate::error::StoreError;
 use crate::key::EntryKey;
-use crate::stats::count;
+use crate::stats::{count, count_route, RouteCounters};
 use crate::store::{Fill, FillOutcome, Store};
 
 impl<St: Store> Engine<St> {
@@ -71,7 +71,8 @@ impl<St: Store> Engine<St> {
             count!(counters, breaker_skips);
             return;
         }
-        let span = tracing::debug_span!("cache.fill", route = fill.key.route());
+        let route = fill.key.route().to_owned();
+        let span = tracing::debug_span!("cache.fill", route = route);
         let _entered = span.enter();
         let engine = self.clone();
         // Called once the store has answered; the landing is dropped with it, so the
@@ -82,7 +83,10 @@ impl<St: Store> Engine<St> {
             match outcome {
                 Ok(FillOutcome::Stored) => {
                     engine.breaker.success();
-                    count!(counters, fills);
+                    match engine.route_counters(&route) {
+                        Some(route) => count_route!(counters, route, fills),
+                        None => count!(counters, fills),
+                    }
                 }
                 Ok(FillOutcome::Fenced) => {
                     engine.breaker.success();
@@ -97,5 +101,13 @@ impl<St: Store> Engine<St> {
             }
         };
         self.store.fill_in_background(fill, Box::new(done));
+    }
+
+    /// The counters of the route with this id (a fill knows its route by its key).
+    fn route_counters(&self, id: &str) -> Option<Arc<RouteCounters>> {
+        if &*self.values.id == id {
+            return Some(self.values.clone());
+        }
+        self.routes.counters().find(|c| &*c.id == id)
     }
 }

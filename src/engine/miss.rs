@@ -21,7 +21,7 @@ use super::{vary, Asked, Engine, Want};
 use crate::entry::{now_ms, Entry, Staleness};
 use crate::key::EntryKey;
 use crate::policy::{extra_vary_names, Route, Uncacheable};
-use crate::stats::count;
+use crate::stats::{count, count_route, Timer};
 use crate::store::{Fence, Store};
 
 /// A request to send to the origin, with the key and route it was looked up under.
@@ -96,7 +96,7 @@ impl<St: Store> Engine<St> {
         let flight = match joined {
             Joined::Varies(_) => None,
             Joined::Served(entry) => {
-                count!(self.stats.inner, collapsed);
+                count_route!(self.stats.inner, route.counters, collapsed);
                 return Ok(self.hit_response(entry, &asked, now_ms(), Served::Collapsed));
             }
             Joined::Lead(flight) => flight,
@@ -115,7 +115,10 @@ impl<St: Store> Engine<St> {
                 revalidating = Some(fence);
             }
         }
+        let asked_at_ms = now_ms();
+        let timer = Timer::start();
         let result = inner.call(req).await;
+        timer.origin(&route.counters);
         // Stale-if-error: an origin failure is answered with the stale entry while its
         // window lasts.
         let now = now_ms();
@@ -138,7 +141,7 @@ impl<St: Store> Engine<St> {
         if previous.is_some() && res.status().is_server_error() {
             // Past the stale-if-error window: the error goes out, and the stale entry is not
             // replaced by it (nor is a revalidation answered by it).
-            return Ok(self.unstored(res, Uncacheable::Status, flight));
+            return Ok(self.unstored(res, &route, Uncacheable::Status, flight));
         }
         if let (Some(fence), Some(stale)) = (revalidating, previous) {
             if res.status() == StatusCode::NOT_MODIFIED {
@@ -148,6 +151,7 @@ impl<St: Store> Engine<St> {
                         key,
                         primary,
                         request,
+                        asked_at_ms,
                     },
                     &route,
                     stale,
@@ -160,7 +164,7 @@ impl<St: Store> Engine<St> {
         }
         if want == Want::HeadersOnly {
             // A HEAD response has no body to store, and storing it would poison GET.
-            count!(self.stats.inner, misses);
+            count_route!(self.stats.inner, route.counters, misses);
             let (mut parts, body) = res.into_parts();
             self.mark(&mut parts.headers, Status::Miss(Miss::Head));
             return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
@@ -169,6 +173,7 @@ impl<St: Store> Engine<St> {
             key,
             primary,
             request,
+            asked_at_ms,
         };
         let res = self.miss_response(res, keys, &route, tags, fence, flight);
         // Only a response being stored is answered 304 here: it is the cache's to validate
@@ -317,7 +322,11 @@ impl<St: Store> Engine<St> {
         if revalidating {
             ask_about(req.headers_mut(), &stale);
         }
-        let Ok(res) = inner.call(req).await else {
+        let asked_at_ms = now_ms();
+        let timer = Timer::start();
+        let result = inner.call(req).await;
+        timer.origin(&route.counters);
+        let Ok(res) = result else {
             return; // the guard tells any waiter it failed
         };
         if revalidating && res.status() == StatusCode::NOT_MODIFIED {
@@ -326,6 +335,7 @@ impl<St: Store> Engine<St> {
                 key,
                 primary,
                 request,
+                asked_at_ms,
             };
             self.revalidated(keys, &route, stale, &parts, fence, Some(flight));
             return;
@@ -340,6 +350,7 @@ impl<St: Store> Engine<St> {
             key,
             primary,
             request,
+            asked_at_ms,
         };
         drop(self.miss_response(res, keys, &route, tags, Some(fence), Some(flight)));
     }

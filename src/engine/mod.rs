@@ -31,7 +31,7 @@ use http::header::HeaderName;
 use crate::breaker::Breaker;
 use crate::key::QueryFilter;
 use crate::policy::RouteTable;
-use crate::stats::CacheStats;
+use crate::stats::{CacheStats, RouteCounters};
 
 mod admit;
 mod body;
@@ -82,13 +82,15 @@ pub(crate) struct Engine<St> {
     pub(crate) lease: Option<Duration>,
     /// Compression for routes that set none (`CacheLayer::compress`).
     pub(crate) compress: Option<crate::compress::Encoding>,
+    /// The counters of `CacheHandle::get_or_fill`'s values, a route of their own.
+    pub(crate) values: Arc<RouteCounters>,
 }
 
 impl<St> Engine<St> {
     /// The defaults every builder option documents.
     pub(crate) fn new(store: St) -> Self {
         let breaker = Arc::new(Breaker::new(5, Duration::from_secs(1)));
-        Engine {
+        let engine = Engine {
             store,
             routes: RouteTable::new(),
             query_filter: QueryFilter::default(),
@@ -106,7 +108,23 @@ impl<St> Engine<St> {
             hit_for_miss: Duration::from_secs(30),
             lease: None,
             compress: None,
-        }
+            values: Arc::new(RouteCounters::new(Arc::from("get_or_fill"), "")),
+        };
+        engine.count_routes();
+        engine
+    }
+
+    /// Sets the route table, with counters of its own.
+    pub(crate) fn set_routes(&mut self, routes: RouteTable) {
+        self.routes = routes.counted_afresh();
+        self.count_routes();
+    }
+
+    /// Points the stats at the current routes' counters.
+    fn count_routes(&self) {
+        let mut all: Vec<_> = self.routes.counters().collect();
+        all.push(self.values.clone());
+        self.stats.inner.set_routes(all);
     }
 }
 

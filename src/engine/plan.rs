@@ -16,7 +16,7 @@ pub(crate) enum Plan {
     /// Not ours: another method or an uncached route. Untouched.
     Skip,
     /// A cacheable route, but this request must not share an entry.
-    Bypass(Bypass),
+    Bypass(Bypass, Arc<Route>),
     Lookup {
         key: EntryKey,
         route: Arc<Route>,
@@ -72,15 +72,15 @@ impl<St> Engine<St> {
             return Plan::Skip;
         }
         if parts.headers.contains_key(RANGE) {
-            return Plan::Bypass(Bypass::Range);
+            return Plan::Bypass(Bypass::Range, route.clone());
         }
         // Preconditions the cache does not evaluate: the origin answers them (412 or not).
         if parts.headers.contains_key(IF_MATCH) || parts.headers.contains_key(IF_UNMODIFIED_SINCE) {
-            return Plan::Bypass(Bypass::Precondition);
+            return Plan::Bypass(Bypass::Precondition, route.clone());
         }
         // A GET or HEAD with a body: the key does not cover it, and a handler may read it.
         if body.is_none() && crate::headers::has_body(&parts.headers) {
-            return Plan::Bypass(Bypass::RequestBody);
+            return Plan::Bypass(Bypass::RequestBody, route.clone());
         }
         let has_credentials = self
             .credential_headers
@@ -88,13 +88,17 @@ impl<St> Engine<St> {
             .any(|h| parts.headers.contains_key(h));
         let user;
         let scope = match &route.policy.scope {
-            Scope::Shared if has_credentials => return Plan::Bypass(Bypass::Credentials),
+            Scope::Shared if has_credentials => {
+                return Plan::Bypass(Bypass::Credentials, route.clone())
+            }
             Scope::Shared | Scope::Public => ScopeKey::Shared,
             Scope::PerUser(name_user) => {
                 user = name_user(parts);
                 match &user {
                     Some(u) => ScopeKey::User(u),
-                    None if has_credentials => return Plan::Bypass(Bypass::UnknownUser),
+                    None if has_credentials => {
+                        return Plan::Bypass(Bypass::UnknownUser, route.clone())
+                    }
                     None => ScopeKey::Anonymous,
                 }
             }

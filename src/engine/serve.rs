@@ -15,7 +15,7 @@ use super::respond::{represent, servable, Served};
 use super::status::Stale;
 use super::{vary, Asked, Engine, Want};
 use crate::entry::{now_ms, Staleness};
-use crate::stats::count;
+use crate::stats::{count_route, Timer};
 use crate::store::Store;
 
 impl<St: Store> Engine<St> {
@@ -34,6 +34,7 @@ impl<St: Store> Engine<St> {
         ResBody::Error: Send + 'static,
     {
         let now = now_ms();
+        let timer = Timer::start();
         let mut call = call;
         let mut found = self.lookup(&call.key, now).await;
         if let Found::Varies { names, .. } = found {
@@ -56,8 +57,13 @@ impl<St: Store> Engine<St> {
                 let accept = asked.accept_encoding.as_ref();
                 match represent(entry, accept, self.max_body_bytes) {
                     Ok(entry) => {
-                        count!(self.stats.inner, hits);
-                        return Ok(self.hit_response(entry, &asked, now, Served::Fresh));
+                        let counters = &call.route.counters;
+                        count_route!(self.stats.inner, counters, hits);
+                        let origin_ms = entry.origin_ms;
+                        let res = self.hit_response(entry, &asked, now, Served::Fresh);
+                        counters.served(body_len(&res), origin_ms);
+                        timer.response(counters, "hit");
+                        return Ok(res);
                     }
                     // Stored in a coding this client refuses and that cannot be undone: the
                     // origin answers it.
@@ -69,7 +75,9 @@ impl<St: Store> Engine<St> {
                     && servable(&entry, asked.accept_encoding.as_ref()) =>
             {
                 // Serve it now; this request, in the background, refreshes it (once).
-                count!(self.stats.inner, stale_hits);
+                let counters = call.route.counters.clone();
+                count_route!(self.stats.inner, counters, stale_hits);
+                let origin_ms = entry.origin_ms;
                 if asked.want == Want::Body {
                     if let Some(flight) = self.flights.lead(&call.key) {
                         let stale = entry.clone();
@@ -77,7 +85,10 @@ impl<St: Store> Engine<St> {
                     }
                 }
                 let served = Served::Stale(Stale::WhileRevalidate);
-                return Ok(self.hit_response(entry, &asked, now, served));
+                let res = self.hit_response(entry, &asked, now, served);
+                counters.served(body_len(&res), origin_ms);
+                timer.response(&counters, "hit");
+                return Ok(res);
             }
             Found::Stale { entry, fence } => (Some(fence), Some(entry)),
             Found::Miss { fence } | Found::Varies { fence, .. } => (Some(fence), None),
@@ -85,6 +96,14 @@ impl<St: Store> Engine<St> {
         };
         // Misses run in a future of their own, so a hit's future stays small to allocate
         // and move.
-        Box::pin(self.fetch(call, asked, fence, stale)).await
+        let route = call.route.clone();
+        let res = Box::pin(self.fetch(call, asked, fence, stale)).await;
+        timer.response(&route.counters, "miss");
+        res
     }
+}
+
+/// The body bytes a response sends (none for `HEAD` and `304`).
+fn body_len<B: Body>(res: &Response<B>) -> u64 {
+    res.body().size_hint().exact().unwrap_or(0)
 }

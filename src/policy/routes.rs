@@ -10,6 +10,7 @@ use http::Method;
 use super::template::TagTemplate;
 use super::RoutePolicy;
 use crate::error::ConfigError;
+use crate::stats::RouteCounters;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Route {
@@ -18,6 +19,8 @@ pub(crate) struct Route {
     templates: Vec<TagTemplate>,
     clear_templates: Vec<TagTemplate>,
     clear_on_templates: Vec<(Method, Vec<TagTemplate>)>,
+    /// What the route did (shared by the layer's services, made afresh for each layer).
+    pub(crate) counters: Arc<RouteCounters>,
 }
 
 impl Route {
@@ -168,6 +171,30 @@ impl RouteTable {
         }
     }
 
+    /// The table with new counters for every route: a layer's figures are its own, even
+    /// when another layer was given the same table.
+    pub(crate) fn counted_afresh(&self) -> RouteTable {
+        let fresh = |route: &Arc<Route>| {
+            let mut route = Route::clone(route);
+            route.counters = Arc::new(RouteCounters::new(
+                route.id.clone(),
+                route.counters.pattern(),
+            ));
+            Arc::new(route)
+        };
+        RouteTable {
+            router: self.router.clone(),
+            routes: self.routes.iter().map(fresh).collect(),
+            fallback: fresh(&self.fallback),
+        }
+    }
+
+    /// Every route's counters, in the table's order, the fallback's last.
+    pub(crate) fn counters(&self) -> impl Iterator<Item = Arc<RouteCounters>> + '_ {
+        let all = self.routes.iter().chain(std::iter::once(&self.fallback));
+        all.map(|r| r.counters.clone())
+    }
+
     pub(crate) fn find<'t, 'p>(&'t self, path: &'p str) -> Matched<'t, 'p> {
         match self.router.at(path) {
             Ok(m) => Matched {
@@ -230,8 +257,10 @@ fn build_route(
         .iter()
         .map(|(m, tags)| Ok((m.clone(), parse_all(tags)?)))
         .collect::<Result<Vec<_>, ConfigError>>()?;
+    let id: Arc<str> = Arc::from(id);
     Ok(Route {
-        id: Arc::from(id),
+        counters: Arc::new(RouteCounters::new(id.clone(), pattern)),
+        id,
         policy,
         templates,
         clear_templates,
