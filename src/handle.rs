@@ -67,10 +67,52 @@ impl<St: Store> CacheHandle<St> {
         self.engine.purge_all().await
     }
 
+    /// Adds this instance's counts of its most requested keys to the store's record now
+    /// (it is added every [`CacheLayer::hot_flush_every`](crate::CacheLayer::hot_flush_every)
+    /// anyway): before a graceful shutdown, say. Returns how many keys it added.
+    pub async fn flush_hot_keys(&self) -> Result<usize, StoreError> {
+        self.engine.flush_hot().await
+    }
+
+    /// This instance's most requested keys, most requested first (at most `limit`): what
+    /// it would add to the store's record, and what a clear refreshes on routes that ask.
+    /// Counts halve at each addition to the store's record, so they follow what is hot now.
+    pub fn hot_keys(&self, limit: usize) -> Vec<HotKey> {
+        self.engine
+            .hot
+            .top(limit)
+            .into_iter()
+            .map(|(r, requests)| HotKey {
+                target: r.target.clone(),
+                host: r
+                    .host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned),
+                user: r.user.clone(),
+                requests,
+            })
+            .collect()
+    }
+
     /// The layer's counters.
     pub fn stats(&self) -> CacheStats {
         self.engine.stats.clone()
     }
+}
+
+/// One of the most requested keys ([`CacheHandle::hot_keys`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HotKey {
+    /// The path and query.
+    pub target: String,
+    /// The `Host` it was asked for, when the request named one.
+    pub host: Option<String>,
+    /// Whose entry it is, on a per-user route.
+    pub user: Option<String>,
+    /// Requests counted (recent ones weigh most).
+    pub requests: u64,
 }
 
 #[cfg(feature = "serde")]

@@ -21,17 +21,19 @@ mod service_future;
 mod stats;
 pub mod store;
 mod tags;
+pub mod warm;
 
 pub use body_digest::BodyDigestLayer;
 pub use cache::CacheLayer;
 pub use compress::{Encoding, MIN_COMPRESS_BYTES};
 pub use error::{ConfigError, StoreError};
-pub use handle::CacheHandle;
+pub use handle::{CacheHandle, HotKey};
 pub use invalidate::InvalidateLayer;
 pub use key::EntryKey;
 pub use policy::{CacheHint, InvalidateTags, RoutePolicy, RouteTable, Scope, DEFAULT_STATUSES};
 pub use stats::{CacheStats, RouteStats, StatsSnapshot};
 pub use tags::{is_valid_tag, MAX_TAGS_PER_RESPONSE, MAX_TAG_LEN};
+pub use warm::{WarmReport, Warmer};
 
 #[doc(hidden)]
 #[path = "private.rs"]

@@ -71,6 +71,8 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let asked = Asked::of(&parts);
+        self.engine
+            .seen(&key, &route, &parts, crate::entry::now_ms());
         let span = tracing::debug_span!("cache.request", route = key.route());
         let call = OriginCall {
             inner,

@@ -68,6 +68,7 @@ impl<St: Store> Engine<St> {
             Ok(done) => {
                 self.breaker.success();
                 count!(counters, invalidations);
+                self.refresh_cleared(&tags);
                 Ok(done)
             }
             Err(e) => {

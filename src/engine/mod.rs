@@ -39,6 +39,7 @@ mod clear;
 mod conditional;
 mod fill;
 mod flights;
+mod hot;
 mod lookup;
 mod miss;
 mod plan;
@@ -50,11 +51,17 @@ mod vary;
 
 pub use body::CacheBody;
 pub(crate) use clear::{Clear, Deferred};
+pub(crate) use hot::{Hot, Recorded, Refresh, MAX_REFRESH};
 #[cfg(feature = "serde")]
 pub(crate) use lookup::Found;
 pub(crate) use miss::OriginCall;
 pub(crate) use plan::{Bypass, Plan};
-pub(crate) use status::Status;
+pub(crate) use status::{Status, CACHE_STATUS};
+
+/// How many of the most requested keys each layer records, by default.
+pub(crate) const DEFAULT_HOT_KEYS: usize = 1024;
+/// How often each instance adds its counts to the store's record, by default.
+pub(crate) const DEFAULT_HOT_FLUSH: Duration = Duration::from_secs(30);
 
 /// Default largest body stored (larger ones stream through unstored).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -84,6 +91,8 @@ pub(crate) struct Engine<St> {
     pub(crate) compress: Option<crate::compress::Encoding>,
     /// The counters of `CacheHandle::get_or_fill`'s values, a route of their own.
     pub(crate) values: Arc<RouteCounters>,
+    /// The record of the most requested keys.
+    pub(crate) hot: Arc<hot::Hot>,
 }
 
 impl<St> Engine<St> {
@@ -109,6 +118,7 @@ impl<St> Engine<St> {
             lease: None,
             compress: None,
             values: Arc::new(RouteCounters::new(Arc::from("get_or_fill"), "")),
+            hot: Arc::new(hot::Hot::new(DEFAULT_HOT_KEYS, DEFAULT_HOT_FLUSH)),
         };
         engine.count_routes();
         engine

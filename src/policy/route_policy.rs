@@ -117,6 +117,8 @@ pub struct RoutePolicy {
     pub(crate) grpc: bool,
     pub(crate) etag: bool,
     pub(crate) keep: Duration,
+    /// Fetch the hottest entries a clear made dead again, in the background.
+    pub(crate) refresh_after_clear: bool,
     pub(crate) compress: Option<crate::compress::Encoding>,
     pub(crate) stale_while_revalidate: Duration,
     pub(crate) stale_if_error: Duration,
@@ -140,6 +142,7 @@ impl RoutePolicy {
             grpc: false,
             etag: true,
             keep: Duration::from_secs(10),
+            refresh_after_clear: false,
             compress: None,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
@@ -218,6 +221,19 @@ impl RoutePolicy {
     #[must_use]
     pub fn keep(mut self, keep: Duration) -> Self {
         self.keep = keep;
+        self
+    }
+
+    /// After a clear made this route's entries dead, fetch the hottest of them again in the
+    /// background (default off), so that the next reader hits instead of waiting for the
+    /// origin. Needs a [`Warmer`](crate::Warmer) registered with
+    /// [`Warmer::refresh_after_clears`](crate::Warmer::refresh_after_clears). The instance
+    /// that made the clear does it, from its record of the most requested keys; each entry
+    /// is fetched through the cached service, so its flight (and lease, when configured)
+    /// keeps it to one origin call.
+    #[must_use]
+    pub fn refresh_after_clear(mut self, on: bool) -> Self {
+        self.refresh_after_clear = on;
         self
     }
 

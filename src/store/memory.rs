@@ -2,6 +2,7 @@
 //! against clear records (see `records`): a clear costs O(tags), and an entry carrying a
 //! cleared tag is dead from that moment, wherever it is.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use moka::sync::Cache;
 use moka::Expiry;
 
 use super::records::{new_epoch, tag_id, Records, DEFAULT_MAX_RECORDS};
-use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Store};
+use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Store, HOT_FADE};
 use crate::error::StoreError;
 use crate::key::EntryKey;
 
@@ -43,6 +44,8 @@ struct MemoryInner {
     /// Clears, purges and the sequence. Lookups read them under the read lock, so a clear
     /// (write lock) is either wholly before a lookup or wholly after it.
     records: RwLock<Records>,
+    /// The record of the most requested keys (`Store::record_hot`).
+    hot: std::sync::Mutex<HashMap<Bytes, f64>>,
 }
 
 #[derive(Clone)]
@@ -88,6 +91,7 @@ impl MemoryStore {
             inner: Arc::new(MemoryInner {
                 cache,
                 records: RwLock::new(Records::new(new_epoch(), DEFAULT_MAX_RECORDS)),
+                hot: Default::default(),
             }),
         }
     }
@@ -199,6 +203,29 @@ impl Store for MemoryStore {
         let seq = records.advance();
         records.clear(tags.iter().map(|t| tag_id(t)), seq);
         Ok(Invalidation::new(records.epoch(), seq))
+    }
+
+    async fn record_hot(&self, counts: Vec<(Bytes, u64)>, keep: usize) -> Result<(), StoreError> {
+        let mut hot = crate::lock::lock(&self.inner.hot);
+        hot.values_mut().for_each(|c| *c *= HOT_FADE);
+        for (request, n) in counts {
+            *hot.entry(request).or_default() += n as f64;
+        }
+        if hot.len() > keep {
+            let mut all: Vec<(Bytes, f64)> = hot.drain().collect();
+            all.sort_by(|a, b| b.1.total_cmp(&a.1));
+            all.truncate(keep);
+            hot.extend(all);
+        }
+        Ok(())
+    }
+
+    async fn hot(&self, limit: usize) -> Result<Vec<(Bytes, u64)>, StoreError> {
+        let hot = crate::lock::lock(&self.inner.hot);
+        let mut all: Vec<(Bytes, u64)> = hot.iter().map(|(r, c)| (r.clone(), *c as u64)).collect();
+        all.sort_by_key(|e| std::cmp::Reverse(e.1));
+        all.truncate(limit);
+        Ok(all)
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {

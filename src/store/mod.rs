@@ -13,6 +13,11 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::StoreError;
+
+/// What the record of the most requested keys keeps of earlier counts at each addition
+/// (`Store::record_hot`): it follows what is requested now.
+#[cfg_attr(not(any(feature = "memory", feature = "valkey")), allow(dead_code))]
+pub(crate) const HOT_FADE: f64 = 0.9;
 use crate::key::EntryKey;
 
 #[cfg(feature = "memory")]
@@ -318,6 +323,29 @@ pub trait Store: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         let _ = (key, token);
         async { Ok(()) }
+    }
+
+    /// Adds an instance's counts of its most requested keys to the store's record, which
+    /// keeps the `keep` most requested (and lets older counts fade, so that it follows
+    /// what is requested now). Each key is an encoded request, opaque to the store. Stores
+    /// that keep no record ignore it (the default).
+    fn record_hot(
+        &self,
+        counts: Vec<(Bytes, u64)>,
+        keep: usize,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (counts, keep);
+        async { Ok(()) }
+    }
+
+    /// The store's record of the most requested keys, most requested first, at most
+    /// `limit` (empty for stores that keep none, the default).
+    fn hot(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(Bytes, u64)>, StoreError>> + Send {
+        let _ = limit;
+        async { Ok(Vec::new()) }
     }
 
     /// Runs [`fill`](Store::fill) in the background and hands its outcome to `done`, once,

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use super::memory::MemoryStore;
@@ -245,6 +246,14 @@ impl Store for TieredStore {
 
     async fn release_lease(&self, key: &EntryKey, token: u64) -> Result<(), StoreError> {
         self.inner.far.release_lease(key, token).await
+    }
+
+    async fn record_hot(&self, counts: Vec<(Bytes, u64)>, keep: usize) -> Result<(), StoreError> {
+        self.inner.far.record_hot(counts, keep).await
+    }
+
+    async fn hot(&self, limit: usize) -> Result<Vec<(Bytes, u64)>, StoreError> {
+        self.inner.far.hot(limit).await
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {

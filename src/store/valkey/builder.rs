@@ -143,6 +143,7 @@ impl ValkeyStoreBuilder {
                 entry_prefix: format!("{ns}:{SCHEMA}:e:"),
                 lease_prefix: format!("{ns}:{SCHEMA}:l:"),
                 records_key,
+                hot_key: format!("{ns}:{SCHEMA}:h"),
                 high_water: std::sync::Mutex::new(crate::store::Fence::default()),
                 channel: format!("{ns}:{SCHEMA}:inv"),
                 max_clear_records: self.max_clear_records,

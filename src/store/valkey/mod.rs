@@ -113,6 +113,8 @@ struct ValkeyInner {
     entry_prefix: String,
     lease_prefix: String,
     records_key: String,
+    /// The record of the most requested keys: a sorted set, scored by requests.
+    hot_key: String,
     /// The highest state of the records any reply has shown this store: a record set found
     /// below it in the same epoch lost clears (an old snapshot, a lagging replica), and the
     /// scripts start a new epoch.
@@ -335,5 +337,61 @@ impl Store for ValkeyStore {
 
     async fn purge(&self) -> Result<u64, StoreError> {
         Ok(self.write_records(None).await?.seq())
+    }
+
+    /// One sorted set, one pipeline: earlier counts fade, this instance's are added, and
+    /// only the `keep` most requested stay. The set lives a week past its last addition.
+    async fn record_hot(&self, counts: Vec<(Bytes, u64)>, keep: usize) -> Result<(), StoreError> {
+        let key = &self.inner.hot_key;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZUNIONSTORE")
+            .arg(key)
+            .arg(1)
+            .arg(key)
+            .arg("WEIGHTS")
+            .arg(super::HOT_FADE)
+            .ignore();
+        for (request, n) in &counts {
+            pipe.cmd("ZINCRBY")
+                .arg(key)
+                .arg(*n)
+                .arg(&request[..])
+                .ignore();
+        }
+        let last = -(keep.min(1 << 20) as i64) - 1;
+        pipe.cmd("ZREMRANGEBYRANK")
+            .arg(key)
+            .arg(0)
+            .arg(last)
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(key)
+            .arg(7 * 24 * 3600 * 1000u64)
+            .ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn hot(&self, limit: usize) -> Result<Vec<(Bytes, u64)>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let key = &self.inner.hot_key;
+        let stop = limit.min(1 << 20) as i64 - 1;
+        let top: Vec<(Vec<u8>, f64)> = self
+            .run(|mut c| async move {
+                redis::cmd("ZREVRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(stop)
+                    .arg("WITHSCORES")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(top
+            .into_iter()
+            .map(|(r, n)| (Bytes::from(r), n.max(0.0) as u64))
+            .collect())
     }
 }
