@@ -2,6 +2,9 @@
 #![deny(missing_docs, unsafe_code, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub mod admin;
 pub mod body_digest;
 mod breaker;
 pub mod cache;

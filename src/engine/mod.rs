@@ -40,6 +40,7 @@ mod conditional;
 mod fill;
 mod flights;
 mod hot;
+mod inspect;
 mod lookup;
 mod miss;
 mod plan;
@@ -52,6 +53,7 @@ mod vary;
 pub use body::CacheBody;
 pub(crate) use clear::{Clear, Deferred};
 pub(crate) use hot::{Hot, Recorded, Refresh, MAX_REFRESH};
+pub(crate) use inspect::Inspection;
 #[cfg(feature = "serde")]
 pub(crate) use lookup::Found;
 pub(crate) use miss::OriginCall;
