@@ -299,6 +299,17 @@ impl<St: Store> AdminService<St> {
             .iter()
             .map(|(r, n)| json!({ "target": r.target, "user": r.user, "requests": n }))
             .collect();
+        let recent: Vec<Value> = self
+            .engine
+            .recent
+            .list()
+            .iter()
+            .rev()
+            .map(|c| {
+                let at = c.at.duration_since(std::time::UNIX_EPOCH).map_or(0, millis);
+                json!({ "at_ms": at, "tags": c.tags, "purge": c.purge, "seq": c.seq })
+            })
+            .collect();
         json!({
             "hit_rate": s.hit_rate(),
             "breaker_open": s.breaker_open,
@@ -316,6 +327,7 @@ impl<St: Store> AdminService<St> {
             },
             "routes": routes,
             "hot": hot,
+            "recent_clears": recent,
         })
     }
 }

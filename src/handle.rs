@@ -95,6 +95,12 @@ impl<St: Store> CacheHandle<St> {
             .collect()
     }
 
+    /// The latest clears (tags and purges) this instance made, newest last (at most 32).
+    /// Clears other instances made reach this one as notices and are not listed.
+    pub fn recent_clears(&self) -> Vec<crate::RecentClear> {
+        self.engine.recent.list()
+    }
+
     /// The layer's counters.
     pub fn stats(&self) -> CacheStats {
         self.engine.stats.clone()

@@ -29,6 +29,7 @@ pub mod warm;
 pub use body_digest::BodyDigestLayer;
 pub use cache::CacheLayer;
 pub use compress::{Encoding, MIN_COMPRESS_BYTES};
+pub use engine::RecentClear;
 pub use error::{ConfigError, StoreError};
 pub use handle::{CacheHandle, HotKey};
 pub use invalidate::InvalidateLayer;

@@ -62,6 +62,7 @@ pub struct Warmer<S, St> {
     concurrency: usize,
     timeout: Duration,
     per_user: Option<PerUser>,
+    headers: HeaderMap,
     progress: Option<(Duration, Progress)>,
 }
 
@@ -73,6 +74,7 @@ impl<S: Clone, St> Clone for Warmer<S, St> {
             concurrency: self.concurrency,
             timeout: self.timeout,
             per_user: self.per_user.clone(),
+            headers: self.headers.clone(),
             progress: self.progress.clone(),
         }
     }
@@ -210,6 +212,7 @@ impl<St: Store> CacheHandle<St> {
             concurrency: 4,
             timeout: Duration::from_secs(30),
             per_user: None,
+            headers: HeaderMap::new(),
             progress: None,
         }
     }
@@ -248,6 +251,15 @@ where
         F: Fn(&str) -> Option<HeaderMap> + Send + Sync + 'static,
     {
         self.per_user = Some(Arc::new(headers));
+        self
+    }
+
+    /// Sends `value` as `name` with every request this warmer makes, unless the request
+    /// has that header already: a service token, say, when every route is behind
+    /// authentication. Mind the route's scope: credentials on a
+    /// [`Scope::Shared`](crate::Scope::Shared) route make the request bypass the cache.
+    pub fn header(mut self, name: http::HeaderName, value: http::HeaderValue) -> Self {
+        self.headers.append(name, value);
         self
     }
 
@@ -341,7 +353,18 @@ where
                 }
             }
             let req = match req {
-                Ok(req) if req.method() == http::Method::GET => req,
+                Ok(mut req) if req.method() == http::Method::GET => {
+                    let absent: Vec<http::HeaderName> = (self.headers.keys())
+                        .filter(|n| !req.headers().contains_key(*n))
+                        .cloned()
+                        .collect();
+                    for name in absent {
+                        for value in self.headers.get_all(&name) {
+                            req.headers_mut().append(name.clone(), value.clone());
+                        }
+                    }
+                    req
+                }
                 Ok(req) => {
                     let why = format!("{} is not GET", req.method());
                     report.add(req.uri().path(), Outcome::Skipped(why));

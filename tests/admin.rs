@@ -203,6 +203,17 @@ pub async fn every_admin_request_and_its_refusals<St: Store>(store: St) {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+    let (_, s) = admin(&admin_router, "GET", "/admin/cache/stats", "").await;
+    assert_eq!(
+        s["recent_clears"][0]["tags"],
+        serde_json::json!(["item:2", "items"]),
+        "{s}"
+    );
+    assert_eq!(
+        s["recent_clears"][1]["tags"],
+        serde_json::json!(["item:1"]),
+        "{s}"
+    );
 
     // remove: every entry of a path, whatever its query.
     for uri in ["/items?page=1", "/items?page=2"] {

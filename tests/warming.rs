@@ -72,6 +72,35 @@ async fn a_list_warms_only_what_is_missing_and_reports_each_outcome() {
     assert!(again.to_string().contains("3 fresh already"), "{again}");
 }
 
+/// A header given to the warmer goes with every request that lacks it: a user's token on
+/// a per-user route warms that user's entry, and a request's own header wins.
+#[tokio::test]
+async fn a_warmers_header_goes_with_every_request() {
+    let cache = layer(memory().store);
+    let stats = cache.stats();
+    let (app, _) = app(cache.clone());
+    let own = Request::get("/me")
+        .header("authorization", "Bearer 8")
+        .body(())
+        .unwrap();
+    let report = cache
+        .handle()
+        .warmer(app.clone())
+        .header(
+            axum::http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer 7"),
+        )
+        .warm::<[tower_cache_aside::warm::WarmRequest; 2]>([own.into(), "/me".into()])
+        .await;
+    assert_eq!(report.warmed, 2, "{report:?}");
+    fills_reach(&stats, 2).await;
+    for user in ["7", "8"] {
+        let bearer = format!("Bearer {user}");
+        let r = get_with(&app, "/me", &[("authorization", bearer.as_str())]).await;
+        assert_eq!((r.x_cache(), r.text()), ("HIT", format!("hello {bearer}")));
+    }
+}
+
 /// A request that is not GET, or not a request target, is skipped with why; the rest run.
 #[tokio::test]
 async fn requests_it_cannot_send_are_skipped_with_why() {

@@ -69,6 +69,7 @@ impl<St: Store> Engine<St> {
                 self.breaker.success();
                 count!(counters, invalidations);
                 self.refresh_cleared(&tags);
+                self.recent.add(Some(tags), done.seq);
                 Ok(done)
             }
             Err(e) => {
@@ -87,6 +88,7 @@ impl<St: Store> Engine<St> {
             Ok(seq) => {
                 self.breaker.success();
                 count!(self.stats.inner, invalidations);
+                self.recent.add(None, seq);
                 Ok(seq)
             }
             Err(e) => {
@@ -157,5 +159,60 @@ impl<St: Store> Engine<St> {
                 }
             }
         }
+    }
+}
+
+/// How many of its latest clears a layer remembers.
+const RECENT: usize = 32;
+
+/// One clear this instance made (for operators: [`CacheHandle::recent_clears`]).
+///
+/// [`CacheHandle::recent_clears`]: crate::CacheHandle::recent_clears
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecentClear {
+    /// When it landed.
+    pub at: std::time::SystemTime,
+    /// The tags cleared; empty for a purge.
+    pub tags: Vec<String>,
+    /// Whether it was a purge of every entry.
+    pub purge: bool,
+    /// The clear's sequence in the store.
+    pub seq: u64,
+}
+
+/// The latest clears, newest last.
+#[derive(Debug, Default)]
+pub(crate) struct Recent(Mutex<std::collections::VecDeque<RecentClear>>);
+
+impl Recent {
+    fn add(&self, tags: Option<Vec<String>>, seq: u64) {
+        let mut recent = lock(&self.0);
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        let purge = tags.is_none();
+        // Reserved tags (a path's) are the crate's own: shown as what they are.
+        let tags = tags
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| {
+                if t.starts_with('~') {
+                    "(a path's entries)".to_owned()
+                } else {
+                    t
+                }
+            })
+            .collect();
+        recent.push_back(RecentClear {
+            at: std::time::SystemTime::now(),
+            tags,
+            purge,
+            seq,
+        });
+    }
+
+    pub(crate) fn list(&self) -> Vec<RecentClear> {
+        lock(&self.0).iter().cloned().collect()
     }
 }

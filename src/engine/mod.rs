@@ -51,7 +51,8 @@ mod status;
 mod vary;
 
 pub use body::CacheBody;
-pub(crate) use clear::{Clear, Deferred};
+pub use clear::RecentClear;
+pub(crate) use clear::{Clear, Deferred, Recent};
 pub(crate) use hot::{Hot, Recorded, Refresh, MAX_REFRESH};
 pub(crate) use inspect::Inspection;
 #[cfg(feature = "serde")]
@@ -95,6 +96,8 @@ pub(crate) struct Engine<St> {
     pub(crate) values: Arc<RouteCounters>,
     /// The record of the most requested keys.
     pub(crate) hot: Arc<hot::Hot>,
+    /// This instance's latest clears.
+    pub(crate) recent: Arc<Recent>,
 }
 
 impl<St> Engine<St> {
@@ -121,6 +124,7 @@ impl<St> Engine<St> {
             compress: None,
             values: Arc::new(RouteCounters::new(Arc::from("get_or_fill"), "")),
             hot: Arc::new(hot::Hot::new(DEFAULT_HOT_KEYS, DEFAULT_HOT_FLUSH)),
+            recent: Arc::default(),
         };
         engine.count_routes();
         engine
