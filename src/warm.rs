@@ -10,6 +10,8 @@
 //! [`CacheLayer`]: crate::CacheLayer
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +22,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Empty};
 use tower_service::Service;
 
-use crate::engine::{Recorded, Refresh, MAX_REFRESH};
+use crate::engine::{Recorded, Refresh, Warming, MAX_REFRESH};
 use crate::error::StoreError;
 use crate::handle::CacheHandle;
 use crate::store::Store;
@@ -430,7 +432,9 @@ where
     if let Err(e) = std::future::poll_fn(|cx| service.poll_ready(cx)).await {
         return Outcome::Failed(format!("the service is not ready: {e}"));
     }
-    let res = match service.call(req.map(|()| Empty::new())).await {
+    let mut req = req.map(|()| Empty::new());
+    req.extensions_mut().insert(Warming);
+    let res = match service.call(req).await {
         Ok(res) => res,
         Err(e) => return Outcome::Failed(e.to_string()),
     };
@@ -444,8 +448,9 @@ where
     outcome(&parts.headers, status_name)
 }
 
-/// Reads this cache's member of the `Cache-Status` header (RFC 9211): other caches may
-/// have added theirs.
+/// Reads this cache's member of the `Cache-Status` header (RFC 9211): the last one with
+/// its name, since the layer appends its own after any the origin sent (an origin behind
+/// another cache using the crate, say).
 fn outcome(headers: &HeaderMap, status_name: &str) -> Outcome {
     let ours = headers
         .get_all(&crate::engine::CACHE_STATUS)
@@ -453,10 +458,11 @@ fn outcome(headers: &HeaderMap, status_name: &str) -> Outcome {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .find_map(|member| {
+        .filter_map(|member| {
             let (name, params) = member.split_once(';')?;
             (name.trim() == status_name).then(|| params.trim().to_owned())
-        });
+        })
+        .last();
     let Some(params) = ours else {
         return Outcome::Skipped("not looked up by the cache (an uncached route?)".into());
     };
@@ -467,6 +473,8 @@ fn outcome(headers: &HeaderMap, status_name: &str) -> Outcome {
         .unwrap_or("")
         .to_owned();
     match params.split(';').next().map(str::trim).unwrap_or("") {
+        // Served stale because the origin failed: nothing was warmed.
+        "hit" if detail == "stale-if-error" => Outcome::Failed(detail),
         "hit" if params.contains("ttl=-") => Outcome::Refreshing,
         "hit" => Outcome::Fresh,
         "fwd=miss" if params.contains("collapsed") => Outcome::Fresh,
@@ -487,16 +495,13 @@ where
     ResBody::Data: Send,
     ResBody::Error: fmt::Display,
 {
-    fn refresh(&self, requests: Vec<Arc<Recorded>>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+    fn refresh(&self, requests: Vec<Arc<Recorded>>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let warmer = self.clone();
         let n = requests.len().min(MAX_REFRESH);
-        rt.spawn(async move {
+        Box::pin(async move {
             let report = warmer.warm_recorded_list(requests).await;
             tracing::debug!(%report, n, "refreshed entries after a clear");
-        });
+        })
     }
 }
 
@@ -538,6 +543,12 @@ mod tests {
         // Another cache's member says nothing about ours.
         assert!(read("cdn; hit").starts_with("skipped"));
         assert_eq!(read("cdn; fwd=uri-miss, tca; hit; ttl=5"), "fresh");
+        // An origin's own member with our name comes first; ours is the last.
+        assert_eq!(read("tca; hit; ttl=9, tca; fwd=miss; stored"), "warmed");
+        assert_eq!(
+            read("tca; hit; ttl=-2; detail=stale-if-error"),
+            "failed stale-if-error"
+        );
         assert!(read("tcaX; hit").starts_with("skipped"));
     }
 }

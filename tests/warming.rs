@@ -304,3 +304,32 @@ server_suite!(
     garbage_in_the_record_is_skipped,
     a_clear_refreshes_the_hottest_entries_it_made_dead,
 );
+
+/// The record keeps no credentials: a route keyed by a credential header is not recorded;
+/// nor are the warmer's own requests (what was warmed would stay on top), nor requests too
+/// large to be worth it.
+#[tokio::test]
+async fn the_record_keeps_no_credentials_and_not_its_own_warming() {
+    let table = routes().route(
+        "/by-cookie",
+        RoutePolicy::ttl(Duration::from_secs(60))
+            .scope(tower_cache_aside::Scope::Public)
+            .vary(["cookie"]),
+    );
+    let cache = CacheLayer::new(memory().store).routes(table);
+    let (app, _) = app(cache.clone());
+    let handle = cache.handle();
+    get_with(&app, "/by-cookie", &[("cookie", "session=secret")]).await;
+    get_with(&app, "/lang", &[("accept-language", "fr")]).await;
+    let long = format!("/items?q={}", "x".repeat(5000));
+    get(&app, &long).await;
+    let hot = handle.hot_keys(10);
+    let targets: Vec<&str> = hot.iter().map(|k| k.target.as_str()).collect();
+    assert_eq!(targets, ["/lang"], "{hot:?}");
+    let report = handle
+        .warmer(app.clone())
+        .warm(["/items/1", "/items/2"])
+        .await;
+    assert_eq!(report.warmed, 2, "{report:?}");
+    assert_eq!(handle.hot_keys(10).len(), 1, "warming counted itself");
+}

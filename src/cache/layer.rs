@@ -198,20 +198,23 @@ impl<St: Store> CacheLayer<St> {
         self.edit(|s| s.lease = Some(ttl).filter(|t| !t.is_zero()))
     }
 
-    /// How many of the most requested keys the layer records (default 1024; 0 turns the
-    /// record off). Each instance counts its looked-up GET requests per key and keeps the
+    /// How many of the most requested keys the layer records (default 1024, at most 65,536;
+    /// 0 turns the record off). Each instance counts its looked-up GET requests per key and keeps the
     /// top ones with what it takes to ask for them again (path, query, `Host`, the headers
     /// the route varies by, and the user of a per-user entry; never credentials); every
     /// [`hot_flush_every`](Self::hot_flush_every) it adds its counts to the store's
     /// record, which a [`Warmer`](crate::Warmer) warms a new instance from.
     pub fn record_hot_keys(self, capacity: usize) -> Self {
+        let capacity = capacity.min(crate::engine::MAX_HOT_KEYS);
         let every = self.engine.hot.flush_every();
         self.edit(|s| s.hot = Arc::new(crate::engine::Hot::new(capacity, every)))
     }
 
     /// How often the record of the most requested keys is added to the store's (default
-    /// 30 s); [`CacheHandle::flush_hot_keys`](crate::CacheHandle::flush_hot_keys) adds it now.
+    /// 30 s, at least 1 s); [`CacheHandle::flush_hot_keys`](crate::CacheHandle::flush_hot_keys) adds it now.
     pub fn hot_flush_every(self, every: Duration) -> Self {
+        // Each flush halves the counts: more often than this, they would mean nothing.
+        let every = every.max(Duration::from_secs(1));
         let capacity = self.engine.hot.capacity();
         self.edit(|s| s.hot = Arc::new(crate::engine::Hot::new(capacity, every)))
     }

@@ -3,7 +3,9 @@
 //! the store's record now and then. A new or restarted instance warms from that record; a
 //! clear on a route that asks for it fetches the hottest entries it made dead again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -21,8 +23,17 @@ use crate::store::Store;
 
 /// Shards of the table: requests on two cores rarely wait for each other's shard.
 const SHARDS: usize = 8;
-/// The longest request target recorded (longer ones are not worth warming).
-const MAX_TARGET: usize = 2048;
+/// The largest request recorded, encoded (larger ones are not worth warming, and a record
+/// is never cut short: that would be another request).
+const MAX_RECORDED: usize = 4096;
+/// Entries looked at to find one to drop when a shard is full: the least requested of a
+/// few, so that a scan of new URLs costs the same per request however large the record.
+const EVICTION_SAMPLE: usize = 8;
+
+/// Marks a request a [`Warmer`](crate::Warmer) sends: it is not counted in the record (what
+/// was warmed would stay on top of it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Warming;
 /// Most entries refreshed after one clear.
 pub(crate) const MAX_REFRESH: usize = 32;
 
@@ -40,18 +51,23 @@ pub(crate) struct Recorded {
 }
 
 impl Recorded {
-    fn of(route: &Route, parts: &Parts) -> Option<Recorded> {
+    /// The request to record for `parts`, or `None` when it is not worth it or must not be:
+    /// too large, or keyed by a header that carries credentials (`credentials`, and
+    /// `Proxy-Authorization`), which the record would keep and send again.
+    fn of(route: &Route, parts: &Parts, credentials: &[HeaderName]) -> Option<Recorded> {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        if target.len() > MAX_TARGET {
+        let vary = &route.policy.vary;
+        let secret = |name: &HeaderName| {
+            credentials.contains(name) || name == http::header::PROXY_AUTHORIZATION
+        };
+        if vary.iter().any(secret) || vary.len() > 16 {
             return None;
         }
         let user = match &route.policy.scope {
             Scope::PerUser(name) => name(parts),
             _ => None,
         };
-        let headers = route
-            .policy
-            .vary
+        let headers: Vec<(HeaderName, HeaderValue)> = vary
             .iter()
             .flat_map(|name| {
                 parts
@@ -60,11 +76,28 @@ impl Recorded {
                     .iter()
                     .map(|v| (name.clone(), v.clone()))
             })
-            .take(16)
             .collect();
+        // The request's host as the key has it: `Host`, else the URI's authority (HTTP/2).
+        let host = match parts.headers.get(HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let size = target.len()
+            + user.as_ref().map_or(0, String::len)
+            + host.as_ref().map_or(0, HeaderValue::len)
+            + headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if size > MAX_RECORDED || headers.len() > u8::MAX as usize {
+            return None;
+        }
         Some(Recorded {
             user,
-            host: parts.headers.get(HOST).cloned(),
+            host,
             target: target.to_owned(),
             headers,
         })
@@ -169,7 +202,15 @@ struct Slot {
 /// Runs requests through the cached service again: a [`Warmer`](crate::Warmer) registered
 /// with [`Warmer::refresh_after_clears`](crate::Warmer::refresh_after_clears).
 pub(crate) trait Refresh: Send + Sync {
-    fn refresh(&self, requests: Vec<Arc<Recorded>>);
+    fn refresh(&self, requests: Vec<Arc<Recorded>>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// Clears waiting for their refresh: one refresh runs at a time, taking every clear that
+/// landed meanwhile, so a burst of writes costs one pass over the record, not one each.
+#[derive(Default)]
+struct Refreshing {
+    running: bool,
+    tags: HashSet<String>,
 }
 
 /// One layer's record.
@@ -180,6 +221,7 @@ pub(crate) struct Hot {
     last_flush_ms: AtomicU64,
     flushing: AtomicBool,
     refresher: RwLock<Option<Arc<dyn Refresh>>>,
+    refreshing: Mutex<Refreshing>,
 }
 
 impl Hot {
@@ -191,6 +233,7 @@ impl Hot {
             last_flush_ms: AtomicU64::new(crate::entry::now_ms()),
             flushing: AtomicBool::new(false),
             refresher: RwLock::new(None),
+            refreshing: Mutex::default(),
         }
     }
 
@@ -230,7 +273,7 @@ impl Hot {
 
     /// The hottest recorded entries carrying any of `tags`, on routes that refresh after a
     /// clear.
-    fn cleared(&self, tags: &[String]) -> Vec<Arc<Recorded>> {
+    fn cleared(&self, tags: &HashSet<String>) -> Vec<Arc<Recorded>> {
         let mut hit: Vec<(Arc<Recorded>, u64)> = Vec::new();
         for s in &self.shards {
             for slot in lock(s).values() {
@@ -247,19 +290,38 @@ impl Hot {
     }
 
     /// Takes the counts since the last flush, and halves every count.
-    fn take_unflushed(&self) -> Vec<(Bytes, u64)> {
+    fn take_unflushed(&self) -> Vec<([u8; 32], Bytes, u64)> {
         let mut out = Vec::new();
         for s in &self.shards {
             let mut shard = lock(s);
-            for slot in shard.values_mut() {
+            for (key, slot) in shard.iter_mut() {
                 if slot.unflushed > 0 {
-                    out.push((slot.recorded.encode(), std::mem::take(&mut slot.unflushed)));
+                    let n = std::mem::take(&mut slot.unflushed);
+                    out.push((*key, slot.recorded.encode(), n));
                 }
                 slot.count /= 2;
             }
             shard.retain(|_, slot| slot.count > 0 || slot.unflushed > 0);
         }
         out
+    }
+
+    /// Counts that could not reach the store wait for the next flush.
+    fn put_back(&self, counts: Vec<([u8; 32], Bytes, u64)>) {
+        for (key, _, n) in counts {
+            if let Some(slot) = lock(&self.shards[key[0] as usize % SHARDS]).get_mut(&key) {
+                slot.unflushed += n;
+            }
+        }
+    }
+}
+
+/// Lets the next flush run, however this one ended (a dropped future included).
+struct Flushing<'a>(&'a AtomicBool);
+
+impl Drop for Flushing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -268,35 +330,22 @@ impl<St: Store> Engine<St> {
     /// it is time).
     pub(crate) fn seen(self: &Arc<Self>, key: &EntryKey, route: &Route, parts: &Parts, now: u64) {
         let hot = &self.hot;
-        if hot.capacity == 0 || !matches!(parts.method, http::Method::GET | http::Method::HEAD) {
+        if hot.capacity == 0
+            || !matches!(parts.method, http::Method::GET | http::Method::HEAD)
+            || parts.extensions.get::<Warming>().is_some()
+        {
             return;
         }
-        {
-            let mut shard = lock(hot.shard(key));
-            if let Some(slot) = shard.get_mut(key.digest()) {
+        let counted = match lock(hot.shard(key)).get_mut(key.digest()) {
+            Some(slot) => {
                 slot.count += 1;
                 slot.unflushed += 1;
-            } else if let Some(recorded) = Recorded::of(route, parts) {
-                let per_shard = hot.capacity.div_ceil(SHARDS);
-                if shard.len() >= per_shard {
-                    // Full: the least requested goes (ties: any).
-                    let coldest = shard.iter().min_by_key(|(_, s)| s.count).map(|(k, _)| *k);
-                    if let Some(k) = coldest {
-                        shard.remove(&k);
-                    }
-                }
-                let refresh_tags = route
-                    .policy
-                    .refresh_after_clear
-                    .then(|| Arc::from(self.entry_tags(&parts.headers, &parts.uri)));
-                let slot = Slot {
-                    count: 1,
-                    unflushed: 1,
-                    recorded: Arc::new(recorded),
-                    refresh_tags,
-                };
-                shard.insert(*key.digest(), slot);
+                true
             }
+            None => false,
+        };
+        if !counted {
+            self.record(key, route, parts);
         }
         let last = hot.last_flush_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= crate::entry::millis(hot.flush_every)
@@ -312,36 +361,102 @@ impl<St: Store> Engine<St> {
         }
     }
 
-    /// Adds this instance's counts since the last flush to the store's record.
+    /// Adds a key the record does not hold yet (made outside the lock: the scope function
+    /// and the tags are the app's code).
+    fn record(&self, key: &EntryKey, route: &Route, parts: &Parts) {
+        let hot = &self.hot;
+        let Some(recorded) = Recorded::of(route, parts, &self.credential_headers) else {
+            return;
+        };
+        let refresh_tags = route
+            .policy
+            .refresh_after_clear
+            .then(|| Arc::from(self.entry_tags(&parts.headers, &parts.uri)));
+        let mut shard = lock(hot.shard(key));
+        if let Some(slot) = shard.get_mut(key.digest()) {
+            // Another request recorded it meanwhile.
+            slot.count += 1;
+            slot.unflushed += 1;
+            return;
+        }
+        if shard.len() >= hot.capacity.div_ceil(SHARDS) {
+            // Full: the least requested of a few goes.
+            let coldest = (shard.iter())
+                .take(EVICTION_SAMPLE)
+                .min_by_key(|(_, s)| s.count)
+                .map(|(k, _)| *k);
+            if let Some(k) = coldest {
+                shard.remove(&k);
+            }
+        }
+        let slot = Slot {
+            count: 1,
+            unflushed: 1,
+            recorded: Arc::new(recorded),
+            refresh_tags,
+        };
+        shard.insert(*key.digest(), slot);
+    }
+
+    /// Adds this instance's counts since the last flush to the store's record; counts the
+    /// store did not take wait for the next flush.
     pub(crate) async fn flush_hot(&self) -> Result<usize, crate::error::StoreError> {
         let hot = &self.hot;
         if hot.flushing.swap(true, Ordering::AcqRel) {
             return Ok(0);
         }
-        let counts = hot.take_unflushed();
-        let n = counts.len();
-        let result = if counts.is_empty() {
-            Ok(())
-        } else {
-            self.store.record_hot(counts, hot.capacity).await
-        };
-        hot.flushing.store(false, Ordering::Release);
-        if let Err(e) = &result {
-            tracing::debug!(error = %e, "could not add to the store's record of hot keys");
+        let _flushing = Flushing(&hot.flushing);
+        let taken = hot.take_unflushed();
+        if taken.is_empty() {
+            return Ok(0);
         }
-        result.map(|()| n)
+        let counts: Vec<(Bytes, u64)> = taken.iter().map(|(_, r, n)| (r.clone(), *n)).collect();
+        let n = counts.len();
+        match self.store.record_hot(counts, hot.capacity).await {
+            Ok(()) => Ok(n),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not add to the store's record of hot keys");
+                hot.put_back(taken);
+                Err(e)
+            }
+        }
     }
 
     /// After a clear landed: the hottest entries it made dead, on routes that ask for it,
-    /// are fetched again in the background.
+    /// are fetched again in the background, by one task at a time that also takes the
+    /// clears landing meanwhile.
     pub(crate) fn refresh_cleared(&self, tags: &[String]) {
         let Some(refresher) = read(&self.hot.refresher).clone() else {
             return;
         };
-        let requests = self.hot.cleared(tags);
-        if !requests.is_empty() {
-            refresher.refresh(requests);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            let mut state = lock(&self.hot.refreshing);
+            state.tags.extend(tags.iter().cloned());
+            if state.running {
+                return;
+            }
+            state.running = true;
         }
+        let hot = self.hot.clone();
+        rt.spawn(async move {
+            loop {
+                let tags = {
+                    let mut state = lock(&hot.refreshing);
+                    if state.tags.is_empty() {
+                        state.running = false;
+                        return;
+                    }
+                    std::mem::take(&mut state.tags)
+                };
+                let requests = hot.cleared(&tags);
+                if !requests.is_empty() {
+                    refresher.refresh(requests).await;
+                }
+            }
+        });
     }
 }
 

@@ -53,7 +53,7 @@ mod vary;
 pub use body::CacheBody;
 pub use clear::RecentClear;
 pub(crate) use clear::{Clear, Deferred, Recent};
-pub(crate) use hot::{Hot, Recorded, Refresh, MAX_REFRESH};
+pub(crate) use hot::{Hot, Recorded, Refresh, Warming, MAX_REFRESH};
 pub(crate) use inspect::Inspection;
 #[cfg(feature = "serde")]
 pub(crate) use lookup::Found;
@@ -63,6 +63,9 @@ pub(crate) use status::{Status, CACHE_STATUS};
 
 /// How many of the most requested keys each layer records, by default.
 pub(crate) const DEFAULT_HOT_KEYS: usize = 1024;
+/// The most keys a record may keep (each flush rewrites the store's record: its cost on the
+/// server grows with it).
+pub(crate) const MAX_HOT_KEYS: usize = 65_536;
 /// How often each instance adds its counts to the store's record, by default.
 pub(crate) const DEFAULT_HOT_FLUSH: Duration = Duration::from_secs(30);
 
