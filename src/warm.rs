@@ -462,7 +462,7 @@ fn outcome(headers: &HeaderMap, status_name: &str) -> Outcome {
             let (name, params) = member.split_once(';')?;
             (name.trim() == status_name).then(|| params.trim().to_owned())
         })
-        .last();
+        .next_back();
     let Some(params) = ours else {
         return Outcome::Skipped("not looked up by the cache (an uncached route?)".into());
     };
