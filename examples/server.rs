@@ -17,6 +17,18 @@
 //! curl -s localhost:3000/cache/stats
 //! ```
 //!
+//! Open <http://127.0.0.1:3000/> in a browser for the app's data and a live cache panel.
+//! At start the cache is warmed (what was hot before a restart, then dashboards, the first
+//! pages and servers; `WARM=off` skips it). The admin service is at `/admin/cache/...`
+//! behind `Authorization: Bearer $ADMIN_TOKEN` (default `operator`):
+//!
+//! ```sh
+//! curl -s localhost:3000/admin/cache/stats -H 'Authorization: Bearer operator'
+//! curl -s 'localhost:3000/admin/cache/inspect?url=/servers' -H 'Authorization: Bearer operator'
+//! curl -s -X POST localhost:3000/admin/cache/invalidate -H 'Authorization: Bearer operator' \
+//!      -d '{"tags": ["servers"]}'
+//! ```
+//!
 //! Hits answer conditional requests and keep their bodies gzipped (the layer's
 //! `compress(Encoding::Gzip)`):
 //!
@@ -68,30 +80,55 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 store.url()
             ),
         }
-        app::app(
-            db,
-            Some(
-                CacheLayer::new(store)
-                    .routes(app::cache_routes())
-                    .compress(Encoding::Gzip),
-            ),
-            "valkey",
-        )
+        let cache = CacheLayer::new(store)
+            .routes(app::cache_routes())
+            .compress(Encoding::Gzip);
+        let router = app::app(db, Some(cache.clone()), "valkey");
+        warm_at_start(&cache, router.clone(), seed);
+        router
     } else {
         println!("cache: in-memory store, 64 MiB (set VALKEY_URL to use Valkey)");
-        let store = MemoryStore::new(64 << 20);
-        app::app(
-            db,
-            Some(
-                CacheLayer::new(store)
-                    .routes(app::cache_routes())
-                    .compress(Encoding::Gzip),
-            ),
-            "memory",
-        )
+        let cache = CacheLayer::new(MemoryStore::new(64 << 20))
+            .routes(app::cache_routes())
+            .compress(Encoding::Gzip);
+        let router = app::app(db, Some(cache.clone()), "memory");
+        warm_at_start(&cache, router.clone(), seed);
+        router
     };
+    println!(
+        "admin: /admin/cache/{{stats,inspect,invalidate,remove,purge,warm}} with Authorization: Bearer {}",
+        app::admin_token()
+    );
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    println!("listening on http://{addr}");
+    println!("listening on http://{addr} (open it in a browser: the app and a live cache panel)");
     axum::serve(listener, router).await?;
     Ok(())
+}
+
+/// Warms the cache in the background while the server starts listening: first what was hot
+/// before a restart (the store's record: Valkey keeps it, a new in-memory store has none),
+/// then the demo's list (dashboards of the most active users, first pages, servers).
+/// `WARM=off` skips it.
+fn warm_at_start<St: tower_cache_aside::store::Store>(
+    cache: &CacheLayer<St>,
+    router: axum::Router,
+    seed: app::Seed,
+) {
+    if std::env::var("WARM").is_ok_and(|v| v.eq_ignore_ascii_case("off")) {
+        println!("warming: off (WARM=off)");
+        return;
+    }
+    let warmer = app::warmer(&cache.handle(), router)
+        .on_progress(std::time::Duration::from_secs(1), |so_far| {
+            println!("warming: {so_far}")
+        });
+    tokio::spawn(async move {
+        match warmer.warm_recorded(500).await {
+            Ok(r) if r.requested > 0 => println!("warming: what was hot before: {r}"),
+            Ok(_) => {}
+            Err(e) => println!("warming: the store's record could not be read ({e})"),
+        }
+        let r = warmer.warm(app::warm_list(&seed)).await;
+        println!("warming: the start list: {r}");
+    });
 }

@@ -156,8 +156,18 @@ async fn routes_answer_with_the_promised_shapes() {
     );
     let health = json(&call(&app, Method::GET, "/health", None, None).await);
     assert_eq!(health["status"], "ok");
+    // Prometheus text from the crate's `metrics` feature: per route, with histograms.
+    until_hit(&app, "/events/1", Some(1)).await;
     let metrics = call(&app, Method::GET, "/metrics", None, None).await.text();
-    assert!(metrics.contains("cache_hits_total") && metrics.contains("demo_db_queries_total"));
+    for series in [
+        "tower_cache_aside_hits_total{route=\"events_id\"}",
+        "tower_cache_aside_misses_total{route=\"events_id\"}",
+        "tower_cache_aside_response_seconds_bucket{route=\"events_id\",cache=\"hit\"",
+        "tower_cache_aside_origin_seconds_count{route=\"events_id\"}",
+        "demo_db_queries_total",
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
 }
 
 /// Authentication runs outside the cache: once a public route is cached for signed-in

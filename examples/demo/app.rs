@@ -6,20 +6,22 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{request::Parts, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tower_cache_aside::{
-    store::Store, CacheHint, CacheLayer, CacheStats, InvalidateTags, RoutePolicy, RouteTable, Scope,
+    store::Store, CacheHandle, CacheHint, CacheLayer, CacheStats, InvalidateTags, RoutePolicy,
+    RouteTable, Scope, Warmer,
 };
 
 /// How much data to seed.
@@ -209,6 +211,8 @@ pub struct AppState {
     pub db: Arc<Db>,
     pub stats: Option<CacheStats>,
     pub store_name: &'static str,
+    /// The cache panel's figures beyond the counters (per route, clears, hottest keys).
+    panel: Option<Arc<dyn Fn() -> Value + Send + Sync>>,
 }
 
 fn user_of(parts: &Parts) -> Option<String> {
@@ -256,8 +260,96 @@ pub fn cache_routes() -> RouteTable {
         .fallback(RoutePolicy::never())
 }
 
-/// Routes anyone may call: the operator's.
-const OPEN: [&str; 3] = ["/health", "/metrics", "/cache/stats"];
+/// Routes anyone may call: the page, and the operator's.
+const OPEN: [&str; 4] = ["/", "/health", "/metrics", "/cache/stats"];
+
+/// The token the admin service (`/admin/cache/...`) wants: `ADMIN_TOKEN`, or `operator`.
+pub fn admin_token() -> String {
+    std::env::var("ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| "operator".into())
+}
+
+/// The operators' check in front of the admin service.
+async fn admin_only(req: Request, next: Next) -> Response {
+    let expected = format!("Bearer {}", admin_token());
+    let given = req.headers().get("authorization").map(|v| v.as_bytes());
+    if given == Some(expected.as_bytes()) {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [("www-authenticate", "Bearer")],
+            "the admin service wants Authorization: Bearer <ADMIN_TOKEN>",
+        )
+            .into_response()
+    }
+}
+
+/// The process's Prometheus recorder: installed once, before the first count, so that the
+/// crate's `metrics` (`tower_cache_aside_*`) and the demo's own reach `/metrics`.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let seconds = [
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25, 0.5, 1.0,
+        ];
+        let builder = PrometheusBuilder::new()
+            .set_buckets(&seconds)
+            .expect("buckets are given");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder installed first (a test's): this one renders only what it sees.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// The warmer the demo warms with: requests as user 1 (every route wants a known user; the
+/// public ones are shared by all), and a user's dashboard as that user.
+pub fn warmer<St: Store>(handle: &CacheHandle<St>, router: Router) -> Warmer<Router, St> {
+    let bearer = |user: &str| axum::http::HeaderValue::from_str(&format!("Bearer {user}")).ok();
+    handle
+        .warmer(router)
+        .concurrency(4)
+        .header(
+            axum::http::header::AUTHORIZATION,
+            bearer("1").expect("valid"),
+        )
+        .per_user(move |user| {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(axum::http::header::AUTHORIZATION, bearer(user)?);
+            Some(h)
+        })
+}
+
+/// What the demo warms at start: the most active users' dashboards, the first pages of the
+/// event lists, the workflows and every server.
+pub fn warm_list(seed: &Seed) -> Vec<tower_cache_aside::warm::WarmRequest> {
+    let mut list: Vec<tower_cache_aside::warm::WarmRequest> = Vec::new();
+    for user in 1..=seed.users.min(10) {
+        let req = axum::http::Request::get("/dashboard/stats")
+            .header("authorization", format!("Bearer {user}"))
+            .body(())
+            .expect("a valid request");
+        list.push(req.into());
+    }
+    for page in 1..=3 {
+        list.push(format!("/events?page={page}").into());
+    }
+    for status in ["error", "warning", "pending"] {
+        list.push(format!("/events?status={status}").into());
+    }
+    for fixed in ["/workflows", "/servers", "/webhooks"] {
+        list.push(fixed.into());
+    }
+    for id in 1..=seed.servers {
+        list.push(format!("/servers/{id}").into());
+    }
+    list
+}
 
 /// The authentication layer. It sits outside the cache, so it runs before every request,
 /// hits included: a request without a known user (`Authorization: Bearer <user id>`) gets a
@@ -294,12 +386,19 @@ pub fn app<St: Store>(
     cache: Option<CacheLayer<St>>,
     store_name: &'static str,
 ) -> Router {
+    let _ = prometheus();
+    let panel = cache.as_ref().map(|c| {
+        let handle = c.handle();
+        Arc::new(move || panel(&handle)) as Arc<dyn Fn() -> Value + Send + Sync>
+    });
     let state = AppState {
         db,
         stats: cache.as_ref().map(|c| c.stats()),
         store_name,
+        panel,
     };
     let routes = Router::new()
+        .route("/", get(page))
         .route("/dashboard/stats", get(dashboard))
         .route("/events", get(list_events).post(create_event))
         .route(
@@ -320,18 +419,66 @@ pub fn app<St: Store>(
         .route("/cache/stats", get(cache_stats))
         .route("/health", get(health))
         .route("/metrics", get(metrics));
-    let routes = match cache {
+    let cache = cache.map(|c| c.mark_every_response(true));
+    let routes = match &cache {
         // Every response says what the cache did, uncached routes and writes included.
-        Some(cache) => {
-            let cache = cache.mark_every_response(true);
-            routes.layer(cache.invalidate_layer()).layer(cache)
-        }
+        Some(cache) => routes.layer(cache.invalidate_layer()).layer(cache.clone()),
         None => routes,
     };
     let users = state.db.users;
-    routes
+    let app = routes
         .layer(middleware::from_fn_with_state(users, auth))
-        .with_state(state)
+        .with_state(state);
+    let Some(cache) = cache else { return app };
+    // The admin service, behind its own token, with a warmer over the app.
+    let admin = cache
+        .admin_service()
+        .warmer(warmer(&cache.handle(), app.clone()));
+    let admin = Router::new()
+        .nest_service("/admin/cache", admin)
+        .route_layer(middleware::from_fn(admin_only));
+    app.merge(admin)
+}
+
+/// The page: the app's data and a live cache panel (`examples/demo/index.html`).
+async fn page() -> Html<&'static str> {
+    Html(include_str!("index.html"))
+}
+
+/// The panel's figures: per route, the latest clears, the hottest keys.
+fn panel<St: Store>(handle: &CacheHandle<St>) -> Value {
+    let stats = handle.stats();
+    let routes: Vec<Value> = stats
+        .routes()
+        .iter()
+        .map(|r| {
+            json!({
+                "route": r.route, "pattern": r.pattern, "hits": r.hits, "misses": r.misses,
+                "stale_hits": r.stale_hits, "collapsed": r.collapsed, "bypasses": r.bypasses,
+                "fills": r.fills, "bytes_served": r.bytes_served, "hit_rate": r.hit_rate(),
+                "origin_time_saved_ms": r.origin_time_saved.as_millis() as u64,
+            })
+        })
+        .collect();
+    let clears: Vec<Value> = handle
+        .recent_clears()
+        .iter()
+        .rev()
+        .map(|c| {
+            let at =
+                c.at.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+            json!({"at_ms": at.as_millis() as u64, "tags": c.tags, "purge": c.purge})
+        })
+        .collect();
+    let hot: Vec<Value> = handle
+        .hot_keys(10)
+        .iter()
+        .map(
+            |k| json!({"target": k.target, "host": k.host, "user": k.user, "requests": k.requests}),
+        )
+        .collect();
+    json!({"routes": routes, "recent_clears": clears, "hot": hot})
 }
 
 fn event_json(r: &rusqlite::Row<'_>) -> rusqlite::Result<Value> {
@@ -766,16 +913,22 @@ async fn list_webhooks(State(s): State<AppState>) -> Result<Json<Value>, DbError
 async fn cache_stats(State(s): State<AppState>) -> Json<Value> {
     let queries = s.db.queries.load(Ordering::Relaxed);
     let Some(stats) = &s.stats else {
-        return Json(json!({"cache": "off", "db_queries": queries}));
+        return Json(json!({"cache": "off", "store": "off", "db_queries": queries}));
     };
     let st = stats.snapshot();
-    Json(json!({
+    let mut out = json!({
         "store": s.store_name, "hits": st.hits, "misses": st.misses, "stale_hits": st.stale_hits,
         "collapsed": st.collapsed, "bypasses": st.bypasses, "fills": st.fills, "fills_fenced": st.fills_fenced,
         "invalidations": st.invalidations,
         "store_errors": st.store_errors, "breaker_open": st.breaker_open, "hit_rate": st.hit_rate(),
         "db_queries": queries,
-    }))
+    });
+    if let (Some(panel), Some(fields)) = (&s.panel, out.as_object_mut()) {
+        if let Value::Object(more) = panel() {
+            fields.extend(more);
+        }
+    }
+    Json(out)
 }
 
 async fn health(State(s): State<AppState>) -> Json<Value> {
@@ -786,76 +939,10 @@ async fn health(State(s): State<AppState>) -> Json<Value> {
     Json(json!({"status": "ok", "store": s.store_name, "breaker_open": breaker_open}))
 }
 
+/// Prometheus text: the crate's figures through its `metrics` feature (per route, with
+/// latency histograms), and the demo's database queries.
 async fn metrics(State(s): State<AppState>) -> Response {
-    let mut out = String::new();
-    let mut line = |name: &str, kind: &str, help: &str, v: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        ));
-    };
-    line(
-        "demo_db_queries_total",
-        "counter",
-        "Database queries run.",
-        s.db.queries.load(Ordering::Relaxed),
-    );
-    if let Some(stats) = &s.stats {
-        let st = stats.snapshot();
-        line(
-            "cache_hits_total",
-            "counter",
-            "Requests answered from the cache.",
-            st.hits,
-        );
-        line(
-            "cache_misses_total",
-            "counter",
-            "Lookups that called the app.",
-            st.misses,
-        );
-        line(
-            "cache_stale_hits_total",
-            "counter",
-            "Stale entries served while refreshing.",
-            st.stale_hits,
-        );
-        line(
-            "cache_collapsed_total",
-            "counter",
-            "Requests that waited for another's fetch.",
-            st.collapsed,
-        );
-        line(
-            "cache_bypasses_total",
-            "counter",
-            "Requests that skipped the cache.",
-            st.bypasses,
-        );
-        line("cache_fills_total", "counter", "Entries written.", st.fills);
-        line(
-            "cache_fills_fenced_total",
-            "counter",
-            "Fills refused by the invalidation fence.",
-            st.fills_fenced,
-        );
-        line(
-            "cache_invalidations_total",
-            "counter",
-            "Tag clears.",
-            st.invalidations,
-        );
-        line(
-            "cache_store_errors_total",
-            "counter",
-            "Failed store operations.",
-            st.store_errors,
-        );
-        line(
-            "cache_breaker_open",
-            "gauge",
-            "1 while the store is being skipped.",
-            u64::from(st.breaker_open),
-        );
-    }
-    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+    metrics::counter!("demo_db_queries_total").absolute(s.db.queries.load(Ordering::Relaxed));
+    let text = prometheus().render();
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
