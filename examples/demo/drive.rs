@@ -63,6 +63,8 @@ pub enum Class {
 #[derive(Default)]
 pub struct Outcome {
     pub latencies: HashMap<Class, Vec<Duration>>,
+    /// When each request of `latencies` started, from the start of the run (same order).
+    pub started: HashMap<Class, Vec<Duration>>,
     pub requests: u64,
     pub errors: u64,
     pub stale_reads: u64,
@@ -80,7 +82,13 @@ pub fn pct(v: &mut [Duration], p: f64) -> Duration {
 /// Drives the demo at `base` for `secs` seconds with `CLIENTS` clients: a 90/10 read/write
 /// mix over Zipf-distributed ids, every read of an event checked against the versions
 /// acknowledged to writers before it started.
+#[allow(dead_code)] // the soak example's; the load generator counts as it goes
 pub async fn drive(base: String, secs: u64) -> Outcome {
+    drive_counted(base, secs, Arc::default()).await
+}
+
+/// [`drive`], counting each finished request in `done` as it goes (for progress lines).
+pub async fn drive_counted(base: String, secs: u64, done: Arc<AtomicU64>) -> Outcome {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(CLIENTS)
         .build_http();
@@ -90,11 +98,17 @@ pub async fn drive(base: String, secs: u64) -> Outcome {
     let events = Arc::new(Zipf::new(HOT_EVENTS));
     let small = Arc::new(Zipf::new(40));
     let users = Arc::new(Zipf::new(50));
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (client, base, acked, outcome) =
-            (client.clone(), base.clone(), acked.clone(), outcome.clone());
+        let (client, base, acked, outcome, done) = (
+            client.clone(),
+            base.clone(),
+            acked.clone(),
+            outcome.clone(),
+            done.clone(),
+        );
         let (events, small, users) = (events.clone(), small.clone(), users.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) * 0x1000_0001));
@@ -191,7 +205,13 @@ pub async fn drive(base: String, secs: u64) -> Outcome {
                     .entry(class)
                     .or_default()
                     .push(start.elapsed());
+                local
+                    .started
+                    .entry(class)
+                    .or_default()
+                    .push(start - t0);
                 local.requests += 1;
+                done.fetch_add(1, Ordering::Relaxed);
                 if !status.is_success() {
                     local.errors += 1;
                     continue;
@@ -212,6 +232,9 @@ pub async fn drive(base: String, secs: u64) -> Outcome {
             let mut o = outcome.lock().unwrap();
             for (k, v) in local.latencies {
                 o.latencies.entry(k).or_default().extend(v);
+            }
+            for (k, v) in local.started {
+                o.started.entry(k).or_default().extend(v);
             }
             o.requests += local.requests;
             o.errors += local.errors;
