@@ -65,9 +65,17 @@ fn layered<St: Store>(
     Response = Response<tower_cache_aside::cache::CacheBody<Full<Bytes>>>,
     Error = Infallible,
 > + Clone {
-    tower::ServiceBuilder::new()
-        .layer(CacheLayer::new(store).routes(routes()))
-        .service(handler())
+    layered_with(CacheLayer::new(store).routes(routes()))
+}
+
+fn layered_with<St: Store>(
+    layer: CacheLayer<St>,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<tower_cache_aside::cache::CacheBody<Full<Bytes>>>,
+    Error = Infallible,
+> + Clone {
+    tower::ServiceBuilder::new().layer(layer).service(handler())
 }
 
 fn key_derivation(c: &mut Criterion) {
@@ -145,11 +153,22 @@ fn memory_paths(c: &mut Criterion) {
         .unwrap();
     let bare = handler();
     let cached = layered(MemoryStore::new(64 << 20));
+    // The same without the record of the most requested keys: what counting costs a hit.
+    let unrecorded = layered_with(
+        CacheLayer::new(MemoryStore::new(64 << 20))
+            .routes(routes())
+            .record_hot_keys(0),
+    );
     rt.block_on(async {
         call(cached.clone(), "/events/1").await;
+        call(unrecorded.clone(), "/events/1").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     });
     let mut g = c.benchmark_group("memory");
+    g.bench_function("hit, hot-key record off", |b| {
+        b.to_async(&rt)
+            .iter(|| call(unrecorded.clone(), "/events/1"))
+    });
     g.bench_function("bare handler", |b| {
         b.to_async(&rt).iter(|| call(bare.clone(), "/events/1"))
     });

@@ -95,7 +95,10 @@ async fn drive_with_progress(name: &str, base: String, secs: u64) -> Outcome {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let n = done.load(Ordering::Relaxed);
                 let t = started.elapsed().as_secs_f64();
-                eprintln!("  {name}: {t:>4.0} s / {secs} s, {n} requests ({:.0}/s)", n as f64 / t);
+                eprintln!(
+                    "  {name}: {t:>4.0} s / {secs} s, {n} requests ({:.0}/s)",
+                    n as f64 / t
+                );
             }
         })
     };
@@ -284,10 +287,15 @@ async fn warming(secs: u64) {
     print!("| requests answered |");
     for (from, to) in windows {
         for (_, outcome, _, _) in &rows {
-            let n: usize = [Class::Dashboard, Class::EventList, Class::Single, Class::Write]
-                .iter()
-                .map(|c| window(outcome, *c, from, to).len())
-                .sum();
+            let n: usize = [
+                Class::Dashboard,
+                Class::EventList,
+                Class::Single,
+                Class::Write,
+            ]
+            .iter()
+            .map(|c| window(outcome, *c, from, to).len())
+            .sum();
             print!(" {n} |");
         }
     }
@@ -308,8 +316,7 @@ async fn warming(secs: u64) {
 
 /// The latencies of `class` requests that started between `from` and `to` seconds.
 fn window(outcome: &Outcome, class: Class, from: f64, to: f64) -> Vec<Duration> {
-    let (Some(lat), Some(at)) = (outcome.latencies.get(&class), outcome.started.get(&class))
-    else {
+    let (Some(lat), Some(at)) = (outcome.latencies.get(&class), outcome.started.get(&class)) else {
         return Vec::new();
     };
     lat.iter()
@@ -362,7 +369,9 @@ mod plot {
     type Series<'a> = (&'a str, Vec<(&'a str, [Duration; 3])>);
 
     fn escape(text: &str) -> String {
-        text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+        text.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
     }
 
     /// Grouped bars on a log scale: one group per request type, one bar per run (p50 solid,
@@ -373,7 +382,10 @@ mod plot {
         let plot_h = h - top - bottom;
         let all: Vec<f64> = series
             .iter()
-            .flat_map(|(_, c)| c.iter().flat_map(|(_, p)| p.iter().map(|d| d.as_secs_f64() * 1e3)))
+            .flat_map(|(_, c)| {
+                c.iter()
+                    .flat_map(|(_, p)| p.iter().map(|d| d.as_secs_f64() * 1e3))
+            })
             .filter(|v| *v > 0.0)
             .collect();
         let lo = all.iter().cloned().fold(f64::MAX, f64::min).max(0.001);
@@ -400,7 +412,11 @@ mod plot {
         let mut e = lo_exp;
         while e <= hi_exp {
             let (yy, v) = (y(10f64.powf(e)), 10f64.powf(e));
-            let label = if v >= 1.0 { format!("{v:.0} ms") } else { format!("{v} ms") };
+            let label = if v >= 1.0 {
+                format!("{v:.0} ms")
+            } else {
+                format!("{v} ms")
+            };
             let _ = write!(
                 s,
                 r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#e3e6ec"/><text x="{}" y="{:.1}" text-anchor="end" fill="#6b7385">{label}</text>"##,

@@ -205,11 +205,7 @@ pub async fn drive_counted(base: String, secs: u64, done: Arc<AtomicU64>) -> Out
                     .entry(class)
                     .or_default()
                     .push(start.elapsed());
-                local
-                    .started
-                    .entry(class)
-                    .or_default()
-                    .push(start - t0);
+                local.started.entry(class).or_default().push(start - t0);
                 local.requests += 1;
                 done.fetch_add(1, Ordering::Relaxed);
                 if !status.is_success() {
