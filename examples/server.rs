@@ -20,12 +20,13 @@
 //! Open <http://127.0.0.1:3000/> in a browser for the app's data and a live cache panel.
 //! At start the cache is warmed (what was hot before a restart, then dashboards, the first
 //! pages and servers; `WARM=off` skips it). The admin service is at `/admin/cache/...`
-//! behind `Authorization: Bearer $ADMIN_TOKEN` (default `operator`):
+//! behind `Authorization: Bearer $ADMIN_TOKEN` (made at random and printed when unset):
 //!
 //! ```sh
-//! curl -s localhost:3000/admin/cache/stats -H 'Authorization: Bearer operator'
-//! curl -s 'localhost:3000/admin/cache/inspect?url=/servers' -H 'Authorization: Bearer operator'
-//! curl -s -X POST localhost:3000/admin/cache/invalidate -H 'Authorization: Bearer operator' \
+//! export ADMIN_TOKEN=let-me-in   # before starting the server
+//! curl -s localhost:3000/admin/cache/stats -H "Authorization: Bearer $ADMIN_TOKEN"
+//! curl -s 'localhost:3000/admin/cache/inspect?url=/servers' -H "Authorization: Bearer $ADMIN_TOKEN"
+//! curl -s -X POST localhost:3000/admin/cache/invalidate -H "Authorization: Bearer $ADMIN_TOKEN" \
 //!      -d '{"tags": ["servers"]}'
 //! ```
 //!

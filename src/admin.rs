@@ -11,8 +11,12 @@
 //! | `POST warm?limit=100` | warms the store's record of the most requested keys |
 //!
 //! `inspect` and `remove` take the request's `Host` from an absolute `url`, else from a
-//! `host` parameter, else from the admin request's own `Host`; `inspect` takes request
-//! headers (a user's token, `Accept-Language`, ...) as `header=name:value`, repeated.
+//! `host` parameter, else from the admin request's own host; `inspect` takes request
+//! headers (a user's token, `Accept-Language`, ...) as `header=name:value`, repeated
+//! (percent-encode the values: `url=%2Fevents%3Fpage%3D2`). When a route's scope reads what
+//! authentication put in the request, [`AdminService::prepare`] does the same for
+//! `inspect`. A clear the store cannot take now is deferred, as the layer defers it, and
+//! answered `202 {"deferred": true}`.
 //!
 //! Every answer is JSON; errors are `{"error": "..."}` with a 4xx or 5xx status, and a
 //! request that is refused in part is refused whole (no tag is cleared when one is not
@@ -32,10 +36,12 @@
 //! }
 //!
 //! let cache = CacheLayer::new(MemoryStore::new(64 << 20));
-//! let app: Router = Router::new()
-//!     // ... the app's routes, with `.layer(cache.clone())`
+//! let app: Router = Router::new(); // the app's routes, with `.layer(cache.clone())`
+//! // The admin service behind the operators' check, beside (not inside) the app.
+//! let admin = Router::new()
 //!     .nest_service("/admin/cache", cache.admin_service())
 //!     .route_layer(middleware::from_fn(operators_only));
+//! let app = app.merge(admin);
 //! ```
 
 use std::fmt;
@@ -67,6 +73,8 @@ pub const MAX_ADMIN_TAGS: usize = 1000;
 const MAX_BODY: usize = 256 * 1024;
 /// Most keys `warm` runs.
 const MAX_WARM: usize = 10_000;
+/// Most query parameters a request may have (more are refused, never cut short).
+const MAX_PARAMS: usize = 256;
 /// Most request headers `inspect` takes.
 const MAX_HEADERS: usize = 32;
 
@@ -81,13 +89,17 @@ type WarmFn = Arc<
 pub struct AdminService<St> {
     engine: Arc<Engine<St>>,
     warm: Option<WarmFn>,
+    prepare: Option<Prepare>,
 }
+
+type Prepare = Arc<dyn Fn(&mut http::request::Parts) + Send + Sync>;
 
 impl<St> Clone for AdminService<St> {
     fn clone(&self) -> Self {
         AdminService {
             engine: self.engine.clone(),
             warm: self.warm.clone(),
+            prepare: self.prepare.clone(),
         }
     }
 }
@@ -107,11 +119,23 @@ impl<St: Store> crate::CacheLayer<St> {
         AdminService {
             engine: self.engine.clone(),
             warm: None,
+            prepare: None,
         }
     }
 }
 
 impl<St: Store> AdminService<St> {
+    /// Runs `f` on the request `inspect` looks up before the layer sees it, as the app's
+    /// own middleware would: when a route's scope reads what authentication put in the
+    /// request's extensions (a user id), `f` puts it there from the headers given.
+    pub fn prepare<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&mut http::request::Parts) + Send + Sync + 'static,
+    {
+        self.prepare = Some(Arc::new(f));
+        self
+    }
+
     /// Lets `POST warm` run this warmer over the store's record of the most requested keys
     /// (without one, `warm` answers `501`).
     pub fn warmer<S, ResBody>(mut self, warmer: Warmer<S, St>) -> Self
@@ -174,7 +198,19 @@ impl Refusal {
         )
     }
 
+    /// A clear the store could not take now: the layer keeps it, bypasses the store until
+    /// it lands, and retries (accepted, not failed).
+    fn deferred(e: StoreError) -> Self {
+        Refusal(
+            StatusCode::ACCEPTED,
+            format!("the store did not answer ({e}); the clear is deferred: the cache is bypassed until it lands"),
+        )
+    }
+
     fn response(self) -> Response<Full<Bytes>> {
+        if self.0 == StatusCode::ACCEPTED {
+            return json_response(self.0, &json!({ "deferred": true, "message": self.1 }));
+        }
         json_response(self.0, &json!({ "error": self.1 }))
     }
 }
@@ -201,7 +237,7 @@ impl<St: Store> AdminService<St> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().trim_end_matches('/');
         let action = path.rsplit('/').next().unwrap_or("");
-        let query = Query::parse(parts.uri.query().unwrap_or(""));
+        let query = Query::parse(parts.uri.query().unwrap_or(""))?;
         let wants = |method: Method| -> Result<(), Refusal> {
             if parts.method == method {
                 Ok(())
@@ -219,29 +255,33 @@ impl<St: Store> AdminService<St> {
             }
             "purge" => {
                 wants(Method::POST)?;
-                let seq = self.engine.purge_all().await.map_err(Refusal::store)?;
+                let seq = self.engine.purge_all().await.map_err(Refusal::deferred)?;
                 json!({ "purged": true, "seq": seq })
             }
             "invalidate" => {
                 wants(Method::POST)?;
                 let body = read_body(body).await?;
                 let tags = tags_asked(&query, &body)?;
-                let done = self.engine.clear(tags.clone()).await.map_err(Refusal::store)?;
+                let done = (self.engine.clear(tags.clone()).await).map_err(Refusal::deferred)?;
                 json!({ "cleared": tags, "epoch": done.epoch, "seq": done.seq })
             }
             "inspect" => {
                 wants(Method::GET)?;
-                let probe = probe(&query, &parts.headers)?;
+                let mut probe = probe(&query, &parts)?;
+                if let Some(prepare) = &self.prepare {
+                    prepare(&mut probe);
+                }
                 let found = self.engine.inspect(&probe).await.map_err(Refusal::store)?;
                 inspection(&probe, &found)
             }
             "remove" => {
                 wants(Method::POST)?;
-                let probe = probe(&query, &parts.headers)?;
+                let probe = probe(&query, &parts)?;
                 let host = request_host(&probe.headers, &probe.uri);
+                let shown = String::from_utf8_lossy(host).into_owned();
                 let tag = uri_tag(host, probe.uri.path());
-                let done = self.engine.clear(vec![tag]).await.map_err(Refusal::store)?;
-                json!({ "removed": probe.uri.path(), "seq": done.seq })
+                let done = (self.engine.clear(vec![tag]).await).map_err(Refusal::deferred)?;
+                json!({ "removed": probe.uri.path(), "host": shown, "seq": done.seq })
             }
             "warm" => {
                 wants(Method::POST)?;
@@ -398,7 +438,7 @@ fn tags_asked(query: &Query, body: &[u8]) -> Result<Vec<String>, Refusal> {
 
 /// The request an `inspect` or `remove` asks about: a GET of `url`, its `Host` and the
 /// given headers.
-fn probe(query: &Query, admin: &http::HeaderMap) -> Result<http::request::Parts, Refusal> {
+fn probe(query: &Query, admin: &http::request::Parts) -> Result<http::request::Parts, Refusal> {
     let url = query
         .get("url")
         .ok_or_else(|| Refusal::bad("give the URL to look at: ?url=/events/7"))?;
@@ -433,7 +473,11 @@ fn probe(query: &Query, admin: &http::HeaderMap) -> Result<http::request::Parts,
             HeaderValue::from_str(h)
                 .map_err(|_| Refusal::bad(format!("`{}` is not a host", h.escape_debug())))?,
         ),
-        (None, None) => headers.get(HOST).or(admin.get(HOST)).cloned(),
+        // The admin request's own host: its `Host`, or its URI's authority (HTTP/2).
+        (None, None) => match headers.get(HOST).or(admin.headers.get(HOST)) {
+            Some(h) => Some(h.clone()),
+            None => (admin.uri.authority()).and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        },
     };
     if let Some(host) = host {
         headers.insert(HOST, host);
@@ -458,6 +502,11 @@ fn inspection(probe: &http::request::Parts, found: &Inspection) -> Value {
         "state": found.state(),
     });
     let fields = out.as_object_mut().expect("an object");
+    if let Some(why) = found.unavailable {
+        // What the layer would do now: pass through, whatever the store holds.
+        fields.insert("served_from_cache".into(), json!(false));
+        fields.insert("why".into(), json!(why));
+    }
     if let Some(why) = found.bypass {
         fields.insert("bypass".into(), json!(why));
         return out;
@@ -515,7 +564,7 @@ fn warm_report(r: &WarmReport) -> Value {
 struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(query: &str) -> Query {
+    fn parse(query: &str) -> Result<Query, Refusal> {
         let decode = |s: &str| {
             let bytes = s.as_bytes();
             let mut out = Vec::with_capacity(bytes.len());
@@ -539,17 +588,25 @@ impl Query {
             }
             String::from_utf8_lossy(&out).into_owned()
         };
-        Query(
-            query
-                .split('&')
-                .filter(|p| !p.is_empty())
-                .take(256)
+        let params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+        if params.len() > MAX_PARAMS {
+            return Err(Refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{} query parameters; at most {MAX_PARAMS} (give many tags as a JSON body)",
+                    params.len()
+                ),
+            ));
+        }
+        Ok(Query(
+            params
+                .into_iter()
                 .map(|p| {
                     let (k, v) = p.split_once('=').unwrap_or((p, ""));
                     (decode(k), decode(v))
                 })
                 .collect(),
-        )
+        ))
     }
 
     fn get(&self, name: &str) -> Option<&str> {
@@ -573,7 +630,9 @@ mod tests {
 
     #[test]
     fn queries_decode_and_odd_escapes_never_panic() {
-        let q = Query::parse("url=%2Fevents%2F7%3Fa%3D1&tag=a+b&tag=%&tag=%4&tag=%zz&tag=%C3%A9&x");
+        let q = Query::parse("url=%2Fevents%2F7%3Fa%3D1&tag=a+b&tag=%&tag=%4&tag=%zz&tag=%C3%A9&x")
+            .ok()
+            .unwrap();
         assert_eq!(q.get("url"), Some("/events/7?a=1"));
         let tags: Vec<&str> = q.all("tag").collect();
         assert_eq!(tags, ["a b", "%", "%4", "%zz", "é"]);
@@ -581,11 +640,16 @@ mod tests {
         for odd in ["%", "%%", "a=%e2%82", "=%", "é=%é", "%é1"] {
             let _ = Query::parse(odd);
         }
+        let many: Vec<String> = (0..=MAX_PARAMS).map(|i| format!("tag=t{i}")).collect();
+        match Query::parse(&many.join("&")) {
+            Err(r) => assert_eq!(r.0, StatusCode::PAYLOAD_TOO_LARGE),
+            Ok(_) => panic!("too many parameters were taken"),
+        }
     }
 
     #[test]
     fn tags_are_refused_whole() {
-        let q = Query::parse("");
+        let q = Query::parse("").ok().unwrap();
         assert!(tags_asked(&q, br#"{"tags": ["a", "b"]}"#).is_ok());
         for bad in [
             &br#"{"tags": ["a", "has space"]}"#[..],

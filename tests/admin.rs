@@ -251,6 +251,10 @@ pub async fn every_admin_request_and_its_refusals<St: Store>(store: St) {
     let (status, e) = admin(&admin_router, "GET", "/admin/cache/everything", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(e["error"].as_str().unwrap().contains("stats"), "{e}");
+    let many: Vec<String> = (0..300).map(|i| format!("tag=t{i}")).collect();
+    let uri = format!("/admin/cache/invalidate?{}", many.join("&"));
+    let (status, _) = admin(&admin_router, "POST", &uri, "").await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "never cut short");
     for bad in [
         "/admin/cache/inspect",
         "/admin/cache/inspect?url=%20",
@@ -277,8 +281,22 @@ async fn warm_without_a_warmer_and_a_store_that_is_gone() {
         "{e}"
     );
     server.kill();
+    // A clear the store cannot take is deferred, as the layer defers it: accepted.
     let (status, e) = admin(&admin_router, "POST", "/admin/purge", "").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+    assert_eq!(status, StatusCode::ACCEPTED, "{e}");
+    assert_eq!(e["deferred"], true, "{e}");
+    let (status, e) = admin(&admin_router, "POST", "/admin/invalidate?tag=items", "").await;
+    assert_eq!(
+        (status, e["deferred"].as_bool()),
+        (StatusCode::ACCEPTED, Some(true)),
+        "{e}"
+    );
+    // Reading the store cannot be deferred: said so.
+    let (status, e) = admin(&admin_router, "GET", "/admin/inspect?url=/items/1", "").await;
+    assert!(
+        status.is_server_error() || e["why"].is_string(),
+        "{status} {e}"
+    );
     let (status, _) = admin(&admin_router, "GET", "/admin/stats", "").await;
     assert_eq!(status, StatusCode::OK, "stats need no store");
 }

@@ -399,3 +399,40 @@ async fn a_write_clears_exactly_the_lists_it_changes() {
     let escalated = json(&call(&app, Method::GET, "/events?status=escalated", Some(1), None).await);
     assert_eq!(escalated["events"][0]["id"], 1);
 }
+
+/// The demo's admin service: behind its token, and `inspect` sees a user's dashboard as the
+/// auth layer would (the route's scope reads the user the auth layer puts in the request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_service_is_behind_its_token_and_inspects_as_a_user() {
+    let (app, _db) = demo(Some(MemoryStore::new(16 << 20)));
+    until_hit(&app, "/dashboard/stats", Some(3)).await;
+    let ask = |token: String| {
+        let req = Request::get(
+            "/admin/cache/inspect?url=/dashboard/stats&header=authorization:Bearer%203",
+        )
+        .header("authorization", token)
+        .body(Body::empty())
+        .unwrap();
+        send(&app, req)
+    };
+    let refused = ask("Bearer 1".into()).await;
+    assert_eq!(refused.status, 401, "a user is not an operator");
+    let r = ask(format!("Bearer {}", app::admin_token())).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let found = json(&r);
+    assert_eq!(
+        (found["cached"].as_bool(), found["user"].as_str()),
+        (Some(true), Some("3")),
+        "{found}"
+    );
+    // The open figures name no user.
+    let stats = json(&call(&app, Method::GET, "/cache/stats", None, None).await);
+    assert!(
+        stats["hot"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k.get("user").is_none()),
+        "{stats}"
+    );
+}

@@ -84,11 +84,12 @@ pub fn pct(v: &mut [Duration], p: f64) -> Duration {
 /// acknowledged to writers before it started.
 #[allow(dead_code)] // the soak example's; the load generator counts as it goes
 pub async fn drive(base: String, secs: u64) -> Outcome {
-    drive_counted(base, secs, Arc::default()).await
+    drive_counted(base, secs, Arc::default(), 0).await
 }
 
-/// [`drive`], counting each finished request in `done` as it goes (for progress lines).
-pub async fn drive_counted(base: String, secs: u64, done: Arc<AtomicU64>) -> Outcome {
+/// [`drive`], counting each finished request in `done` as it goes (for progress lines);
+/// `seed` picks another sequence of requests (0: the usual one).
+pub async fn drive_counted(base: String, secs: u64, done: Arc<AtomicU64>, seed: u64) -> Outcome {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(CLIENTS)
         .build_http();
@@ -111,7 +112,7 @@ pub async fn drive_counted(base: String, secs: u64, done: Arc<AtomicU64>) -> Out
         );
         let (events, small, users) = (events.clone(), small.clone(), users.clone());
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) * 0x1000_0001));
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) * 0x1000_0001) ^ seed);
             let mut local = Outcome::default();
             while Instant::now() < deadline {
                 let user = users.sample(&mut rng);

@@ -201,7 +201,9 @@ impl<St: Store> CacheLayer<St> {
     /// How many of the most requested keys the layer records (default 1024, at most 65,536;
     /// 0 turns the record off). Each instance counts its looked-up GET requests per key and keeps the
     /// top ones with what it takes to ask for them again (path, query, `Host`, the headers
-    /// the route varies by, and the user of a per-user entry; never credentials); every
+    /// the route varies by, and the user of a per-user entry; never a request keyed by a
+    /// credential header, and never those headers; a secret in a query string is recorded
+    /// as it is: turn the record off for such apps); every
     /// [`hot_flush_every`](Self::hot_flush_every) it adds its counts to the store's
     /// record, which a [`Warmer`](crate::Warmer) warms a new instance from.
     pub fn record_hot_keys(self, capacity: usize) -> Self {

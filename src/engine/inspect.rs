@@ -30,6 +30,9 @@ pub(crate) struct Inspection {
     /// The entry, when one is current.
     pub(crate) entry: Option<Entry>,
     pub(crate) now_ms: u64,
+    /// Why the layer would not use the store now, whatever it holds (`clear-pending`,
+    /// `breaker-open`).
+    pub(crate) unavailable: Option<&'static str>,
 }
 
 impl Inspection {
@@ -61,7 +64,14 @@ impl<St: Store> Engine<St> {
             varies_on: Vec::new(),
             entry: None,
             now_ms: now_ms(),
+            unavailable: None,
         };
+        if self.deferred.pending() {
+            out.unavailable = Some("clear-pending");
+        } else if self.breaker.is_open() {
+            // The store is known to be down: not waited on here either.
+            out.unavailable = Some("breaker-open");
+        }
         let key = match self.plan(parts) {
             Plan::Lookup { key, .. } => key,
             Plan::Bypass(why, _) => {
@@ -81,6 +91,10 @@ impl<St: Store> Engine<St> {
                 "anonymous"
             };
         }
+        out.key = Some(key.to_string());
+        if out.unavailable == Some("breaker-open") {
+            return Ok(out);
+        }
         let mut found = self.read(&key).await?;
         let mut looked_up = key.clone();
         if let Read::Marker(names) = found {
@@ -96,7 +110,12 @@ impl<St: Store> Engine<St> {
         }
         out.key = Some(looked_up.to_string());
         if let Read::Entry(entry) = found {
-            out.entry = Some(*entry);
+            // Past every window with no validator to revalidate it by: a lookup's miss.
+            let dead = entry.staleness(out.now_ms) == Staleness::Dead
+                && !super::revalidate::has_validator(&entry);
+            if !dead {
+                out.entry = Some(*entry);
+            }
         }
         Ok(out)
     }
