@@ -403,8 +403,18 @@ pub fn app<St: Store>(
 ) -> Router {
     let _ = prometheus();
     let panel = cache.as_ref().map(|c| {
-        let handle = c.handle();
-        Arc::new(move || panel(&handle)) as Arc<dyn Fn() -> Value + Send + Sync>
+        let (handle, store) = (c.handle(), c.store().clone());
+        Arc::new(move || {
+            let mut v = panel(&handle);
+            // The in-memory store can say how much it holds (Valkey's keyspace is shared).
+            let memory = (&store as &dyn std::any::Any)
+                .downcast_ref::<tower_cache_aside::store::MemoryStore>();
+            if let (Some(m), Some(fields)) = (memory, v.as_object_mut()) {
+                fields.insert("entries".into(), json!(m.entry_count()));
+                fields.insert("entry_bytes".into(), json!(m.weighted_size()));
+            }
+            v
+        }) as Arc<dyn Fn() -> Value + Send + Sync>
     });
     let state = AppState {
         db,
