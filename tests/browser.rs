@@ -123,7 +123,10 @@ async fn the_page_shows_the_data_and_a_panel_that_follows_the_cache() {
     );
     // The panel: the store, the hit rate, a row per route the page asked for.
     let store = text_of(&first, "store");
-    assert!(store.starts_with("store: memory · ") && store.contains(" entries, "), "{store}");
+    assert!(
+        store.starts_with("store: memory · ") && store.contains(" entries, "),
+        "{store}"
+    );
     assert!(
         text_of(&first, "hit-rate").ends_with('%'),
         "{}",
