@@ -44,12 +44,12 @@
 //! let app = app.merge(admin);
 //! ```
 
+use crate::entry::millis;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
@@ -205,6 +205,10 @@ impl Refusal {
             StatusCode::ACCEPTED,
             format!("the store did not answer ({e}); the clear is deferred: the cache is bypassed until it lands"),
         )
+    }
+
+    fn too_large(message: String) -> Self {
+        Refusal(StatusCode::PAYLOAD_TOO_LARGE, message)
     }
 
     fn response(self) -> Response<Full<Bytes>> {
@@ -372,10 +376,6 @@ impl<St: Store> AdminService<St> {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    crate::entry::millis(d)
-}
-
 async fn read_body<B>(body: B) -> Result<Bytes, Refusal>
 where
     B: Body,
@@ -383,10 +383,9 @@ where
 {
     match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over {MAX_BODY} bytes"),
-        )),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Refusal::too_large(format!(
+            "the body is over {MAX_BODY} bytes"
+        ))),
         Err(e) => Err(Refusal::bad(format!("the body could not be read: {e}"))),
     }
 }
@@ -416,13 +415,10 @@ fn tags_asked(query: &Query, body: &[u8]) -> Result<Vec<String>, Refusal> {
         return Err(Refusal::bad(r#"no tags: give {"tags": [...]} or ?tag=..."#));
     }
     if tags.len() > MAX_ADMIN_TAGS {
-        return Err(Refusal(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "{} tags; at most {MAX_ADMIN_TAGS} per request: split them",
-                tags.len()
-            ),
-        ));
+        return Err(Refusal::too_large(format!(
+            "{} tags; at most {MAX_ADMIN_TAGS} per request: split them",
+            tags.len()
+        )));
     }
     if let Some(bad) = tags.iter().find(|t| !is_user_tag(t)) {
         return Err(Refusal::bad(format!(
@@ -590,13 +586,10 @@ impl Query {
         };
         let params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
         if params.len() > MAX_PARAMS {
-            return Err(Refusal(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "{} query parameters; at most {MAX_PARAMS} (give many tags as a JSON body)",
-                    params.len()
-                ),
-            ));
+            return Err(Refusal::too_large(format!(
+                "{} query parameters; at most {MAX_PARAMS} (give many tags as a JSON body)",
+                params.len()
+            )));
         }
         Ok(Query(
             params

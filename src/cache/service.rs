@@ -71,8 +71,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let asked = Asked::of(&parts);
-        self.engine
-            .seen(&key, &route, &parts, crate::entry::now_ms());
+        self.engine.seen(&key, &route, &parts, asked.at_ms);
         let span = tracing::debug_span!("cache.request", route = key.route());
         let call = OriginCall {
             inner,

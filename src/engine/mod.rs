@@ -163,6 +163,9 @@ pub(crate) struct Asked {
     pub(crate) conditions: Option<conditional::Conditions>,
     /// For entries stored compressed: which codings the client takes.
     pub(crate) accept_encoding: Option<http::HeaderValue>,
+    /// When the request came in (milliseconds since the Unix epoch): read once, for the
+    /// lookup's freshness and the record of hot keys alike.
+    pub(crate) at_ms: u64,
 }
 
 impl Asked {
@@ -181,6 +184,7 @@ impl Asked {
             want,
             conditions,
             accept_encoding: crate::compress::accept_encoding(&parts.headers),
+            at_ms: crate::entry::now_ms(),
         }
     }
 }

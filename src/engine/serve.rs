@@ -14,7 +14,7 @@ use super::miss::OriginCall;
 use super::respond::{represent, servable, Served};
 use super::status::Stale;
 use super::{vary, Asked, Engine, Want};
-use crate::entry::{now_ms, Staleness};
+use crate::entry::Staleness;
 use crate::stats::{count_route, Timer};
 use crate::store::Store;
 
@@ -33,7 +33,7 @@ impl<St: Store> Engine<St> {
         ResBody::Data: Send,
         ResBody::Error: Send + 'static,
     {
-        let now = now_ms();
+        let now = asked.at_ms;
         let timer = Timer::start();
         let mut call = call;
         let mut found = self.lookup(&call.key, now).await;
