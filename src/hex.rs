@@ -19,7 +19,7 @@ pub(crate) fn hex(digest: &[u8; 32]) -> [u8; 64] {
     out
 }
 
-fn hex_pair(b: u8) -> [u8; 2] {
+pub(crate) fn hex_pair(b: u8) -> [u8; 2] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     [HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]
 }

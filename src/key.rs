@@ -29,6 +29,9 @@ use sha2::{Digest, Sha256};
 pub struct EntryKey {
     route: Arc<str>,
     digest: [u8; 32],
+    /// What a cluster places the key by: the start of its digest, or of its primary's for a
+    /// variant (so that a variant lives on the node its URL's lookup read).
+    group: [u8; 4],
 }
 
 impl EntryKey {
@@ -36,6 +39,7 @@ impl EntryKey {
     pub fn new(route: impl Into<Arc<str>>, digest: [u8; 32]) -> Self {
         EntryKey {
             route: route.into(),
+            group: [digest[0], digest[1], digest[2], digest[3]],
             digest,
         }
     }
@@ -50,12 +54,20 @@ impl EntryKey {
         &self.digest
     }
 
-    /// Another key of the same route.
+    /// Another key of the same route, placed with this one.
     pub(crate) fn with_digest(&self, digest: [u8; 32]) -> EntryKey {
         EntryKey {
             route: self.route.clone(),
             digest,
+            group: self.group,
         }
+    }
+
+    /// The bytes a cluster places the key by (its node): keys derived from one request
+    /// share them.
+    #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
+    pub(crate) fn group(&self) -> &[u8; 4] {
+        &self.group
     }
 
     /// Appends `{route}:{hex digest}` to `out` (no intermediate allocation).
@@ -197,10 +209,7 @@ pub(crate) fn derive_key(
             field(u.as_bytes());
         }
     }
-    EntryKey {
-        route: route.clone(),
-        digest: h.finalize().into(),
-    }
+    EntryKey::new(route.clone(), h.finalize().into())
 }
 
 /// A query pair's name: what comes before its first `=`.

@@ -1,11 +1,12 @@
 //! Shared test support: real servers, the test app and request helpers.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod server;
 pub mod unfenced;
 
-/// Runs every listed `cases::NAME(store)` against MemoryStore, Valkey, Redis and a
-/// TieredStore (a near tier in front of Valkey).
+/// Runs every listed `cases::NAME(store)` against MemoryStore, Valkey, Redis, a
+/// TieredStore (a near tier in front of Valkey) and Valkey on a 3-master cluster.
 #[allow(unused_macros)]
 macro_rules! store_suite {
     ($($case:ident),* $(,)?) => {
@@ -13,6 +14,7 @@ macro_rules! store_suite {
         store_suite!(@one valkey, served(Kind::Valkey), [$($case),*]);
         store_suite!(@one redis, served(Kind::Redis), [$($case),*]);
         store_suite!(@one tiered, tiered(Kind::Valkey).await, [$($case),*]);
+        store_suite!(@one cluster, clustered(Kind::Valkey), [$($case),*]);
     };
     (@one $store:ident, $fixture:expr, [$($case:ident),*]) => {
         mod $store {
@@ -66,12 +68,14 @@ pub use server::{Kind, Server};
 pub struct Fixture<St> {
     pub store: St,
     pub server: Option<Server>,
+    pub cluster: Option<cluster::Cluster>,
 }
 
 pub fn memory() -> Fixture<MemoryStore> {
     Fixture {
         store: MemoryStore::new(64 << 20),
         server: None,
+        cluster: None,
     }
 }
 
@@ -102,6 +106,7 @@ pub async fn tiered(kind: Kind) -> Fixture<tower_cache_aside::store::TieredStore
     Fixture {
         store,
         server: Some(server),
+        cluster: None,
     }
 }
 
@@ -110,6 +115,21 @@ pub fn served(kind: Kind) -> Fixture<ValkeyStore> {
     Fixture {
         store: valkey_store(&server),
         server: Some(server),
+        cluster: None,
+    }
+}
+
+/// A store on a real 3-master cluster, given the URL of one node.
+pub fn clustered(kind: Kind) -> Fixture<ValkeyStore> {
+    let cluster = cluster::Cluster::start(kind, 3, 0);
+    Fixture {
+        store: ValkeyStore::builder()
+            .url(cluster.url())
+            .operation_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap(),
+        server: None,
+        cluster: Some(cluster),
     }
 }
 

@@ -227,6 +227,29 @@ impl Server {
         text.lines().nth(want_lines - 1).unwrap_or("").to_owned()
     }
 
+    /// Sends a command and returns its whole reply, flattened to text: a bulk string's
+    /// contents, an array's items one per line.
+    pub fn query(&self, words: &[&str]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut req = Vec::new();
+        if let Some(p) = &self.password {
+            req.extend_from_slice(
+                format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{p}\r\n", p.len()).as_bytes(),
+            );
+        }
+        req.extend_from_slice(format!("*{}\r\n", words.len()).as_bytes());
+        for w in words {
+            req.extend_from_slice(format!("${}\r\n{w}\r\n", w.len()).as_bytes());
+        }
+        s.write_all(&req).unwrap();
+        if self.password.is_some() {
+            read_reply(&mut r);
+        }
+        read_reply(&mut r)
+    }
+
     pub fn pid(&self) -> String {
         self.child.as_ref().expect("running").id().to_string()
     }
@@ -261,6 +284,36 @@ impl Server {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+}
+
+/// Reads one RESP2 reply, flattened to text.
+fn read_reply(r: &mut impl std::io::BufRead) -> String {
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return String::new();
+    }
+    let line = line.trim_end().to_owned();
+    let (kind, rest) = line.split_at(1);
+    match kind {
+        "$" => {
+            let n: i64 = rest.parse().unwrap_or(-1);
+            if n < 0 {
+                return String::new();
+            }
+            let mut buf = vec![0u8; n as usize + 2];
+            r.read_exact(&mut buf).unwrap();
+            buf.truncate(n as usize);
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+        "*" => {
+            let n: i64 = rest.parse().unwrap_or(0);
+            (0..n.max(0))
+                .map(|_| read_reply(r))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        _ => line,
     }
 }
 

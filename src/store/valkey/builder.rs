@@ -1,11 +1,12 @@
 //! Configuring a [`ValkeyStore`]: the URL (or the environment), the namespace and the bounds.
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU8, AtomicUsize};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use bb8_redis::redis::{self, RedisError};
+use bb8_redis::redis::{self, ConnectionAddr, IntoConnectionInfo, RedisError};
 
+use super::connection::Node;
 use super::tracking::Manager;
 use super::{ValkeyInner, ValkeyStore, DEFAULT_OPERATION_TIMEOUT, SCHEMA};
 use crate::error::ConfigError;
@@ -119,22 +120,44 @@ impl ValkeyStoreBuilder {
             ))
         };
         let records_key = format!("{ns}:{SCHEMA}:r");
+        let info = url.as_str().into_connection_info().map_err(bad_url)?;
+        let seed_addr = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+            ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
+            _ => (String::new(), 0),
+        };
         let manager = Manager::new(
-            url.as_str(),
+            info.clone(),
             self.client_tracking.then(|| records_key.clone()),
             self.max_clear_records,
             self.operation_timeout,
             display_url.clone(),
         )
         .map_err(bad_url)?;
-        let client = redis::Client::open(url.as_str()).map_err(bad_url)?;
+        let client = redis::Client::open(info.clone()).map_err(bad_url)?;
+        let chunk_keys = super::cluster::chunk_keys(&records_key);
         Ok(ValkeyStore {
             inner: Arc::new(ValkeyInner {
-                pool: OnceLock::new(),
-                manager,
+                seed: Arc::new(Node::new(
+                    manager,
+                    seed_addr,
+                    Some(0),
+                    self.pool_size,
+                    self.connect_timeout,
+                )),
+                info,
+                mode: AtomicU8::new(super::topology::UNKNOWN),
+                map: RwLock::new(None),
+                refreshing: tokio::sync::Mutex::new(()),
+                refreshed_at: std::sync::Mutex::new(None),
+                chunk_slots: chunk_keys
+                    .iter()
+                    .map(|k| super::cluster::slot(k.as_bytes()))
+                    .collect(),
+                chunk_keys,
+                tracking: self.client_tracking,
                 pool_size: self.pool_size,
                 connect_timeout: self.connect_timeout,
-                conn: RwLock::new(None),
                 client,
                 notices: std::sync::Mutex::new(None),
                 fills: std::sync::Mutex::new(None),
@@ -144,7 +167,9 @@ impl ValkeyStoreBuilder {
                 lease_prefix: format!("{ns}:{SCHEMA}:l:"),
                 records_key,
                 hot_key: format!("{ns}:{SCHEMA}:h"),
-                high_water: std::sync::Mutex::new(crate::store::Fence::default()),
+                high_water: (0..super::cluster::CHUNKS)
+                    .map(|_| std::sync::Mutex::new(crate::store::Fence::default()))
+                    .collect(),
                 channel: format!("{ns}:{SCHEMA}:inv"),
                 max_clear_records: self.max_clear_records,
                 operation_timeout: self.operation_timeout,

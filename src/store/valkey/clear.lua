@@ -9,12 +9,13 @@
 -- KEYS[1]  the record set (see sync.lua)
 -- ARGV[1], ARGV[2]  the newest epoch and sequence the caller has seen (see sync.lua: a
 --          set older than that lost clears, and starts over under a newer epoch)
--- ARGV[3]  the pub/sub channel
+-- ARGV[3]  the pub/sub channel ('' for none: a cluster's other copies of the records)
 -- ARGV[4]  the most tag records kept: beyond it the oldest go and the floor rises to them
--- ARGV[5]  n, the number of tags; -1 for a purge
--- ARGV[6 .. 5+n]      the tags' ids (8 bytes each)
--- ARGV[6+n .. 5+2n]   the tags, for the message
--- last ARGV           a random nonce below 2^20, for a new epoch
+-- ARGV[5]  a random nonce below 2^20, for a new epoch
+-- ARGV[6]  which copy of the records this is (see sync.lua)
+-- ARGV[7]  n, the number of tags; -1 for a purge
+-- ARGV[8 .. 7+n]      the tags' ids (8 bytes each)
+-- ARGV[8+n .. 7+2n]   the tags, for the message
 -- Returns { the records' epoch, the clear's sequence }.
 local set = KEYS[1]
 local high_epoch, high_seq = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -26,16 +27,19 @@ if epoch and (epoch < high_epoch or epoch == high_epoch and (tonumber(state[2]) 
 end
 if not epoch then
   local now = redis.call('TIME')
-  epoch = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch) + 1 + tonumber(ARGV[#ARGV])
+  local base = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch)
+  epoch = (math.floor(base / 64) + 1 + tonumber(ARGV[5])) * 64 + tonumber(ARGV[6])
   redis.call('ZADD', set, epoch, 'epoch', 0, 'seq', 0, 'floor')
 end
 local seq = tonumber(redis.call('ZINCRBY', set, 1, 'seq'))
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[7])
 -- Printed as integers: Lua would print large numbers in exponent form.
 local head = string.format('v2 %d %d ', epoch, seq)
 if n < 0 then
   redis.call('ZADD', set, seq, 'floor')
-  redis.call('PUBLISH', ARGV[3], head .. 'purge')
+  if ARGV[3] ~= '' then
+    redis.call('PUBLISH', ARGV[3], head .. 'purge')
+  end
   return { epoch, seq }
 end
 -- ZADD in slices: Lua's unpack has a stack limit.
@@ -43,7 +47,7 @@ for first = 1, n, 500 do
   local args = {}
   for i = first, math.min(first + 499, n) do
     args[#args + 1] = seq
-    args[#args + 1] = ARGV[5 + i]
+    args[#args + 1] = ARGV[7 + i]
   end
   redis.call('ZADD', set, unpack(args))
 end
@@ -64,9 +68,11 @@ if excess > 0 then
     redis.call('ZADD', set, floor, 'floor')
   end
 end
-local tags = {}
-for i = 6 + n, 5 + 2 * n do
-  tags[#tags + 1] = ARGV[i]
+if ARGV[3] ~= '' then
+  local tags = {}
+  for i = 8 + n, 7 + 2 * n do
+    tags[#tags + 1] = ARGV[i]
+  end
+  redis.call('PUBLISH', ARGV[3], head .. 'tags ' .. table.concat(tags, ' '))
 end
-redis.call('PUBLISH', ARGV[3], head .. 'tags ' .. table.concat(tags, ' '))
 return { epoch, seq }

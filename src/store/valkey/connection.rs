@@ -2,63 +2,130 @@
 //! pool when it breaks, every operation bounded by one timeout. Also what runs once a server
 //! is first reached: the eviction-policy report and the record set's keeper.
 
-use std::sync::Weak;
+use std::sync::{OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use bb8_redis::bb8;
 use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError};
 
-use super::tracking::Tracked;
+use super::tracking::{Manager, Tracked};
 use super::{ValkeyInner, ValkeyStore};
 use crate::error::StoreError;
 
-impl ValkeyStore {
+/// One server: its pool, and the shared connection kept outside the pool for the hot path.
+/// A store on one server has one; on a cluster, one per master.
+pub(super) struct Node {
+    pub(super) host: String,
+    pub(super) port: u16,
+    /// The copy of the clear records this node holds and its connections track (a cluster's
+    /// `cluster::CHUNKS` copies); `Some(0)` on a single server.
+    pub(super) home: Option<usize>,
+    manager: Manager,
+    /// Created on first use: bb8 spawns its reaper task when a pool is built, which needs a
+    /// Tokio runtime, and a store may well be built before the runtime starts.
+    pool: OnceLock<bb8::Pool<Manager>>,
+    conn: RwLock<Option<Tracked>>,
+    pool_size: u32,
+    connect_timeout: Duration,
+}
+
+impl Node {
+    pub(super) fn new(
+        manager: Manager,
+        (host, port): (String, u16),
+        home: Option<usize>,
+        pool_size: u32,
+        connect_timeout: Duration,
+    ) -> Node {
+        Node {
+            host,
+            port,
+            home,
+            manager,
+            pool: OnceLock::new(),
+            conn: RwLock::new(None),
+            pool_size,
+            connect_timeout,
+        }
+    }
+
     /// The shared connection, if one is open (nothing is connected here).
-    pub(super) fn cached_connection(&self) -> Option<Tracked> {
-        crate::lock::read(&self.inner.conn).clone()
+    pub(super) fn cached(&self) -> Option<Tracked> {
+        crate::lock::read(&self.conn).clone()
+    }
+
+    pub(super) fn discard(&self) {
+        crate::lock::write(&self.conn).take();
     }
 
     /// Takes a fresh connection from the pool and keeps a clone of it for every later
     /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
     /// does on checkout costs nothing on the hot path and weeds out dead connections.
-    async fn connect(&self) -> Result<Tracked, StoreError> {
-        let conn = checkout(&self.inner).await?;
-        self.inner.started.get_or_init(|| {
-            tokio::spawn(report_eviction_policy(
-                conn.conn.clone(),
-                self.url().to_owned(),
-            ));
-            tokio::spawn(keep_records(std::sync::Arc::downgrade(&self.inner)));
+    pub(super) async fn checkout(&self) -> Result<Tracked, StoreError> {
+        let pool = self.pool.get_or_init(|| {
+            bb8::Pool::builder()
+                .max_size(self.pool_size)
+                .min_idle(None)
+                .test_on_check_out(true)
+                .connection_timeout(self.connect_timeout)
+                .build_unchecked(self.manager.clone())
         });
+        let pooled = pool.get().await.map_err(|e| match e {
+            bb8::RunError::User(e) => classify(e),
+            bb8::RunError::TimedOut => StoreError::Timeout,
+        })?;
+        let conn = pooled.clone();
+        drop(pooled);
+        *crate::lock::write(&self.conn) = Some(conn.clone());
         Ok(conn)
     }
+}
 
-    fn discard_connection(&self) {
-        crate::lock::write(&self.inner.conn).take();
+impl ValkeyStore {
+    /// A fresh connection to `node` from its pool. The first connection the store makes
+    /// starts its background tasks. (Boxed with its type spelled out: the tasks it starts
+    /// connect through here, and the compiler cannot see through that cycle.)
+    fn connect<'a>(
+        &'a self,
+        node: &'a Node,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Tracked, StoreError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let conn = node.checkout().await?;
+            self.inner.started.get_or_init(|| {
+                tokio::spawn(report_eviction_policy(
+                    conn.conn.clone(),
+                    self.url().to_owned(),
+                ));
+                tokio::spawn(keep_records(std::sync::Arc::downgrade(&self.inner)));
+            });
+            Ok(conn)
+        })
     }
 
-    /// Runs one command on the shared connection, bounded by the operation timeout (the
-    /// connection's own response timeout, plus an outer one when it must reconnect first).
+    /// Runs one command on the single server's shared connection (see [`run_on`](Self::run_on)).
     pub(super) async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        self.run_tracked(|t| command(t.conn)).await
+        self.run_on(&self.inner.seed, |t| command(t.conn)).await
     }
 
-    /// [`run`](Self::run), with what the connection knows of the records.
-    pub(super) async fn run_tracked<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
+    /// Runs one command on `node`'s shared connection, bounded by the operation timeout
+    /// (the connection's own response timeout, plus an outer one when it must reconnect
+    /// first).
+    pub(super) async fn run_on<T, F, Fut>(&self, node: &Node, command: F) -> Result<T, StoreError>
     where
         F: FnOnce(Tracked) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let result = match self.cached_connection() {
+        let result = match node.cached() {
             Some(conn) => command(conn).await.map_err(classify),
             None => {
                 // Rare (only after a failure), and its future is large: boxed, so that every
                 // operation's future stays small.
-                let attempt = async { command(self.connect().await?).await.map_err(classify) };
+                let attempt = async { command(self.connect(node).await?).await.map_err(classify) };
                 let bounded = Box::pin(tokio::time::timeout(self.inner.operation_timeout, attempt));
                 match bounded.await {
                     Ok(r) => r,
@@ -68,7 +135,8 @@ impl ValkeyStore {
         };
         // A timed-out connection may be half-open: replace it rather than wait on it again.
         if let Err(StoreError::Timeout | StoreError::Unavailable(_)) = &result {
-            self.discard_connection();
+            node.discard();
+            self.lost_node();
         }
         result
     }
@@ -145,26 +213,6 @@ pub(crate) fn policy_advice(policy: &str) -> (bool, &'static str) {
     }
 }
 
-/// A connection from the pool, kept as the shared one.
-async fn checkout(inner: &ValkeyInner) -> Result<Tracked, StoreError> {
-    let pool = inner.pool.get_or_init(|| {
-        bb8::Pool::builder()
-            .max_size(inner.pool_size)
-            .min_idle(None)
-            .test_on_check_out(true)
-            .connection_timeout(inner.connect_timeout)
-            .build_unchecked(inner.manager.clone())
-    });
-    let pooled = pool.get().await.map_err(|e| match e {
-        bb8::RunError::User(e) => classify(e),
-        bb8::RunError::TimedOut => StoreError::Timeout,
-    })?;
-    let conn = pooled.clone();
-    drop(pooled);
-    *crate::lock::write(&inner.conn) = Some(conn.clone());
-    Ok(conn)
-}
-
 /// Once a second, runs the sync script with the newest state this store has seen, even
 /// while no request comes (reconnecting if need be). That reads the record set, so an LRU or
 /// LFU policy sees it in use (hits read the mirror, not the set) and evicts entries before
@@ -184,26 +232,57 @@ async fn keep_records(inner: Weak<ValkeyInner>) {
 
 impl ValkeyStore {
     async fn keep_once(&self) -> Result<(), StoreError> {
-        let conn = match self.cached_connection() {
+        let Some(map) = self.topology().await? else {
+            let seed = &self.inner.seed;
+            return self.keep_copy(seed, &self.inner.records_key, 0).await;
+        };
+        // On a cluster, the map is read again every second too (resharding, failovers).
+        self.refresh(true).await;
+        let map = self.map().unwrap_or(map);
+        let copies = self
+            .inner
+            .chunk_keys
+            .iter()
+            .enumerate()
+            .filter_map(|(chunk, key)| {
+                let node = map.node(super::cluster::slot(key.as_bytes()))?;
+                Some(self.keep_copy(node, key, chunk))
+            });
+        for done in futures_util::future::join_all(copies).await {
+            done?;
+        }
+        Ok(())
+    }
+
+    /// Syncs one copy of the records on `node` with this store's newest view of it.
+    async fn keep_copy(
+        &self,
+        node: &Node,
+        records_key: &str,
+        chunk: usize,
+    ) -> Result<(), StoreError> {
+        let conn = match node.cached() {
             Some(c) => c,
-            None => checkout(&self.inner).await?,
+            None => node.checkout().await?,
         };
         let mut c = conn.conn;
-        let high = self.high_water();
+        let high = self.high_water(chunk);
         let mut sync = super::scripts::SYNC.prepare_invoke();
-        sync.key(&self.inner.records_key)
+        sync.key(records_key)
             .arg(high.epoch())
             .arg(high.seq())
             .arg(high.epoch())
             .arg(high.seq())
-            .arg(super::scripts::epoch_nonce());
+            .arg(super::scripts::epoch_nonce())
+            .arg(chunk);
         match sync
             .invoke_async::<redis::Value>(&mut c)
             .await
             .map_err(classify)
         {
             Err(e @ (StoreError::Timeout | StoreError::Unavailable(_))) => {
-                self.discard_connection();
+                node.discard();
+                self.lost_node();
                 Err(e)
             }
             Err(e) => Err(e),
@@ -215,7 +294,7 @@ impl ValkeyStore {
                         None if synced.epoch == high.epoch() => high.seq(),
                         None => 0,
                     };
-                    self.saw(crate::store::Fence::new(synced.epoch, seq));
+                    self.saw_in(chunk, crate::store::Fence::new(synced.epoch, seq));
                 }
                 Ok(())
             }

@@ -10,7 +10,7 @@ use bb8_redis::redis::{self, RedisError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::StampedValue;
-use super::{ValkeyInner, ValkeyStore};
+use super::{Node, ValkeyInner, ValkeyStore};
 use crate::error::StoreError;
 use crate::store::records::tag_id;
 use crate::store::{Fill, FillDone, FillOutcome};
@@ -144,45 +144,98 @@ impl ValkeyStore {
         }
     }
 
-    /// Writes a batch as one pipeline of `SET`s; one outcome per fill. Fills the connection's
-    /// mirror already knows to be dead are not sent (`Fenced`); a server out of memory
-    /// refuses a fill without failing the store (`Dropped`).
+    /// Writes a batch as one pipeline of `SET`s (one per node, on a cluster); one outcome
+    /// per fill.
     async fn fill_batch(
         &self,
         batch: &[Fill],
     ) -> Result<Vec<Result<FillOutcome, StoreError>>, StoreError> {
-        let mirror = self.cached_connection().map(|t| t.tracker);
-        let ids: Vec<Vec<u64>> = batch
+        let Some(map) = self.topology().await? else {
+            let all: Vec<usize> = (0..batch.len()).collect();
+            return self.fill_on(&self.inner.seed, batch, &all).await;
+        };
+        let mut outcomes: Vec<Option<Result<FillOutcome, StoreError>>> =
+            (0..batch.len()).map(|_| None).collect();
+        let mut groups: Vec<(Arc<Node>, Vec<usize>)> = Vec::new();
+        for (i, fill) in batch.iter().enumerate() {
+            let Some(node) = map.node(self.slot_of(&self.entry_key(&fill.key))) else {
+                outcomes[i] = Some(Ok(FillOutcome::Dropped));
+                continue;
+            };
+            match groups.iter_mut().find(|(n, _)| Arc::ptr_eq(n, node)) {
+                Some((_, group)) => group.push(i),
+                None => groups.push((node.clone(), vec![i])),
+            }
+        }
+        let written = groups
             .iter()
-            .map(|f| f.tags.iter().map(|t| tag_id(t)).collect())
+            .map(|(node, group)| self.fill_on(node, batch, group));
+        let written = futures_util::future::join_all(written).await;
+        for ((_, group), result) in groups.iter().zip(written) {
+            match result {
+                Ok(done) => {
+                    for (&i, outcome) in group.iter().zip(done) {
+                        outcomes[i] = Some(outcome);
+                    }
+                }
+                Err(e) => {
+                    for &i in group {
+                        outcomes[i] = Some(Err(e.replicate()));
+                    }
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Ok(FillOutcome::Dropped)))
+            .collect())
+    }
+
+    /// Writes the fills `which` of `batch` to `node` as one pipeline of `SET`s; one outcome
+    /// per fill written. Fills the node's mirror already knows to be dead are not sent
+    /// (`Fenced`); a server out of memory refuses a fill without failing the store
+    /// (`Dropped`), and so does a cluster node that no longer serves the key's slot.
+    async fn fill_on(
+        &self,
+        node: &Node,
+        batch: &[Fill],
+        which: &[usize],
+    ) -> Result<Vec<Result<FillOutcome, StoreError>>, StoreError> {
+        let mirror = node.cached().map(|t| t.tracker);
+        let ids: Vec<Vec<u64>> = which
+            .iter()
+            .map(|&i| batch[i].tags.iter().map(|t| tag_id(t)).collect())
             .collect();
-        let mut outcomes: Vec<Option<Result<FillOutcome, StoreError>>> = batch
+        let mut outcomes: Vec<Option<Result<FillOutcome, StoreError>>> = which
             .iter()
             .zip(&ids)
-            .map(|(fill, ids)| {
+            .map(|(&i, ids)| {
+                let fill = &batch[i];
                 if ids.len() > usize::from(u16::MAX) {
                     let many = "a fill with more than 65,535 tags cannot be stored";
                     return Some(Err(StoreError::Server(many.into())));
                 }
-                let dead = mirror.as_ref().is_some_and(|m| m.refuses(fill.fence, ids));
+                // Epoch 0 is no epoch's: its lookup could not read the records.
+                let dead = fill.fence.epoch() == 0
+                    || mirror.as_ref().is_some_and(|m| m.refuses(fill.fence, ids));
                 dead.then_some(Ok(FillOutcome::Fenced))
             })
             .collect();
-        let sent: Vec<usize> = (0..batch.len())
-            .filter(|&i| outcomes[i].is_none())
+        let sent: Vec<usize> = (0..which.len())
+            .filter(|&j| outcomes[j].is_none())
             .collect();
         if sent.is_empty() {
             return Ok(outcomes.into_iter().flatten().collect());
         }
         let mut pipe = redis::Pipeline::with_capacity(sent.len());
-        for &i in &sent {
-            let fill = &batch[i];
+        for &j in &sent {
+            let fill = &batch[which[j]];
             let ttl_ms = crate::entry::millis(fill.ttl).clamp(1, MAX_TTL_MS);
             pipe.cmd("SET")
                 .arg(self.entry_key(&fill.key))
                 .arg(StampedValue {
                     fence: fill.fence,
-                    ids: &ids[i],
+                    ids: &ids[j],
                     entry: &fill.value,
                 })
                 .arg("PX")
@@ -190,8 +243,9 @@ impl ValkeyStore {
         }
         let count = sent.len();
         let replies = self
-            .run(|mut c| async move {
+            .run_on(node, |t| async move {
                 use redis::aio::ConnectionLike;
+                let mut c = t.conn;
                 c.req_packed_commands(&pipe, 0, count).await
             })
             .await?;
@@ -200,16 +254,24 @@ impl ValkeyStore {
                 format!("{} replies to {} fills", replies.len(), sent.len()).into(),
             ));
         }
-        for (&i, reply) in sent.iter().zip(replies) {
-            outcomes[i] = Some(match reply {
+        let mut redirected = false;
+        for (&j, reply) in sent.iter().zip(replies) {
+            outcomes[j] = Some(match reply {
                 redis::Value::Okay => Ok(FillOutcome::Stored),
                 // `noeviction` with memory full: not a failure of the store.
                 redis::Value::ServerError(e) if e.code() == "OOM" => Ok(FillOutcome::Dropped),
+                ref r if super::replies::is_redirect_reply(r) => {
+                    redirected = true;
+                    Ok(FillOutcome::Dropped)
+                }
                 redis::Value::ServerError(e) => {
                     Err(StoreError::Server(Box::new(RedisError::from(e))))
                 }
                 other => Err(super::replies::unexpected_reply(other, "SET")),
             });
+        }
+        if redirected {
+            self.refresh(false).await;
         }
         Ok(outcomes.into_iter().flatten().collect())
     }

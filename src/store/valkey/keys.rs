@@ -7,10 +7,13 @@ use crate::store::records::Stamp;
 use crate::store::Fence;
 
 /// `{prefix}{route}:{hex digest}`, written straight into a command's buffer: a lookup
-/// allocates no key string.
+/// allocates no key string. On a cluster, `{prefix}{route}:{{group}}{hex digest}`: the hash
+/// tag places a URL's variants on the node of the URL's own entry.
+#[derive(Clone, Copy)]
 pub(super) struct KeyArg<'a> {
     pub(super) prefix: &'a str,
     pub(super) key: &'a EntryKey,
+    pub(super) tagged: bool,
 }
 
 impl redis::ToRedisArgs for KeyArg<'_> {
@@ -21,6 +24,13 @@ impl redis::ToRedisArgs for KeyArg<'_> {
         let _ = arg.write_all(self.prefix.as_bytes());
         let _ = arg.write_all(self.key.route().as_bytes());
         let _ = arg.write_all(b":");
+        if self.tagged {
+            let _ = arg.write_all(b"{");
+            for &b in self.key.group() {
+                let _ = arg.write_all(&crate::hex::hex_pair(b));
+            }
+            let _ = arg.write_all(b"}");
+        }
         let _ = arg.write_all(&crate::hex::hex(self.key.digest()));
     }
 }

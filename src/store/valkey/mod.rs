@@ -19,30 +19,32 @@
 //! operation, reconnecting included, runs under one timeout, so a dead or paused server
 //! costs a request at most that long.
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU8, AtomicUsize};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use bb8_redis::bb8;
 use bb8_redis::redis;
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 mod builder;
+mod cluster;
 mod connection;
 mod fill_queue;
 mod keys;
 mod replies;
 mod scripts;
 mod subscription;
+mod topology;
 mod tracking;
 
 pub use builder::ValkeyStoreBuilder;
+use connection::Node;
 use fill_queue::Reply;
 use keys::{lease_token, KeyArg};
-use replies::{bulk, is_noscript, parse_synced, reads_whole_set};
+use replies::{bulk, is_noscript, is_redirect_reply, parse_synced, reads_whole_set};
 use scripts::{RELEASE_LEASE, SYNC};
-use tracking::{Manager, Tracker};
+use tracking::Tracker;
 
 use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store};
 use crate::error::{ConfigError, StoreError};
@@ -93,6 +95,23 @@ pub struct ValkeyStore {
 }
 
 struct ValkeyInner {
+    /// The server the URL names: the only one, or a cluster's first contact.
+    seed: Arc<Node>,
+    /// The URL's connection settings, for the other nodes of a cluster.
+    info: redis::ConnectionInfo,
+    /// `topology::UNKNOWN`, `SINGLE` or `CLUSTER`.
+    mode: AtomicU8,
+    /// On a cluster: which node serves which slot.
+    map: RwLock<Option<Arc<cluster::SlotMap>>>,
+    refreshing: tokio::sync::Mutex<()>,
+    refreshed_at: std::sync::Mutex<Option<Instant>>,
+    /// On a cluster: the keys of the copies of the clear records, and their slots.
+    chunk_keys: Vec<String>,
+    chunk_slots: Vec<u16>,
+    tracking: bool,
+    pool_size: u32,
+    connect_timeout: Duration,
+    /// For the pub/sub connection.
     client: redis::Client,
     /// Subscribers share one pub/sub connection; `None` until the first subscribe.
     notices: std::sync::Mutex<Option<broadcast::Sender<Notice>>>,
@@ -101,24 +120,19 @@ struct ValkeyInner {
     fills: std::sync::Mutex<Option<mpsc::Sender<fill_queue::PendingFill>>>,
     /// Bytes of entries waiting in that queue.
     queued_bytes: AtomicUsize,
-    /// Created on first use: bb8 spawns its reaper task when a pool is built, which needs a
-    /// Tokio runtime, and a store may well be built before the runtime starts.
-    pool: OnceLock<bb8::Pool<Manager>>,
-    manager: Manager,
-    pool_size: u32,
-    connect_timeout: Duration,
-    conn: RwLock<Option<tracking::Tracked>>,
     /// Set once the first connection is made (the start-up tasks run then).
     started: OnceLock<()>,
     entry_prefix: String,
     lease_prefix: String,
+    /// The record set on a single server (on a cluster, `chunk_keys`; also the prefix
+    /// tracked connections are told of changes under).
     records_key: String,
     /// The record of the most requested keys: a sorted set, scored by requests.
     hot_key: String,
-    /// The highest state of the records any reply has shown this store: a record set found
-    /// below it in the same epoch lost clears (an old snapshot, a lagging replica), and the
-    /// scripts start a new epoch.
-    high_water: std::sync::Mutex<Fence>,
+    /// Per copy of the records (one on a single server): the highest state any reply has
+    /// shown this store. A record set found below it in the same epoch lost clears (an old
+    /// snapshot, a lagging replica), and the scripts start a new epoch.
+    high_water: Vec<std::sync::Mutex<Fence>>,
     channel: String,
     max_clear_records: usize,
     operation_timeout: Duration,
@@ -156,11 +170,21 @@ impl ValkeyStore {
         &self.inner.display_url
     }
 
-    /// Round-trips a PING; returns how long it took.
+    /// Round-trips a PING (to every master, on a cluster); returns how long it took.
     pub async fn ping(&self) -> Result<Duration, StoreError> {
         let start = Instant::now();
-        self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
-            .await?;
+        let nodes = match self.topology().await? {
+            None => vec![self.inner.seed.clone()],
+            Some(map) => map.nodes.clone(),
+        };
+        let pings = nodes.iter().map(|node| {
+            self.run_on(node, |mut t| async move {
+                redis::cmd("PING").query_async::<()>(&mut t.conn).await
+            })
+        });
+        for done in futures_util::future::join_all(pings).await {
+            done?;
+        }
         Ok(start.elapsed())
     }
 
@@ -169,6 +193,7 @@ impl ValkeyStore {
         KeyArg {
             prefix: &self.inner.lease_prefix,
             key,
+            tagged: self.is_cluster(),
         }
     }
 
@@ -176,12 +201,13 @@ impl ValkeyStore {
         KeyArg {
             prefix: &self.inner.entry_prefix,
             key,
+            tagged: self.is_cluster(),
         }
     }
 }
 
 /// What a lookup read: the entry alone (the mirror was current), or the entry and what
-/// changed in the records.
+/// changed in the records; or a redirect (on a cluster: the slot map has changed).
 enum Read {
     Known(redis::Value, Fence, Arc<Tracker>),
     Synced {
@@ -191,16 +217,25 @@ enum Read {
         from: Fence,
         tracker: Arc<Tracker>,
     },
+    Redirected,
 }
 
-impl Store for ValkeyStore {
-    async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
+impl ValkeyStore {
+    /// Looks `key` up on `node`, checked against the copy of the records it holds (`chunk`,
+    /// under `records_key`). `None` when a cluster redirected the lookup elsewhere.
+    async fn lookup_on(
+        &self,
+        node: &Node,
+        records_key: &str,
+        chunk: usize,
+        key: &EntryKey,
+    ) -> Result<Option<Lookup>, StoreError> {
         let entry_key = self.entry_key(key);
         let inner = &self.inner;
         // Replies are read here rather than through `query_async`, which copies every array
         // reply once more to look for errors in it.
         let read = self
-            .run_tracked(|t| async move {
+            .run_on(node, |t| async move {
                 use redis::aio::ConnectionLike;
                 let mut c = t.conn;
                 // Sized up front: growing the command's buffers argument by argument showed
@@ -210,6 +245,9 @@ impl Store for ValkeyStore {
                     let mut get = redis::Cmd::with_capacity(2, size);
                     get.arg("GET").arg(&entry_key);
                     let reply = c.req_packed_command(&get).await?;
+                    if is_redirect_reply(&reply) {
+                        return Ok(Read::Redirected);
+                    }
                     if t.tracker.still(&known) {
                         return Ok(Read::Known(reply, known.fence, t.tracker));
                     }
@@ -220,12 +258,16 @@ impl Store for ValkeyStore {
                 let mut get = redis::Cmd::with_capacity(2, size);
                 get.arg("GET").arg(&entry_key);
                 let mut pipe = redis::Pipeline::with_capacity(2);
-                pipe.add_command(get).add_command(self.sync_command(from));
+                pipe.add_command(get)
+                    .add_command(self.sync_command(records_key, chunk, from));
                 let mut replies = c.req_packed_commands(&pipe, 0, 2).await?;
                 if is_noscript(replies.get(1)) {
                     // The server forgot the script (a restart, SCRIPT FLUSH): load it again.
                     SYNC.prepare_invoke().load_async(&mut c).await?;
                     replies = c.req_packed_commands(&pipe, 0, 2).await?;
+                }
+                if replies.iter().any(is_redirect_reply) {
+                    return Ok(Read::Redirected);
                 }
                 let mut records = replies.pop().unwrap_or(redis::Value::Nil);
                 let entry = replies.pop().unwrap_or(redis::Value::Nil);
@@ -234,7 +276,7 @@ impl Store for ValkeyStore {
                     // it all, as the set is now. Rare, and a plain ZRANGE of the largest
                     // set takes well under a millisecond of the server's time.
                     let mut all = redis::cmd("ZRANGE");
-                    all.arg(&inner.records_key)
+                    all.arg(records_key)
                         .arg("-inf")
                         .arg("+inf")
                         .arg("BYSCORE")
@@ -256,9 +298,10 @@ impl Store for ValkeyStore {
             })
             .await?;
         match read {
+            Read::Redirected => Ok(None),
             Read::Known(reply, fence, tracker) => {
                 let value = bulk(reply)?.and_then(|v| tracker.check(Bytes::from(v)));
-                Ok(Lookup { value, fence })
+                Ok(Some(Lookup { value, fence }))
             }
             Read::Synced {
                 entry,
@@ -272,12 +315,105 @@ impl Store for ValkeyStore {
                 // epoch's).
                 let merged = parse_synced(records)?.and_then(|s| tracker.merge(mark, from, s));
                 let Some(fence) = merged else {
-                    return Ok(Lookup::new(None, Fence::default()));
+                    return Ok(Some(Lookup::new(None, Fence::default())));
                 };
-                self.saw(fence);
+                self.saw_in(chunk, fence);
                 let value = bulk(entry)?.and_then(|v| tracker.check(Bytes::from(v)));
-                Ok(Lookup { value, fence })
+                Ok(Some(Lookup { value, fence }))
             }
+        }
+    }
+
+    /// The node serving `key`'s slot on a cluster, once more after a redirect.
+    async fn lookup_in_cluster(
+        &self,
+        map: Arc<cluster::SlotMap>,
+        key: &EntryKey,
+    ) -> Result<Lookup, StoreError> {
+        let slot = self.slot_of(&self.entry_key(key));
+        let mut map = Some(map);
+        for _ in 0..2 {
+            let current = match map.take() {
+                Some(m) => m,
+                None => match self.refreshed_map().await {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            let Some(node) = current.node(slot) else {
+                return Err(StoreError::Unavailable(
+                    format!("no cluster node serves slot {slot}").into(),
+                ));
+            };
+            // A node holding no copy of the records cannot vouch for its entries.
+            let Some(chunk) = node.home else { break };
+            let records_key = &self.inner.chunk_keys[chunk];
+            if let Some(found) = self.lookup_on(node, records_key, chunk, key).await? {
+                return Ok(found);
+            }
+        }
+        // Redirected twice (a slot on the move): a miss whose fill is refused.
+        Ok(Lookup::new(None, Fence::default()))
+    }
+
+    /// The cluster slot of a key argument.
+    fn slot_of(&self, key: &impl redis::ToRedisArgs) -> u16 {
+        let args = key.to_redis_args();
+        cluster::slot(args.first().map_or(&[][..], |a| &a[..]))
+    }
+
+    /// The node serving a key on a cluster (after reading the map again if none does), or
+    /// the single server.
+    async fn node_for(&self, key: &impl redis::ToRedisArgs) -> Result<Arc<Node>, StoreError> {
+        let Some(map) = self.topology().await? else {
+            return Ok(self.inner.seed.clone());
+        };
+        let slot = self.slot_of(key);
+        if let Some(node) = map.node(slot) {
+            return Ok(node.clone());
+        }
+        self.refreshed_map()
+            .await
+            .and_then(|m| m.node(slot).cloned())
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!("no cluster node serves slot {slot}").into())
+            })
+    }
+
+    /// Runs a one-key command on the node serving the key; on a cluster, once more on the
+    /// new node after a `MOVED` (the map read again).
+    async fn run_keyed<T, F, Fut>(
+        &self,
+        key: &impl redis::ToRedisArgs,
+        command: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Fn(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        let node = self.node_for(key).await?;
+        let first = self.run_on(&node, |t| command(t.conn)).await;
+        match &first {
+            Err(e) if replies::is_redirect(e) => {
+                self.refresh(false).await;
+                let node = self.node_for(key).await?;
+                self.run_on(&node, |t| command(t.conn)).await
+            }
+            _ => first,
+        }
+    }
+}
+
+impl Store for ValkeyStore {
+    async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
+        match self.topology().await? {
+            None => {
+                let found = self
+                    .lookup_on(&self.inner.seed, &self.inner.records_key, 0, key)
+                    .await?;
+                Ok(found.unwrap_or_default())
+            }
+            Some(map) => self.lookup_in_cluster(map, key).await,
         }
     }
 
@@ -295,9 +431,15 @@ impl Store for ValkeyStore {
     }
 
     async fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
+        // Known before the key is written: a cluster's keys carry a hash tag.
+        self.topology().await?;
         let entry_key = self.entry_key(key);
+        let del = redis::cmd("DEL").arg(&entry_key).clone();
         let n: i64 = self
-            .run(|mut c| async move { redis::cmd("DEL").arg(&entry_key).query_async(&mut c).await })
+            .run_keyed(&entry_key, |mut c| {
+                let del = del.clone();
+                async move { del.query_async(&mut c).await }
+            })
             .await?;
         Ok(n > 0)
     }
@@ -308,29 +450,37 @@ impl Store for ValkeyStore {
     }
 
     async fn try_lease(&self, key: &EntryKey, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        // Known before the key is written: a cluster's keys carry a hash tag.
+        self.topology().await?;
         let lease_key = self.lease_key(key);
         let token = lease_token();
         let ttl_ms = crate::entry::millis(ttl).clamp(1, 1 << 40);
+        let set = redis::cmd("SET")
+            .arg(&lease_key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .clone();
         let set: Option<String> = self
-            .run(|mut c| async move {
-                redis::cmd("SET")
-                    .arg(&lease_key)
-                    .arg(token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .query_async(&mut c)
-                    .await
+            .run_keyed(&lease_key, |mut c| {
+                let set = set.clone();
+                async move { set.query_async(&mut c).await }
             })
             .await?;
         Ok(set.map(|_| token))
     }
 
     async fn release_lease(&self, key: &EntryKey, token: u64) -> Result<(), StoreError> {
-        let mut invocation = RELEASE_LEASE.prepare_invoke();
-        invocation.key(self.lease_key(key)).arg(token);
+        // Known before the key is written: a cluster's keys carry a hash tag.
+        self.topology().await?;
+        let lease_key = self.lease_key(key);
         let _: i64 = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .run_keyed(&lease_key, |mut c| async move {
+                let mut invocation = RELEASE_LEASE.prepare_invoke();
+                invocation.key(&lease_key).arg(token);
+                invocation.invoke_async(&mut c).await
+            })
             .await?;
         Ok(())
     }
@@ -368,8 +518,11 @@ impl Store for ValkeyStore {
             .arg(key)
             .arg(7 * 24 * 3600 * 1000u64)
             .ignore();
-        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
+        self.run_keyed(key, |mut c| {
+            let pipe = pipe.clone();
+            async move { pipe.query_async::<()>(&mut c).await }
+        })
+        .await
     }
 
     async fn hot(&self, limit: usize) -> Result<Vec<(Bytes, u64)>, StoreError> {
@@ -379,7 +532,7 @@ impl Store for ValkeyStore {
         let key = &self.inner.hot_key;
         let stop = limit.min(1 << 20) as i64 - 1;
         let top: Vec<(Vec<u8>, f64)> = self
-            .run(|mut c| async move {
+            .run_keyed(key, |mut c| async move {
                 redis::cmd("ZREVRANGE")
                     .arg(key)
                     .arg(0)

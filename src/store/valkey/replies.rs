@@ -187,3 +187,19 @@ mod tests {
         assert_eq!((whole.epoch, whole.seq, whole.floor), (9, Some(4), Some(2)));
     }
 }
+
+/// Whether a reply is a cluster's redirect (`MOVED`, `ASK`): the key's slot is served by
+/// another node now.
+pub(super) fn is_redirect_reply(reply: &redis::Value) -> bool {
+    matches!(reply, redis::Value::ServerError(e) if matches!(e.kind(), Some(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)))
+}
+
+/// Whether an error is a cluster's redirect.
+pub(super) fn is_redirect(e: &StoreError) -> bool {
+    match e {
+        StoreError::Server(e) => e
+            .downcast_ref::<RedisError>()
+            .is_some_and(|e| e.redirect_node().is_some()),
+        _ => false,
+    }
+}

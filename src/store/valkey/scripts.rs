@@ -10,31 +10,46 @@ use crate::store::records::tag_id;
 use crate::store::Fence;
 
 impl ValkeyStore {
-    /// `EVALSHA` of the sync script: what changed in the record set since `from`.
-    pub(super) fn sync_command(&self, from: Fence) -> redis::Cmd {
-        let high = self.high_water();
-        let mut cmd = redis::Cmd::with_capacity(8, self.inner.records_key.len() + 112);
+    /// `EVALSHA` of the sync script on one copy of the records (`chunk`; 0 on a single
+    /// server): what changed in it since `from`.
+    pub(super) fn sync_command(&self, records_key: &str, chunk: usize, from: Fence) -> redis::Cmd {
+        let high = self.high_water(chunk);
+        let mut cmd = redis::Cmd::with_capacity(9, records_key.len() + 120);
         cmd.arg("EVALSHA")
             .arg(SYNC.get_hash())
             .arg(1)
-            .arg(&self.inner.records_key)
+            .arg(records_key)
             .arg(high.epoch())
             .arg(high.seq())
             .arg(from.epoch())
             .arg(from.seq())
-            .arg(epoch_nonce());
+            .arg(epoch_nonce())
+            .arg(chunk);
         cmd
     }
 
-    pub(super) fn high_water(&self) -> Fence {
-        *crate::lock::lock(&self.inner.high_water)
+    pub(super) fn high_water(&self, chunk: usize) -> Fence {
+        self.inner
+            .high_water
+            .get(chunk)
+            .map_or_else(Fence::default, |h| *crate::lock::lock(h))
     }
 
-    /// Raises the high-water mark to a state a reply showed. Epochs only grow (the scripts
-    /// make each new one later than any the caller has seen), so states are ordered by
-    /// epoch, then sequence, and a late reply never lowers the mark.
+    /// Raises the high-water mark of the records (the first copy, on a cluster) to a state
+    /// a notice showed.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn saw(&self, fence: Fence) {
-        let mut high = crate::lock::lock(&self.inner.high_water);
+        self.saw_in(0, fence);
+    }
+
+    /// Raises the high-water mark of one copy of the records to a state a reply showed.
+    /// Epochs only grow (the scripts make each new one later than any the caller has seen),
+    /// so states are ordered by epoch, then sequence, and a late reply never lowers the mark.
+    pub(super) fn saw_in(&self, chunk: usize, fence: Fence) {
+        let Some(high) = self.inner.high_water.get(chunk) else {
+            return;
+        };
+        let mut high = crate::lock::lock(high);
         if (fence.epoch(), fence.seq()) > (high.epoch(), high.seq()) {
             *high = fence;
         }
@@ -46,16 +61,78 @@ impl ValkeyStore {
         self.write_records(None).await
     }
 
-    /// Runs the clear script: clears `tags`, or purges when `None`.
+    /// Runs the clear script on every copy of the records: clears `tags`, or purges when
+    /// `None`. Returns the first copy's state after it (the one whose clears are published).
     pub(super) async fn write_records(&self, tags: Option<&[String]>) -> Result<Fence, StoreError> {
-        let high = self.high_water();
+        let Some(map) = self.topology().await? else {
+            let node = &self.inner.seed;
+            return self
+                .clear_copy(node, &self.inner.records_key, 0, tags)
+                .await;
+        };
+        let copies = self
+            .inner
+            .chunk_keys
+            .iter()
+            .enumerate()
+            .map(|(chunk, key)| {
+                let map = map.clone();
+                async move {
+                    let mut last =
+                        Err(StoreError::Unavailable("no node serves the records".into()));
+                    // Once more after a redirect: the map is read again first.
+                    for map in [Some(map), None] {
+                        let map = match map {
+                            Some(m) => m,
+                            None => match self.refreshed_map().await {
+                                Some(m) => m,
+                                None => break,
+                            },
+                        };
+                        let Some(node) = map.node(super::cluster::slot(key.as_bytes())) else {
+                            break;
+                        };
+                        last = self.clear_copy(node, key, chunk, tags).await;
+                        if !matches!(&last, Err(e) if super::replies::is_redirect(e)) {
+                            break;
+                        }
+                    }
+                    last
+                }
+            });
+        let done = futures_util::future::join_all(copies).await;
+        let mut first = None;
+        for result in done {
+            let fence = result?;
+            first.get_or_insert(fence);
+        }
+        first.ok_or_else(|| StoreError::Unavailable("no copy of the records".into()))
+    }
+
+    /// The clear script on one copy of the records, on `node`.
+    async fn clear_copy(
+        &self,
+        node: &super::Node,
+        records_key: &str,
+        chunk: usize,
+        tags: Option<&[String]>,
+    ) -> Result<Fence, StoreError> {
+        let high = self.high_water(chunk);
         let mut invocation = CLEAR.prepare_invoke();
+        // Only the first copy announces the clear: one notice per clear.
+        let channel = if chunk == 0 {
+            &self.inner.channel[..]
+        } else {
+            ""
+        };
         invocation
-            .key(&self.inner.records_key)
+            .key(records_key)
             .arg(high.epoch())
             .arg(high.seq())
-            .arg(&self.inner.channel)
-            .arg(self.inner.max_clear_records);
+            .arg(channel)
+            .arg(self.inner.max_clear_records)
+            .arg(epoch_nonce())
+            .arg(chunk);
         match tags {
             None => {
                 invocation.arg(-1);
@@ -70,12 +147,13 @@ impl ValkeyStore {
                 }
             }
         }
-        invocation.arg(epoch_nonce());
         let (epoch, seq): (u64, u64) = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .run_on(node, |mut t| async move {
+                invocation.invoke_async(&mut t.conn).await
+            })
             .await?;
         let fence = Fence::new(epoch, seq);
-        self.saw(fence);
+        self.saw_in(chunk, fence);
         Ok(fence)
     }
 }

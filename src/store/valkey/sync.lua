@@ -7,7 +7,7 @@
 -- lower sequence): a restart from an older snapshot, or a failover to a replica that missed
 -- the last clears, lost clears that entries may depend on. Epochs only grow, and never
 -- repeat: a new one is the server's clock in microseconds, or the newest the caller has
--- seen if that is later, plus one and a random nonce (two callers with the same view make
+-- seen if that is later, moved up by a random nonce (two callers with the same view make
 -- different epochs). Writing under `noeviction` with memory full is allowed: the set is small
 -- and correctness needs it.
 --
@@ -16,6 +16,8 @@
 -- ARGV[1], ARGV[2]  the newest epoch and sequence the caller has seen
 -- ARGV[3], ARGV[4]  the epoch (0: none) and sequence the caller's mirror holds
 -- ARGV[5]  a random nonce below 2^20, for a new epoch
+-- ARGV[6]  which copy of the records this is (0 on a single server; on a cluster, one of
+--          the copies): a new epoch is this modulo 64, so two copies never share one
 -- Returns { epoch, what, { member, score, ... } }: `what` is 0 when the list holds what
 -- changed since the caller's state, 1 when it is the whole (new) set, and 2 when the caller
 -- knows another epoch and must read the whole set itself with a plain ZRANGE: converting
@@ -30,7 +32,8 @@ if epoch and (epoch < high_epoch or epoch == high_epoch and (tonumber(state[2]) 
 end
 if not epoch then
   local now = redis.call('TIME')
-  epoch = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch) + 1 + tonumber(ARGV[#ARGV])
+  local base = math.max(tonumber(now[1]) * 1000000 + tonumber(now[2]), high_epoch)
+  epoch = (math.floor(base / 64) + 1 + tonumber(ARGV[5])) * 64 + tonumber(ARGV[6])
   redis.call('ZADD', KEYS[1], epoch, 'epoch', 0, 'seq', 0, 'floor')
   return { epoch, 1, { 'seq', '0', 'floor', '0' } }
 end

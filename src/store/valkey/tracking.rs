@@ -24,8 +24,7 @@ use std::time::Duration;
 
 use bb8_redis::bb8;
 use bb8_redis::redis::{
-    self, aio::MultiplexedConnection, AsyncConnectionConfig, IntoConnectionInfo, PushInfo,
-    RedisError,
+    self, aio::MultiplexedConnection, AsyncConnectionConfig, PushInfo, RedisError,
 };
 use bytes::Bytes;
 
@@ -188,13 +187,12 @@ pub(super) struct Manager {
 
 impl Manager {
     pub(super) fn new(
-        url: &str,
+        info: redis::ConnectionInfo,
         prefix: Option<String>,
         max_records: usize,
         response_timeout: Duration,
         display_url: String,
     ) -> Result<Self, RedisError> {
-        let info = url.into_connection_info()?;
         let tracking = match prefix {
             Some(prefix) => {
                 let settings = info

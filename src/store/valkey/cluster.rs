@@ -1,0 +1,255 @@
+//! Valkey Cluster: hash slots, the map of which node serves which, and where the clear
+//! records live.
+//!
+//! The store routes every command itself, by its key's slot, to a connection of the node
+//! that serves it; no command touches keys of two slots. Entries spread over every slot.
+//! The clear records are kept in [`CHUNKS`] copies, one per slot range (each copy's key is
+//! placed in its range by a hash tag), and a clear writes every copy (O(tags) each). A
+//! lookup reads the copy its entry's node holds ("home" copy): the node's connection has
+//! the server announce changes to it, and since the entry's `GET` travels on that same
+//! connection, an announcement sent before the `GET` is answered arrives before the answer.
+//! That is what makes a one-`GET` hit exactly as coherent as on one server. A node that
+//! holds no copy (more masters than copies, or an odd slot layout) has its lookups read the
+//! records from the node that holds copy 0, beside the `GET`.
+//!
+//! Writer and readers need not agree on the topology: every clear writes every copy, and a
+//! copy that moves away from a node is deleted there, which its tracked connections hear.
+
+use std::sync::Arc;
+
+use bb8_redis::redis;
+
+use super::connection::Node;
+
+/// The cluster's hash slots.
+pub(super) const SLOTS: usize = 16_384;
+
+/// Copies of the clear records in a cluster, one per range of `SLOTS / CHUNKS` slots. Every
+/// clear writes all of them; clusters of up to this many masters (with even ranges) have a
+/// copy on every master. Part of the storage layout: every instance must agree on it.
+pub(super) const CHUNKS: usize = 16;
+
+/// CRC16 (XMODEM), as the cluster hashes keys.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The slot of a key: the CRC of its hash tag (the text between its first `{` and the next
+/// `}`, if not empty), else of the whole key.
+pub(super) fn slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let len = rest.iter().position(|&b| b == b'}')?;
+        (len > 0).then(|| &rest[..len])
+    });
+    crc16(tagged.unwrap_or(key)) % SLOTS as u16
+}
+
+/// The keys of the record copies: `{records key}:{cN.M}`, the hash tag `cN.M` chosen (the
+/// first `M` that works) so that copy `N` falls in its own slot range.
+pub(super) fn chunk_keys(records_key: &str) -> Vec<String> {
+    let width = SLOTS / CHUNKS;
+    (0..CHUNKS)
+        .map(|n| {
+            (0u32..)
+                .map(|m| format!("c{n}.{m}"))
+                .find(|tag| usize::from(slot(tag.as_bytes())) / width == n)
+                .map(|tag| format!("{records_key}:{{{tag}}}"))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Which node serves each slot, and the nodes.
+pub(super) struct SlotMap {
+    /// Per slot, an index into `nodes` (`u16::MAX`: no node serves it).
+    owner: Vec<u16>,
+    pub(super) nodes: Vec<Arc<Node>>,
+}
+
+/// One slot range of a `CLUSTER SLOTS` reply and its master's address.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Range {
+    pub(super) first: u16,
+    pub(super) last: u16,
+    pub(super) host: String,
+    pub(super) port: u16,
+}
+
+impl SlotMap {
+    /// A map of `ranges`, reusing the nodes of `old` that serve the same address with the
+    /// same home copy (their connections and what they know), making the others with
+    /// `make(host, port, home)`.
+    pub(super) fn build(
+        ranges: &[Range],
+        chunk_slots: &[u16],
+        old: Option<&SlotMap>,
+        mut make: impl FnMut(&str, u16, Option<usize>) -> Option<Arc<Node>>,
+    ) -> SlotMap {
+        let mut owner = vec![u16::MAX; SLOTS];
+        let mut addrs: Vec<(&str, u16)> = Vec::new();
+        for r in ranges {
+            let at = match addrs.iter().position(|&(h, p)| h == r.host && p == r.port) {
+                Some(i) => i,
+                None => {
+                    addrs.push((&r.host, r.port));
+                    addrs.len() - 1
+                }
+            };
+            for s in r.first..=r.last.min(SLOTS as u16 - 1) {
+                owner[usize::from(s)] = at as u16;
+            }
+        }
+        let mut nodes = Vec::with_capacity(addrs.len());
+        let mut kept = vec![true; addrs.len()];
+        for (i, &(host, port)) in addrs.iter().enumerate() {
+            let home = chunk_slots
+                .iter()
+                .position(|&s| usize::from(owner[usize::from(s)]) == i);
+            let reused = old.and_then(|m| {
+                m.nodes
+                    .iter()
+                    .find(|n| n.host == host && n.port == port && n.home == home)
+                    .cloned()
+            });
+            match reused.or_else(|| make(host, port, home)) {
+                Some(node) => nodes.push(node),
+                None => kept[i] = false,
+            }
+        }
+        // Nodes that could not be made (a bad address) serve nothing.
+        let mut index = Vec::with_capacity(addrs.len());
+        let mut next = 0u16;
+        for k in &kept {
+            index.push(if *k { next } else { u16::MAX });
+            next += u16::from(*k);
+        }
+        for o in owner.iter_mut().filter(|o| **o != u16::MAX) {
+            *o = index[usize::from(*o)];
+        }
+        SlotMap { owner, nodes }
+    }
+
+    /// The node serving `slot`.
+    pub(super) fn node(&self, slot: u16) -> Option<&Arc<Node>> {
+        self.nodes
+            .get(usize::from(*self.owner.get(usize::from(slot))?))
+    }
+}
+
+/// Reads a `CLUSTER SLOTS` reply: `[[first, last, [host, port, id, ...], replicas...], ...]`.
+/// A host the server leaves empty (or `?`) is the one the reply came from.
+pub(super) fn parse_slots(reply: redis::Value, from_host: &str) -> Option<Vec<Range>> {
+    let redis::Value::Array(items) = reply else {
+        return None;
+    };
+    let mut ranges = Vec::with_capacity(items.len());
+    for item in items {
+        let redis::Value::Array(parts) = item else {
+            return None;
+        };
+        let mut parts = parts.into_iter();
+        let int = |v: Option<redis::Value>| match v? {
+            redis::Value::Int(n) => u16::try_from(n).ok(),
+            _ => None,
+        };
+        let first = int(parts.next())?;
+        let last = int(parts.next())?;
+        let Some(redis::Value::Array(master)) = parts.next() else {
+            return None;
+        };
+        let mut master = master.into_iter();
+        let host = match master.next()? {
+            redis::Value::BulkString(b) => String::from_utf8(b).ok()?,
+            redis::Value::SimpleString(s) => s,
+            redis::Value::Nil => String::new(),
+            _ => return None,
+        };
+        let port = int(master.next())?;
+        let host = if host.is_empty() || host == "?" {
+            from_host.to_owned()
+        } else {
+            host
+        };
+        ranges.push(Range {
+            first,
+            last,
+            host,
+            port,
+        });
+    }
+    Some(ranges)
+}
+
+/// Whether an error says the server is not part of a cluster.
+pub(super) fn not_a_cluster(e: &redis::RedisError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("cluster support disabled") || text.contains("unknown command")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_the_clusters() {
+        // Reference values from the cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(
+            slot(b"foo{}{bar}"),
+            slot(b"bar"),
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn each_copy_lies_in_its_range() {
+        let keys = chunk_keys("tca:2:r");
+        assert_eq!(keys.len(), CHUNKS);
+        for (n, k) in keys.iter().enumerate() {
+            assert!(k.starts_with("tca:2:r:{c"), "{k}");
+            assert_eq!(usize::from(slot(k.as_bytes())) / (SLOTS / CHUNKS), n, "{k}");
+        }
+    }
+
+    #[test]
+    fn reads_cluster_slots() {
+        use redis::Value::{Array, BulkString, Int};
+        let reply = Array(vec![
+            Array(vec![
+                Int(0),
+                Int(5460),
+                Array(vec![BulkString(b"10.0.0.1".to_vec()), Int(7000)]),
+            ]),
+            Array(vec![
+                Int(5461),
+                Int(16383),
+                Array(vec![BulkString(Vec::new()), Int(7001)]),
+                Array(vec![BulkString(b"10.0.0.3".to_vec()), Int(7002)]),
+            ]),
+        ]);
+        let ranges = parse_slots(reply, "seed").unwrap();
+        assert_eq!(ranges[0].host, "10.0.0.1");
+        assert_eq!(ranges[1].host, "seed");
+        assert_eq!(
+            (ranges[1].first, ranges[1].last, ranges[1].port),
+            (5461, 16383, 7001)
+        );
+        assert!(parse_slots(Int(3), "x").is_none());
+    }
+}

@@ -1,0 +1,220 @@
+//! One server or a cluster: found out on first contact (`CLUSTER SLOTS`), and on a cluster
+//! the slot map, read again after a redirect, a lost node, and every second.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bb8_redis::redis::{self, aio::ConnectionLike, ConnectionAddr};
+
+use super::cluster::{self, SlotMap};
+use super::connection::Node;
+use super::tracking::Manager;
+use super::ValkeyStore;
+use crate::error::StoreError;
+
+/// Not known yet: the first operation finds out.
+pub(super) const UNKNOWN: u8 = 0;
+pub(super) const SINGLE: u8 = 1;
+pub(super) const CLUSTER: u8 = 2;
+
+/// The slot map is read again at most this often on redirects and lost nodes.
+const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(100);
+
+impl ValkeyStore {
+    /// `None` on a single server; the slot map on a cluster. Finds out on first use.
+    pub(super) async fn topology(&self) -> Result<Option<Arc<SlotMap>>, StoreError> {
+        match self.inner.mode.load(Ordering::Acquire) {
+            SINGLE => Ok(None),
+            CLUSTER => Ok(self.map()),
+            // Bounded as one operation, waiting on another request's question included.
+            _ => match Box::pin(tokio::time::timeout(
+                self.inner.operation_timeout,
+                self.detect(),
+            ))
+            .await
+            {
+                Ok(found) => found,
+                Err(_) => Err(StoreError::Timeout),
+            },
+        }
+    }
+
+    /// Whether the store is known to talk to a cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        self.inner.mode.load(Ordering::Relaxed) == CLUSTER
+    }
+
+    pub(super) fn map(&self) -> Option<Arc<SlotMap>> {
+        crate::lock::read(&self.inner.map).clone()
+    }
+
+    /// Asks the server the URL names whether it is part of a cluster, and if so which node
+    /// serves which slots.
+    async fn detect(&self) -> Result<Option<Arc<SlotMap>>, StoreError> {
+        // One question at a time: the first requests of a busy app all arrive here.
+        let _one = self.inner.refreshing.lock().await;
+        match self.inner.mode.load(Ordering::Acquire) {
+            SINGLE => return Ok(None),
+            CLUSTER => return Ok(self.map()),
+            _ => {}
+        }
+        let seed = &self.inner.seed;
+        let reply = self
+            .run_on(seed, |mut t| async move {
+                t.conn
+                    .req_packed_command(&redis::cmd("CLUSTER").arg("SLOTS").clone())
+                    .await
+            })
+            .await?;
+        match reply {
+            redis::Value::ServerError(e) => {
+                let e = redis::RedisError::from(e);
+                if !cluster::not_a_cluster(&e) {
+                    tracing::warn!(
+                        error = %e, url = %self.url(),
+                        "CLUSTER SLOTS was refused; using the server as a single one"
+                    );
+                }
+                self.inner.mode.store(SINGLE, Ordering::Release);
+                Ok(None)
+            }
+            reply => {
+                let Some(ranges) = cluster::parse_slots(reply, &seed.host) else {
+                    return Err(StoreError::Server(
+                        "CLUSTER SLOTS answered something unreadable".into(),
+                    ));
+                };
+                let map = Arc::new(self.build_map(&ranges, None));
+                tracing::info!(
+                    url = %self.url(), nodes = map.nodes.len(),
+                    "the server is part of a cluster; routing by hash slot"
+                );
+                self.warn_homeless(&map);
+                *crate::lock::write(&self.inner.map) = Some(map.clone());
+                self.inner.mode.store(CLUSTER, Ordering::Release);
+                Ok(Some(map))
+            }
+        }
+    }
+
+    fn build_map(&self, ranges: &[cluster::Range], old: Option<&SlotMap>) -> SlotMap {
+        SlotMap::build(ranges, &self.inner.chunk_slots, old, |host, port, home| {
+            self.make_node(host, port, home)
+        })
+    }
+
+    /// A node at `host:port`, reached with the seed URL's credentials and TLS settings.
+    fn make_node(&self, host: &str, port: u16, home: Option<usize>) -> Option<Arc<Node>> {
+        let info = &self.inner.info;
+        let addr = match info.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        let manager = Manager::new(
+            info.clone().set_addr(addr),
+            self.inner.tracking.then(|| self.inner.records_key.clone()),
+            self.inner.max_clear_records,
+            self.inner.operation_timeout,
+            format!("{host}:{port}"),
+        );
+        match manager {
+            Ok(m) => Some(Arc::new(Node::new(
+                m,
+                (host.to_owned(), port),
+                home,
+                self.inner.pool_size,
+                self.inner.connect_timeout,
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, %host, port, "cannot reach a cluster node at this address");
+                None
+            }
+        }
+    }
+
+    fn warn_homeless(&self, map: &SlotMap) {
+        for node in map.nodes.iter().filter(|n| n.home.is_none()) {
+            tracing::warn!(
+                node = %format!("{}:{}", node.host, node.port),
+                "this cluster node holds none of the {} copies of the clear records; its \
+                 entries are passed by (more masters than copies, or an uneven slot layout)",
+                cluster::CHUNKS
+            );
+        }
+    }
+
+    /// Reads the slot map again (at most every 100 ms) and returns it.
+    pub(super) async fn refreshed_map(&self) -> Option<Arc<SlotMap>> {
+        self.refresh(false).await;
+        self.map()
+    }
+
+    /// Reads the slot map again from any node that answers; at most every 100 ms unless
+    /// `always`. One refresh runs at a time.
+    pub(super) async fn refresh(&self, always: bool) {
+        let Ok(_one) = self.inner.refreshing.try_lock() else {
+            return;
+        };
+        {
+            let mut last = crate::lock::lock(&self.inner.refreshed_at);
+            if !always && last.is_some_and(|at| at.elapsed() < REFRESH_AT_MOST_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let old = self.map();
+        let mut candidates: Vec<Arc<Node>> = old.iter().flat_map(|m| m.nodes.clone()).collect();
+        candidates.push(self.inner.seed.clone());
+        for node in candidates {
+            let reply = self
+                .run_on(&node, |mut t| async move {
+                    t.conn
+                        .req_packed_command(&redis::cmd("CLUSTER").arg("SLOTS").clone())
+                        .await
+                })
+                .await;
+            let Ok(reply) = reply else { continue };
+            let Some(ranges) = cluster::parse_slots(reply, &node.host) else {
+                continue;
+            };
+            if ranges.is_empty() {
+                continue; // a node that has not joined (yet) knows no slots
+            }
+            let map = Arc::new(self.build_map(&ranges, old.as_deref()));
+            let changed = old.as_ref().is_none_or(|o| {
+                o.nodes.len() != map.nodes.len()
+                    || o.nodes
+                        .iter()
+                        .zip(&map.nodes)
+                        .any(|(a, b)| !Arc::ptr_eq(a, b))
+            });
+            if changed {
+                tracing::info!(nodes = map.nodes.len(), "the cluster's slot map changed");
+                self.warn_homeless(&map);
+            }
+            *crate::lock::write(&self.inner.map) = Some(map);
+            return;
+        }
+    }
+
+    /// A node's connection failed: on a cluster, the map may have changed (a failover).
+    pub(super) fn lost_node(&self) {
+        if self.inner.mode.load(Ordering::Acquire) != CLUSTER {
+            return;
+        }
+        let store = self.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { store.refresh(false).await });
+        }
+    }
+}
