@@ -1,17 +1,370 @@
-//! Valkey Cluster: the store on a real 3-master cluster.
+//! Valkey Cluster beyond the store suites (which run on a 3-master cluster too): entries
+//! spread over every master, any node's URL works, a master killed mid-traffic with its
+//! replica taking over, and slots moved under traffic. Readers and writers race on two
+//! instances throughout, and every read that starts after a write's response must see it.
 
 mod support;
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{Method, Request};
+use axum::routing::get as route_get;
+use axum::Router;
 use support::cluster::Cluster;
-use support::Kind;
+use support::{get, send, Kind};
+use tower_cache_aside::store::ValkeyStore;
+use tower_cache_aside::{CacheLayer, CacheStats, RoutePolicy, RouteTable};
 
-#[test]
-fn a_cluster_forms() {
+#[derive(Clone, Default)]
+struct Db(Arc<Mutex<HashMap<u64, u64>>>);
+
+impl Db {
+    fn version(&self, id: u64) -> u64 {
+        *self.0.lock().unwrap().get(&id).unwrap_or(&0)
+    }
+    fn bump(&self, id: u64) -> u64 {
+        let mut m = self.0.lock().unwrap();
+        let v = m.entry(id).or_insert(0);
+        *v += 1;
+        *v
+    }
+}
+
+fn table() -> RouteTable {
+    RouteTable::new().route(
+        "/events/{id}",
+        RoutePolicy::ttl(Duration::from_secs(300))
+            .tags(["event:{id}"])
+            .clears(["event:{id}"]),
+    )
+}
+
+fn store(url: &str, wait: bool) -> ValkeyStore {
+    let b = ValkeyStore::builder()
+        .url(url)
+        .operation_timeout(Duration::from_millis(250));
+    let b = if wait {
+        b.wait_for_replicas(1, Duration::from_millis(500))
+    } else {
+        b
+    };
+    b.build().unwrap()
+}
+
+/// An instance of the app over the shared database.
+fn instance(store: ValkeyStore, db: Db) -> (Router, CacheStats) {
+    let cache = CacheLayer::new(store)
+        .routes(table())
+        .circuit_breaker(5, Duration::from_millis(200));
+    let stats = cache.stats();
+    let app = Router::new()
+        .route(
+            "/events/{id}",
+            route_get(|State(db): State<Db>, Path(id): Path<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                format!("{id}@{}", db.version(id))
+            })
+            .patch(|State(db): State<Db>, Path(id): Path<u64>| async move {
+                format!("{id}@{}", db.bump(id))
+            }),
+        )
+        .layer(cache.invalidate_layer())
+        .layer(cache)
+        .with_state(db);
+    (app, stats)
+}
+
+fn version_of(text: &str) -> u64 {
+    text.split('@')
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// What a race saw.
+#[derive(Debug, Default)]
+struct Verdict {
+    reads: u64,
+    writes: u64,
+    violations: u64,
+    errors: u64,
+}
+
+/// Two writers and six readers spread over `apps` for `budget`, on 64 resources (so their
+/// entries land on every master); `during` runs meanwhile (the failure under test).
+async fn race(
+    apps: &[Router],
+    budget: Duration,
+    during: impl std::future::Future<Output = ()>,
+) -> Verdict {
+    const RESOURCES: u64 = 64;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..RESOURCES).map(|_| AtomicU64::new(0)).collect());
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    let deadline = Instant::now() + budget;
+    let mut tasks = Vec::new();
+    for w in 0..2u64 {
+        let (app, acked, counts) = (
+            apps[w as usize % apps.len()].clone(),
+            acked.clone(),
+            counts.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut i = w * 7;
+            while Instant::now() < deadline {
+                let id = i % RESOURCES;
+                i += 1;
+                let req = Request::builder()
+                    .method(Method::PATCH)
+                    .uri(format!("/events/{id}"))
+                    .body(Body::empty())
+                    .unwrap();
+                let r = send(&app, req).await;
+                if r.status != 200 {
+                    counts[3].fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                acked[id as usize].fetch_max(version_of(&r.text()), Ordering::SeqCst);
+                counts[1].fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    for r in 0..6u64 {
+        let (app, acked, counts) = (
+            apps[r as usize % apps.len()].clone(),
+            acked.clone(),
+            counts.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut i = r * 11;
+            while Instant::now() < deadline {
+                let id = i % RESOURCES;
+                i += 1;
+                let floor = acked[id as usize].load(Ordering::SeqCst);
+                let res = get(&app, &format!("/events/{id}")).await;
+                if res.status != 200 {
+                    counts[3].fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if version_of(&res.text()) < floor {
+                    counts[2].fetch_add(1, Ordering::Relaxed);
+                }
+                counts[0].fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    during.await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    Verdict {
+        reads: counts[0].load(Ordering::Relaxed),
+        writes: counts[1].load(Ordering::Relaxed),
+        violations: counts[2].load(Ordering::Relaxed),
+        errors: counts[3].load(Ordering::Relaxed),
+    }
+}
+
+/// Waits until `app` serves a hit again (caching resumed), at most `within`.
+async fn until_hit(app: &Router, within: Duration) -> Option<Duration> {
     let start = Instant::now();
-    let c = Cluster::start(Kind::Valkey, 3, 0);
-    eprintln!("formed in {:?}", start.elapsed());
-    let slots = c.masters[1].query(&["CLUSTER", "SLOTS"]);
-    eprintln!("{slots}");
+    while start.elapsed() < within {
+        // A few resources: one of them lives on each master.
+        let mut all = true;
+        for id in 0..8 {
+            let uri = format!("/events/{id}");
+            get(app, &uri).await;
+            all &= get(app, &uri).await.x_cache() == "HIT";
+        }
+        if all {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_spread_over_every_master_and_any_node_url_works() {
+    let cluster = Cluster::start(Kind::Valkey, 3, 1);
+    // The URL of a replica: the store learns the masters from it.
+    let db = Db::default();
+    let (app, stats) = instance(store(&cluster.replicas[2].url(), false), db);
+    for id in 0..300 {
+        assert_eq!(get(&app, &format!("/events/{id}")).await.status, 200);
+    }
+    support::fills_reach(&stats, 300).await;
+    for id in 0..300 {
+        assert_eq!(
+            get(&app, &format!("/events/{id}")).await.x_cache(),
+            "HIT",
+            "{id}"
+        );
+    }
+    for m in &cluster.masters {
+        let keys: u64 = m
+            .query(&["DBSIZE"])
+            .trim_start_matches(':')
+            .parse()
+            .unwrap();
+        // 300 entries, 16 copies of the records: about a third each.
+        assert!(
+            (60..=200).contains(&keys),
+            "master {} holds {keys} keys",
+            m.port
+        );
+    }
+    let s = stats.snapshot();
+    assert_eq!((s.store_errors, s.hits), (0, 300), "{s:?}");
+}
+
+/// A master is killed mid-traffic; its replica takes over. No client sees an error, caching
+/// resumes, and (with `wait_for_replicas`) no read that starts after a write's response is
+/// older than it. The verdict without waiting for replicas is printed.
+async fn a_killed_master_hands_over_to_its_replica(wait: bool) {
+    let mut cluster = Cluster::start(Kind::Valkey, 3, 1);
+    let db = Db::default();
+    // Both instances name the master that dies: they must find the others.
+    let url = cluster.url();
+    let (a, a_stats) = instance(store(&url, wait), db.clone());
+    let (b, _) = instance(store(&url, wait), db);
+    for id in 0..64 {
+        get(&a, &format!("/events/{id}")).await;
+        get(&b, &format!("/events/{id}")).await;
+    }
+    let victim = cluster.masters.remove(0);
+    let replica_port = cluster.replicas[0].port;
+    let mut victim = Some(victim);
+    let verdict = race(&[a.clone(), b.clone()], Duration::from_secs(6), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(victim.take()); // killed
+    })
+    .await;
+    let promoted = cluster.replicas[0].query(&["ROLE"]);
+    eprintln!(
+        "failover (wait_for_replicas {wait}): {verdict:?}; replica on {replica_port} is now {}; {:?}",
+        promoted.lines().next().unwrap_or(""),
+        a_stats.snapshot()
+    );
+    assert_eq!(verdict.errors, 0, "a client saw an error");
+    assert!(
+        verdict.reads > 300 && verdict.writes > 100,
+        "too little traffic: {verdict:?}"
+    );
+    assert!(
+        promoted.starts_with("master"),
+        "the replica did not take over: {promoted}"
+    );
+    let resumed = until_hit(&a, Duration::from_secs(15)).await;
+    eprintln!("caching resumed after {resumed:?}");
+    assert!(
+        resumed.is_some(),
+        "caching did not resume after the failover"
+    );
+    if wait {
+        assert_eq!(
+            verdict.violations, 0,
+            "a stale read after a completed write"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_hands_over_waiting_for_replicas() {
+    a_killed_master_hands_over_to_its_replica(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_hands_over_without_waiting() {
+    a_killed_master_hands_over_to_its_replica(false).await;
+}
+
+/// Moves `slots` from one master to another the way `valkey-cli --cluster reshard` does:
+/// importing / migrating, `MIGRATE` key by key, then the new owner announced to every master.
+fn move_slots(cluster: &Cluster, from: usize, to: usize, slots: std::ops::RangeInclusive<u16>) {
+    let (src, dst) = (&cluster.masters[from], &cluster.masters[to]);
+    let src_id = src.query(&["CLUSTER", "MYID"]);
+    let dst_id = dst.query(&["CLUSTER", "MYID"]);
+    for slot in slots {
+        let slot = slot.to_string();
+        assert_eq!(
+            dst.command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id]),
+            "+OK"
+        );
+        assert_eq!(
+            src.command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id]),
+            "+OK"
+        );
+        loop {
+            let keys = src.query(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = dst.port.to_string();
+            let mut words = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                &port,
+                "",
+                "0",
+                "5000",
+                "REPLACE",
+                "KEYS",
+            ];
+            words.extend(keys);
+            let ok = src.command(&words);
+            assert!(ok == "+OK" || ok == "+NOKEY", "MIGRATE: {ok}");
+        }
+        for m in &cluster.masters {
+            let ok = m.command(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]);
+            assert_eq!(ok, "+OK", "SETSLOT NODE on {}", m.port);
+        }
+    }
+}
+
+/// Slots move between masters under traffic, among them the range holding the first copy
+/// of the clear records: no client error, no stale read, and caching carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_move_under_traffic() {
+    let cluster = Arc::new(Cluster::start(Kind::Valkey, 3, 0));
+    let db = Db::default();
+    let url = cluster.masters[1].url();
+    let (a, a_stats) = instance(store(&url, false), db.clone());
+    let (b, _) = instance(store(&url, false), db);
+    for id in 0..64 {
+        get(&a, &format!("/events/{id}")).await;
+    }
+    let mover = cluster.clone();
+    let verdict = race(
+        &[a.clone(), b.clone()],
+        Duration::from_secs(6),
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Copy 0 of the records lies in slots 0..=1023, on master 0: move that range.
+            let moved = tokio::task::spawn_blocking(move || move_slots(&mover, 0, 1, 0..=1023));
+            moved.await.unwrap();
+        },
+    )
+    .await;
+    eprintln!("resharding: {verdict:?}; {:?}", a_stats.snapshot());
+    assert_eq!(verdict.errors, 0);
+    assert_eq!(
+        verdict.violations, 0,
+        "a stale read after a completed write"
+    );
+    assert!(
+        verdict.reads > 300 && verdict.writes > 100,
+        "too little traffic: {verdict:?}"
+    );
+    assert!(
+        until_hit(&a, Duration::from_secs(10)).await.is_some(),
+        "caching did not resume"
+    );
 }

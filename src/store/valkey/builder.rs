@@ -23,6 +23,7 @@ pub struct ValkeyStoreBuilder {
     pool_size: u32,
     client_tracking: bool,
     max_clear_records: usize,
+    wait_for_replicas: Option<(u32, Duration)>,
 }
 
 impl Default for ValkeyStoreBuilder {
@@ -35,6 +36,7 @@ impl Default for ValkeyStoreBuilder {
             pool_size: 4,
             client_tracking: true,
             max_clear_records: DEFAULT_MAX_RECORDS,
+            wait_for_replicas: None,
         }
     }
 }
@@ -92,6 +94,21 @@ impl ValkeyStoreBuilder {
     /// correctness.
     pub fn max_clear_records(mut self, max: usize) -> Self {
         self.max_clear_records = max.max(1);
+        self
+    }
+
+    /// Makes a clear wait until `replicas` replicas of each master it wrote have it (`WAIT`),
+    /// at most `timeout` (default: off). Replication is asynchronous: a master that fails
+    /// right after a clear may hand over to a replica that never got it. With this set, a
+    /// clear counts as done only once the replicas have it, so a failover cannot lose it;
+    /// a clear they do not confirm in time is treated as failed: the layer defers it and
+    /// passes the store by until it lands (see the crate docs, "What the store may drop").
+    /// A master with fewer replicas attached (`ROLE`) is waited on for those it has: one
+    /// with none, say just after a failover, has nobody a later failover could promote.
+    /// Each clear then holds a pooled connection of each master for the replicas' answer,
+    /// never the connection lookups share.
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_for_replicas = (replicas > 0).then_some((replicas, timeout));
         self
     }
 
@@ -172,6 +189,7 @@ impl ValkeyStoreBuilder {
                     .collect(),
                 channel: format!("{ns}:{SCHEMA}:inv"),
                 max_clear_records: self.max_clear_records,
+                wait_for_replicas: self.wait_for_replicas,
                 operation_timeout: self.operation_timeout,
                 display_url,
             }),

@@ -58,22 +58,31 @@ impl Node {
         crate::lock::write(&self.conn).take();
     }
 
-    /// Takes a fresh connection from the pool and keeps a clone of it for every later
-    /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
-    /// does on checkout costs nothing on the hot path and weeds out dead connections.
-    pub(super) async fn checkout(&self) -> Result<Tracked, StoreError> {
-        let pool = self.pool.get_or_init(|| {
+    /// A connection of the pool for this caller alone (a command that blocks its
+    /// connection, such as `WAIT`, must not hold up the shared one).
+    pub(super) async fn exclusive(&self) -> Result<bb8::PooledConnection<'_, Manager>, StoreError> {
+        self.pool().get().await.map_err(|e| match e {
+            bb8::RunError::User(e) => classify(e),
+            bb8::RunError::TimedOut => StoreError::Timeout,
+        })
+    }
+
+    fn pool(&self) -> &bb8::Pool<Manager> {
+        self.pool.get_or_init(|| {
             bb8::Pool::builder()
                 .max_size(self.pool_size)
                 .min_idle(None)
                 .test_on_check_out(true)
                 .connection_timeout(self.connect_timeout)
                 .build_unchecked(self.manager.clone())
-        });
-        let pooled = pool.get().await.map_err(|e| match e {
-            bb8::RunError::User(e) => classify(e),
-            bb8::RunError::TimedOut => StoreError::Timeout,
-        })?;
+        })
+    }
+
+    /// Takes a fresh connection from the pool and keeps a clone of it for every later
+    /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
+    /// does on checkout costs nothing on the hot path and weeds out dead connections.
+    pub(super) async fn checkout(&self) -> Result<Tracked, StoreError> {
+        let pooled = self.exclusive().await?;
         let conn = pooled.clone();
         drop(pooled);
         *crate::lock::write(&self.conn) = Some(conn.clone());

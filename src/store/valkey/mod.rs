@@ -135,6 +135,8 @@ struct ValkeyInner {
     high_water: Vec<std::sync::Mutex<Fence>>,
     channel: String,
     max_clear_records: usize,
+    /// Replicas a clear waits for, and for how long.
+    wait_for_replicas: Option<(u32, Duration)>,
     operation_timeout: Duration,
     display_url: String,
 }
@@ -243,7 +245,7 @@ impl ValkeyStore {
                 let size = inner.entry_prefix.len() + key.route().len() + 80;
                 if let Some(known) = t.tracker.known() {
                     let mut get = redis::Cmd::with_capacity(2, size);
-                    get.arg("GET").arg(&entry_key);
+                    get.arg("GET").arg(entry_key);
                     let reply = c.req_packed_command(&get).await?;
                     if is_redirect_reply(&reply) {
                         return Ok(Read::Redirected);
@@ -256,7 +258,7 @@ impl ValkeyStore {
                 let mark = t.tracker.mark();
                 let from = t.tracker.synced();
                 let mut get = redis::Cmd::with_capacity(2, size);
-                get.arg("GET").arg(&entry_key);
+                get.arg("GET").arg(entry_key);
                 let mut pipe = redis::Pipeline::with_capacity(2);
                 pipe.add_command(get)
                     .add_command(self.sync_command(records_key, chunk, from));
@@ -434,7 +436,7 @@ impl Store for ValkeyStore {
         // Known before the key is written: a cluster's keys carry a hash tag.
         self.topology().await?;
         let entry_key = self.entry_key(key);
-        let del = redis::cmd("DEL").arg(&entry_key).clone();
+        let del = redis::cmd("DEL").arg(entry_key).clone();
         let n: i64 = self
             .run_keyed(&entry_key, |mut c| {
                 let del = del.clone();
@@ -456,7 +458,7 @@ impl Store for ValkeyStore {
         let token = lease_token();
         let ttl_ms = crate::entry::millis(ttl).clamp(1, 1 << 40);
         let set = redis::cmd("SET")
-            .arg(&lease_key)
+            .arg(lease_key)
             .arg(token)
             .arg("NX")
             .arg("PX")
@@ -478,7 +480,7 @@ impl Store for ValkeyStore {
         let _: i64 = self
             .run_keyed(&lease_key, |mut c| async move {
                 let mut invocation = RELEASE_LEASE.prepare_invoke();
-                invocation.key(&lease_key).arg(token);
+                invocation.key(lease_key).arg(token);
                 invocation.invoke_async(&mut c).await
             })
             .await?;

@@ -117,6 +117,35 @@ pub(super) fn unexpected_reply(value: redis::Value, to: &str) -> StoreError {
     }
 }
 
+/// Whether a reply is a cluster's redirect (`MOVED`, `ASK`): the key's slot is served by
+/// another node now.
+pub(super) fn is_redirect_reply(reply: &redis::Value) -> bool {
+    matches!(reply, redis::Value::ServerError(e) if matches!(e.kind(), Some(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)))
+}
+
+/// Whether an error is a cluster's redirect.
+pub(super) fn is_redirect(e: &StoreError) -> bool {
+    match e {
+        StoreError::Server(e) => e
+            .downcast_ref::<RedisError>()
+            .is_some_and(|e| e.redirect_node().is_some()),
+        _ => false,
+    }
+}
+
+/// How many replicas a `ROLE` reply lists as attached to a master (0 for a replica).
+pub(super) fn replicas_in_role(role: &redis::Value) -> i64 {
+    let redis::Value::Array(parts) = role else {
+        return 0;
+    };
+    let is_master = matches!(parts.first(), Some(redis::Value::BulkString(b)) if b == b"master")
+        || matches!(parts.first(), Some(redis::Value::SimpleString(s)) if s == "master");
+    match parts.get(2) {
+        Some(redis::Value::Array(replicas)) if is_master => replicas.len() as i64,
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,21 +214,5 @@ mod tests {
         ]);
         let whole = parse_synced(pairs).unwrap().unwrap();
         assert_eq!((whole.epoch, whole.seq, whole.floor), (9, Some(4), Some(2)));
-    }
-}
-
-/// Whether a reply is a cluster's redirect (`MOVED`, `ASK`): the key's slot is served by
-/// another node now.
-pub(super) fn is_redirect_reply(reply: &redis::Value) -> bool {
-    matches!(reply, redis::Value::ServerError(e) if matches!(e.kind(), Some(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)))
-}
-
-/// Whether an error is a cluster's redirect.
-pub(super) fn is_redirect(e: &StoreError) -> bool {
-    match e {
-        StoreError::Server(e) => e
-            .downcast_ref::<RedisError>()
-            .is_some_and(|e| e.redirect_node().is_some()),
-        _ => false,
     }
 }

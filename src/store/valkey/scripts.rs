@@ -147,14 +147,58 @@ impl ValkeyStore {
                 }
             }
         }
-        let (epoch, seq): (u64, u64) = self
-            .run_on(node, |mut t| async move {
-                invocation.invoke_async(&mut t.conn).await
-            })
-            .await?;
-        let fence = Fence::new(epoch, seq);
-        self.saw_in(chunk, fence);
-        Ok(fence)
+        let Some((replicas, wait)) = self.inner.wait_for_replicas else {
+            let (epoch, seq): (u64, u64) = self
+                .run_on(node, |mut t| async move {
+                    invocation.invoke_async(&mut t.conn).await
+                })
+                .await?;
+            let fence = Fence::new(epoch, seq);
+            self.saw_in(chunk, fence);
+            return Ok(fence);
+        };
+        // On a connection of its own: `WAIT` counts the replicas that have this
+        // connection's writes, and blocks the connection meanwhile.
+        let confirmed = async {
+            let mut own = node.exclusive().await?;
+            let (epoch, seq): (u64, u64) = invocation
+                .invoke_async(&mut own.conn)
+                .await
+                .map_err(super::connection::classify)?;
+            let fence = Fence::new(epoch, seq);
+            self.saw_in(chunk, fence);
+            // A master without replicas has nothing a failover could lose the clear to.
+            let role: redis::Value = redis::cmd("ROLE")
+                .query_async(&mut own.conn)
+                .await
+                .map_err(super::connection::classify)?;
+            let attached = super::replies::replicas_in_role(&role);
+            let wanted = i64::from(replicas).min(attached);
+            if wanted == 0 {
+                return Ok(fence);
+            }
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(wanted)
+                .arg(crate::entry::millis(wait).max(1))
+                .query_async(&mut own.conn)
+                .await
+                .map_err(super::connection::classify)?;
+            if acked < wanted {
+                return Err(StoreError::Server(
+                    format!(
+                        "the clear reached {acked} of {wanted} replicas within {wait:?} \
+                         (wait_for_replicas): it is deferred until they confirm it"
+                    )
+                    .into(),
+                ));
+            }
+            Ok(fence)
+        };
+        let bound = self.inner.operation_timeout + wait;
+        match tokio::time::timeout(bound, confirmed).await {
+            Ok(done) => done,
+            Err(_) => Err(StoreError::Timeout),
+        }
     }
 }
 

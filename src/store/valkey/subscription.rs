@@ -37,9 +37,17 @@ async fn run_subscription(inner: Arc<ValkeyInner>, tx: broadcast::Sender<Notice>
     const PING_EVERY: Duration = Duration::from_secs(2);
     let mut backoff = Duration::from_millis(50);
     let mut first = true;
+    let store = ValkeyStore {
+        inner: inner.clone(),
+    };
+    let mut attempt = 0usize;
     while tx.receiver_count() > 0 {
+        // On a cluster a clear published on any node reaches subscribers on every node:
+        // after a failure, the next node is tried (the one the URL names may be the dead one).
+        let client = store.pubsub_client(attempt);
+        attempt = attempt.wrapping_add(1);
         let connected = tokio::time::timeout(inner.connect_timeout, async {
-            let mut pubsub = inner.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&inner.channel).await?;
             Ok::<_, RedisError>(pubsub)
         })

@@ -107,21 +107,8 @@ impl ValkeyStore {
     /// A node at `host:port`, reached with the seed URL's credentials and TLS settings.
     fn make_node(&self, host: &str, port: u16, home: Option<usize>) -> Option<Arc<Node>> {
         let info = &self.inner.info;
-        let addr = match info.addr() {
-            ConnectionAddr::TcpTls {
-                insecure,
-                tls_params,
-                ..
-            } => ConnectionAddr::TcpTls {
-                host: host.to_owned(),
-                port,
-                insecure: *insecure,
-                tls_params: tls_params.clone(),
-            },
-            _ => ConnectionAddr::Tcp(host.to_owned(), port),
-        };
         let manager = Manager::new(
-            info.clone().set_addr(addr),
+            info.clone().set_addr(node_addr(info, host, port)),
             self.inner.tracking.then(|| self.inner.records_key.clone()),
             self.inner.max_clear_records,
             self.inner.operation_timeout,
@@ -207,6 +194,21 @@ impl ValkeyStore {
         }
     }
 
+    /// A client for the pub/sub connection: the server the URL names, or on a cluster the
+    /// `attempt`-th of its masters in turn.
+    pub(super) fn pubsub_client(&self, attempt: usize) -> redis::Client {
+        let Some(map) = self.map().filter(|m| !m.nodes.is_empty()) else {
+            return self.inner.client.clone();
+        };
+        let node = &map.nodes[attempt % map.nodes.len()];
+        let info =
+            self.inner
+                .info
+                .clone()
+                .set_addr(node_addr(&self.inner.info, &node.host, node.port));
+        redis::Client::open(info).unwrap_or_else(|_| self.inner.client.clone())
+    }
+
     /// A node's connection failed: on a cluster, the map may have changed (a failover).
     pub(super) fn lost_node(&self) {
         if self.inner.mode.load(Ordering::Acquire) != CLUSTER {
@@ -216,5 +218,22 @@ impl ValkeyStore {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move { store.refresh(false).await });
         }
+    }
+}
+
+/// The address of another node, with the seed's TLS settings.
+fn node_addr(seed: &redis::ConnectionInfo, host: &str, port: u16) -> ConnectionAddr {
+    match seed.addr() {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host.to_owned(), port),
     }
 }
