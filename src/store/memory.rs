@@ -239,70 +239,45 @@ impl Store for MemoryStore {
     }
 }
 
-/// Used as a near cache, the store follows the far store's records: its epochs (which only
-/// grow) and clears numbered by the far store's sequence.
+/// Used as a near cache, the store holds entries whose validity another store vouches for
+/// (see `TieredStore`): its own records are not consulted.
 #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
 impl MemoryStore {
-    /// Gives up this store's own records: from now on it knows only what `follow`, `clear_at`
-    /// and `purge_at` tell it, and serves nothing until the far store's epoch is known.
-    pub(crate) fn follow_another_store(&self) {
-        self.records_mut().reset(0);
-        self.inner.cache.invalidate_all();
+    /// An entry as stored, with the stamp it was filled under, whether current or not.
+    pub(crate) fn peek(&self, key: &EntryKey) -> Option<(Bytes, Fence, Arc<[u64]>)> {
+        self.inner
+            .cache
+            .get(key)
+            .map(|v| (v.bytes, v.fence, v.tags))
     }
 
-    /// The far store's state as it reported it. A later epoch drops every near entry and
-    /// starts at that state (clears of the new epoch before it are not known here: the floor
-    /// covers them); an earlier epoch is a late report and changes nothing. Epoch 0 (a
-    /// lookup that could not read the records) is ignored.
-    pub(crate) fn follow(&self, fence: Fence) {
-        if fence.epoch() == 0 || self.records().fence().is_at_or_after(fence) {
+    /// Stores an entry without checking it against this store's records.
+    pub(crate) fn put(
+        &self,
+        key: EntryKey,
+        bytes: Bytes,
+        ttl: Duration,
+        fence: Fence,
+        tags: &[String],
+    ) {
+        if ttl.is_zero() {
             return;
         }
-        let mut records = self.records_mut();
-        self.follow_locked(&mut records, fence);
+        let tags: Arc<[u64]> = tags.iter().map(|t| tag_id(t)).collect();
+        self.inner.cache.insert(
+            key,
+            MemValue {
+                bytes,
+                ttl,
+                fence,
+                tags,
+            },
+        );
     }
 
-    /// [`follow`](Self::follow) under the caller's write lock; whether the state is usable
-    /// (not of an older epoch).
-    fn follow_locked(&self, records: &mut Records, fence: Fence) -> bool {
-        if fence.epoch() < records.epoch() {
-            return false;
-        }
-        if fence.epoch() > records.epoch() {
-            records.reset(fence.epoch());
-            records.raise_floor(fence.seq());
-            self.inner.cache.invalidate_all();
-        }
-        records.observe(fence.seq());
-        true
-    }
-
-    /// The far store's state as this near tier knows it.
-    pub(crate) fn fence(&self) -> Fence {
-        self.records().fence()
-    }
-
-    /// Applies a clear made elsewhere at `seq` of `epoch`. One of an older epoch than the
-    /// near tier follows means the far store went back to it (a failover, an old snapshot)
-    /// while the near entries are stamped with the newer one: they all go.
-    pub(crate) fn clear_at(&self, tags: &[String], epoch: u64, seq: u64) {
-        let mut records = self.records_mut();
-        if self.follow_locked(&mut records, Fence::new(epoch, seq.saturating_sub(1))) {
-            records.clear(tags.iter().map(|t| tag_id(t)), seq);
-        } else {
-            drop(records);
-            self.inner.cache.invalidate_all();
-        }
-    }
-
-    /// Applies a purge made elsewhere at `seq` of `epoch`.
-    pub(crate) fn purge_at(&self, epoch: u64, seq: u64) {
-        let mut records = self.records_mut();
-        if self.follow_locked(&mut records, Fence::new(epoch, seq.saturating_sub(1))) {
-            records.raise_floor(seq);
-        }
-        drop(records);
-        self.inner.cache.invalidate_all();
+    /// Drops one entry.
+    pub(crate) fn drop_entry(&self, key: &EntryKey) {
+        self.inner.cache.invalidate(key);
     }
 
     /// Drops every entry, keeping the records.

@@ -33,7 +33,7 @@ mod valkey;
 pub use memory::MemoryStore;
 #[cfg(all(feature = "valkey", feature = "memory"))]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "valkey", feature = "memory"))))]
-pub use tiered::{TieredStore, DEFAULT_MAX_NEAR_TTL};
+pub use tiered::TieredStore;
 #[cfg(feature = "valkey")]
 #[cfg_attr(docsrs, doc(cfg(feature = "valkey")))]
 pub use valkey::{ValkeyStore, ValkeyStoreBuilder, DEFAULT_OPERATION_TIMEOUT};

@@ -1,34 +1,33 @@
 //! A near cache in front of Valkey: an in-process [`MemoryStore`] that answers repeat hits
-//! without a network round trip, kept coherent by the clears every instance publishes.
+//! without a network round trip, held to the same records as the store.
 //!
 //! Coherence rules:
-//! - The near tier is used only while the invalidation subscription is live; when it breaks
-//!   every near entry is dropped and lookups go to Valkey until it is back (clears published
-//!   meanwhile were missed).
-//! - Near entries live at most `max_near_ttl` (default 5 s): a bound on staleness should a
-//!   published clear ever be lost without the connection noticing.
-//! - The near tier keeps clear records numbered by Valkey's sequence, in Valkey's epoch, and
-//!   checks its entries against them on read, as Valkey's are: a near entry fenced before a
-//!   clear it has heard of is dead, and a new epoch in Valkey drops the whole near tier.
-//! - This instance's own clears apply to the near tier before the mutation's response is
-//!   sent; other instances' arrive within the pub/sub delivery time.
+//! - A near entry keeps the stamp its Valkey copy has (the fence its data was read under,
+//!   its tags). It is served only if the records of the Valkey connection that serves its
+//!   key say it is current, and only while that connection knows its records to be
+//!   current: the server announces every change to them on that connection (client
+//!   tracking), so a clear made anywhere stops near hits as soon as its announcement
+//!   arrives, and the next lookup goes to Valkey, reads what changed and re-arms them.
+//! - So there is no fixed window: a near hit can be older than a clear only by the time the
+//!   clear's announcement takes to travel from the server to this instance (one way, on a
+//!   live connection; measured by `examples/scaleout.rs`). A connection that has not
+//!   answered for 1.5 s (gone half-open) does not vouch for anything.
+//! - This instance's own clears stop its near hits before the mutation's response is sent.
+//! - Without client tracking (a server or proxy that refuses RESP3 or `CLIENT TRACKING`,
+//!   or `client_tracking(false)`), nothing vouches for near entries, and every lookup goes
+//!   to Valkey.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::broadcast;
 
 use super::memory::MemoryStore;
 use super::valkey::ValkeyStore;
-use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Notice, Store};
+use super::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Store};
 use crate::entry::Entry;
 use crate::error::StoreError;
 use crate::key::EntryKey;
-
-/// Near entries live at most this long unless configured otherwise.
-pub const DEFAULT_MAX_NEAR_TTL: Duration = Duration::from_secs(5);
 
 /// A [`MemoryStore`] near cache in front of a [`ValkeyStore`].
 ///
@@ -37,8 +36,7 @@ pub const DEFAULT_MAX_NEAR_TTL: Duration = Duration::from_secs(5);
 /// use tower_cache_aside::{CacheLayer, store::{MemoryStore, TieredStore, ValkeyStore}};
 ///
 /// # fn main() -> Result<(), tower_cache_aside::ConfigError> {
-/// let store = TieredStore::new(MemoryStore::new(32 << 20), ValkeyStore::from_env()?)
-///     .max_near_ttl(Duration::from_secs(2));
+/// let store = TieredStore::new(MemoryStore::new(32 << 20), ValkeyStore::from_env()?);
 /// let layer = CacheLayer::new(store);
 /// # Ok(()) }
 /// ```
@@ -50,10 +48,7 @@ pub struct TieredStore {
 struct TierInner {
     near: MemoryStore,
     far: ValkeyStore,
-    max_near_ttl: Duration,
-    /// The invalidation subscription is live: the near tier may answer.
-    live: AtomicBool,
-    listening: OnceLock<()>,
+    max_near_ttl: Option<Duration>,
 }
 
 impl std::fmt::Debug for TieredStore {
@@ -61,7 +56,6 @@ impl std::fmt::Debug for TieredStore {
         f.debug_struct("TieredStore")
             .field("near", &self.inner.near)
             .field("far", &self.inner.far)
-            .field("live", &self.inner.live.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -69,19 +63,19 @@ impl std::fmt::Debug for TieredStore {
 impl TieredStore {
     /// `near` in front of `far`.
     pub fn new(near: MemoryStore, far: ValkeyStore) -> Self {
-        near.follow_another_store();
+        near.flush();
         TieredStore {
             inner: Arc::new(TierInner {
                 near,
                 far,
-                max_near_ttl: DEFAULT_MAX_NEAR_TTL,
-                live: AtomicBool::new(false),
-                listening: OnceLock::new(),
+                max_near_ttl: None,
             }),
         }
     }
 
-    /// The longest a near entry lives (default 5 s).
+    /// The longest a near copy lives (default: as long as the entry). Not needed for
+    /// coherence (see the module docs); a way to bound the near tier's age for other
+    /// reasons.
     #[must_use]
     pub fn max_near_ttl(mut self, ttl: Duration) -> Self {
         if Arc::get_mut(&mut self.inner).is_none() {
@@ -90,7 +84,7 @@ impl TieredStore {
         }
         Arc::get_mut(&mut self.inner)
             .expect("unshared")
-            .max_near_ttl = ttl;
+            .max_near_ttl = Some(ttl);
         self
     }
 
@@ -104,96 +98,43 @@ impl TieredStore {
         &self.inner.far
     }
 
-    /// Whether the near tier is in use (its invalidation subscription is live).
-    pub fn near_is_live(&self) -> bool {
-        self.inner.live.load(Ordering::Acquire)
-    }
-
-    fn listen(&self) {
-        self.inner.listening.get_or_init(|| {
-            let notices = self.inner.far.subscribe();
-            tokio::spawn(apply_notices(Arc::downgrade(&self.inner), notices));
-        });
+    /// Whether the near tier may answer `key` now: the Valkey connection serving it tracks
+    /// the records and knows them to be current.
+    pub fn near_is_live(&self, key: &EntryKey) -> bool {
+        self.inner.far.vouch(key).is_some()
     }
 
     fn near_fill(
         &self,
         key: EntryKey,
-        value: bytes::Bytes,
+        value: Bytes,
         ttl: Duration,
-        tags: Vec<String>,
-        fence: Fence,
+        tags: &[String],
+        fence: super::Fence,
     ) {
-        if !self.near_is_live() {
-            return;
-        }
-        self.inner.near.follow(fence);
-        let ttl = ttl.min(self.inner.max_near_ttl);
-        self.inner
-            .near
-            .fill_now(Fill::new(key, value, ttl, tags, fence));
-    }
-}
-
-/// Applies what the subscription hears to the near tier, until the store is dropped.
-async fn apply_notices(tier: Weak<TierInner>, mut notices: broadcast::Receiver<Notice>) {
-    let mut check = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        let notice = tokio::select! {
-            n = notices.recv() => n,
-            _ = check.tick() => {
-                if tier.strong_count() == 0 { return; }
-                continue;
-            }
-        };
-        let Some(tier) = tier.upgrade() else { return };
-        match notice {
-            // What another instance saw raises this one's mark too: a set gone back behind
-            // it is then made anew by this instance's next sync, within a second.
-            Ok(Notice::Cleared { epoch, seq, tags }) => {
-                tier.far.saw(Fence::new(epoch, seq));
-                tier.near.clear_at(&tags, epoch, seq);
-            }
-            Ok(Notice::Purged { epoch, seq }) => {
-                tier.far.saw(Fence::new(epoch, seq));
-                tier.near.purge_at(epoch, seq);
-            }
-            Ok(Notice::Subscribed) => {
-                tier.near.flush();
-                tier.live.store(true, Ordering::Release);
-            }
-            // Lost, or fell behind the channel: clears were missed.
-            Ok(Notice::Lost) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                tier.live.store(false, Ordering::Release);
-                tier.near.flush();
-            }
-            Err(broadcast::error::RecvError::Closed) => {
-                tier.live.store(false, Ordering::Release);
-                tier.near.flush();
-                return;
-            }
-        }
+        let ttl = self.inner.max_near_ttl.map_or(ttl, |max| ttl.min(max));
+        self.inner.near.put(key, value, ttl, fence, tags);
     }
 }
 
 impl Store for TieredStore {
     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
-        self.listen();
-        if self.near_is_live() {
-            if let Ok(found) = self.inner.near.lookup(key).await {
-                if found.value.is_some() {
-                    return Ok(found);
+        if let Some(vouch) = self.inner.far.vouch(key) {
+            if let Some((bytes, fence, ids)) = self.inner.near.peek(key) {
+                if vouch.vouches(fence, &ids) {
+                    return Ok(Lookup::new(Some(bytes), vouch.fence()));
                 }
+                // Dead (or not vouched for right now): Valkey decides.
+                self.inner.near.drop_entry(key);
             }
         }
         // Boxed: the far lookup's future is large, and a near hit should not carry it.
         let found = Box::pin(self.inner.far.lookup(key)).await?;
-        self.inner.near.follow(found.fence);
         if let Some(value) = &found.value {
             // Copy it near, with the tags, fence and lifetime the entry itself carries.
             if let Ok(entry) = Entry::decode_with_tags(value.clone()) {
                 if let Some(ttl) = entry.remaining(crate::entry::now_ms()) {
-                    self.near_fill(key.clone(), value.clone(), ttl, entry.tags, entry.fence);
+                    self.near_fill(key.clone(), value.clone(), ttl, &entry.tags, entry.fence);
                 }
             }
         }
@@ -203,7 +144,7 @@ impl Store for TieredStore {
     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
         let outcome = self.inner.far.fill(fill.clone()).await?;
         if outcome == FillOutcome::Stored {
-            self.near_fill(fill.key, fill.value, fill.ttl, fill.tags, fill.fence);
+            self.near_fill(fill.key, fill.value, fill.ttl, &fill.tags, fill.fence);
         }
         Ok(outcome)
     }
@@ -213,7 +154,7 @@ impl Store for TieredStore {
         let (tier, near) = (self.clone(), fill.clone());
         let copy_near = move |outcome: Result<FillOutcome, StoreError>| {
             if let Ok(FillOutcome::Stored) = outcome {
-                tier.near_fill(near.key, near.value, near.ttl, near.tags, near.fence);
+                tier.near_fill(near.key, near.value, near.ttl, &near.tags, near.fence);
             }
             done(outcome);
         };
@@ -225,18 +166,12 @@ impl Store for TieredStore {
         self.inner.far.remove(key).await
     }
 
+    /// Clears in Valkey; every connection's records are forgotten first and again after, so
+    /// no near hit is served on the strength of records read before the clear landed.
     async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
+        self.inner.far.forget_records();
         let done = self.inner.far.invalidate(tags).await;
-        match &done {
-            Ok(d) => self.inner.near.clear_at(tags, d.epoch, d.seq),
-            // Unknown outcome: the near copies must go in any case.
-            Err(_) => {
-                let known = self.inner.near.fence();
-                self.inner
-                    .near
-                    .clear_at(tags, known.epoch(), known.seq() + 1);
-            }
-        }
+        self.inner.far.forget_records();
         done
     }
 
@@ -257,15 +192,10 @@ impl Store for TieredStore {
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
-        match self.inner.far.purge_fence().await {
-            Ok(done) => {
-                self.inner.near.purge_at(done.epoch(), done.seq());
-                Ok(done.seq())
-            }
-            Err(e) => {
-                self.inner.near.flush();
-                Err(e)
-            }
-        }
+        self.inner.far.forget_records();
+        let done = self.inner.far.purge().await;
+        self.inner.far.forget_records();
+        self.inner.near.flush();
+        done
     }
 }

@@ -88,17 +88,17 @@ pub fn valkey_store(server: &Server) -> ValkeyStore {
         .unwrap()
 }
 
-/// A near tier in front of a served store, its subscription live (so the near tier answers).
+/// A near tier in front of a served store, its records read (so the near tier answers).
 pub async fn tiered(kind: Kind) -> Fixture<tower_cache_aside::store::TieredStore> {
     let server = Server::start(kind);
     let store = tower_cache_aside::store::TieredStore::new(
         MemoryStore::new(64 << 20),
         valkey_store(&server),
     );
-    // The first lookup starts the subscription; the near tier is used once it is live.
+    // The first lookup reads the records; the near tier is used once they are current.
     let probe = tower_cache_aside::EntryKey::new("probe", [0; 32]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !store.near_is_live() {
+    while !store.near_is_live(&probe) {
         let _ = store.lookup(&probe).await;
         assert!(Instant::now() < deadline, "the near tier never went live");
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -54,6 +54,13 @@ impl Node {
         crate::lock::read(&self.conn).clone()
     }
 
+    /// What the shared connection knows of the records, if one is open.
+    pub(super) fn tracker(&self) -> Option<std::sync::Arc<super::tracking::Tracker>> {
+        crate::lock::read(&self.conn)
+            .as_ref()
+            .map(|t| t.tracker.clone())
+    }
+
     pub(super) fn discard(&self) {
         crate::lock::write(&self.conn).take();
     }
@@ -241,13 +248,21 @@ async fn keep_records(inner: Weak<ValkeyInner>) {
 
 impl ValkeyStore {
     async fn keep_once(&self) -> Result<(), StoreError> {
-        let Some(map) = self.topology().await? else {
+        if self.topology().await?.is_none() {
             let seed = &self.inner.seed;
             return self.keep_copy(seed, &self.inner.records_key, 0).await;
-        };
+        }
         // On a cluster, the map is read again every second too (resharding, failovers).
         self.refresh(true).await;
-        let map = self.map().unwrap_or(map);
+        self.keep_copies().await
+    }
+
+    /// Syncs every copy of a cluster's records with this store's newest view of it: a copy
+    /// found behind it (a failover to a replica that missed clears) starts a new epoch.
+    pub(super) async fn keep_copies(&self) -> Result<(), StoreError> {
+        let Some(map) = self.map() else {
+            return Ok(());
+        };
         let copies = self
             .inner
             .chunk_keys
@@ -257,10 +272,13 @@ impl ValkeyStore {
                 let node = map.node(super::cluster::slot(key.as_bytes()))?;
                 Some(self.keep_copy(node, key, chunk))
             });
+        let mut result = Ok(());
         for done in futures_util::future::join_all(copies).await {
-            done?;
+            if done.is_err() {
+                result = done;
+            }
         }
-        Ok(())
+        result
     }
 
     /// Syncs one copy of the records on `node` with this store's newest view of it.
@@ -274,7 +292,7 @@ impl ValkeyStore {
             Some(c) => c,
             None => node.checkout().await?,
         };
-        let mut c = conn.conn;
+        let mut c = conn.conn.clone();
         let high = self.high_water(chunk);
         let mut sync = super::scripts::SYNC.prepare_invoke();
         sync.key(records_key)
@@ -296,6 +314,7 @@ impl ValkeyStore {
             }
             Err(e) => Err(e),
             Ok(reply) => {
+                conn.tracker.heard();
                 // What it read raises the mark: a set it made anew is this store's newest.
                 if let Some(synced) = super::replies::parse_synced(reply)? {
                     let seq = match synced.seq {

@@ -158,7 +158,7 @@ impl ValkeyStore {
             (0..batch.len()).map(|_| None).collect();
         let mut groups: Vec<(Arc<Node>, Vec<usize>)> = Vec::new();
         for (i, fill) in batch.iter().enumerate() {
-            let Some(node) = map.node(self.slot_of(&self.entry_key(&fill.key))) else {
+            let Some(node) = map.node(super::entry_slot(&fill.key)) else {
                 outcomes[i] = Some(Ok(FillOutcome::Dropped));
                 continue;
             };

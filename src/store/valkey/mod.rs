@@ -32,6 +32,8 @@ mod cluster;
 mod connection;
 mod fill_queue;
 mod keys;
+#[cfg(feature = "memory")]
+mod near;
 mod replies;
 mod scripts;
 mod subscription;
@@ -39,6 +41,7 @@ mod topology;
 mod tracking;
 
 pub use builder::ValkeyStoreBuilder;
+#[cfg(feature = "memory")]
 use connection::Node;
 use fill_queue::Reply;
 use keys::{lease_token, KeyArg};
@@ -208,6 +211,15 @@ impl ValkeyStore {
     }
 }
 
+/// The cluster slot of an entry (and of its lease): its hash tag is its group's hex.
+fn entry_slot(key: &EntryKey) -> u16 {
+    let mut tag = [0u8; 8];
+    for (pair, &b) in tag.chunks_exact_mut(2).zip(key.group()) {
+        pair.copy_from_slice(&crate::hex::hex_pair(b));
+    }
+    cluster::slot(&tag)
+}
+
 /// What a lookup read: the entry alone (the mirror was current), or the entry and what
 /// changed in the records; or a redirect (on a cluster: the slot map has changed).
 enum Read {
@@ -251,6 +263,7 @@ impl ValkeyStore {
                         return Ok(Read::Redirected);
                     }
                     if t.tracker.still(&known) {
+                        t.tracker.heard();
                         return Ok(Read::Known(reply, known.fence, t.tracker));
                     }
                     // The records changed meanwhile: read what changed (rare).
@@ -332,7 +345,7 @@ impl ValkeyStore {
         map: Arc<cluster::SlotMap>,
         key: &EntryKey,
     ) -> Result<Lookup, StoreError> {
-        let slot = self.slot_of(&self.entry_key(key));
+        let slot = entry_slot(key);
         let mut map = Some(map);
         for _ in 0..2 {
             let current = match map.take() {
@@ -358,7 +371,7 @@ impl ValkeyStore {
         Ok(Lookup::new(None, Fence::default()))
     }
 
-    /// The cluster slot of a key argument.
+    /// The cluster slot of a key argument (see [`entry_slot`] for entries).
     fn slot_of(&self, key: &impl redis::ToRedisArgs) -> u16 {
         let args = key.to_redis_args();
         cluster::slot(args.first().map_or(&[][..], |a| &a[..]))

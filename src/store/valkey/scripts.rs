@@ -35,13 +35,6 @@ impl ValkeyStore {
             .map_or_else(Fence::default, |h| *crate::lock::lock(h))
     }
 
-    /// Raises the high-water mark of the records (the first copy, on a cluster) to a state
-    /// a notice showed.
-    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
-    pub(crate) fn saw(&self, fence: Fence) {
-        self.saw_in(0, fence);
-    }
-
     /// Raises the high-water mark of one copy of the records to a state a reply showed.
     /// Epochs only grow (the scripts make each new one later than any the caller has seen),
     /// so states are ordered by epoch, then sequence, and a late reply never lowers the mark.
@@ -53,12 +46,6 @@ impl ValkeyStore {
         if (fence.epoch(), fence.seq()) > (high.epoch(), high.seq()) {
             *high = fence;
         }
-    }
-
-    /// The purge, with the epoch it was made in (for a near tier).
-    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
-    pub(crate) async fn purge_fence(&self) -> Result<Fence, StoreError> {
-        self.write_records(None).await
     }
 
     /// Runs the clear script on every copy of the records: clears `tags`, or purges when

@@ -185,11 +185,21 @@ impl ValkeyStore {
                         .zip(&map.nodes)
                         .any(|(a, b)| !Arc::ptr_eq(a, b))
             });
+            *crate::lock::write(&self.inner.map) = Some(map.clone());
             if changed {
                 tracing::info!(nodes = map.nodes.len(), "the cluster's slot map changed");
                 self.warn_homeless(&map);
+                // A failover may have lost clears this store saw: check every copy now
+                // rather than at the next tick.
+                let store = self.clone();
+                let check: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                    Box::pin(async move {
+                        let _ =
+                            tokio::time::timeout(store.inner.connect_timeout, store.keep_copies())
+                                .await;
+                    });
+                tokio::spawn(check);
             }
-            *crate::lock::write(&self.inner.map) = Some(map);
             return;
         }
     }

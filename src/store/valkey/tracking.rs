@@ -39,6 +39,9 @@ pub(super) struct Tracker {
     enabled: AtomicBool,
     /// The record set as last read (epoch 0 before the first read).
     mirror: RwLock<Records>,
+    /// When the server last answered on this connection (ms since the Unix epoch): a
+    /// connection gone silent (half-open) may be missing announcements.
+    heard_ms: AtomicU64,
 }
 
 /// The fence as a lookup read it, before sending its `GET`.
@@ -65,7 +68,24 @@ impl Tracker {
             state: AtomicU64::new(0),
             enabled: AtomicBool::new(false),
             mirror: RwLock::new(Records::new(0, max_records)),
+            heard_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The server answered on this connection just now.
+    pub(super) fn heard(&self) {
+        self.heard_ms
+            .store(crate::entry::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the server answered on this connection within `within_ms`.
+    pub(super) fn heard_within(&self, within_ms: u64) -> bool {
+        crate::entry::now_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed)) <= within_ms
+    }
+
+    /// Whether an entry stamped `fence` with tags `ids` is current by the mirror.
+    pub(super) fn is_current(&self, fence: Fence, ids: &[u64]) -> bool {
+        self.mirror().is_current(fence, ids.iter().copied())
     }
 
     fn mirror(&self) -> std::sync::RwLockReadGuard<'_, Records> {
@@ -137,6 +157,7 @@ impl Tracker {
         if let Some(floor) = synced.floor {
             mirror.raise_floor(floor);
         }
+        self.heard();
         // Absent from a list of changes: not changed since `from`.
         let seq = synced.seq.unwrap_or(from.seq());
         mirror.observe(seq);
@@ -152,9 +173,9 @@ impl Tracker {
         Some(Fence::new(synced.epoch, seq))
     }
 
-    /// A change was announced (or the connection broke): the mirror is not current until
-    /// read again.
-    fn forget(&self) {
+    /// A change was announced (or the connection broke, or this store cleared on another
+    /// connection): the mirror is not current until read again.
+    pub(super) fn forget(&self) {
         let _ = self
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
