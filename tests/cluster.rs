@@ -5,44 +5,14 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{Method, Request};
-use axum::routing::get as route_get;
 use axum::Router;
 use support::cluster::Cluster;
-use support::{get, send, Kind};
+use support::race::{instance, race, Db};
+use support::{get, Kind};
 use tower_cache_aside::store::ValkeyStore;
-use tower_cache_aside::{CacheLayer, CacheStats, RoutePolicy, RouteTable};
-
-#[derive(Clone, Default)]
-struct Db(Arc<Mutex<HashMap<u64, u64>>>);
-
-impl Db {
-    fn version(&self, id: u64) -> u64 {
-        *self.0.lock().unwrap().get(&id).unwrap_or(&0)
-    }
-    fn bump(&self, id: u64) -> u64 {
-        let mut m = self.0.lock().unwrap();
-        let v = m.entry(id).or_insert(0);
-        *v += 1;
-        *v
-    }
-}
-
-fn table() -> RouteTable {
-    RouteTable::new().route(
-        "/events/{id}",
-        RoutePolicy::ttl(Duration::from_secs(300))
-            .tags(["event:{id}"])
-            .clears(["event:{id}"]),
-    )
-}
 
 fn store(url: &str, wait: bool) -> ValkeyStore {
     let b = ValkeyStore::builder()
@@ -54,121 +24,6 @@ fn store(url: &str, wait: bool) -> ValkeyStore {
         b
     };
     b.build().unwrap()
-}
-
-/// An instance of the app over the shared database.
-fn instance(store: ValkeyStore, db: Db) -> (Router, CacheStats) {
-    let cache = CacheLayer::new(store)
-        .routes(table())
-        .circuit_breaker(5, Duration::from_millis(200));
-    let stats = cache.stats();
-    let app = Router::new()
-        .route(
-            "/events/{id}",
-            route_get(|State(db): State<Db>, Path(id): Path<u64>| async move {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                format!("{id}@{}", db.version(id))
-            })
-            .patch(|State(db): State<Db>, Path(id): Path<u64>| async move {
-                format!("{id}@{}", db.bump(id))
-            }),
-        )
-        .layer(cache.invalidate_layer())
-        .layer(cache)
-        .with_state(db);
-    (app, stats)
-}
-
-fn version_of(text: &str) -> u64 {
-    text.split('@')
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(u64::MAX)
-}
-
-/// What a race saw.
-#[derive(Debug, Default)]
-struct Verdict {
-    reads: u64,
-    writes: u64,
-    violations: u64,
-    errors: u64,
-}
-
-/// Two writers and six readers spread over `apps` for `budget`, on 64 resources (so their
-/// entries land on every master); `during` runs meanwhile (the failure under test).
-async fn race(
-    apps: &[Router],
-    budget: Duration,
-    during: impl std::future::Future<Output = ()>,
-) -> Verdict {
-    const RESOURCES: u64 = 64;
-    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..RESOURCES).map(|_| AtomicU64::new(0)).collect());
-    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
-    let deadline = Instant::now() + budget;
-    let mut tasks = Vec::new();
-    for w in 0..2u64 {
-        let (app, acked, counts) = (
-            apps[w as usize % apps.len()].clone(),
-            acked.clone(),
-            counts.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut i = w * 7;
-            while Instant::now() < deadline {
-                let id = i % RESOURCES;
-                i += 1;
-                let req = Request::builder()
-                    .method(Method::PATCH)
-                    .uri(format!("/events/{id}"))
-                    .body(Body::empty())
-                    .unwrap();
-                let r = send(&app, req).await;
-                if r.status != 200 {
-                    counts[3].fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                acked[id as usize].fetch_max(version_of(&r.text()), Ordering::SeqCst);
-                counts[1].fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
-    for r in 0..6u64 {
-        let (app, acked, counts) = (
-            apps[r as usize % apps.len()].clone(),
-            acked.clone(),
-            counts.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut i = r * 11;
-            while Instant::now() < deadline {
-                let id = i % RESOURCES;
-                i += 1;
-                let floor = acked[id as usize].load(Ordering::SeqCst);
-                let res = get(&app, &format!("/events/{id}")).await;
-                if res.status != 200 {
-                    counts[3].fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if version_of(&res.text()) < floor {
-                    counts[2].fetch_add(1, Ordering::Relaxed);
-                }
-                counts[0].fetch_add(1, Ordering::Relaxed);
-                tokio::task::yield_now().await;
-            }
-        }));
-    }
-    during.await;
-    for t in tasks {
-        t.await.unwrap();
-    }
-    Verdict {
-        reads: counts[0].load(Ordering::Relaxed),
-        writes: counts[1].load(Ordering::Relaxed),
-        violations: counts[2].load(Ordering::Relaxed),
-        errors: counts[3].load(Ordering::Relaxed),
-    }
 }
 
 /// Waits until `app` serves a hit again (caching resumed), at most `within`.
@@ -195,7 +50,12 @@ async fn entries_spread_over_every_master_and_any_node_url_works() {
     let cluster = Cluster::start(Kind::Valkey, 3, 1);
     // The URL of a replica: the store learns the masters from it.
     let db = Db::default();
-    let (app, stats) = instance(store(&cluster.replicas[2].url(), false), db);
+    let store = ValkeyStore::builder()
+        .url(cluster.replicas[2].url())
+        .operation_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (app, stats) = instance(store, db);
     for id in 0..300 {
         assert_eq!(get(&app, &format!("/events/{id}")).await.status, 200);
     }
@@ -322,7 +182,12 @@ fn move_slots(cluster: &Cluster, from: usize, to: usize, slots: std::ops::RangeI
             let ok = src.command(&words);
             assert!(ok == "+OK" || ok == "+NOKEY", "MIGRATE: {ok}");
         }
-        for m in &cluster.masters {
+        // The new owner first, then the old, then the rest (as the cluster manual says).
+        let others = cluster
+            .masters
+            .iter()
+            .filter(|m| m.port != src.port && m.port != dst.port);
+        for m in [dst, src].into_iter().chain(others) {
             let ok = m.command(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]);
             assert_eq!(ok, "+OK", "SETSLOT NODE on {}", m.port);
         }

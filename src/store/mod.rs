@@ -66,9 +66,10 @@ impl Fence {
     }
 
     /// Whether `self` was read at or after `earlier`, in the same epoch: everything cleared
-    /// before `earlier` was cleared before `self` too.
+    /// before `earlier` was cleared before `self` too. Never for epoch 0, which is no
+    /// epoch's (a lookup that could not read the records): it orders nothing.
     pub fn is_at_or_after(&self, earlier: Fence) -> bool {
-        self.epoch == earlier.epoch && self.seq >= earlier.seq
+        self.epoch != 0 && self.epoch == earlier.epoch && self.seq >= earlier.seq
     }
 }
 

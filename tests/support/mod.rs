@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod race;
 pub mod server;
 pub mod unfenced;
 

@@ -231,7 +231,7 @@ impl Server {
     /// contents, an array's items one per line.
     pub fn query(&self, words: &[&str]) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
         let mut r = std::io::BufReader::new(s.try_clone().unwrap());
         let mut req = Vec::new();
         if let Some(p) = &self.password {
@@ -290,9 +290,8 @@ impl Server {
 /// Reads one RESP2 reply, flattened to text.
 fn read_reply(r: &mut impl std::io::BufRead) -> String {
     let mut line = String::new();
-    if r.read_line(&mut line).unwrap_or(0) == 0 {
-        return String::new();
-    }
+    r.read_line(&mut line).expect("a reply within 10 s");
+    assert!(!line.is_empty(), "the server closed the connection");
     let line = line.trim_end().to_owned();
     let (kind, rest) = line.split_at(1);
     match kind {

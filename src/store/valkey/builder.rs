@@ -166,7 +166,6 @@ impl ValkeyStoreBuilder {
                 mode: AtomicU8::new(super::topology::UNKNOWN),
                 map: RwLock::new(None),
                 refreshing: tokio::sync::Mutex::new(()),
-                refreshed_at: std::sync::Mutex::new(None),
                 chunk_slots: chunk_keys
                     .iter()
                     .map(|k| super::cluster::slot(k.as_bytes()))

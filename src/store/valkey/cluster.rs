@@ -9,8 +9,8 @@
 //! the server announce changes to it, and since the entry's `GET` travels on that same
 //! connection, an announcement sent before the `GET` is answered arrives before the answer.
 //! That is what makes a one-`GET` hit exactly as coherent as on one server. A node that
-//! holds no copy (more masters than copies, or an odd slot layout) has its lookups read the
-//! records from the node that holds copy 0, beside the `GET`.
+//! holds no copy (more masters than copies, or an uneven slot layout) has its lookups read
+//! the records from the node that holds copy 0, beside the `GET` and after the lookup began.
 //!
 //! Writer and readers need not agree on the topology: every clear writes every copy, and a
 //! copy that moves away from a node is deleted there, which its tracked connections hear.
@@ -24,9 +24,10 @@ use super::connection::Node;
 /// The cluster's hash slots.
 pub(super) const SLOTS: usize = 16_384;
 
-/// Copies of the clear records in a cluster, one per range of `SLOTS / CHUNKS` slots. Every
-/// clear writes all of them; clusters of up to this many masters (with even ranges) have a
-/// copy on every master. Part of the storage layout: every instance must agree on it.
+/// Copies of the clear records in a cluster, one at the start of each range of
+/// `SLOTS / CHUNKS` slots. Every clear writes all of them; a cluster of up to this many
+/// masters with even ranges has a copy on every master (others are served too, with a
+/// second read: see the module docs).
 pub(super) const CHUNKS: usize = 16;
 
 /// CRC16 (XMODEM), as the cluster hashes keys.
@@ -56,18 +57,21 @@ pub(super) fn slot(key: &[u8]) -> u16 {
     crc16(tagged.unwrap_or(key)) % SLOTS as u16
 }
 
-/// The keys of the record copies: `{records key}:{cN.M}`, the hash tag `cN.M` chosen (the
-/// first `M` that works) so that copy `N` falls in its own slot range.
+/// Per copy `n`, the `m` of its hash tag `cn.m`: the first whose slot is exactly
+/// `n * SLOTS / CHUNKS`, the first slot of its range (checked by a test). So any split of
+/// the slots into at most `CHUNKS` even ranges gives every master a copy.
+const CHUNK_TAGS: [u32; CHUNKS] = [
+    1760, 14579, 47824, 11281, 12077, 5135, 97, 341, 1941, 4188, 12614, 1669, 1686, 43872, 29387,
+    11468,
+];
+
+/// The keys of the record copies: `{records key}:16:{cN.M}` (the number of copies is part
+/// of the name: instances that disagree on it share no records rather than some).
 pub(super) fn chunk_keys(records_key: &str) -> Vec<String> {
-    let width = SLOTS / CHUNKS;
-    (0..CHUNKS)
-        .map(|n| {
-            (0u32..)
-                .map(|m| format!("c{n}.{m}"))
-                .find(|tag| usize::from(slot(tag.as_bytes())) / width == n)
-                .map(|tag| format!("{records_key}:{{{tag}}}"))
-                .unwrap_or_default()
-        })
+    CHUNK_TAGS
+        .iter()
+        .enumerate()
+        .map(|(n, m)| format!("{records_key}:{CHUNKS}:{{c{n}.{m}}}"))
         .collect()
 }
 
@@ -76,6 +80,9 @@ pub(super) struct SlotMap {
     /// Per slot, an index into `nodes` (`u16::MAX`: no node serves it).
     owner: Vec<u16>,
     pub(super) nodes: Vec<Arc<Node>>,
+    /// Grows with every reading of the map: a caller that met a redirect under one map
+    /// reads it again only if nobody has since.
+    pub(super) generation: u64,
 }
 
 /// One slot range of a `CLUSTER SLOTS` reply and its master's address.
@@ -95,6 +102,7 @@ impl SlotMap {
         ranges: &[Range],
         chunk_slots: &[u16],
         old: Option<&SlotMap>,
+        generation: u64,
         mut make: impl FnMut(&str, u16, Option<usize>) -> Option<Arc<Node>>,
     ) -> SlotMap {
         let mut owner = vec![u16::MAX; SLOTS];
@@ -138,7 +146,11 @@ impl SlotMap {
         for o in owner.iter_mut().filter(|o| **o != u16::MAX) {
             *o = index[usize::from(*o)];
         }
-        SlotMap { owner, nodes }
+        SlotMap {
+            owner,
+            nodes,
+            generation,
+        }
     }
 
     /// The node serving `slot`.
@@ -148,9 +160,16 @@ impl SlotMap {
     }
 }
 
-/// Reads a `CLUSTER SLOTS` reply: `[[first, last, [host, port, id, ...], replicas...], ...]`.
-/// A host the server leaves empty (or `?`) is the one the reply came from.
-pub(super) fn parse_slots(reply: redis::Value, from_host: &str) -> Option<Vec<Range>> {
+/// Reads a `CLUSTER SLOTS` reply: `[[first, last, [endpoint, port, id, {metadata}],
+/// replicas...], ...]`. The endpoint: empty or nil means the node the reply came from
+/// (`from_host`); `?` means a hostname was wanted but none is set, so the metadata's `ip`.
+/// With `prefer_hostname` (TLS, whose certificates name hosts) a `hostname` in the
+/// metadata is used over an address.
+pub(super) fn parse_slots(
+    reply: redis::Value,
+    from_host: &str,
+    prefer_hostname: bool,
+) -> Option<Vec<Range>> {
     let redis::Value::Array(items) = reply else {
         return None;
     };
@@ -170,17 +189,18 @@ pub(super) fn parse_slots(reply: redis::Value, from_host: &str) -> Option<Vec<Ra
             return None;
         };
         let mut master = master.into_iter();
-        let host = match master.next()? {
-            redis::Value::BulkString(b) => String::from_utf8(b).ok()?,
-            redis::Value::SimpleString(s) => s,
-            redis::Value::Nil => String::new(),
-            _ => return None,
-        };
+        let endpoint = text(master.next()?).unwrap_or_default();
         let port = int(master.next())?;
-        let host = if host.is_empty() || host == "?" {
-            from_host.to_owned()
-        } else {
-            host
+        let _id = master.next();
+        let meta = master.next().map(metadata).unwrap_or_default();
+        let field = |name: &str| meta.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let host = match (prefer_hostname, field("hostname"), endpoint.as_str()) {
+            (true, Some(name), _) if !name.is_empty() => name,
+            (_, _, "") => from_host.to_owned(),
+            (_, _, "?") => field("ip")
+                .filter(|ip| !ip.is_empty())
+                .unwrap_or_else(|| from_host.to_owned()),
+            _ => endpoint,
         };
         ranges.push(Range {
             first,
@@ -190,6 +210,36 @@ pub(super) fn parse_slots(reply: redis::Value, from_host: &str) -> Option<Vec<Ra
         });
     }
     Some(ranges)
+}
+
+fn text(v: redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8(b).ok(),
+        redis::Value::SimpleString(s) => Some(s),
+        redis::Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+/// A node's metadata: a map over RESP3, a flat list of names and values over RESP2.
+fn metadata(v: redis::Value) -> Vec<(String, String)> {
+    match v {
+        redis::Value::Map(pairs) => pairs
+            .into_iter()
+            .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+            .collect(),
+        redis::Value::Array(items) => {
+            let mut items = items.into_iter();
+            let mut out = Vec::new();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                if let (Some(k), Some(v)) = (text(k), text(v)) {
+                    out.push((k, v));
+                }
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Whether an error says the server is not part of a cluster.
@@ -222,8 +272,19 @@ mod tests {
         let keys = chunk_keys("tca:2:r");
         assert_eq!(keys.len(), CHUNKS);
         for (n, k) in keys.iter().enumerate() {
-            assert!(k.starts_with("tca:2:r:{c"), "{k}");
-            assert_eq!(usize::from(slot(k.as_bytes())) / (SLOTS / CHUNKS), n, "{k}");
+            assert!(k.starts_with("tca:2:r:16:{c"), "{k}");
+            assert_eq!(usize::from(slot(k.as_bytes())), n * (SLOTS / CHUNKS), "{k}");
+        }
+        // Every even split into up to CHUNKS masters gives each master a copy.
+        for masters in 1..=CHUNKS {
+            for i in 0..masters {
+                let (first, last) = (i * SLOTS / masters, (i + 1) * SLOTS / masters - 1);
+                assert!(
+                    keys.iter()
+                        .any(|k| (first..=last).contains(&usize::from(slot(k.as_bytes())))),
+                    "{masters} masters: none on {first}..={last}"
+                );
+            }
         }
     }
 
@@ -243,13 +304,40 @@ mod tests {
                 Array(vec![BulkString(b"10.0.0.3".to_vec()), Int(7002)]),
             ]),
         ]);
-        let ranges = parse_slots(reply, "seed").unwrap();
+        let ranges = parse_slots(reply, "seed", false).unwrap();
         assert_eq!(ranges[0].host, "10.0.0.1");
         assert_eq!(ranges[1].host, "seed");
         assert_eq!(
             (ranges[1].first, ranges[1].last, ranges[1].port),
             (5461, 16383, 7001)
         );
-        assert!(parse_slots(Int(3), "x").is_none());
+        assert!(parse_slots(Int(3), "x", false).is_none());
+        // `?`: a hostname was wanted and none is set; the metadata's ip. Over TLS, a
+        // hostname in the metadata wins.
+        let node = |endpoint: &[u8], meta: Vec<redis::Value>| {
+            Array(vec![Array(vec![
+                Int(0),
+                Int(16383),
+                Array(vec![
+                    BulkString(endpoint.to_vec()),
+                    Int(6379),
+                    BulkString(b"id".to_vec()),
+                    Array(meta),
+                ]),
+            ])])
+        };
+        let meta = || {
+            vec![
+                BulkString(b"ip".to_vec()),
+                BulkString(b"10.0.0.9".to_vec()),
+                BulkString(b"hostname".to_vec()),
+                BulkString(b"cache-0.example".to_vec()),
+            ]
+        };
+        let host = |reply, tls| parse_slots(reply, "seed", tls).unwrap()[0].host.clone();
+        assert_eq!(host(node(b"?", meta()), false), "10.0.0.9");
+        assert_eq!(host(node(b"10.0.0.9", meta()), true), "cache-0.example");
+        assert_eq!(host(node(b"10.0.0.9", meta()), false), "10.0.0.9");
+        assert_eq!(host(node(b"?", vec![]), false), "seed");
     }
 }

@@ -22,8 +22,11 @@ pub(super) struct Node {
     pub(super) home: Option<usize>,
     manager: Manager,
     /// Created on first use: bb8 spawns its reaper task when a pool is built, which needs a
-    /// Tokio runtime, and a store may well be built before the runtime starts.
+    /// Tokio runtime, and a store may well be built before the runtime starts. The shared
+    /// connection comes from `pool`; connections for one caller alone from `own`, so that
+    /// they are never the shared one.
     pool: OnceLock<bb8::Pool<Manager>>,
+    own: OnceLock<bb8::Pool<Manager>>,
     conn: RwLock<Option<Tracked>>,
     pool_size: u32,
     connect_timeout: Duration,
@@ -43,6 +46,7 @@ impl Node {
             home,
             manager,
             pool: OnceLock::new(),
+            own: OnceLock::new(),
             conn: RwLock::new(None),
             pool_size,
             connect_timeout,
@@ -68,14 +72,11 @@ impl Node {
     /// A connection of the pool for this caller alone (a command that blocks its
     /// connection, such as `WAIT`, must not hold up the shared one).
     pub(super) async fn exclusive(&self) -> Result<bb8::PooledConnection<'_, Manager>, StoreError> {
-        self.pool().get().await.map_err(|e| match e {
-            bb8::RunError::User(e) => classify(e),
-            bb8::RunError::TimedOut => StoreError::Timeout,
-        })
+        get(self.pool_of(&self.own)).await
     }
 
-    fn pool(&self) -> &bb8::Pool<Manager> {
-        self.pool.get_or_init(|| {
+    fn pool_of<'a>(&self, pool: &'a OnceLock<bb8::Pool<Manager>>) -> &'a bb8::Pool<Manager> {
+        pool.get_or_init(|| {
             bb8::Pool::builder()
                 .max_size(self.pool_size)
                 .min_idle(None)
@@ -89,7 +90,7 @@ impl Node {
     /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
     /// does on checkout costs nothing on the hot path and weeds out dead connections.
     pub(super) async fn checkout(&self) -> Result<Tracked, StoreError> {
-        let pooled = self.exclusive().await?;
+        let pooled = get(self.pool_of(&self.pool)).await?;
         let conn = pooled.clone();
         drop(pooled);
         *crate::lock::write(&self.conn) = Some(conn.clone());
@@ -253,7 +254,9 @@ impl ValkeyStore {
             return self.keep_copy(seed, &self.inner.records_key, 0).await;
         }
         // On a cluster, the map is read again every second too (resharding, failovers).
-        self.refresh(true).await;
+        if let Some(map) = self.map() {
+            self.refreshed_map(&map).await;
+        }
         self.keep_copies().await
     }
 
@@ -328,6 +331,13 @@ impl ValkeyStore {
             }
         }
     }
+}
+
+async fn get(pool: &bb8::Pool<Manager>) -> Result<bb8::PooledConnection<'_, Manager>, StoreError> {
+    pool.get().await.map_err(|e| match e {
+        bb8::RunError::User(e) => classify(e),
+        bb8::RunError::TimedOut => StoreError::Timeout,
+    })
 }
 
 pub(super) fn classify(e: RedisError) -> StoreError {

@@ -271,7 +271,9 @@ impl ValkeyStore {
             });
         }
         if redirected {
-            self.refresh(false).await;
+            if let Some(map) = self.map() {
+                self.refreshed_map(&map).await;
+            }
         }
         Ok(outcomes.into_iter().flatten().collect())
     }

@@ -107,7 +107,6 @@ struct ValkeyInner {
     /// On a cluster: which node serves which slot.
     map: RwLock<Option<Arc<cluster::SlotMap>>>,
     refreshing: tokio::sync::Mutex<()>,
-    refreshed_at: std::sync::Mutex<Option<Instant>>,
     /// On a cluster: the keys of the copies of the clear records, and their slots.
     chunk_keys: Vec<String>,
     chunk_slots: Vec<u16>,
@@ -220,6 +219,33 @@ fn entry_slot(key: &EntryKey) -> u16 {
     cluster::slot(&tag)
 }
 
+/// The sync script's answer, or the whole record set read with a plain `ZRANGE` when the
+/// script asked for that: the caller's mirror is of another epoch (a new connection, a lost
+/// set). Rare, and a plain `ZRANGE` of the largest set takes well under a millisecond of the
+/// server's time.
+async fn whole_set_if_asked(
+    c: &mut redis::aio::MultiplexedConnection,
+    records_key: &str,
+    records: redis::Value,
+) -> Result<redis::Value, redis::RedisError> {
+    use redis::aio::ConnectionLike;
+    if !reads_whole_set(&records) {
+        return Ok(records);
+    }
+    let mut all = redis::cmd("ZRANGE");
+    all.arg(records_key)
+        .arg("-inf")
+        .arg("+inf")
+        .arg("BYSCORE")
+        .arg("WITHSCORES");
+    let list = c.req_packed_command(&all).await?;
+    Ok(redis::Value::Array(vec![
+        redis::Value::Int(0), // the list's own `epoch` member says which
+        redis::Value::Int(1),
+        list,
+    ]))
+}
+
 /// What a lookup read: the entry alone (the mirror was current), or the entry and what
 /// changed in the records; or a redirect (on a cluster: the slot map has changed).
 enum Read {
@@ -284,25 +310,9 @@ impl ValkeyStore {
                 if replies.iter().any(is_redirect_reply) {
                     return Ok(Read::Redirected);
                 }
-                let mut records = replies.pop().unwrap_or(redis::Value::Nil);
+                let records = replies.pop().unwrap_or(redis::Value::Nil);
                 let entry = replies.pop().unwrap_or(redis::Value::Nil);
-                if reads_whole_set(&records) {
-                    // Another epoch than the mirror's (a new connection, a lost set): read
-                    // it all, as the set is now. Rare, and a plain ZRANGE of the largest
-                    // set takes well under a millisecond of the server's time.
-                    let mut all = redis::cmd("ZRANGE");
-                    all.arg(records_key)
-                        .arg("-inf")
-                        .arg("+inf")
-                        .arg("BYSCORE")
-                        .arg("WITHSCORES");
-                    let list = c.req_packed_command(&all).await?;
-                    records = redis::Value::Array(vec![
-                        redis::Value::Int(0), // the list's own `epoch` member says which
-                        redis::Value::Int(1),
-                        list,
-                    ]);
-                }
+                let records = whole_set_if_asked(&mut c, records_key, records).await?;
                 Ok(Read::Synced {
                     entry,
                     records,
@@ -312,6 +322,11 @@ impl ValkeyStore {
                 })
             })
             .await?;
+        self.checked(read, chunk)
+    }
+
+    /// What a lookup's read says: the entry if current by the records, and their state.
+    fn checked(&self, read: Read, chunk: usize) -> Result<Option<Lookup>, StoreError> {
         match read {
             Read::Redirected => Ok(None),
             Read::Known(reply, fence, tracker) => {
@@ -346,29 +361,80 @@ impl ValkeyStore {
         key: &EntryKey,
     ) -> Result<Lookup, StoreError> {
         let slot = entry_slot(key);
-        let mut map = Some(map);
-        for _ in 0..2 {
-            let current = match map.take() {
-                Some(m) => m,
-                None => match self.refreshed_map().await {
-                    Some(m) => m,
+        let mut current = map;
+        for attempt in 0..2 {
+            if attempt > 0 {
+                match self.refreshed_map(&current).await {
+                    Some(m) => current = m,
                     None => break,
-                },
-            };
+                }
+            }
             let Some(node) = current.node(slot) else {
                 return Err(StoreError::Unavailable(
                     format!("no cluster node serves slot {slot}").into(),
                 ));
             };
-            // A node holding no copy of the records cannot vouch for its entries.
-            let Some(chunk) = node.home else { break };
-            let records_key = &self.inner.chunk_keys[chunk];
-            if let Some(found) = self.lookup_on(node, records_key, chunk, key).await? {
+            let found = match node.home {
+                Some(chunk) => {
+                    let records_key = &self.inner.chunk_keys[chunk];
+                    self.lookup_on(node, records_key, chunk, key).await?
+                }
+                // A node holding no copy of the records: read copy 0 beside the entry.
+                None => self.lookup_beside(&current, node, key).await?,
+            };
+            if let Some(found) = found {
                 return Ok(found);
             }
         }
         // Redirected twice (a slot on the move): a miss whose fill is refused.
         Ok(Lookup::new(None, Fence::default()))
+    }
+
+    /// Looks `key` up on `node`, which holds no copy of the records: the entry from `node`
+    /// and, at the same time, what changed in copy 0 from the node holding it. Both are read
+    /// after the lookup began, so a clear completed before it is in what is read; no
+    /// mirror is trusted across the two connections.
+    async fn lookup_beside(
+        &self,
+        map: &cluster::SlotMap,
+        node: &Node,
+        key: &EntryKey,
+    ) -> Result<Option<Lookup>, StoreError> {
+        use redis::aio::ConnectionLike;
+        let records_key = &self.inner.chunk_keys[0];
+        let Some(keeper) = map.node(self.inner.chunk_slots[0]) else {
+            return Ok(None);
+        };
+        let entry_key = self.entry_key(key);
+        let entry = self.run_on(node, |t| async move {
+            let mut c = t.conn;
+            c.req_packed_command(redis::cmd("GET").arg(entry_key)).await
+        });
+        let records = self.run_on(keeper, |t| async move {
+            let mut c = t.conn;
+            let (mark, from) = (t.tracker.mark(), t.tracker.synced());
+            let sync = self.sync_command(records_key, 0, from);
+            let mut reply = c.req_packed_command(&sync).await?;
+            if is_noscript(Some(&reply)) {
+                SYNC.prepare_invoke().load_async(&mut c).await?;
+                reply = c.req_packed_command(&sync).await?;
+            }
+            let reply = whole_set_if_asked(&mut c, records_key, reply).await?;
+            Ok((reply, mark, from, t.tracker))
+        });
+        let (entry, records) = futures_util::future::join(entry, records).await;
+        let (entry, (records, mark, from, tracker)) = (entry?, records?);
+        if is_redirect_reply(&entry) || is_redirect_reply(&records) {
+            return Ok(None);
+        }
+        let read = Read::Synced {
+            entry,
+            records,
+            mark,
+            from,
+            tracker,
+        };
+        self.checked(read, 0)
     }
 
     /// The cluster slot of a key argument (see [`entry_slot`] for entries).
@@ -387,7 +453,7 @@ impl ValkeyStore {
         if let Some(node) = map.node(slot) {
             return Ok(node.clone());
         }
-        self.refreshed_map()
+        self.refreshed_map(&map)
             .await
             .and_then(|m| m.node(slot).cloned())
             .ok_or_else(|| {
@@ -410,7 +476,9 @@ impl ValkeyStore {
         let first = self.run_on(&node, |t| command(t.conn)).await;
         match &first {
             Err(e) if replies::is_redirect(e) => {
-                self.refresh(false).await;
+                if let Some(map) = self.map() {
+                    self.refreshed_map(&map).await;
+                }
                 let node = self.node_for(key).await?;
                 self.run_on(&node, |t| command(t.conn)).await
             }

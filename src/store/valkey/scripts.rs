@@ -2,6 +2,8 @@
 //! (the newest records state any reply showed, so that a set older than it is seen as
 //! rolled back) and the nonce that keeps two new epochs apart.
 
+use std::sync::Arc;
+
 use bb8_redis::redis;
 
 use super::ValkeyStore;
@@ -50,60 +52,74 @@ impl ValkeyStore {
 
     /// Runs the clear script on every copy of the records: clears `tags`, or purges when
     /// `None`. Returns the first copy's state after it (the one whose clears are published).
+    /// On a cluster the copies are written node by node, each node's at once; copies a
+    /// redirect sent elsewhere are written once more after the map is read again.
     pub(super) async fn write_records(&self, tags: Option<&[String]>) -> Result<Fence, StoreError> {
-        let Some(map) = self.topology().await? else {
-            let node = &self.inner.seed;
-            return self
-                .clear_copy(node, &self.inner.records_key, 0, tags)
-                .await;
+        let Some(mut map) = self.topology().await? else {
+            let seed = self.inner.seed.clone();
+            let done = self.clear_on(&seed, &[0], tags).await;
+            return done
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Err(StoreError::Unavailable("no copy of the records".into())));
         };
-        let copies = self
-            .inner
-            .chunk_keys
-            .iter()
-            .enumerate()
-            .map(|(chunk, key)| {
-                let map = map.clone();
-                async move {
-                    let mut last =
-                        Err(StoreError::Unavailable("no node serves the records".into()));
-                    // Once more after a redirect: the map is read again first.
-                    for map in [Some(map), None] {
-                        let map = match map {
-                            Some(m) => m,
-                            None => match self.refreshed_map().await {
-                                Some(m) => m,
-                                None => break,
-                            },
-                        };
-                        let Some(node) = map.node(super::cluster::slot(key.as_bytes())) else {
-                            break;
-                        };
-                        last = self.clear_copy(node, key, chunk, tags).await;
-                        if !matches!(&last, Err(e) if super::replies::is_redirect(e)) {
-                            break;
-                        }
-                    }
-                    last
+        let mut results: Vec<Option<Result<Fence, StoreError>>> =
+            (0..self.inner.chunk_keys.len()).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..results.len()).collect();
+        for attempt in 0..2 {
+            let mut groups: Vec<(Arc<super::Node>, Vec<usize>)> = Vec::new();
+            for &chunk in &pending {
+                let Some(node) = map.node(self.inner.chunk_slots[chunk]) else {
+                    let none = format!("no cluster node serves copy {chunk} of the records");
+                    results[chunk] = Some(Err(StoreError::Unavailable(none.into())));
+                    continue;
+                };
+                match groups.iter_mut().find(|(n, _)| Arc::ptr_eq(n, node)) {
+                    Some((_, chunks)) => chunks.push(chunk),
+                    None => groups.push((node.clone(), vec![chunk])),
                 }
-            });
-        let done = futures_util::future::join_all(copies).await;
+            }
+            let written = groups
+                .iter()
+                .map(|(node, chunks)| self.clear_on(node, chunks, tags));
+            let written = futures_util::future::join_all(written).await;
+            pending.clear();
+            for ((_, chunks), done) in groups.iter().zip(written) {
+                for (&chunk, result) in chunks.iter().zip(done) {
+                    if attempt == 0 && matches!(&result, Err(e) if super::replies::is_redirect(e)) {
+                        pending.push(chunk);
+                    }
+                    results[chunk] = Some(result);
+                }
+            }
+            if pending.is_empty() {
+                break;
+            }
+            map = self.refreshed_map(&map).await.unwrap_or(map);
+        }
         let mut first = None;
-        for result in done {
+        for result in results.into_iter().flatten() {
             let fence = result?;
             first.get_or_insert(fence);
         }
         first.ok_or_else(|| StoreError::Unavailable("no copy of the records".into()))
     }
 
-    /// The clear script on one copy of the records, on `node`.
-    async fn clear_copy(
+    /// The key of copy `chunk` of the records.
+    fn copy_key(&self, chunk: usize) -> &str {
+        if self.is_cluster() {
+            &self.inner.chunk_keys[chunk]
+        } else {
+            &self.inner.records_key
+        }
+    }
+
+    /// The clear script for copy `chunk` of the records.
+    fn clear_invocation(
         &self,
-        node: &super::Node,
-        records_key: &str,
         chunk: usize,
         tags: Option<&[String]>,
-    ) -> Result<Fence, StoreError> {
+    ) -> redis::ScriptInvocation<'static> {
         let high = self.high_water(chunk);
         let mut invocation = CLEAR.prepare_invoke();
         // Only the first copy announces the clear: one notice per clear.
@@ -113,7 +129,7 @@ impl ValkeyStore {
             ""
         };
         invocation
-            .key(records_key)
+            .key(self.copy_key(chunk))
             .arg(high.epoch())
             .arg(high.seq())
             .arg(channel)
@@ -134,35 +150,61 @@ impl ValkeyStore {
                 }
             }
         }
+        invocation
+    }
+
+    /// Runs the clear script on the copies `chunks` of the records, all held by `node`; one
+    /// result per copy. With `wait_for_replicas`, on a connection of their own (`WAIT`
+    /// counts the replicas that have that connection's writes, and blocks it meanwhile),
+    /// then one `WAIT` for them all.
+    async fn clear_on(
+        &self,
+        node: &super::Node,
+        chunks: &[usize],
+        tags: Option<&[String]>,
+    ) -> Vec<Result<Fence, StoreError>> {
         let Some((replicas, wait)) = self.inner.wait_for_replicas else {
-            let (epoch, seq): (u64, u64) = self
-                .run_on(node, |mut t| async move {
-                    invocation.invoke_async(&mut t.conn).await
-                })
-                .await?;
-            let fence = Fence::new(epoch, seq);
-            self.saw_in(chunk, fence);
-            return Ok(fence);
+            let each = chunks.iter().map(|&chunk| {
+                let invocation = self.clear_invocation(chunk, tags);
+                async move {
+                    let (epoch, seq): (u64, u64) = self
+                        .run_on(node, |mut t| async move {
+                            invocation.invoke_async(&mut t.conn).await
+                        })
+                        .await?;
+                    let fence = Fence::new(epoch, seq);
+                    self.saw_in(chunk, fence);
+                    Ok(fence)
+                }
+            });
+            return futures_util::future::join_all(each).await;
         };
-        // On a connection of its own: `WAIT` counts the replicas that have this
-        // connection's writes, and blocks the connection meanwhile.
         let confirmed = async {
             let mut own = node.exclusive().await?;
-            let (epoch, seq): (u64, u64) = invocation
-                .invoke_async(&mut own.conn)
-                .await
-                .map_err(super::connection::classify)?;
-            let fence = Fence::new(epoch, seq);
-            self.saw_in(chunk, fence);
+            let mut done = Vec::with_capacity(chunks.len());
+            for &chunk in chunks {
+                let result = self
+                    .clear_invocation(chunk, tags)
+                    .invoke_async::<(u64, u64)>(&mut own.conn)
+                    .await
+                    .map_err(super::connection::classify)
+                    .map(|(epoch, seq)| Fence::new(epoch, seq));
+                if let Ok(fence) = &result {
+                    self.saw_in(chunk, *fence);
+                }
+                done.push(result);
+            }
+            if done.iter().all(Result::is_err) {
+                return Ok(done);
+            }
             // A master without replicas has nothing a failover could lose the clear to.
             let role: redis::Value = redis::cmd("ROLE")
                 .query_async(&mut own.conn)
                 .await
                 .map_err(super::connection::classify)?;
-            let attached = super::replies::replicas_in_role(&role);
-            let wanted = i64::from(replicas).min(attached);
+            let wanted = i64::from(replicas).min(super::replies::replicas_in_role(&role));
             if wanted == 0 {
-                return Ok(fence);
+                return Ok(done);
             }
             let acked: i64 = redis::cmd("WAIT")
                 .arg(wanted)
@@ -171,20 +213,20 @@ impl ValkeyStore {
                 .await
                 .map_err(super::connection::classify)?;
             if acked < wanted {
-                return Err(StoreError::Server(
-                    format!(
-                        "the clear reached {acked} of {wanted} replicas within {wait:?} \
-                         (wait_for_replicas): it is deferred until they confirm it"
-                    )
-                    .into(),
-                ));
+                let short = format!(
+                    "the clear reached {acked} of {wanted} replicas within {wait:?} \
+                     (wait_for_replicas): it is deferred until they confirm it"
+                );
+                return Err(StoreError::Server(short.into()));
             }
-            Ok(fence)
+            Ok(done)
         };
         let bound = self.inner.operation_timeout + wait;
+        let failed = |e: StoreError| chunks.iter().map(|_| Err(e.replicate())).collect();
         match tokio::time::timeout(bound, confirmed).await {
-            Ok(done) => done,
-            Err(_) => Err(StoreError::Timeout),
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => failed(e),
+            Err(_) => failed(StoreError::Timeout),
         }
     }
 }

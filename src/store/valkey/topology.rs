@@ -3,7 +3,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bb8_redis::redis::{self, aio::ConnectionLike, ConnectionAddr};
 
@@ -17,9 +16,6 @@ use crate::error::StoreError;
 pub(super) const UNKNOWN: u8 = 0;
 pub(super) const SINGLE: u8 = 1;
 pub(super) const CLUSTER: u8 = 2;
-
-/// The slot map is read again at most this often on redirects and lost nodes.
-const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 
 impl ValkeyStore {
     /// `None` on a single server; the slot map on a cluster. Finds out on first use.
@@ -38,6 +34,10 @@ impl ValkeyStore {
                 Err(_) => Err(StoreError::Timeout),
             },
         }
+    }
+
+    fn uses_tls(&self) -> bool {
+        matches!(self.inner.info.addr(), ConnectionAddr::TcpTls { .. })
     }
 
     /// Whether the store is known to talk to a cluster.
@@ -73,14 +73,16 @@ impl ValkeyStore {
                 if !cluster::not_a_cluster(&e) {
                     tracing::warn!(
                         error = %e, url = %self.url(),
-                        "CLUSTER SLOTS was refused; using the server as a single one"
+                        "CLUSTER SLOTS was refused; using the server as a single one. If it \
+                         is part of a cluster, allow `cluster|slots` to this user: commands \
+                         for other nodes' slots will fail (and the cache pass them through)"
                     );
                 }
                 self.inner.mode.store(SINGLE, Ordering::Release);
                 Ok(None)
             }
             reply => {
-                let Some(ranges) = cluster::parse_slots(reply, &seed.host) else {
+                let Some(ranges) = cluster::parse_slots(reply, &seed.host, self.uses_tls()) else {
                     return Err(StoreError::Server(
                         "CLUSTER SLOTS answered something unreadable".into(),
                     ));
@@ -99,9 +101,14 @@ impl ValkeyStore {
     }
 
     fn build_map(&self, ranges: &[cluster::Range], old: Option<&SlotMap>) -> SlotMap {
-        SlotMap::build(ranges, &self.inner.chunk_slots, old, |host, port, home| {
-            self.make_node(host, port, home)
-        })
+        let generation = old.map_or(1, |m| m.generation + 1);
+        SlotMap::build(
+            ranges,
+            &self.inner.chunk_slots,
+            old,
+            generation,
+            |host, port, home| self.make_node(host, port, home),
+        )
     }
 
     /// A node at `host:port`, reached with the seed URL's credentials and TLS settings.
@@ -140,67 +147,68 @@ impl ValkeyStore {
         }
     }
 
-    /// Reads the slot map again (at most every 100 ms) and returns it.
-    pub(super) async fn refreshed_map(&self) -> Option<Arc<SlotMap>> {
-        self.refresh(false).await;
+    /// The slot map, read again unless a newer one than `seen` is known already (someone
+    /// else read it since). Concurrent callers share one reading; all of it is bounded by the
+    /// operation timeout.
+    pub(super) async fn refreshed_map(&self, seen: &SlotMap) -> Option<Arc<SlotMap>> {
+        let bounded =
+            tokio::time::timeout(self.inner.operation_timeout, self.refresh(seen.generation));
+        let _ = Box::pin(bounded).await;
         self.map()
     }
 
-    /// Reads the slot map again from any node that answers; at most every 100 ms unless
-    /// `always`. One refresh runs at a time.
-    pub(super) async fn refresh(&self, always: bool) {
-        let Ok(_one) = self.inner.refreshing.try_lock() else {
+    /// Reads the slot map from whichever node answers first, unless one newer than
+    /// `generation` is known already.
+    pub(super) async fn refresh(&self, generation: u64) {
+        let _one = self.inner.refreshing.lock().await;
+        let old = self.map();
+        if old.as_ref().is_some_and(|m| m.generation > generation) {
+            return; // read by someone else meanwhile
+        }
+        let mut candidates: Vec<Arc<Node>> = old.iter().flat_map(|m| m.nodes.clone()).collect();
+        if !candidates.iter().any(|n| Arc::ptr_eq(n, &self.inner.seed)) {
+            candidates.push(self.inner.seed.clone());
+        }
+        let asks = candidates.into_iter().map(|node| {
+            Box::pin(async move {
+                let reply = self
+                    .run_on(&node, |mut t| async move {
+                        t.conn
+                            .req_packed_command(&redis::cmd("CLUSTER").arg("SLOTS").clone())
+                            .await
+                    })
+                    .await?;
+                match cluster::parse_slots(reply, &node.host, self.uses_tls()) {
+                    // A node that has not joined (yet) knows no slots.
+                    Some(ranges) if !ranges.is_empty() => Ok(ranges),
+                    _ => Err(StoreError::Server("no usable CLUSTER SLOTS answer".into())),
+                }
+            })
+        });
+        let Ok((ranges, _)) = futures_util::future::select_ok(asks).await else {
             return;
         };
-        {
-            let mut last = crate::lock::lock(&self.inner.refreshed_at);
-            if !always && last.is_some_and(|at| at.elapsed() < REFRESH_AT_MOST_EVERY) {
-                return;
-            }
-            *last = Some(Instant::now());
-        }
-        let old = self.map();
-        let mut candidates: Vec<Arc<Node>> = old.iter().flat_map(|m| m.nodes.clone()).collect();
-        candidates.push(self.inner.seed.clone());
-        for node in candidates {
-            let reply = self
-                .run_on(&node, |mut t| async move {
-                    t.conn
-                        .req_packed_command(&redis::cmd("CLUSTER").arg("SLOTS").clone())
-                        .await
-                })
-                .await;
-            let Ok(reply) = reply else { continue };
-            let Some(ranges) = cluster::parse_slots(reply, &node.host) else {
-                continue;
-            };
-            if ranges.is_empty() {
-                continue; // a node that has not joined (yet) knows no slots
-            }
-            let map = Arc::new(self.build_map(&ranges, old.as_deref()));
-            let changed = old.as_ref().is_none_or(|o| {
-                o.nodes.len() != map.nodes.len()
-                    || o.nodes
-                        .iter()
-                        .zip(&map.nodes)
-                        .any(|(a, b)| !Arc::ptr_eq(a, b))
-            });
-            *crate::lock::write(&self.inner.map) = Some(map.clone());
-            if changed {
-                tracing::info!(nodes = map.nodes.len(), "the cluster's slot map changed");
-                self.warn_homeless(&map);
-                // A failover may have lost clears this store saw: check every copy now
-                // rather than at the next tick.
-                let store = self.clone();
-                let check: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-                    Box::pin(async move {
-                        let _ =
-                            tokio::time::timeout(store.inner.connect_timeout, store.keep_copies())
-                                .await;
-                    });
-                tokio::spawn(check);
-            }
-            return;
+        let map = Arc::new(self.build_map(&ranges, old.as_deref()));
+        let changed = old.as_ref().is_none_or(|o| {
+            o.nodes.len() != map.nodes.len()
+                || o.nodes
+                    .iter()
+                    .zip(&map.nodes)
+                    .any(|(a, b)| !Arc::ptr_eq(a, b))
+        });
+        *crate::lock::write(&self.inner.map) = Some(map.clone());
+        if changed {
+            tracing::info!(nodes = map.nodes.len(), "the cluster's slot map changed");
+            self.warn_homeless(&map);
+            // A failover may have lost clears this store saw: check every copy now rather
+            // than at the next tick.
+            let store = self.clone();
+            let check: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                Box::pin(async move {
+                    let _ = tokio::time::timeout(store.inner.connect_timeout, store.keep_copies())
+                        .await;
+                });
+            tokio::spawn(check);
         }
     }
 
@@ -221,12 +229,12 @@ impl ValkeyStore {
 
     /// A node's connection failed: on a cluster, the map may have changed (a failover).
     pub(super) fn lost_node(&self) {
-        if self.inner.mode.load(Ordering::Acquire) != CLUSTER {
+        let Some(map) = self.map().filter(|_| self.is_cluster()) else {
             return;
-        }
+        };
         let store = self.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { store.refresh(false).await });
+            rt.spawn(async move { store.refreshed_map(&map).await });
         }
     }
 }
