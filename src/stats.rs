@@ -49,7 +49,7 @@ impl<T> Striped<T> {
         &self.stripes[STRIPE.with(|s| *s)]
     }
 
-    fn sum(&self, field: impl Fn(&T) -> &AtomicU64) -> u64 {
+    pub(crate) fn sum(&self, field: impl Fn(&T) -> &AtomicU64) -> u64 {
         self.stripes.iter().map(|t| field(t).load(Relaxed)).sum()
     }
 }

@@ -233,3 +233,41 @@ async fn slots_move_under_traffic() {
         "caching did not resume"
     );
 }
+
+/// A master that holds none of the copies of the clear records (an uneven slot layout:
+/// copies lie at slots 0, 1024, 2048, ...): its entries are still served, the records read
+/// from copy 0's node beside each `GET`, and stay coherent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_without_a_copy_of_the_records_still_serves_coherently() {
+    // Master 0 owns every slot but the 16 the copies lie in; master 1 owns those.
+    let between: Vec<(usize, usize)> = (0..16).map(|n| (n * 1024 + 1, n * 1024 + 1023)).collect();
+    let copies: Vec<(usize, usize)> = (0..16).map(|n| (n * 1024, n * 1024)).collect();
+    let cluster = Cluster::start_with_slots(Kind::Valkey, &[between, copies], 0);
+    let db = Db::default();
+    let url = cluster.url();
+    let (a, a_stats) = instance(store(&url, false), db.clone());
+    let (b, _) = instance(store(&url, false), db);
+    // Some of the 64 resources live on the master without a copy.
+    let on_it: u64 = cluster.masters[0]
+        .query(&["DBSIZE"])
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert_eq!(on_it, 0);
+    let verdict = race(&[a.clone(), b], Duration::from_secs(3), async {}).await;
+    let keys: u64 = cluster.masters[0]
+        .query(&["DBSIZE"])
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    eprintln!(
+        "uneven layout: {verdict:?}; {keys} keys on the master without a copy; {:?}",
+        a_stats.snapshot()
+    );
+    assert!(
+        keys > 32,
+        "too few entries were stored on the master without a copy"
+    );
+    assert_eq!((verdict.errors, verdict.violations), (0, 0));
+    assert!(a_stats.snapshot().hits > 0);
+}

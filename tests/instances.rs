@@ -247,7 +247,42 @@ async fn a_clear_in_a_new_epoch_reaches_the_near_tier(kind: Kind) {
     }
 }
 
+/// Near tiers on two instances, writers and readers on both, no fixed window: a read that
+/// starts after a write's response may miss it only while the clear's announcement travels
+/// to the reader's instance (here: loopback and a busy 2-core machine). Prints what it saw.
+async fn near_tiers_stay_coherent_under_concurrent_writes(kind: Kind) {
+    use support::race::{instance, race, Db};
+    let server = Server::start(kind);
+    let db = Db::default();
+    let (a_store, b_store) = (tiered(&server), tiered(&server));
+    let (a, a_stats) = instance(a_store.clone(), db.clone());
+    let (b, b_stats) = instance(b_store.clone(), db);
+    wait_live(&a_store).await;
+    wait_live(&b_store).await;
+    let verdict = race(&[a, b], Duration::from_secs(3), async {}).await;
+    let (sa, sb) = (a_stats.snapshot(), b_stats.snapshot());
+    eprintln!(
+        "[{kind:?}] near tiers under concurrent writes: {verdict:?}; hits {} + {}, of which near {} + {}",
+        sa.hits,
+        sb.hits,
+        a_store.near_hits(),
+        b_store.near_hits()
+    );
+    assert!(
+        a_store.near_hits() + b_store.near_hits() > 0,
+        "the near tiers never answered"
+    );
+    assert_eq!(verdict.errors, 0);
+    assert!(sa.hits + sb.hits > 500, "too few hits to mean anything");
+    assert!(
+        verdict.worst_lag < Duration::from_millis(50),
+        "a read started {:?} after a write's response missed it",
+        verdict.worst_lag
+    );
+}
+
 server_suite!(
+    near_tiers_stay_coherent_under_concurrent_writes,
     a_clear_in_a_new_epoch_reaches_the_near_tier,
     a_clear_on_one_instance_is_seen_by_the_others,
     the_subscription_survives_a_restart,

@@ -17,6 +17,7 @@
 //!   or `client_tracking(false)`), nothing vouches for near entries, and every lookup goes
 //!   to Valkey.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ use super::{Fill, FillDone, FillOutcome, Invalidation, Lookup, Store};
 use crate::entry::Entry;
 use crate::error::StoreError;
 use crate::key::EntryKey;
+use crate::stats::Striped;
 
 /// A [`MemoryStore`] near cache in front of a [`ValkeyStore`].
 ///
@@ -49,6 +51,13 @@ struct TierInner {
     near: MemoryStore,
     far: ValkeyStore,
     max_near_ttl: Option<Duration>,
+    near_hits: Striped<NearTally>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct NearTally {
+    hits: AtomicU64,
 }
 
 impl std::fmt::Debug for TieredStore {
@@ -69,6 +78,7 @@ impl TieredStore {
                 near,
                 far,
                 max_near_ttl: None,
+                near_hits: Striped::default(),
             }),
         }
     }
@@ -86,6 +96,11 @@ impl TieredStore {
             .expect("unshared")
             .max_near_ttl = Some(ttl);
         self
+    }
+
+    /// Lookups the near tier answered (without a round trip to Valkey).
+    pub fn near_hits(&self) -> u64 {
+        self.inner.near_hits.sum(|t| &t.hits)
     }
 
     /// The near tier.
@@ -122,6 +137,8 @@ impl Store for TieredStore {
         if let Some(vouch) = self.inner.far.vouch(key) {
             if let Some((bytes, fence, ids)) = self.inner.near.peek(key) {
                 if vouch.vouches(fence, &ids) {
+                    let tally = self.inner.near_hits.local();
+                    tally.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(Lookup::new(Some(bytes), vouch.fence()));
                 }
                 // Dead (or not vouched for right now): Valkey decides.

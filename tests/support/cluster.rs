@@ -50,21 +50,30 @@ impl Cluster {
     /// With replicas, a master is declared failed after 1 s (failover tests); without, after
     /// 5 s, so that a loaded CI machine never has nodes take each other for dead.
     pub fn start(kind: Kind, masters: usize, replicas: usize) -> Cluster {
+        let ranges: Vec<Vec<(usize, usize)>> = (0..masters)
+            .map(|i| vec![(i * 16384 / masters, (i + 1) * 16384 / masters - 1)])
+            .collect();
+        Self::start_with_slots(kind, &ranges, replicas)
+    }
+
+    /// Masters owning the given slot ranges (one list of inclusive ranges per master).
+    pub fn start_with_slots(kind: Kind, slots: &[Vec<(usize, usize)>], replicas: usize) -> Cluster {
+        let masters = slots.len();
         let timeout = if replicas > 0 { 1000 } else { 5000 };
         let m: Vec<(Server, u16)> = (0..masters).map(|_| node(kind, timeout)).collect();
         let r: Vec<(Server, u16)> = (0..masters * replicas)
             .map(|_| node(kind, timeout))
             .collect();
-        for (i, (s, _)) in m.iter().enumerate() {
-            let first = i * 16384 / masters;
-            let last = (i + 1) * 16384 / masters - 1;
-            let ok = s.command(&[
-                "CLUSTER",
-                "ADDSLOTSRANGE",
-                &first.to_string(),
-                &last.to_string(),
-            ]);
-            assert_eq!(ok, "+OK", "ADDSLOTSRANGE on {}", s.port);
+        for ((s, _), ranges) in m.iter().zip(slots) {
+            for &(first, last) in ranges {
+                let ok = s.command(&[
+                    "CLUSTER",
+                    "ADDSLOTSRANGE",
+                    &first.to_string(),
+                    &last.to_string(),
+                ]);
+                assert_eq!(ok, "+OK", "ADDSLOTSRANGE on {}", s.port);
+            }
         }
         let seed = &m[0].0;
         for (s, bus) in m.iter().skip(1).chain(&r) {
