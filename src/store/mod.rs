@@ -220,7 +220,8 @@ pub enum FillOutcome {
 ///
 /// The contract that keeps promise 4 ("never older than a completed invalidation"): a
 /// lookup returns a value only if no clear of the value's tags, and no purge, happened after
-/// the fence its fill carried. Check it when the value is read, against records that cannot
+/// the fence its fill carried. Fences of epoch 0 mean "the records could not be read": the
+/// layer orders nothing by them, so a store's fences should carry an epoch of 1 or more. Check it when the value is read, against records that cannot
 /// be half lost: a clear then costs O(tags), and missing records mean a miss, never a hit.
 ///
 /// ```
@@ -252,7 +253,9 @@ pub enum FillOutcome {
 ///     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
 ///         let m = self.0.lock().unwrap();
 ///         let value = m.entries.get(key).filter(|f| m.current(f)).map(|f| f.value.clone());
-///         Ok(Lookup::new(value, Fence::new(0, m.seq)))
+///         // One epoch for the store's life (it keeps its records as long as its entries);
+///         // epoch 0 is reserved for "the records could not be read".
+///         Ok(Lookup::new(value, Fence::new(1, m.seq)))
 ///     }
 ///     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
 ///         let mut m = self.0.lock().unwrap();
@@ -272,7 +275,7 @@ pub enum FillOutcome {
 ///         for t in tags {
 ///             m.cleared.insert(t.clone(), seq);
 ///         }
-///         Ok(Invalidation::new(0, seq))
+///         Ok(Invalidation::new(1, seq))
 ///     }
 ///     async fn purge(&self) -> Result<u64, StoreError> {
 ///         let mut m = self.0.lock().unwrap();

@@ -10,8 +10,9 @@
 //!   arrives, and the next lookup goes to Valkey, reads what changed and re-arms them.
 //! - So there is no fixed window: a near hit can be older than a clear only by the time the
 //!   clear's announcement takes to travel from the server to this instance (one way, on a
-//!   live connection; measured by `examples/scaleout.rs`). A connection that has not
-//!   answered for 1.5 s (gone half-open) does not vouch for anything.
+//!   live connection; measured by `benches/scaleout.rs`). A connection that has not
+//!   answered for 1.5 s (gone half-open) does not vouch for anything: that is the bound
+//!   when a connection stops carrying announcements without breaking.
 //! - This instance's own clears stop its near hits before the mutation's response is sent.
 //! - Without client tracking (a server or proxy that refuses RESP3 or `CLIENT TRACKING`,
 //!   or `client_tracking(false)`), nothing vouches for near entries, and every lookup goes
@@ -103,7 +104,9 @@ impl TieredStore {
         self.inner.near_hits.sum(|t| &t.hits)
     }
 
-    /// The near tier.
+    /// The near tier, for inspection (`entry_count`, `weighted_size`). Its entries are
+    /// checked against Valkey's records, not its own: a `lookup` made on it directly reads
+    /// them as misses (and drops them).
     pub fn near(&self) -> &MemoryStore {
         &self.inner.near
     }
@@ -119,6 +122,8 @@ impl TieredStore {
         self.inner.far.vouch(key).is_some()
     }
 
+    /// Copies an entry near, unless nothing vouches for its key right now: a connection
+    /// without tracking, or a node holding no copy of the records, never will.
     fn near_fill(
         &self,
         key: EntryKey,
@@ -127,6 +132,9 @@ impl TieredStore {
         tags: &[String],
         fence: super::Fence,
     ) {
+        if self.inner.far.vouch(&key).is_none() {
+            return;
+        }
         let ttl = self.inner.max_near_ttl.map_or(ttl, |max| ttl.min(max));
         self.inner.near.put(key, value, ttl, fence, tags);
     }
@@ -141,8 +149,11 @@ impl Store for TieredStore {
                     tally.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(Lookup::new(Some(bytes), vouch.fence()));
                 }
-                // Dead (or not vouched for right now): Valkey decides.
-                self.inner.near.drop_entry(key);
+                if vouch.holds() {
+                    // Dead by records still current: nobody may read it again.
+                    self.inner.near.drop_entry(key);
+                }
+                // Else a change was announced meanwhile: Valkey decides.
             }
         }
         // Boxed: the far lookup's future is large, and a near hit should not carry it.

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use bb8_redis::redis::{self, ConnectionAddr, IntoConnectionInfo, RedisError};
 
-use super::connection::Node;
-use super::tracking::Manager;
+use super::connection::{Node, NodeSettings};
 use super::{ValkeyInner, ValkeyStore, DEFAULT_OPERATION_TIMEOUT, SCHEMA};
 use crate::error::ConfigError;
 use crate::store::records::DEFAULT_MAX_RECORDS;
@@ -103,8 +102,10 @@ impl ValkeyStoreBuilder {
     /// clear counts as done only once the replicas have it, so a failover cannot lose it;
     /// a clear they do not confirm in time is treated as failed: the layer defers it and
     /// passes the store by until it lands (see the crate docs, "What the store may drop").
-    /// A master with fewer replicas attached (`ROLE`) is waited on for those it has: one
-    /// with none, say just after a failover, has nobody a later failover could promote.
+    /// A master is waited on for the replicas it has had attached (`ROLE`), up to
+    /// `replicas`: one that never had any (say just after a failover) has nobody a later
+    /// failover could promote, while a replica whose link is down is still waited for, and
+    /// clears are deferred until it is back or the master changes.
     /// Each clear then holds a pooled connection of each master for the replicas' answer,
     /// never the connection lookups share.
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
@@ -143,11 +144,19 @@ impl ValkeyStoreBuilder {
             ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
             _ => (String::new(), 0),
         };
-        let manager = Manager::new(
+        let settings = NodeSettings {
+            tracking: self.client_tracking.then(|| records_key.clone()),
+            max_records: self.max_clear_records,
+            operation_timeout: self.operation_timeout,
+            wait: self.wait_for_replicas.map(|(_, wait)| wait),
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+        };
+        let seed = Node::open(
             info.clone(),
-            self.client_tracking.then(|| records_key.clone()),
-            self.max_clear_records,
-            self.operation_timeout,
+            &settings,
+            seed_addr,
+            Some(0),
             display_url.clone(),
         )
         .map_err(bad_url)?;
@@ -155,13 +164,8 @@ impl ValkeyStoreBuilder {
         let chunk_keys = super::cluster::chunk_keys(&records_key);
         Ok(ValkeyStore {
             inner: Arc::new(ValkeyInner {
-                seed: Arc::new(Node::new(
-                    manager,
-                    seed_addr,
-                    Some(0),
-                    self.pool_size,
-                    self.connect_timeout,
-                )),
+                seed: Arc::new(seed),
+                settings,
                 info,
                 mode: AtomicU8::new(super::topology::UNKNOWN),
                 map: RwLock::new(None),
@@ -171,8 +175,6 @@ impl ValkeyStoreBuilder {
                     .map(|k| super::cluster::slot(k.as_bytes()))
                     .collect(),
                 chunk_keys,
-                tracking: self.client_tracking,
-                pool_size: self.pool_size,
                 connect_timeout: self.connect_timeout,
                 client,
                 notices: std::sync::Mutex::new(None),

@@ -122,9 +122,14 @@ impl SlotMap {
         let mut nodes = Vec::with_capacity(addrs.len());
         let mut kept = vec![true; addrs.len()];
         for (i, &(host, port)) in addrs.iter().enumerate() {
-            let home = chunk_slots
-                .iter()
-                .position(|&s| usize::from(owner[usize::from(s)]) == i);
+            let holds = |c: usize| usize::from(owner[usize::from(chunk_slots[c])]) == i;
+            // The copy a node read before, while it still holds it (a new home would read
+            // every entry on the node as a miss); else the first it holds.
+            let before = old
+                .and_then(|m| m.nodes.iter().find(|n| n.host == host && n.port == port))
+                .and_then(|n| n.home)
+                .filter(|&c| c < chunk_slots.len() && holds(c));
+            let home = before.or_else(|| (0..chunk_slots.len()).find(|&c| holds(c)));
             let reused = old.and_then(|m| {
                 m.nodes
                     .iter()

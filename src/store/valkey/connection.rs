@@ -2,6 +2,7 @@
 //! pool when it breaks, every operation bounded by one timeout. Also what runs once a server
 //! is first reached: the eviction-policy report and the record set's keeper.
 
+use std::sync::atomic::AtomicI64;
 use std::sync::{OnceLock, RwLock, Weak};
 use std::time::Duration;
 
@@ -27,30 +28,67 @@ pub(super) struct Node {
     /// they are never the shared one.
     pool: OnceLock<bb8::Pool<Manager>>,
     own: OnceLock<bb8::Pool<Manager>>,
+    own_manager: Manager,
+    /// The most replicas `ROLE` has shown attached to this master: a clear that waits for
+    /// replicas waits for that many (up to what it asks), so a replica whose link is down
+    /// at that moment is not silently left out.
+    pub(super) replicas_seen: AtomicI64,
     conn: RwLock<Option<Tracked>>,
     pool_size: u32,
     connect_timeout: Duration,
 }
 
+/// How every node's connections are made.
+#[derive(Clone, Debug)]
+pub(super) struct NodeSettings {
+    /// The records' key prefix the shared connections track (`None`: no tracking).
+    pub(super) tracking: Option<String>,
+    pub(super) max_records: usize,
+    pub(super) operation_timeout: Duration,
+    /// How long a clear waits for replicas, if it does.
+    pub(super) wait: Option<Duration>,
+    pub(super) pool_size: u32,
+    pub(super) connect_timeout: Duration,
+}
+
 impl Node {
-    pub(super) fn new(
-        manager: Manager,
+    /// A node at `info`'s address, nothing connected yet.
+    pub(super) fn open(
+        info: redis::ConnectionInfo,
+        settings: &NodeSettings,
         (host, port): (String, u16),
         home: Option<usize>,
-        pool_size: u32,
-        connect_timeout: Duration,
-    ) -> Node {
-        Node {
+        display: String,
+    ) -> Result<Node, RedisError> {
+        let manager = Manager::new(
+            info.clone(),
+            settings.tracking.clone(),
+            settings.max_records,
+            settings.operation_timeout,
+            display.clone(),
+        )?;
+        // A caller's own connections track nothing (nothing reads their mirror), and wait
+        // for `WAIT` as long as it may take.
+        let own = Manager::new(
+            info,
+            None,
+            settings.max_records,
+            settings.operation_timeout + settings.wait.unwrap_or_default(),
+            display,
+        )?;
+        Ok(Node {
             host,
             port,
             home,
             manager,
+            own_manager: own,
             pool: OnceLock::new(),
             own: OnceLock::new(),
             conn: RwLock::new(None),
-            pool_size,
-            connect_timeout,
-        }
+            pool_size: settings.pool_size,
+            connect_timeout: settings.connect_timeout,
+            replicas_seen: AtomicI64::new(0),
+        })
     }
 
     /// The shared connection, if one is open (nothing is connected here).
@@ -72,17 +110,21 @@ impl Node {
     /// A connection of the pool for this caller alone (a command that blocks its
     /// connection, such as `WAIT`, must not hold up the shared one).
     pub(super) async fn exclusive(&self) -> Result<bb8::PooledConnection<'_, Manager>, StoreError> {
-        get(self.pool_of(&self.own)).await
+        get(self.pool_of(&self.own, &self.own_manager)).await
     }
 
-    fn pool_of<'a>(&self, pool: &'a OnceLock<bb8::Pool<Manager>>) -> &'a bb8::Pool<Manager> {
+    fn pool_of<'a>(
+        &self,
+        pool: &'a OnceLock<bb8::Pool<Manager>>,
+        manager: &Manager,
+    ) -> &'a bb8::Pool<Manager> {
         pool.get_or_init(|| {
             bb8::Pool::builder()
                 .max_size(self.pool_size)
                 .min_idle(None)
                 .test_on_check_out(true)
                 .connection_timeout(self.connect_timeout)
-                .build_unchecked(self.manager.clone())
+                .build_unchecked(manager.clone())
         })
     }
 
@@ -90,7 +132,7 @@ impl Node {
     /// operation. Checkouts are rare (only to replace a broken connection), so the PING bb8
     /// does on checkout costs nothing on the hot path and weeds out dead connections.
     pub(super) async fn checkout(&self) -> Result<Tracked, StoreError> {
-        let pooled = get(self.pool_of(&self.pool)).await?;
+        let pooled = get(self.pool_of(&self.pool, &self.manager)).await?;
         let conn = pooled.clone();
         drop(pooled);
         *crate::lock::write(&self.conn) = Some(conn.clone());
@@ -266,6 +308,9 @@ impl ValkeyStore {
         let Some(map) = self.map() else {
             return Ok(());
         };
+        // Each bounded on its own: a dead master must not hold up the others' reads (their
+        // connections' `heard` is what lets near tiers answer).
+        let bound = self.inner.operation_timeout;
         let copies = self
             .inner
             .chunk_keys
@@ -273,7 +318,11 @@ impl ValkeyStore {
             .enumerate()
             .filter_map(|(chunk, key)| {
                 let node = map.node(super::cluster::slot(key.as_bytes()))?;
-                Some(self.keep_copy(node, key, chunk))
+                Some(async move {
+                    tokio::time::timeout(bound, self.keep_copy(node, key, chunk))
+                        .await
+                        .unwrap_or(Err(StoreError::Timeout))
+                })
             });
         let mut result = Ok(());
         for done in futures_util::future::join_all(copies).await {

@@ -110,8 +110,8 @@ struct ValkeyInner {
     /// On a cluster: the keys of the copies of the clear records, and their slots.
     chunk_keys: Vec<String>,
     chunk_slots: Vec<u16>,
-    tracking: bool,
-    pool_size: u32,
+    /// How the nodes' connections are made.
+    settings: connection::NodeSettings,
     connect_timeout: Duration,
     /// For the pub/sub connection.
     client: redis::Client,
@@ -496,7 +496,19 @@ impl Store for ValkeyStore {
                     .await?;
                 Ok(found.unwrap_or_default())
             }
-            Some(map) => self.lookup_in_cluster(map, key).await,
+            // Redirects and a second node make it several steps: bounded as one.
+            Some(map) => {
+                let bound = self.inner.operation_timeout;
+                match Box::pin(tokio::time::timeout(
+                    bound,
+                    self.lookup_in_cluster(map, key),
+                ))
+                .await
+                {
+                    Ok(found) => found,
+                    Err(_) => Err(StoreError::Timeout),
+                }
+            }
         }
     }
 

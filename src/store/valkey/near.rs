@@ -33,6 +33,11 @@ impl Vouch {
     pub(crate) fn vouches(&self, fence: Fence, ids: &[u64]) -> bool {
         self.tracker.is_current(fence, ids) && self.tracker.still(&self.known)
     }
+
+    /// Whether the records are still as they were taken (no announcement since).
+    pub(crate) fn holds(&self) -> bool {
+        self.tracker.still(&self.known)
+    }
 }
 
 impl ValkeyStore {

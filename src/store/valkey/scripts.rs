@@ -180,36 +180,48 @@ impl ValkeyStore {
             return futures_util::future::join_all(each).await;
         };
         let confirmed = async {
-            let mut own = node.exclusive().await?;
-            let mut done = Vec::with_capacity(chunks.len());
-            for &chunk in chunks {
-                let result = self
-                    .clear_invocation(chunk, tags)
-                    .invoke_async::<(u64, u64)>(&mut own.conn)
-                    .await
-                    .map_err(super::connection::classify)
-                    .map(|(epoch, seq)| Fence::new(epoch, seq));
-                if let Ok(fence) = &result {
-                    self.saw_in(chunk, *fence);
+            let own = node.exclusive().await?;
+            // The copies' scripts at once: the connection pipelines them.
+            let each = chunks.iter().map(|&chunk| {
+                let mut conn = own.conn.clone();
+                let invocation = self.clear_invocation(chunk, tags);
+                async move {
+                    let result = invocation
+                        .invoke_async::<(u64, u64)>(&mut conn)
+                        .await
+                        .map_err(super::connection::classify)
+                        .map(|(epoch, seq)| Fence::new(epoch, seq));
+                    if let Ok(fence) = &result {
+                        self.saw_in(chunk, *fence);
+                    }
+                    result
                 }
-                done.push(result);
-            }
+            });
+            let done = futures_util::future::join_all(each).await;
             if done.iter().all(Result::is_err) {
                 return Ok(done);
             }
-            // A master without replicas has nothing a failover could lose the clear to.
+            let mut conn = own.conn.clone();
+            // Replicas attached now, and the most ever seen attached to this master: one
+            // whose link is down at this moment is still waited for. A master that never
+            // had one has nobody a failover could promote.
             let role: redis::Value = redis::cmd("ROLE")
-                .query_async(&mut own.conn)
+                .query_async(&mut conn)
                 .await
                 .map_err(super::connection::classify)?;
-            let wanted = i64::from(replicas).min(super::replies::replicas_in_role(&role));
+            let attached = super::replies::replicas_in_role(&role);
+            let seen = node
+                .replicas_seen
+                .fetch_max(attached, std::sync::atomic::Ordering::Relaxed)
+                .max(attached);
+            let wanted = i64::from(replicas).min(seen);
             if wanted == 0 {
                 return Ok(done);
             }
             let acked: i64 = redis::cmd("WAIT")
                 .arg(wanted)
                 .arg(crate::entry::millis(wait).max(1))
-                .query_async(&mut own.conn)
+                .query_async(&mut conn)
                 .await
                 .map_err(super::connection::classify)?;
             if acked < wanted {

@@ -8,7 +8,6 @@ use bb8_redis::redis::{self, aio::ConnectionLike, ConnectionAddr};
 
 use super::cluster::{self, SlotMap};
 use super::connection::Node;
-use super::tracking::Manager;
 use super::ValkeyStore;
 use crate::error::StoreError;
 
@@ -70,16 +69,23 @@ impl ValkeyStore {
         match reply {
             redis::Value::ServerError(e) => {
                 let e = redis::RedisError::from(e);
-                if !cluster::not_a_cluster(&e) {
-                    tracing::warn!(
-                        error = %e, url = %self.url(),
-                        "CLUSTER SLOTS was refused; using the server as a single one. If it \
-                         is part of a cluster, allow `cluster|slots` to this user: commands \
-                         for other nodes' slots will fail (and the cache pass them through)"
-                    );
+                if cluster::not_a_cluster(&e) {
+                    self.inner.mode.store(SINGLE, Ordering::Release);
+                    return Ok(None);
                 }
-                self.inner.mode.store(SINGLE, Ordering::Release);
-                Ok(None)
+                if e.code() == Some("NOPERM") {
+                    // The server will not say. Taken as a single server; on a cluster its
+                    // commands for other nodes' slots fail (and pass through).
+                    tracing::error!(
+                        error = %e, url = %self.url(),
+                        "CLUSTER SLOTS is not allowed for this user; using the server as a \
+                         single one. If it is part of a cluster, allow `cluster|slots`"
+                    );
+                    self.inner.mode.store(SINGLE, Ordering::Release);
+                    return Ok(None);
+                }
+                // Anything else (BUSY, LOADING, ...) says nothing: ask again next time.
+                Err(StoreError::Server(Box::new(e)))
             }
             reply => {
                 let Some(ranges) = cluster::parse_slots(reply, &seed.host, self.uses_tls()) else {
@@ -113,22 +119,20 @@ impl ValkeyStore {
 
     /// A node at `host:port`, reached with the seed URL's credentials and TLS settings.
     fn make_node(&self, host: &str, port: u16, home: Option<usize>) -> Option<Arc<Node>> {
-        let info = &self.inner.info;
-        let manager = Manager::new(
-            info.clone().set_addr(node_addr(info, host, port)),
-            self.inner.tracking.then(|| self.inner.records_key.clone()),
-            self.inner.max_clear_records,
-            self.inner.operation_timeout,
+        let info = self
+            .inner
+            .info
+            .clone()
+            .set_addr(node_addr(&self.inner.info, host, port));
+        let node = Node::open(
+            info,
+            &self.inner.settings,
+            (host.to_owned(), port),
+            home,
             format!("{host}:{port}"),
         );
-        match manager {
-            Ok(m) => Some(Arc::new(Node::new(
-                m,
-                (host.to_owned(), port),
-                home,
-                self.inner.pool_size,
-                self.inner.connect_timeout,
-            ))),
+        match node {
+            Ok(node) => Some(Arc::new(node)),
             Err(e) => {
                 tracing::warn!(error = %e, %host, port, "cannot reach a cluster node at this address");
                 None

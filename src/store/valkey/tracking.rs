@@ -31,6 +31,14 @@ use bytes::Bytes;
 use crate::store::records::{Records, Stamp};
 use crate::store::Fence;
 
+/// Milliseconds on a monotonic clock (a wall clock stepping back must not make a silent
+/// connection look recently heard), from 1.
+fn monotonic_ms() -> u64 {
+    static BASE: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    BASE.elapsed().as_millis() as u64 + 1
+}
+
 /// What this connection knows of the record set, and whether it still holds.
 pub(super) struct Tracker {
     /// Announcements heard, shifted left once; the low bit says the mirror is current.
@@ -39,8 +47,8 @@ pub(super) struct Tracker {
     enabled: AtomicBool,
     /// The record set as last read (epoch 0 before the first read).
     mirror: RwLock<Records>,
-    /// When the server last answered on this connection (ms since the Unix epoch): a
-    /// connection gone silent (half-open) may be missing announcements.
+    /// When the server last answered on this connection (ms on a monotonic clock, see
+    /// `monotonic_ms`): a connection gone silent (half-open) may be missing announcements.
     heard_ms: AtomicU64,
 }
 
@@ -74,13 +82,13 @@ impl Tracker {
 
     /// The server answered on this connection just now.
     pub(super) fn heard(&self) {
-        self.heard_ms
-            .store(crate::entry::now_ms(), Ordering::Relaxed);
+        self.heard_ms.store(monotonic_ms(), Ordering::Relaxed);
     }
 
     /// Whether the server answered on this connection within `within_ms`.
     pub(super) fn heard_within(&self, within_ms: u64) -> bool {
-        crate::entry::now_ms().saturating_sub(self.heard_ms.load(Ordering::Relaxed)) <= within_ms
+        let heard = self.heard_ms.load(Ordering::Relaxed);
+        heard != 0 && monotonic_ms().saturating_sub(heard) <= within_ms
     }
 
     /// Whether an entry stamped `fence` with tags `ids` is current by the mirror.
