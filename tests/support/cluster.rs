@@ -2,22 +2,13 @@
 //! `CLUSTER ADDSLOTSRANGE`, joined with `CLUSTER MEET`, optionally one replica each
 //! (`CLUSTER REPLICATE`). No `valkey-cli` needed. Every process stops with the value.
 
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use super::server::{Kind, Server};
+use super::server::{free_port, Kind, Server};
 
 pub struct Cluster {
     pub masters: Vec<Server>,
     pub replicas: Vec<Server>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn node(kind: Kind, node_timeout_ms: u32) -> (Server, u16) {

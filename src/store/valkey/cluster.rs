@@ -85,6 +85,9 @@ pub(super) struct SlotMap {
     pub(super) generation: u64,
 }
 
+/// A node and the items (by index) it serves.
+pub(super) type Group = (Arc<Node>, Vec<usize>);
+
 /// One slot range of a `CLUSTER SLOTS` reply and its master's address.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Range {
@@ -156,6 +159,26 @@ impl SlotMap {
             nodes,
             generation,
         }
+    }
+
+    /// Items (by index, with their slots) grouped by the node serving them, in the order
+    /// nodes first appear; and the items no node serves.
+    pub(super) fn group(
+        &self,
+        items: impl IntoIterator<Item = (usize, u16)>,
+    ) -> (Vec<Group>, Vec<usize>) {
+        let (mut groups, mut unserved): (Vec<Group>, Vec<usize>) = (Vec::new(), Vec::new());
+        for (item, slot) in items {
+            let Some(node) = self.node(slot) else {
+                unserved.push(item);
+                continue;
+            };
+            match groups.iter_mut().find(|(n, _)| Arc::ptr_eq(n, node)) {
+                Some((_, these)) => these.push(item),
+                None => groups.push((node.clone(), vec![item])),
+            }
+        }
+        (groups, unserved)
     }
 
     /// The node serving `slot`.

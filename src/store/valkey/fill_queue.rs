@@ -156,16 +156,13 @@ impl ValkeyStore {
         };
         let mut outcomes: Vec<Option<Result<FillOutcome, StoreError>>> =
             (0..batch.len()).map(|_| None).collect();
-        let mut groups: Vec<(Arc<Node>, Vec<usize>)> = Vec::new();
-        for (i, fill) in batch.iter().enumerate() {
-            let Some(node) = map.node(super::entry_slot(&fill.key)) else {
-                outcomes[i] = Some(Ok(FillOutcome::Dropped));
-                continue;
-            };
-            match groups.iter_mut().find(|(n, _)| Arc::ptr_eq(n, node)) {
-                Some((_, group)) => group.push(i),
-                None => groups.push((node.clone(), vec![i])),
-            }
+        let slots = batch
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i, super::entry_slot(&f.key)));
+        let (groups, unserved) = map.group(slots);
+        for i in unserved {
+            outcomes[i] = Some(Ok(FillOutcome::Dropped));
         }
         let written = groups
             .iter()

@@ -2,8 +2,6 @@
 //! (the newest records state any reply showed, so that a set older than it is seen as
 //! rolled back) and the nonce that keeps two new epochs apart.
 
-use std::sync::Arc;
-
 use bb8_redis::redis;
 
 use super::ValkeyStore;
@@ -67,17 +65,11 @@ impl ValkeyStore {
             (0..self.inner.chunk_keys.len()).map(|_| None).collect();
         let mut pending: Vec<usize> = (0..results.len()).collect();
         for attempt in 0..2 {
-            let mut groups: Vec<(Arc<super::Node>, Vec<usize>)> = Vec::new();
-            for &chunk in &pending {
-                let Some(node) = map.node(self.inner.chunk_slots[chunk]) else {
-                    let none = format!("no cluster node serves copy {chunk} of the records");
-                    results[chunk] = Some(Err(StoreError::Unavailable(none.into())));
-                    continue;
-                };
-                match groups.iter_mut().find(|(n, _)| Arc::ptr_eq(n, node)) {
-                    Some((_, chunks)) => chunks.push(chunk),
-                    None => groups.push((node.clone(), vec![chunk])),
-                }
+            let slots = pending.iter().map(|&c| (c, self.inner.chunk_slots[c]));
+            let (groups, unserved) = map.group(slots);
+            for chunk in unserved {
+                let none = format!("no cluster node serves copy {chunk} of the records");
+                results[chunk] = Some(Err(StoreError::Unavailable(none.into())));
             }
             let written = groups
                 .iter()
