@@ -61,6 +61,54 @@ pub(crate) struct RouteCounters {
     pub(crate) id: Arc<str>,
     pattern: Arc<str>,
     pub(crate) tallies: Striped<RouteTally>,
+    /// The route's `metrics` handles, taken from the recorder at the route's first event
+    /// (so a hit builds no metric key: install the recorder before serving).
+    #[cfg(feature = "metrics")]
+    metrics: std::sync::OnceLock<RouteMetrics>,
+}
+
+/// One route's `metrics` handles.
+#[cfg(feature = "metrics")]
+#[derive(Debug)]
+pub(crate) struct RouteMetrics {
+    pub(crate) hits: metrics::Counter,
+    pub(crate) stale_hits: metrics::Counter,
+    pub(crate) collapsed: metrics::Counter,
+    pub(crate) misses: metrics::Counter,
+    pub(crate) bypasses: metrics::Counter,
+    pub(crate) fills: metrics::Counter,
+    bytes_served: metrics::Counter,
+    origin_saved_ms: metrics::Counter,
+    response_hit: metrics::Histogram,
+    response_miss: metrics::Histogram,
+    origin: metrics::Histogram,
+}
+
+#[cfg(feature = "metrics")]
+impl RouteMetrics {
+    fn register(id: &Arc<str>) -> Self {
+        let counter = |name: &'static str| metrics::counter!(name, "route" => id.clone());
+        let response = |cache: &'static str| {
+            metrics::histogram!(
+                "tower_cache_aside_response_seconds",
+                "route" => id.clone(),
+                "cache" => cache
+            )
+        };
+        RouteMetrics {
+            hits: counter("tower_cache_aside_hits_total"),
+            stale_hits: counter("tower_cache_aside_stale_hits_total"),
+            collapsed: counter("tower_cache_aside_collapsed_total"),
+            misses: counter("tower_cache_aside_misses_total"),
+            bypasses: counter("tower_cache_aside_bypasses_total"),
+            fills: counter("tower_cache_aside_fills_total"),
+            bytes_served: counter("tower_cache_aside_bytes_served_total"),
+            origin_saved_ms: counter("tower_cache_aside_origin_saved_ms_total"),
+            response_hit: response("hit"),
+            response_miss: response("miss"),
+            origin: metrics::histogram!("tower_cache_aside_origin_seconds", "route" => id.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -82,7 +130,16 @@ impl RouteCounters {
             id,
             pattern: Arc::from(pattern),
             tallies: Striped::default(),
+            #[cfg(feature = "metrics")]
+            metrics: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The route's `metrics` handles (taken at the first call).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn metrics(&self) -> &RouteMetrics {
+        self.metrics
+            .get_or_init(|| RouteMetrics::register(&self.id))
     }
 
     pub(crate) fn pattern(&self) -> &str {
@@ -96,11 +153,9 @@ impl RouteCounters {
         t.origin_saved_ms.fetch_add(u64::from(origin_ms), Relaxed);
         #[cfg(feature = "metrics")]
         {
-            let route = self.id.clone();
-            metrics::counter!("tower_cache_aside_bytes_served_total", "route" => route.clone())
-                .increment(bytes);
-            metrics::counter!("tower_cache_aside_origin_saved_ms_total", "route" => route)
-                .increment(u64::from(origin_ms));
+            let m = self.metrics();
+            m.bytes_served.increment(bytes);
+            m.origin_saved_ms.increment(u64::from(origin_ms));
         }
     }
 
@@ -142,19 +197,24 @@ impl Timer {
     /// `miss` (after the origin or another request's call).
     pub(crate) fn response(self, route: &RouteCounters, cache: &'static str) {
         #[cfg(feature = "metrics")]
-        metrics::histogram!(
-            "tower_cache_aside_response_seconds",
-            "route" => route.id.clone(),
-            "cache" => cache
-        )
-        .record(self.started.elapsed().as_secs_f64());
+        {
+            let m = route.metrics();
+            let histogram = if cache == "hit" {
+                &m.response_hit
+            } else {
+                &m.response_miss
+            };
+            histogram.record(self.started.elapsed().as_secs_f64());
+        }
         let _ = (route, cache);
     }
 
     /// The origin's response headers arrived.
     pub(crate) fn origin(self, route: &RouteCounters) {
         #[cfg(feature = "metrics")]
-        metrics::histogram!("tower_cache_aside_origin_seconds", "route" => route.id.clone())
+        route
+            .metrics()
+            .origin
             .record(self.started.elapsed().as_secs_f64());
         let _ = route;
     }
@@ -392,11 +452,7 @@ macro_rules! count_route {
         let route: &$crate::stats::RouteCounters = &$route;
         route.tallies.local().$field.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!(
-            concat!("tower_cache_aside_", stringify!($field), "_total"),
-            "route" => route.id.clone()
-        )
-        .increment(1);
+        route.metrics().$field.increment(1);
     }};
 }
 pub(crate) use count_route;
