@@ -271,3 +271,28 @@ async fn a_master_without_a_copy_of_the_records_still_serves_coherently() {
     assert_eq!((verdict.errors, verdict.violations), (0, 0));
     assert!(a_stats.snapshot().hits > 0);
 }
+
+/// Near tiers on two instances over the cluster, writers and readers on both: near copies
+/// are vouched for by each master's tracked copy of the records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_tiers_on_a_cluster_stay_coherent() {
+    use tower_cache_aside::store::{MemoryStore, TieredStore};
+    let cluster = Cluster::start(Kind::Valkey, 3, 0);
+    let db = Db::default();
+    let url = cluster.url();
+    let tiered = || TieredStore::new(MemoryStore::new(16 << 20), store(&url, false));
+    let (a_store, b_store) = (tiered(), tiered());
+    let (a, a_stats) = instance(a_store.clone(), db.clone());
+    let (b, b_stats) = instance(b_store.clone(), db);
+    let verdict = race(&[a, b], Duration::from_secs(3), async {}).await;
+    let near = a_store.near_hits() + b_store.near_hits();
+    let hits = a_stats.snapshot().hits + b_stats.snapshot().hits;
+    eprintln!("near tiers on a cluster: {verdict:?}; {hits} hits, {near} of them near");
+    assert_eq!(verdict.errors, 0);
+    assert!(near > 0, "the near tiers never answered");
+    assert!(
+        verdict.worst_lag < Duration::from_millis(50),
+        "a read started {:?} after a write's response missed it",
+        verdict.worst_lag
+    );
+}
