@@ -170,7 +170,10 @@ mod values {
             F: FnOnce() -> Fut,
             Fut: std::future::Future<Output = Result<T, E>>,
         {
-            let entry_key = EntryKey::new("data", Sha256::digest(key.as_bytes()).into());
+            let entry_key = EntryKey::new(
+                crate::engine::VALUES_ROUTE,
+                Sha256::digest(key.as_bytes()).into(),
+            );
             let now = now_ms();
             let fence: Option<Fence> = match self.engine.lookup(&entry_key, now).await {
                 Found::Hit { entry, .. } => match serde_json::from_slice(&entry.body) {

@@ -726,7 +726,35 @@ async fn a_server_refusing_resp3_gets_resp2(kind: Kind) {
     lookups_read_every_record(&a, &b, &mut conn).await;
 }
 
+/// A server that does not know `CLUSTER` under that name (renamed away, as managed services
+/// and proxies do) is used as the single server it is: entries stored, clears seen.
+async fn a_server_without_the_cluster_command_is_one_server(kind: Kind) {
+    let server = Server::start_with(kind, None, &["--rename-command", "CLUSTER", ""]);
+    let (a, b) = (valkey_store(&server), valkey_store(&server));
+    use tower_cache_aside::store::{Fill, FillOutcome, Store};
+    let key = tower_cache_aside::EntryKey::new("r", [9; 32]);
+    let fence = a.lookup(&key).await.unwrap().fence;
+    let fill = Fill::new(
+        key.clone(),
+        "v".into(),
+        Duration::from_secs(60),
+        vec!["t".into()],
+        fence,
+    );
+    assert_eq!(a.fill(fill).await.unwrap(), FillOutcome::Stored);
+    assert!(
+        a.lookup(&key).await.unwrap().value.is_some(),
+        "stored and served"
+    );
+    b.invalidate(&["t".to_owned()]).await.unwrap();
+    assert!(
+        a.lookup(&key).await.unwrap().value.is_none(),
+        "the other's clear seen"
+    );
+}
+
 server_suite!(
+    a_server_without_the_cluster_command_is_one_server,
     a_server_refusing_resp3_gets_resp2,
     a_flush_is_heard_by_the_known_records,
     forgotten_scripts_are_loaded_again,

@@ -105,8 +105,9 @@ impl<St: Store> Engine<St> {
 
     /// The counters of the route with this id (a fill knows its route by its key).
     fn route_counters(&self, id: &str) -> Option<Arc<RouteCounters>> {
-        // `get_or_fill` keys its values under the route id `data`.
-        let route = self.routes.counters().find(|c| &*c.id == id);
-        route.or_else(|| (id == "data").then(|| self.values.clone()))
+        if id == super::VALUES_ROUTE {
+            return Some(self.values.clone());
+        }
+        self.routes.counters().find(|c| &*c.id == id)
     }
 }

@@ -23,6 +23,10 @@
 //! Below it: `policy` (what may be stored), `key`, `tags`, `entry`, `store`, `stats` and
 //! `breaker` (whether to talk to the store at all).
 
+/// The route id `get_or_fill` keys its values under: one no route can have (route ids are
+/// letters, digits, `_`, `-` and `.`), so a value's key never equals a request's.
+pub(crate) const VALUES_ROUTE: &str = "@data";
+
 use std::sync::Arc;
 use std::time::Duration;
 

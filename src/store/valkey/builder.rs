@@ -102,10 +102,10 @@ impl ValkeyStoreBuilder {
     /// clear counts as done only once the replicas have it, so a failover cannot lose it;
     /// a clear they do not confirm in time is treated as failed: the layer defers it and
     /// passes the store by until it lands (see the crate docs, "What the store may drop").
-    /// A master is waited on for the replicas it has had attached (`ROLE`), up to
-    /// `replicas`: one that never had any (say just after a failover) has nobody a later
-    /// failover could promote, while a replica whose link is down is still waited for, and
-    /// clears are deferred until it is back or the master changes.
+    /// A master is waited on for the replicas it has had attached (`ROLE`) within the last
+    /// minute, up to `replicas`: one that had none (say just after a failover) has nobody a
+    /// later failover could promote, while a replica whose link just went down is still
+    /// waited for (its clears are deferred until it is back, or a minute has passed).
     /// Each clear then holds a pooled connection of each master for the replicas' answer,
     /// never the connection lookups share.
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {

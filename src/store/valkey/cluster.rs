@@ -273,7 +273,10 @@ fn metadata(v: redis::Value) -> Vec<(String, String)> {
 /// Whether an error says the server is not part of a cluster.
 pub(super) fn not_a_cluster(e: &redis::RedisError) -> bool {
     let text = e.to_string().to_ascii_lowercase();
-    text.contains("cluster support disabled") || text.contains("unknown command")
+    text.contains("cluster support disabled")
+        || text.contains("unknown command")
+        || text.contains("cluster is disabled")
+        || text.contains("cluster mode is not enabled")
 }
 
 #[cfg(test)]
@@ -293,6 +296,26 @@ mod tests {
             "an empty tag hashes the whole key"
         );
         assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn servers_that_are_not_clusters_say_so() {
+        let says = |text: &str| {
+            not_a_cluster(&redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "",
+                text.to_owned(),
+            )))
+        };
+        assert!(says("ERR This instance has cluster support disabled"));
+        assert!(says(
+            "ERR unknown command 'CLUSTER', with args beginning with: 'SLOTS'"
+        ));
+        assert!(says(
+            "ERR Cluster is disabled. Enabled via passing --cluster_mode=emulated|yes"
+        ));
+        assert!(says("ERR Cluster mode is not enabled"));
+        assert!(!says("ERR something else"));
     }
 
     #[test]

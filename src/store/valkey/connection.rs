@@ -2,7 +2,7 @@
 //! pool when it breaks, every operation bounded by one timeout. Also what runs once a server
 //! is first reached: the eviction-policy report and the record set's keeper.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock, Weak};
 use std::time::Duration;
 
@@ -29,10 +29,10 @@ pub(super) struct Node {
     pool: OnceLock<bb8::Pool<Manager>>,
     own: OnceLock<bb8::Pool<Manager>>,
     own_manager: Manager,
-    /// The most replicas `ROLE` has shown attached to this master: a clear that waits for
-    /// replicas waits for that many (up to what it asks), so a replica whose link is down
-    /// at that moment is not silently left out.
-    pub(super) replicas_seen: AtomicI64,
+    /// The most replicas `ROLE` has shown attached to this master lately, and when that
+    /// many were last seen (see `replicas_to_wait`).
+    replicas_seen: AtomicI64,
+    replicas_seen_at: AtomicU64,
     conn: RwLock<Option<Tracked>>,
     pool_size: u32,
     connect_timeout: Duration,
@@ -88,7 +88,24 @@ impl Node {
             pool_size: settings.pool_size,
             connect_timeout: settings.connect_timeout,
             replicas_seen: AtomicI64::new(0),
+            replicas_seen_at: AtomicU64::new(0),
         })
+    }
+
+    /// How many replicas a clear waits for, `attached` being attached now: as many as were
+    /// attached at most within the last minute, so a replica whose link is down at this
+    /// moment is not silently left out, while one removed for good stops being waited for.
+    pub(super) fn replicas_to_wait(&self, attached: i64) -> i64 {
+        const REMEMBERED_MS: u64 = 60_000;
+        let now = super::tracking::monotonic_ms();
+        let seen = self.replicas_seen.load(Ordering::Relaxed);
+        let at = self.replicas_seen_at.load(Ordering::Relaxed);
+        if attached >= seen || now.saturating_sub(at) > REMEMBERED_MS {
+            self.replicas_seen.store(attached, Ordering::Relaxed);
+            self.replicas_seen_at.store(now, Ordering::Relaxed);
+            return attached;
+        }
+        seen
     }
 
     /// The shared connection, if one is open (nothing is connected here).

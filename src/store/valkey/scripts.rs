@@ -194,18 +194,19 @@ impl ValkeyStore {
                 return Ok(done);
             }
             let mut conn = own.conn.clone();
-            // Replicas attached now, and the most ever seen attached to this master: one
-            // whose link is down at this moment is still waited for. A master that never
-            // had one has nobody a failover could promote.
-            let role: redis::Value = redis::cmd("ROLE")
-                .query_async(&mut conn)
-                .await
-                .map_err(super::connection::classify)?;
-            let attached = super::replies::replicas_in_role(&role);
-            let seen = node
-                .replicas_seen
-                .fetch_max(attached, std::sync::atomic::Ordering::Relaxed)
-                .max(attached);
+            // Replicas attached now, or the most seen attached within the last minute: one
+            // whose link is down at this moment is still waited for. A master that had none
+            // has nobody a failover could promote.
+            let role = redis::cmd("ROLE")
+                .query_async::<redis::Value>(&mut conn)
+                .await;
+            let attached = match role {
+                Ok(role) => super::replies::replicas_in_role(&role),
+                // `ROLE` is an admin command an ACL may withhold: wait for all asked for.
+                Err(e) if e.code() == Some("NOPERM") => i64::from(replicas),
+                Err(e) => return Err(super::connection::classify(e)),
+            };
+            let seen = node.replicas_to_wait(attached);
             let wanted = i64::from(replicas).min(seen);
             if wanted == 0 {
                 return Ok(done);
@@ -225,7 +226,8 @@ impl ValkeyStore {
             }
             Ok(done)
         };
-        let bound = self.inner.operation_timeout + wait;
+        // Checkout, scripts and `ROLE` within the operation timeouts, `WAIT` within `wait`.
+        let bound = 2 * self.inner.operation_timeout + wait;
         let failed = |e: StoreError| chunks.iter().map(|_| Err(e.replicate())).collect();
         match tokio::time::timeout(bound, confirmed).await {
             Ok(Ok(done)) => done,

@@ -69,23 +69,26 @@ impl ValkeyStore {
         match reply {
             redis::Value::ServerError(e) => {
                 let e = redis::RedisError::from(e);
-                if cluster::not_a_cluster(&e) {
-                    self.inner.mode.store(SINGLE, Ordering::Release);
-                    return Ok(None);
+                // A cluster always answers with its map. Only a passing state says nothing
+                // (a node loading, busy with a script, between masters): ask again later.
+                if matches!(
+                    e.code(),
+                    Some("LOADING" | "BUSY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
+                ) {
+                    return Err(StoreError::Server(Box::new(e)));
                 }
-                if e.code() == Some("NOPERM") {
-                    // The server will not say. Taken as a single server; on a cluster its
-                    // commands for other nodes' slots fail (and pass through).
-                    tracing::error!(
+                if !cluster::not_a_cluster(&e) {
+                    // A proxy, a server that does not know the command under this name, an
+                    // ACL that forbids it: taken as one server, and said so.
+                    tracing::warn!(
                         error = %e, url = %self.url(),
-                        "CLUSTER SLOTS is not allowed for this user; using the server as a \
-                         single one. If it is part of a cluster, allow `cluster|slots`"
+                        "CLUSTER SLOTS was refused; using the server as a single one. If it \
+                         is part of a cluster, allow `cluster|slots` to this user: commands \
+                         for other nodes' slots would fail (and the cache pass them through)"
                     );
-                    self.inner.mode.store(SINGLE, Ordering::Release);
-                    return Ok(None);
                 }
-                // Anything else (BUSY, LOADING, ...) says nothing: ask again next time.
-                Err(StoreError::Server(Box::new(e)))
+                self.inner.mode.store(SINGLE, Ordering::Release);
+                Ok(None)
             }
             reply => {
                 let Some(ranges) = cluster::parse_slots(reply, &seed.host, self.uses_tls()) else {

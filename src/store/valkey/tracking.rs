@@ -33,7 +33,7 @@ use crate::store::Fence;
 
 /// Milliseconds on a monotonic clock (a wall clock stepping back must not make a silent
 /// connection look recently heard), from 1.
-fn monotonic_ms() -> u64 {
+pub(super) fn monotonic_ms() -> u64 {
     static BASE: std::sync::LazyLock<std::time::Instant> =
         std::sync::LazyLock::new(std::time::Instant::now);
     BASE.elapsed().as_millis() as u64 + 1
