@@ -296,3 +296,32 @@ async fn near_tiers_on_a_cluster_stay_coherent() {
         verdict.worst_lag
     );
 }
+
+/// A cluster whose nodes require a password: the nodes learnt from `CLUSTER SLOTS` are
+/// reached with the credentials of the URL given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_is_reached_with_the_urls_credentials() {
+    let cluster = Cluster::start_with_password(Kind::Valkey, 3, "s3cret-pw");
+    let db = Db::default();
+    let (app, stats) = instance(store(&cluster.url(), false), db);
+    for id in 0..64 {
+        assert_eq!(get(&app, &format!("/events/{id}")).await.status, 200);
+    }
+    support::fills_reach(&stats, 64).await;
+    for id in 0..64 {
+        assert_eq!(
+            get(&app, &format!("/events/{id}")).await.x_cache(),
+            "HIT",
+            "{id}"
+        );
+    }
+    for m in &cluster.masters {
+        let keys: u64 = m
+            .query(&["DBSIZE"])
+            .trim_start_matches(':')
+            .parse()
+            .unwrap();
+        assert!(keys > 0, "master {} holds nothing", m.port);
+    }
+    assert_eq!(stats.snapshot().store_errors, 0);
+}

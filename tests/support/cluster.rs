@@ -11,12 +11,13 @@ pub struct Cluster {
     pub replicas: Vec<Server>,
 }
 
-fn node(kind: Kind, node_timeout_ms: u32) -> (Server, u16) {
+fn node(kind: Kind, node_timeout_ms: u32, password: Option<&str>) -> (Server, u16) {
     let bus = free_port();
-    let server = Server::start_with(
-        kind,
-        None,
-        &[
+    let mut args: Vec<String> = password
+        .map(|p| vec!["--masterauth".to_owned(), p.to_owned()])
+        .unwrap_or_default();
+    args.extend(
+        [
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -31,8 +32,11 @@ fn node(kind: Kind, node_timeout_ms: u32) -> (Server, u16) {
             // Slots whose master is down do not stop the rest of the cluster.
             "--cluster-require-full-coverage",
             "no",
-        ],
+        ]
+        .map(str::to_owned),
     );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_with(kind, password, &args);
     (server, bus)
 }
 
@@ -49,11 +53,30 @@ impl Cluster {
 
     /// Masters owning the given slot ranges (one list of inclusive ranges per master).
     pub fn start_with_slots(kind: Kind, slots: &[Vec<(usize, usize)>], replicas: usize) -> Cluster {
+        Self::start_full(kind, slots, replicas, None)
+    }
+
+    /// Every node requiring `password` (and replicas authenticating with it).
+    pub fn start_with_password(kind: Kind, masters: usize, password: &str) -> Cluster {
+        let ranges: Vec<Vec<(usize, usize)>> = (0..masters)
+            .map(|i| vec![(i * 16384 / masters, (i + 1) * 16384 / masters - 1)])
+            .collect();
+        Self::start_full(kind, &ranges, 0, Some(password))
+    }
+
+    fn start_full(
+        kind: Kind,
+        slots: &[Vec<(usize, usize)>],
+        replicas: usize,
+        password: Option<&str>,
+    ) -> Cluster {
         let masters = slots.len();
         let timeout = if replicas > 0 { 1000 } else { 5000 };
-        let m: Vec<(Server, u16)> = (0..masters).map(|_| node(kind, timeout)).collect();
+        let m: Vec<(Server, u16)> = (0..masters)
+            .map(|_| node(kind, timeout, password))
+            .collect();
         let r: Vec<(Server, u16)> = (0..masters * replicas)
-            .map(|_| node(kind, timeout))
+            .map(|_| node(kind, timeout, password))
             .collect();
         for ((s, _), ranges) in m.iter().zip(slots) {
             for &(first, last) in ranges {
