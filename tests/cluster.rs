@@ -325,3 +325,30 @@ async fn every_node_is_reached_with_the_urls_credentials() {
     }
     assert_eq!(stats.snapshot().store_errors, 0);
 }
+
+/// The node the URL names is down when the app starts: the store finds the cluster through
+/// the other seeds it was given, and caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_first_node_is_passed_over_for_the_other_seeds() {
+    let cluster = Cluster::start(Kind::Valkey, 3, 0);
+    // A node that is not there: a port nothing listens on.
+    let dead = format!("redis://127.0.0.1:{}/0", support::server::free_port());
+    let store = ValkeyStore::builder()
+        .url(dead)
+        .cluster_seeds([cluster.masters[1].url(), cluster.masters[2].url()])
+        .operation_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (app, stats) = instance(store, Db::default());
+    for id in 0..64 {
+        assert_eq!(get(&app, &format!("/events/{id}")).await.status, 200);
+    }
+    support::fills_reach(&stats, 64).await;
+    for id in 0..64 {
+        assert_eq!(
+            get(&app, &format!("/events/{id}")).await.x_cache(),
+            "HIT",
+            "{id}"
+        );
+    }
+}

@@ -12,7 +12,7 @@ use crate::error::ConfigError;
 use crate::store::records::DEFAULT_MAX_RECORDS;
 
 /// Configures a [`ValkeyStore`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct ValkeyStoreBuilder {
     url: Option<String>,
@@ -23,6 +23,27 @@ pub struct ValkeyStoreBuilder {
     client_tracking: bool,
     max_clear_records: usize,
     wait_for_replicas: Option<(u32, Duration)>,
+    seeds: Vec<String>,
+}
+
+/// Shown with passwords redacted.
+impl std::fmt::Debug for ValkeyStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValkeyStoreBuilder")
+            .field("url", &self.url.as_deref().map(redact))
+            .field("namespace", &self.namespace)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("pool_size", &self.pool_size)
+            .field("client_tracking", &self.client_tracking)
+            .field("max_clear_records", &self.max_clear_records)
+            .field("wait_for_replicas", &self.wait_for_replicas)
+            .field(
+                "cluster_seeds",
+                &self.seeds.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl Default for ValkeyStoreBuilder {
@@ -36,6 +57,7 @@ impl Default for ValkeyStoreBuilder {
             client_tracking: true,
             max_clear_records: DEFAULT_MAX_RECORDS,
             wait_for_replicas: None,
+            seeds: Vec::new(),
         }
     }
 }
@@ -113,6 +135,18 @@ impl ValkeyStoreBuilder {
         self
     }
 
+    /// Other nodes of the same cluster (URLs like [`url`](Self::url)'s), asked for the
+    /// cluster's map beside the URL's node: when that one is down at start (or when the map
+    /// is read again), any of them will do. Ignored for a single server.
+    pub fn cluster_seeds<I, U>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        self.seeds = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Builds the store. Nothing is connected yet: the first operation connects, so an
     /// application starts even while the server is down.
     pub fn build(self) -> Result<ValkeyStore, ConfigError> {
@@ -139,11 +173,6 @@ impl ValkeyStoreBuilder {
         };
         let records_key = format!("{ns}:{SCHEMA}:r");
         let info = url.as_str().into_connection_info().map_err(bad_url)?;
-        let seed_addr = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
-            ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
-            _ => (String::new(), 0),
-        };
         let settings = NodeSettings {
             tracking: self.client_tracking.then(|| records_key.clone()),
             max_records: self.max_clear_records,
@@ -155,16 +184,30 @@ impl ValkeyStoreBuilder {
         let seed = Node::open(
             info.clone(),
             &settings,
-            seed_addr,
+            addr_of(&info),
             Some(0),
             display_url.clone(),
         )
         .map_err(bad_url)?;
+        let mut seeds = Vec::with_capacity(self.seeds.len());
+        for url in &self.seeds {
+            let shown = redact(url);
+            let bad_seed = |e: RedisError| {
+                ConfigError::new(format!(
+                    "cannot use `{shown}` as a cluster seed ({e}); expected redis://[:password@]host[:port]"
+                ))
+            };
+            let info = url.as_str().into_connection_info().map_err(bad_seed)?;
+            let node = Node::open(info.clone(), &settings, addr_of(&info), None, shown.clone())
+                .map_err(bad_seed)?;
+            seeds.push(Arc::new(node));
+        }
         let client = redis::Client::open(info.clone()).map_err(bad_url)?;
         let chunk_keys = super::cluster::chunk_keys(&records_key);
         Ok(ValkeyStore {
             inner: Arc::new(ValkeyInner {
                 seed: Arc::new(seed),
+                seeds,
                 settings,
                 info,
                 mode: AtomicU8::new(super::topology::UNKNOWN),
@@ -198,6 +241,15 @@ impl ValkeyStoreBuilder {
     }
 }
 
+/// A URL's host and port (empty for a Unix socket).
+fn addr_of(info: &redis::ConnectionInfo) -> (String, u16) {
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+        ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
+        _ => (String::new(), 0),
+    }
+}
+
 fn url_from_env() -> String {
     ["VALKEY_URL", "REDIS_URL"]
         .iter()
@@ -223,6 +275,13 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
+        let shown = format!(
+            "{:?}",
+            ValkeyStore::builder()
+                .url("redis://:pw1@h:1")
+                .cluster_seeds(["redis://u:pw2@h:2"])
+        );
+        assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
         assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");

@@ -100,6 +100,8 @@ pub struct ValkeyStore {
 struct ValkeyInner {
     /// The server the URL names: the only one, or a cluster's first contact.
     seed: Arc<Node>,
+    /// Other nodes of a cluster to ask for its map (`ValkeyStoreBuilder::cluster_seeds`).
+    seeds: Vec<Arc<Node>>,
     /// The URL's connection settings, for the other nodes of a cluster.
     info: redis::ConnectionInfo,
     /// `topology::UNKNOWN`, `SINGLE` or `CLUSTER`.

@@ -58,14 +58,21 @@ impl ValkeyStore {
             CLUSTER => return Ok(self.map()),
             _ => {}
         }
-        let seed = &self.inner.seed;
-        let reply = self
-            .run_on(seed, |mut t| async move {
-                t.conn
-                    .req_packed_command(&redis::cmd("CLUSTER").arg("SLOTS").clone())
-                    .await
+        // The URL's node and any other seeds, at once: the first to answer says.
+        let seeds = std::iter::once(&self.inner.seed).chain(&self.inner.seeds);
+        let asks = seeds.map(|node| {
+            Box::pin(async move {
+                let reply = self
+                    .run_on(node, |mut t| async move {
+                        t.conn
+                            .req_packed_command(&redis::cmd("CLUSTER").arg("SLOTS").clone())
+                            .await
+                    })
+                    .await?;
+                Ok::<_, StoreError>((reply, node))
             })
-            .await?;
+        });
+        let (reply, seed) = futures_util::future::select_ok(asks).await?.0;
         match reply {
             redis::Value::ServerError(e) => {
                 let e = redis::RedisError::from(e);
@@ -173,9 +180,8 @@ impl ValkeyStore {
             return; // read by someone else meanwhile
         }
         let mut candidates: Vec<Arc<Node>> = old.iter().flat_map(|m| m.nodes.clone()).collect();
-        if !candidates.iter().any(|n| Arc::ptr_eq(n, &self.inner.seed)) {
-            candidates.push(self.inner.seed.clone());
-        }
+        candidates.push(self.inner.seed.clone());
+        candidates.extend(self.inner.seeds.iter().cloned());
         let asks = candidates.into_iter().map(|node| {
             Box::pin(async move {
                 let reply = self
