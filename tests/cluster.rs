@@ -14,6 +14,26 @@ use support::race::{instance, race, Db};
 use support::{get, Kind};
 use tower_cache_aside::store::ValkeyStore;
 
+/// Requests `/events/0..n` once (misses), waits for their fills, then checks each is a hit.
+async fn fill_then_hit(app: &Router, stats: &tower_cache_aside::CacheStats, n: u64) {
+    for id in 0..n {
+        assert_eq!(get(app, &format!("/events/{id}")).await.status, 200);
+    }
+    support::fills_reach(stats, n).await;
+    for id in 0..n {
+        let r = get(app, &format!("/events/{id}")).await;
+        assert_eq!(r.x_cache(), "HIT", "{id}");
+    }
+}
+
+/// The number of keys a node holds.
+fn dbsize(node: &support::Server) -> u64 {
+    node.query(&["DBSIZE"])
+        .trim_start_matches(':')
+        .parse()
+        .unwrap()
+}
+
 fn store(url: &str, wait: bool) -> ValkeyStore {
     let b = ValkeyStore::builder()
         .url(url)
@@ -56,23 +76,9 @@ async fn entries_spread_over_every_master_and_any_node_url_works() {
         .build()
         .unwrap();
     let (app, stats) = instance(store, db);
-    for id in 0..300 {
-        assert_eq!(get(&app, &format!("/events/{id}")).await.status, 200);
-    }
-    support::fills_reach(&stats, 300).await;
-    for id in 0..300 {
-        assert_eq!(
-            get(&app, &format!("/events/{id}")).await.x_cache(),
-            "HIT",
-            "{id}"
-        );
-    }
+    fill_then_hit(&app, &stats, 300).await;
     for m in &cluster.masters {
-        let keys: u64 = m
-            .query(&["DBSIZE"])
-            .trim_start_matches(':')
-            .parse()
-            .unwrap();
+        let keys = dbsize(m);
         // 300 entries, 16 copies of the records: about a third each.
         assert!(
             (60..=200).contains(&keys),
@@ -248,18 +254,9 @@ async fn a_master_without_a_copy_of_the_records_still_serves_coherently() {
     let (a, a_stats) = instance(store(&url, false), db.clone());
     let (b, _) = instance(store(&url, false), db);
     // Some of the 64 resources live on the master without a copy.
-    let on_it: u64 = cluster.masters[0]
-        .query(&["DBSIZE"])
-        .trim_start_matches(':')
-        .parse()
-        .unwrap();
-    assert_eq!(on_it, 0);
+    assert_eq!(dbsize(&cluster.masters[0]), 0);
     let verdict = race(&[a.clone(), b], Duration::from_secs(3), async {}).await;
-    let keys: u64 = cluster.masters[0]
-        .query(&["DBSIZE"])
-        .trim_start_matches(':')
-        .parse()
-        .unwrap();
+    let keys = dbsize(&cluster.masters[0]);
     eprintln!(
         "uneven layout: {verdict:?}; {keys} keys on the master without a copy; {:?}",
         a_stats.snapshot()
@@ -304,23 +301,9 @@ async fn every_node_is_reached_with_the_urls_credentials() {
     let cluster = Cluster::start_with_password(Kind::Valkey, 3, "s3cret-pw");
     let db = Db::default();
     let (app, stats) = instance(store(&cluster.url(), false), db);
-    for id in 0..64 {
-        assert_eq!(get(&app, &format!("/events/{id}")).await.status, 200);
-    }
-    support::fills_reach(&stats, 64).await;
-    for id in 0..64 {
-        assert_eq!(
-            get(&app, &format!("/events/{id}")).await.x_cache(),
-            "HIT",
-            "{id}"
-        );
-    }
+    fill_then_hit(&app, &stats, 64).await;
     for m in &cluster.masters {
-        let keys: u64 = m
-            .query(&["DBSIZE"])
-            .trim_start_matches(':')
-            .parse()
-            .unwrap();
+        let keys = dbsize(m);
         assert!(keys > 0, "master {} holds nothing", m.port);
     }
     assert_eq!(stats.snapshot().store_errors, 0);
@@ -340,15 +323,5 @@ async fn a_dead_first_node_is_passed_over_for_the_other_seeds() {
         .build()
         .unwrap();
     let (app, stats) = instance(store, Db::default());
-    for id in 0..64 {
-        assert_eq!(get(&app, &format!("/events/{id}")).await.status, 200);
-    }
-    support::fills_reach(&stats, 64).await;
-    for id in 0..64 {
-        assert_eq!(
-            get(&app, &format!("/events/{id}")).await.x_cache(),
-            "HIT",
-            "{id}"
-        );
-    }
+    fill_then_hit(&app, &stats, 64).await;
 }
