@@ -9,6 +9,7 @@ use std::time::Duration;
 use bb8_redis::bb8;
 use bb8_redis::redis::{self, aio::MultiplexedConnection, RedisError};
 
+use super::replies::classify;
 use super::tracking::{Manager, Tracked};
 use super::{ValkeyInner, ValkeyStore};
 use crate::error::StoreError;
@@ -334,7 +335,7 @@ impl ValkeyStore {
             .iter()
             .enumerate()
             .filter_map(|(chunk, key)| {
-                let node = map.node(super::cluster::slot(key.as_bytes()))?;
+                let node = map.node(self.inner.chunk_slots[chunk])?;
                 Some(async move {
                     tokio::time::timeout(bound, self.keep_copy(node, key, chunk))
                         .await
@@ -404,21 +405,6 @@ async fn get(pool: &bb8::Pool<Manager>) -> Result<bb8::PooledConnection<'_, Mana
         bb8::RunError::User(e) => classify(e),
         bb8::RunError::TimedOut => StoreError::Timeout,
     })
-}
-
-pub(super) fn classify(e: RedisError) -> StoreError {
-    if e.is_timeout() {
-        return StoreError::Timeout;
-    }
-    if e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_unrecoverable_error()
-    {
-        StoreError::Unavailable(Box::new(e))
-    } else {
-        StoreError::Server(Box::new(e))
-    }
 }
 
 #[cfg(test)]

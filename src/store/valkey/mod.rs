@@ -1,13 +1,18 @@
 //! The Valkey / Redis store on a `bb8-redis` pool. One job per file:
 //!
 //! - `builder`: configuration, the URL or the environment;
-//! - `connection`: the shared data connection, timeouts, start-up checks, the record keeper;
+//! - `connection`: a server's `Node` (its pools, the shared data connection), timeouts,
+//!   start-up checks, the record keeper;
+//! - `cluster`: hash slots, the slot map, where the copies of the records lie;
+//! - `topology`: one server or a cluster, found out on first use; the map read again;
+//! - `near`: what a near tier may rely on (`vouch`);
 //! - `tracking`: the connection's mirror of the clear records, kept current by the server;
 //! - `fill_queue`: the fill writer (pipelined `SET`s, bounded queue);
-//! - `subscription`: the pub/sub connection for near caches;
+//! - `subscription`: the pub/sub connection (`subscribe`);
 //! - `keys`: key names and stamped values written into commands, lease tokens;
-//! - `scripts`: the record set's scripts, and the high-water mark their replies raise;
-//! - `replies`: reading what the server answered;
+//! - `scripts`: the record set's scripts (a clear on every copy, `WAIT`), and the high-water
+//!   marks their replies raise;
+//! - `replies`: reading what the server answered, and what an error means;
 //! - the `.lua` files: the record set's scripts (each touches that one key).
 //!
 //! Hot path: one cloned `MultiplexedConnection` is kept outside the pool, so a lookup is one

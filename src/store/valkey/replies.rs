@@ -146,6 +146,23 @@ pub(super) fn replicas_in_role(role: &redis::Value) -> i64 {
     }
 }
 
+/// What a failed command means for the store: a timeout, the server out of reach (the
+/// connection is replaced), or an answer it gave.
+pub(super) fn classify(e: RedisError) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::Timeout;
+    }
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+    {
+        StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::Server(Box::new(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

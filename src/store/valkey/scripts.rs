@@ -181,7 +181,7 @@ impl ValkeyStore {
                     let result = invocation
                         .invoke_async::<(u64, u64)>(&mut conn)
                         .await
-                        .map_err(super::connection::classify)
+                        .map_err(super::replies::classify)
                         .map(|(epoch, seq)| Fence::new(epoch, seq));
                     if let Ok(fence) = &result {
                         self.saw_in(chunk, *fence);
@@ -204,7 +204,7 @@ impl ValkeyStore {
                 Ok(role) => super::replies::replicas_in_role(&role),
                 // `ROLE` is an admin command an ACL may withhold: wait for all asked for.
                 Err(e) if e.code() == Some("NOPERM") => i64::from(replicas),
-                Err(e) => return Err(super::connection::classify(e)),
+                Err(e) => return Err(super::replies::classify(e)),
             };
             let seen = node.replicas_to_wait(attached);
             let wanted = i64::from(replicas).min(seen);
@@ -216,7 +216,7 @@ impl ValkeyStore {
                 .arg(crate::entry::millis(wait).max(1))
                 .query_async(&mut conn)
                 .await
-                .map_err(super::connection::classify)?;
+                .map_err(super::replies::classify)?;
             if acked < wanted {
                 let short = format!(
                     "the clear reached {acked} of {wanted} replicas within {wait:?} \

@@ -245,6 +245,10 @@ impl ValkeyStore {
         let Some(map) = self.map().filter(|_| self.is_cluster()) else {
             return;
         };
+        // One reading under way serves every failure meanwhile: no task per failed request.
+        if self.inner.refreshing.try_lock().is_err() {
+            return;
+        }
         let store = self.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move { store.refreshed_map(&map).await });
