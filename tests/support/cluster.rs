@@ -12,32 +12,37 @@ pub struct Cluster {
 }
 
 fn node(kind: Kind, node_timeout_ms: u32, password: Option<&str>) -> (Server, u16) {
-    let bus = free_port();
-    let mut args: Vec<String> = password
-        .map(|p| vec!["--masterauth".to_owned(), p.to_owned()])
-        .unwrap_or_default();
-    args.extend(
-        [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-port",
-            &bus.to_string(),
-            "--cluster-node-timeout",
-            &node_timeout_ms.to_string(),
-            // A replica may take over however far it lagged (the tests make it lag).
-            "--cluster-replica-validity-factor",
-            "0",
-            // Slots whose master is down do not stop the rest of the cluster.
-            "--cluster-require-full-coverage",
-            "no",
-        ]
-        .map(str::to_owned),
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start_with(kind, password, &args);
-    (server, bus)
+    // Both ports are found free and let go: either may be taken before the node binds it.
+    for _ in 0..5 {
+        let bus = free_port();
+        let mut args: Vec<String> = password
+            .map(|p| vec!["--masterauth".to_owned(), p.to_owned()])
+            .unwrap_or_default();
+        args.extend(
+            [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-node-timeout",
+                &node_timeout_ms.to_string(),
+                // A replica may take over however far it lagged (the tests make it lag).
+                "--cluster-replica-validity-factor",
+                "0",
+                // Slots whose master is down do not stop the rest of the cluster.
+                "--cluster-require-full-coverage",
+                "no",
+            ]
+            .map(str::to_owned),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Some(server) = Server::try_start_with(kind, password, &args) {
+            return (server, bus);
+        }
+    }
+    panic!("no cluster node started on 5 pairs of free ports");
 }
 
 impl Cluster {

@@ -80,6 +80,18 @@ impl Server {
 
     /// A server started with extra configuration arguments.
     pub fn start_with(kind: Kind, password: Option<&str>, args: &[&str]) -> Server {
+        // A free port found by binding and letting go may be taken again before the server
+        // binds it (tests start servers in parallel): then another port.
+        for _ in 0..5 {
+            if let Some(s) = Self::try_start_with(kind, password, args) {
+                return s;
+            }
+        }
+        panic!("{kind:?} did not start on any of 5 free ports");
+    }
+
+    /// One attempt on a fresh free port: `None` if the server did not come up on it.
+    pub fn try_start_with(kind: Kind, password: Option<&str>, args: &[&str]) -> Option<Server> {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("tca-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -92,8 +104,7 @@ impl Server {
             child: None,
             dir,
         };
-        s.spawn();
-        s
+        s.try_spawn().then_some(s)
     }
 
     /// A Redis server that speaks only TLS, with a fresh self-signed certificate.
@@ -134,7 +145,7 @@ impl Server {
         s
     }
 
-    fn spawn(&mut self) {
+    fn try_spawn(&mut self) -> bool {
         let mut cmd = Command::new(binary(self.kind));
         if self.tls {
             cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
@@ -158,15 +169,30 @@ impl Server {
         }
         cmd.args(&self.args);
         self.child = Some(cmd.spawn().expect("start server"));
-        self.wait_ready();
+        self.ready()
     }
 
-    fn wait_ready(&self) {
+    fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "{:?} on port {} did not start",
+            self.kind,
+            self.port
+        );
+    }
+
+    /// Whether the server came up, and is ours (not another process on the same port).
+    fn ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
+            // Exited (its port, or its cluster bus port, was taken meanwhile).
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false;
+            }
             if self.tls {
                 if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                    return;
+                    return true;
                 }
             } else if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 s.set_read_timeout(Some(Duration::from_millis(500))).ok();
@@ -175,14 +201,27 @@ impl Server {
                     if let Ok(n) = s.read(&mut buf) {
                         // +PONG, or -NOAUTH when a password is set: either way it is up.
                         if n > 0 && (buf[0] == b'+' || buf.starts_with(b"-NOAUTH")) {
-                            return;
+                            return self.is_ours();
                         }
                     }
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("{:?} on port {} did not start", self.kind, self.port);
+        false
+    }
+
+    /// Whether the server answering on the port is the process this value started.
+    fn is_ours(&mut self) -> bool {
+        let pid = self.pid();
+        let ours = self
+            .query(&["INFO", "server"])
+            .lines()
+            .any(|l| l.trim() == format!("process_id:{pid}"));
+        if !ours {
+            self.kill();
+        }
+        ours
     }
 
     pub fn url(&self) -> String {
