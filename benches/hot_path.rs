@@ -175,7 +175,51 @@ fn memory_paths(c: &mut Criterion) {
     g.bench_function("hit", |b| {
         b.to_async(&rt).iter(|| call(cached.clone(), "/events/1"))
     });
+    // Two cores serving the same hits at once, as a server's worker threads do: what the
+    // lines both write (reference counts, locks, queues) cost when they pass between cores.
+    // Time per hit on each thread; compare with the one-thread figures above.
+    g.bench_function("bare handler, two threads at once", |b| {
+        b.iter_custom(|iters| on_two_threads(bare.clone(), iters))
+    });
+    g.bench_function("hit, two threads at once", |b| {
+        b.iter_custom(|iters| on_two_threads(cached.clone(), iters))
+    });
     g.finish();
+}
+
+/// The wall time two threads take to call `svc` `iters` times each, side by side.
+fn on_two_threads<S, B>(svc: S, iters: u64) -> Duration
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let barrier = std::sync::Barrier::new(3);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let (svc, barrier) = (svc.clone(), &barrier);
+            s.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                barrier.wait();
+                rt.block_on(async {
+                    for _ in 0..iters {
+                        call(svc.clone(), "/events/1").await;
+                    }
+                });
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let start = std::time::Instant::now();
+        barrier.wait();
+        start.elapsed()
+    })
 }
 
 fn valkey_paths(c: &mut Criterion) {

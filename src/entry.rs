@@ -358,7 +358,11 @@ impl<'a> Reader<'a> {
             // Zero-copy: the value shares the buffer the store returned.
             let value = HeaderValue::from_maybe_shared(whole.slice(start..start + len))
                 .map_err(|_| DecodeError("bad header value"))?;
-            map.append(name, value);
+            // Tag headers meant for the cache alone never reach a client, whatever wrote
+            // the entry (the layer takes them off before storing).
+            if !crate::tags::is_cache_only(&name) {
+                map.append(name, value);
+            }
         }
         Ok(map)
     }
@@ -390,6 +394,21 @@ mod tests {
             origin_ms: 37,
             tags: vec!["events".into(), "event:1".into()],
         }
+    }
+
+    #[test]
+    fn tag_headers_meant_for_the_cache_are_not_read_back() {
+        let mut entry = sample();
+        entry
+            .headers
+            .insert("surrogate-key", HeaderValue::from_static("secret-tag"));
+        entry
+            .headers
+            .insert("cache-tag", HeaderValue::from_static("other"));
+        let decoded = Entry::decode(entry.encode()).unwrap();
+        assert!(!decoded.headers.contains_key("surrogate-key"));
+        assert!(!decoded.headers.contains_key("cache-tag"));
+        assert_eq!(decoded.headers.len(), sample().headers.len());
     }
 
     #[test]

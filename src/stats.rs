@@ -49,6 +49,11 @@ impl<T> Striped<T> {
         &self.stripes[STRIPE.with(|s| *s)]
     }
 
+    /// Every stripe.
+    pub(crate) fn all(&self) -> impl Iterator<Item = &T> {
+        self.stripes.iter()
+    }
+
     pub(crate) fn sum(&self, field: impl Fn(&T) -> &AtomicU64) -> u64 {
         self.stripes.iter().map(|t| field(t).load(Relaxed)).sum()
     }

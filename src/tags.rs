@@ -111,8 +111,13 @@ pub(crate) fn take_entry_tags(headers: &mut HeaderMap, out: &mut Vec<String>) {
     strip_cache_only(headers);
 }
 
-/// Removes the tag headers meant for the cache alone (`Surrogate-Key`, `Cache-Tag`), on
-/// every response the layer passes, stored or not: clients never see them.
+/// The tag headers meant for the cache alone (`Surrogate-Key`, `Cache-Tag`): on every
+/// response the layer passes, stored or not, they are taken off; clients never see them.
+pub(crate) fn is_cache_only(name: &HeaderName) -> bool {
+    name == SURROGATE_KEY || name == CACHE_TAG
+}
+
+/// Removes the tag headers meant for the cache alone (see [`is_cache_only`]).
 pub(crate) fn strip_cache_only(headers: &mut HeaderMap) {
     headers.remove(&SURROGATE_KEY);
     headers.remove(&CACHE_TAG);

@@ -30,6 +30,8 @@ pin_project! {
         // span. The span lives here rather than in the boxed future, which it would push
         // past the allocator's small sizes on every hit.
         Cached { fut: Boxed<B, E>, span: tracing::Span },
+        // A hit answered in `Cache::call`, before any future was needed.
+        Ready { res: Option<Response<CacheBody<B>>> },
     }
 }
 
@@ -49,6 +51,12 @@ impl<F, B, E> ResponseFuture<F, B, E> {
                 fut,
                 annotate: Some(Box::new(annotate)),
             },
+        }
+    }
+
+    pub(crate) fn ready(res: Response<CacheBody<B>>) -> Self {
+        ResponseFuture {
+            state: State::Ready { res: Some(res) },
         }
     }
 
@@ -84,6 +92,9 @@ where
                 let _entered = span.enter();
                 fut.as_mut().poll(cx)
             }
+            StateProj::Ready { res } => Poll::Ready(Ok(res
+                .take()
+                .expect("ResponseFuture polled after it completed"))),
         }
     }
 }

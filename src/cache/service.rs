@@ -6,8 +6,11 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use crate::engine::{Asked, Bypass, CacheBody, Engine, OriginCall, Plan, Status};
+use crate::engine::{
+    as_stored, Asked, Begun, Bypass, CacheBody, Engine, Found, OriginCall, Plan, Status,
+};
 use crate::stats::count_route;
+use crate::stats::Timer;
 use crate::store::Store;
 
 /// The service made by [`CacheLayer`](crate::CacheLayer).
@@ -67,19 +70,39 @@ where
                 });
             }
         };
+        let asked = Asked::of(&parts);
+        let timer = Timer::start();
+        self.engine.seen(&key, route, &parts, asked.at_ms);
+        let found = match self.engine.begin_lookup(&key, asked.at_ms) {
+            // A hit the store had at once is answered here: no future to allocate, nothing
+            // cloned, the service below untouched (and still ready for the next call). One
+            // stored compressed for a client that does not take it is decompressed in the
+            // future instead, never inside `call`.
+            Begun::Found(Found::Hit { entry, fence })
+                if as_stored(&entry, asked.accept_encoding.as_ref()) =>
+            {
+                match self.engine.fresh_hit(entry, route, &asked, timer) {
+                    Some(res) => return ResponseFuture::ready(res),
+                    None => Some(Box::new(Found::Miss { fence })),
+                }
+            }
+            Begun::Found(found) => Some(Box::new(found)),
+            Begun::Ask => None,
+        };
         // The clone was not polled ready; keep it and hand the ready one to the future.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let asked = Asked::of(&parts);
-        self.engine.seen(&key, &route, &parts, asked.at_ms);
         let span = tracing::debug_span!("cache.request", route = key.route());
         let call = OriginCall {
             inner,
             req: Request::from_parts(parts, body),
             primary: key.clone(),
             key,
-            route,
+            route: route.clone(),
         };
-        ResponseFuture::boxed(Box::pin(self.engine.clone().serve(call, asked)), span)
+        ResponseFuture::boxed(
+            Box::pin(self.engine.clone().serve(call, asked, found, timer)),
+            span,
+        )
     }
 }

@@ -19,6 +19,7 @@ use super::Engine;
 use crate::key::EntryKey;
 use crate::lock::{lock, read, write};
 use crate::policy::{Route, Scope};
+use crate::stats::Striped;
 use crate::store::Store;
 
 /// Shards of the table: requests on two cores rarely wait for each other's shard.
@@ -189,6 +190,11 @@ impl Recorded {
     }
 }
 
+/// One stripe's sightings, on a cache line of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Pending(Mutex<HashMap<[u8; 32], u64>>);
+
 struct Slot {
     /// Requests seen (halved at each flush, so that the record follows what is hot now).
     count: u64,
@@ -218,6 +224,11 @@ pub(crate) struct Hot {
     capacity: usize,
     flush_every: Duration,
     shards: [Mutex<HashMap<[u8; 32], Slot>>; SHARDS],
+    /// Sightings of recorded keys not yet added to their slots, one map per thread stripe:
+    /// a hit counts under its own core's lock, so two cores serving one hot key do not
+    /// pass its shard's lock back and forth. Added to the slots before anything reads them.
+    pending: Striped<Pending>,
+    last_settle_ms: AtomicU64,
     last_flush_ms: AtomicU64,
     flushing: AtomicBool,
     refresher: RwLock<Option<Arc<dyn Refresh>>>,
@@ -230,6 +241,8 @@ impl Hot {
             capacity,
             flush_every,
             shards: Default::default(),
+            pending: Striped::default(),
+            last_settle_ms: AtomicU64::new(0),
             last_flush_ms: AtomicU64::new(crate::entry::now_ms()),
             flushing: AtomicBool::new(false),
             refresher: RwLock::new(None),
@@ -253,8 +266,42 @@ impl Hot {
         &self.shards[key.digest()[0] as usize % SHARDS]
     }
 
+    /// Adds the sightings counted on every stripe to their slots (a key dropped from the
+    /// record meanwhile loses them).
+    fn settle(&self) {
+        for stripe in self.pending.all() {
+            let counts: Vec<([u8; 32], u64)> = lock(&stripe.0).drain().collect();
+            self.add(counts);
+        }
+    }
+
+    /// Whether 100 ms have passed since the last settling before an eviction (and if so,
+    /// this caller settles).
+    fn settle_due(&self) -> bool {
+        let now = crate::entry::now_ms();
+        let last = self.last_settle_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 100
+            && self
+                .last_settle_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    fn add(&self, counts: Vec<([u8; 32], u64)>) {
+        for (key, n) in counts {
+            if n == 0 {
+                continue;
+            }
+            if let Some(slot) = lock(&self.shards[key[0] as usize % SHARDS]).get_mut(&key) {
+                slot.count += n;
+                slot.unflushed += n;
+            }
+        }
+    }
+
     /// The most requested keys this instance knows, most requested first.
     pub(crate) fn top(&self, limit: usize) -> Vec<(Arc<Recorded>, u64)> {
+        self.settle();
         let mut all: Vec<(Arc<Recorded>, u64)> = self
             .shards
             .iter()
@@ -274,6 +321,7 @@ impl Hot {
     /// The hottest recorded entries carrying any of `tags`, on routes that refresh after a
     /// clear.
     fn cleared(&self, tags: &HashSet<String>) -> Vec<Arc<Recorded>> {
+        self.settle();
         let mut hit: Vec<(Arc<Recorded>, u64)> = Vec::new();
         for s in &self.shards {
             for slot in lock(s).values() {
@@ -291,6 +339,7 @@ impl Hot {
 
     /// Takes the counts since the last flush, and halves every count.
     fn take_unflushed(&self) -> Vec<([u8; 32], Bytes, u64)> {
+        self.settle();
         let mut out = Vec::new();
         for s in &self.shards {
             let mut shard = lock(s);
@@ -336,16 +385,34 @@ impl<St: Store> Engine<St> {
         {
             return;
         }
-        let counted = match lock(hot.shard(key)).get_mut(key.digest()) {
-            Some(slot) => {
-                slot.count += 1;
-                slot.unflushed += 1;
+        let counted_here = match lock(&hot.pending.local().0).get_mut(key.digest()) {
+            Some(n) => {
+                *n += 1;
                 true
             }
             None => false,
         };
-        if !counted {
-            self.record(key, route, parts);
+        if !counted_here {
+            // First sight on this stripe since the counts were last settled.
+            let counted = match lock(hot.shard(key)).get_mut(key.digest()) {
+                Some(slot) => {
+                    slot.count += 1;
+                    slot.unflushed += 1;
+                    true
+                }
+                None => false,
+            };
+            if !counted {
+                self.record(key, route, parts);
+            }
+            let full = {
+                let mut pending = lock(&hot.pending.local().0);
+                pending.entry(*key.digest()).or_insert(0);
+                pending.len() >= hot.capacity.div_ceil(SHARDS).max(64)
+            };
+            if full {
+                hot.settle();
+            }
         }
         let last = hot.last_flush_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= crate::entry::millis(hot.flush_every)
@@ -378,6 +445,21 @@ impl<St: Store> Engine<St> {
             slot.count += 1;
             slot.unflushed += 1;
             return;
+        }
+        if shard.len() >= hot.capacity.div_ceil(SHARDS) {
+            // Counts still on the stripes decide which goes: settled first (outside this
+            // shard's lock, which settling takes), at most every 100 ms (a scan of new URLs
+            // would settle on every request).
+            if hot.settle_due() {
+                drop(shard);
+                hot.settle();
+                shard = lock(hot.shard(key));
+                if let Some(slot) = shard.get_mut(key.digest()) {
+                    slot.count += 1;
+                    slot.unflushed += 1;
+                    return;
+                }
+            }
         }
         if shard.len() >= hot.capacity.div_ceil(SHARDS) {
             // Full: the least requested of a few goes.

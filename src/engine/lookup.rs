@@ -7,7 +7,8 @@ use super::Engine;
 use crate::entry::{now_ms, Entry, Staleness};
 use crate::key::EntryKey;
 use crate::stats::count;
-use crate::store::{Fence, Store};
+use crate::store::{Fence, Lookup, Store};
+use crate::StoreError;
 
 /// What the lookup step found.
 // Lives for one step on the stack; boxing the entry would allocate on every hit.
@@ -34,19 +35,61 @@ pub(crate) enum Found {
     Unavailable,
 }
 
+/// What a lookup found without waiting, or that it must wait for the store.
+// Lives for one step on the stack, like `Found`.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Begun {
+    /// Decided at once: by the breaker or a deferred clear, or by a store that answered
+    /// without waiting (an in-process store, a near tier).
+    Found(Found),
+    /// The store may be asked, and must be awaited: [`Engine::ask`].
+    Ask,
+}
+
 impl<St: Store> Engine<St> {
     pub(crate) async fn lookup(&self, key: &EntryKey, now_ms: u64) -> Found {
+        match self.begin_lookup(key, now_ms) {
+            Begun::Found(found) => found,
+            Begun::Ask => self.ask(key, now_ms).await,
+        }
+    }
+
+    /// The part of a lookup that needs no waiting: whether the store may be asked at all,
+    /// and its answer when it has one at once ([`Store::lookup_now`]). A hit found here is
+    /// served without a future of its own.
+    pub(crate) fn begin_lookup(&self, key: &EntryKey, now_ms: u64) -> Begun {
         let counters = &self.stats.inner;
         if self.deferred.pending() {
             // A clear has not reached the store yet: what it holds may predate a mutation.
             count!(counters, pending_clear_skips);
-            return Found::Unavailable;
+            return Begun::Found(Found::Unavailable);
         }
         if !self.breaker.allow() {
             count!(counters, breaker_skips);
+            return Begun::Found(Found::Unavailable);
+        }
+        match self.store.lookup_now(key) {
+            Some(answer) => Begun::Found(self.found(key, now_ms, answer)),
+            None => Begun::Ask,
+        }
+    }
+
+    /// Asks the store, once [`begin_lookup`](Self::begin_lookup) said it may.
+    pub(crate) async fn ask(&self, key: &EntryKey, now_ms: u64) -> Found {
+        // Checked again at the last moment: a clear deferred since the request came in
+        // (its mutation may have answered meanwhile) must keep this lookup off the store.
+        if self.deferred.pending() {
+            count!(self.stats.inner, pending_clear_skips);
             return Found::Unavailable;
         }
-        let lookup = match self.store.lookup(key).await {
+        let answer = self.store.lookup(key).await;
+        self.found(key, now_ms, answer)
+    }
+
+    /// What the store's answer means.
+    fn found(&self, key: &EntryKey, now_ms: u64, answer: Result<Lookup, StoreError>) -> Found {
+        let counters = &self.stats.inner;
+        let lookup = match answer {
             Ok(l) => l,
             Err(e) => {
                 count!(counters, store_errors);

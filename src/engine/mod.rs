@@ -59,10 +59,10 @@ pub use clear::RecentClear;
 pub(crate) use clear::{Clear, Deferred, Recent};
 pub(crate) use hot::{Hot, Recorded, Refresh, Warming, MAX_REFRESH};
 pub(crate) use inspect::Inspection;
-#[cfg(feature = "serde")]
-pub(crate) use lookup::Found;
+pub(crate) use lookup::{Begun, Found};
 pub(crate) use miss::OriginCall;
 pub(crate) use plan::{Bypass, Plan};
+pub(crate) use respond::as_stored;
 pub(crate) use status::{Status, CACHE_STATUS};
 
 /// How many of the most requested keys each layer records, by default.

@@ -12,14 +12,16 @@ use crate::policy::{Freshness, Route, Scope};
 use crate::tags::{request_host, uri_tag};
 
 /// What to do with one request, decided before anything is awaited.
-pub(crate) enum Plan {
+pub(crate) enum Plan<'a> {
     /// Not ours: another method or an uncached route. Untouched.
     Skip,
     /// A cacheable route, but this request must not share an entry.
-    Bypass(Bypass, Arc<Route>),
+    Bypass(Bypass, &'a Arc<Route>),
+    /// Borrowed from the route table: a hit answered at once never touches the route's
+    /// reference count (a line every core serving the route would write).
     Lookup {
         key: EntryKey,
-        route: Arc<Route>,
+        route: &'a Arc<Route>,
     },
 }
 
@@ -54,7 +56,7 @@ impl Bypass {
 }
 
 impl<St> Engine<St> {
-    pub(crate) fn plan(&self, parts: &Parts) -> Plan {
+    pub(crate) fn plan(&self, parts: &Parts) -> Plan<'_> {
         let matched = self.routes.find(parts.uri.path());
         let route = matched.route;
         // A POST is looked up only on a body-keyed route, once its body was read and hashed.
@@ -72,15 +74,15 @@ impl<St> Engine<St> {
             return Plan::Skip;
         }
         if parts.headers.contains_key(RANGE) {
-            return Plan::Bypass(Bypass::Range, route.clone());
+            return Plan::Bypass(Bypass::Range, route);
         }
         // Preconditions the cache does not evaluate: the origin answers them (412 or not).
         if parts.headers.contains_key(IF_MATCH) || parts.headers.contains_key(IF_UNMODIFIED_SINCE) {
-            return Plan::Bypass(Bypass::Precondition, route.clone());
+            return Plan::Bypass(Bypass::Precondition, route);
         }
         // A GET or HEAD with a body: the key does not cover it, and a handler may read it.
         if body.is_none() && crate::headers::has_body(&parts.headers) {
-            return Plan::Bypass(Bypass::RequestBody, route.clone());
+            return Plan::Bypass(Bypass::RequestBody, route);
         }
         let has_credentials = self
             .credential_headers
@@ -88,17 +90,13 @@ impl<St> Engine<St> {
             .any(|h| parts.headers.contains_key(h));
         let user;
         let scope = match &route.policy.scope {
-            Scope::Shared if has_credentials => {
-                return Plan::Bypass(Bypass::Credentials, route.clone())
-            }
+            Scope::Shared if has_credentials => return Plan::Bypass(Bypass::Credentials, route),
             Scope::Shared | Scope::Public => ScopeKey::Shared,
             Scope::PerUser(name_user) => {
                 user = name_user(parts);
                 match &user {
                     Some(u) => ScopeKey::User(u),
-                    None if has_credentials => {
-                        return Plan::Bypass(Bypass::UnknownUser, route.clone())
-                    }
+                    None if has_credentials => return Plan::Bypass(Bypass::UnknownUser, route),
                     None => ScopeKey::Anonymous,
                 }
             }
@@ -111,10 +109,7 @@ impl<St> Engine<St> {
             scope,
             body.as_ref(),
         );
-        Plan::Lookup {
-            key,
-            route: route.clone(),
-        }
+        Plan::Lookup { key, route }
     }
 
     /// The tags an entry for this request carries: its route's, filled from the path, and

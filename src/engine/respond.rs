@@ -38,6 +38,17 @@ impl<St> Engine<St> {
         // is stored when it cannot be represented; `serve` checks fresh hits first.
         let entry = represent(entry, asked.accept_encoding.as_ref(), self.max_body_bytes)
             .unwrap_or_else(|stored| *stored);
+        self.answer(entry, asked, now_ms, served)
+    }
+
+    /// Answers from an entry already in the client's coding.
+    pub(crate) fn answer<B: Body>(
+        &self,
+        entry: Entry,
+        asked: &Asked,
+        now_ms: u64,
+        served: Served,
+    ) -> Response<CacheBody<B>> {
         let age = entry.age_secs(now_ms);
         let status = match served {
             Served::Fresh => Status::Hit {
@@ -72,7 +83,12 @@ impl<St> Engine<St> {
             n => HeaderValue::from(n),
         };
         headers.insert(AGE, age);
-        self.mark(&mut headers, status);
+        match served {
+            // Read back from the store: no tag headers meant for the cache (see `decode`).
+            Served::Fresh => self.mark_stored(&mut headers, status),
+            // Entries made here (a flight's, a revalidated one) are checked again.
+            _ => self.mark(&mut headers, status),
+        }
         let body = match asked.want {
             _ if not_modified => CacheBody::not_modified(),
             Want::Body => CacheBody::stored(entry.body, entry.trailers),
@@ -137,6 +153,15 @@ pub(crate) fn represent(
             }
         },
     }
+}
+
+/// Whether this client takes the entry as stored ([`represent`] has nothing to undo): what
+/// a hit answered inside `Cache::call` must be, so that decompressing never runs there.
+pub(crate) fn as_stored(entry: &Entry, accept: Option<&HeaderValue>) -> bool {
+    entry.headers.get(CONTENT_ENCODING).is_none_or(|coding| {
+        !compress::varies_on_accept_encoding(&entry.headers)
+            || compress::negotiate(coding, accept, &entry.headers) == compress::Served::AsStored
+    })
 }
 
 /// Whether a stored entry can be served to this client at all without asking the origin:

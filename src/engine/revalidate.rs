@@ -79,7 +79,12 @@ pub(crate) fn refreshed(
     const DIGESTS: [&str; 4] = ["content-md5", "content-digest", "repr-digest", "digest"];
     let mut replaced: Vec<&HeaderName> = Vec::new();
     for (name, value) in &not_modified.headers {
-        if skip.contains(&name) || DIGESTS.contains(&name.as_str()) {
+        // Tag headers meant for the cache alone name its tags below; they never reach a
+        // client, so the entry does not keep them.
+        if skip.contains(&name)
+            || DIGESTS.contains(&name.as_str())
+            || crate::tags::is_cache_only(name)
+        {
             continue;
         }
         if !replaced.contains(&name) {
@@ -164,6 +169,10 @@ mod tests {
         assert_eq!(entry.body, stale.body);
         assert_eq!(entry.fence, Fence::new(1, 2));
         assert_eq!(entry.tags, ["a", "b"]);
+        assert!(
+            !h.contains_key("surrogate-key"),
+            "tag headers reach clients"
+        );
     }
 
     #[test]

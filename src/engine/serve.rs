@@ -14,16 +14,21 @@ use super::miss::OriginCall;
 use super::respond::{represent, servable, Served};
 use super::status::Stale;
 use super::{vary, Asked, Engine, Want};
-use crate::entry::Staleness;
+use crate::entry::{Entry, Staleness};
+use crate::policy::Route;
 use crate::stats::{count_route, Timer};
 use crate::store::Store;
 
 impl<St: Store> Engine<St> {
-    /// Answers a request the plan said to look up.
+    /// Answers a request the plan said to look up: `found` is what the lookup found
+    /// without waiting (boxed: the future stays small for lookups that must wait), `None`
+    /// when the store is to be asked.
     pub(crate) async fn serve<S, ReqBody, ResBody>(
         self: Arc<Self>,
         call: OriginCall<S, ReqBody>,
         asked: Asked,
+        found: Option<Box<Found>>,
+        timer: Timer,
     ) -> Result<Response<CacheBody<ResBody>>, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -34,9 +39,11 @@ impl<St: Store> Engine<St> {
         ResBody::Error: Send + 'static,
     {
         let now = asked.at_ms;
-        let timer = Timer::start();
         let mut call = call;
-        let mut found = self.lookup(&call.key, now).await;
+        let mut found = match found {
+            Some(found) => *found,
+            None => self.ask(&call.key, now).await,
+        };
         if let Found::Varies { names, .. } = found {
             // The URL's responses vary on request headers the route does not key by: look
             // up the variant this request's values select.
@@ -54,20 +61,9 @@ impl<St: Store> Engine<St> {
         }
         let (fence, stale) = match found {
             Found::Hit { entry, fence } => {
-                let accept = asked.accept_encoding.as_ref();
-                match represent(entry, accept, self.max_body_bytes) {
-                    Ok(entry) => {
-                        let counters = &call.route.counters;
-                        count_route!(self.stats.inner, counters, hits);
-                        let origin_ms = entry.origin_ms;
-                        let res = self.hit_response(entry, &asked, now, Served::Fresh);
-                        counters.served(body_len(&res), origin_ms);
-                        timer.response(counters, "hit");
-                        return Ok(res);
-                    }
-                    // Stored in a coding this client refuses and that cannot be undone: the
-                    // origin answers it.
-                    Err(_) => (Some(fence), None),
+                match self.fresh_hit(entry, &call.route, &asked, timer) {
+                    Some(res) => return Ok(res),
+                    None => (Some(fence), None),
                 }
             }
             Found::Stale { entry, fence }
@@ -100,6 +96,31 @@ impl<St: Store> Engine<St> {
         let res = Box::pin(self.fetch(call, asked, fence, stale)).await;
         timer.response(&route.counters, "miss");
         res
+    }
+}
+
+impl<St> Engine<St> {
+    /// Answers a fresh hit; `None` when the entry is stored in a coding this client refuses
+    /// and that cannot be undone (the origin answers it then).
+    pub(crate) fn fresh_hit<B>(
+        &self,
+        entry: Entry,
+        route: &Route,
+        asked: &Asked,
+        timer: Timer,
+    ) -> Option<Response<CacheBody<B>>>
+    where
+        B: Body,
+        B::Error: 'static,
+    {
+        let entry = represent(entry, asked.accept_encoding.as_ref(), self.max_body_bytes).ok()?;
+        let counters = &route.counters;
+        count_route!(self.stats.inner, counters, hits);
+        let origin_ms = entry.origin_ms;
+        let res = self.answer(entry, asked, asked.at_ms, Served::Fresh);
+        counters.served(body_len(&res), origin_ms);
+        timer.response(counters, "hit");
+        Some(res)
     }
 }
 

@@ -115,6 +115,12 @@ impl<St> Engine<St> {
         // Formatted on the stack and copied once into an exactly sized buffer: one
         // allocation (a `Vec` with spare capacity would need a second for `Bytes`).
         let mut buf = [0u8; 160];
+        if let Status::Hit { ttl } = status {
+            // Every hit: written without the formatting machinery.
+            if let Some(n) = hit_value(&mut buf, &self.status_name, ttl) {
+                return HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(fallback);
+            }
+        }
         let mut w = std::io::Cursor::new(&mut buf[..]);
         if w.write_all(self.status_name.as_bytes()).is_ok() && write!(w, "; {status}").is_ok() {
             let n = w.position() as usize;
@@ -130,11 +136,39 @@ impl<St> Engine<St> {
     /// Writes the status headers, and takes off the tag headers meant for the cache alone.
     pub(crate) fn mark(&self, headers: &mut HeaderMap, status: Status) {
         crate::tags::strip_cache_only(headers);
+        self.mark_stored(headers, status);
+    }
+
+    /// Writes the status headers on a stored entry's (which never holds the tag headers
+    /// meant for the cache: they are taken off before it is stored, and when it is read).
+    pub(crate) fn mark_stored(&self, headers: &mut HeaderMap, status: Status) {
         headers.append(&CACHE_STATUS, self.status_value(status));
         if self.x_cache {
             headers.insert(&X_CACHE, HeaderValue::from_static(status.x_cache()));
         }
     }
+}
+
+/// `{name}; hit; ttl={ttl}` into `buf`; its length, or `None` when it does not fit.
+fn hit_value(buf: &mut [u8], name: &str, ttl: u64) -> Option<usize> {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = ttl;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let parts: [&[u8]; 3] = [name.as_bytes(), b"; hit; ttl=", &digits[at..]];
+    let mut n = 0;
+    for part in parts {
+        buf.get_mut(n..n + part.len())?.copy_from_slice(part);
+        n += part.len();
+    }
+    Some(n)
 }
 
 #[cfg(test)]
@@ -174,6 +208,26 @@ mod tests {
         for (status, text, x) in cases {
             assert_eq!(status.to_string(), text);
             assert_eq!(status.x_cache(), x);
+        }
+    }
+
+    #[test]
+    fn a_hit_is_written_as_its_status_reads() {
+        for name in [
+            "tower-cache-aside",
+            "edge",
+            &"n".repeat(150),
+            &"n".repeat(400),
+        ] {
+            let mut engine = Engine::new(());
+            engine.status_name = std::sync::Arc::from(name);
+            for ttl in [0, 7, 10, 299, 86_400, u64::MAX] {
+                let status = Status::Hit { ttl };
+                assert_eq!(
+                    engine.status_value(status).to_str().unwrap(),
+                    format!("{name}; {status}")
+                );
+            }
         }
     }
 }

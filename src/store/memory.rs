@@ -3,14 +3,14 @@
 //! cleared tag is dead from that moment, wherever it is.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::records::{new_epoch, tag_id, Records, DEFAULT_MAX_RECORDS};
+use super::records::{new_epoch, tag_id, Records, Shared, DEFAULT_MAX_RECORDS};
 use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Store, HOT_FADE};
 use crate::error::StoreError;
 use crate::key::EntryKey;
@@ -43,7 +43,7 @@ struct MemoryInner {
     cache: Cache<EntryKey, MemValue, Hasher>,
     /// Clears, purges and the sequence. Lookups read them under the read lock, so a clear
     /// (write lock) is either wholly before a lookup or wholly after it.
-    records: RwLock<Records>,
+    records: Shared,
     /// The record of the most requested keys (`Store::record_hot`).
     hot: std::sync::Mutex<HashMap<Bytes, f64>>,
 }
@@ -90,7 +90,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new(MemoryInner {
                 cache,
-                records: RwLock::new(Records::new(new_epoch(), DEFAULT_MAX_RECORDS)),
+                records: Shared::new(Records::new(new_epoch(), DEFAULT_MAX_RECORDS)),
                 hot: Default::default(),
             }),
         }
@@ -101,7 +101,7 @@ impl MemoryStore {
     /// clear rate, at the price of extra misses when clears outrun it.
     #[must_use]
     pub fn max_clear_records(self, max: usize) -> Self {
-        self.records_mut().set_max(max);
+        self.inner.records.write(|r| r.set_max(max));
         self
     }
 
@@ -120,15 +120,7 @@ impl MemoryStore {
 
     /// Number of clear records kept: bounded by [`max_clear_records`](Self::max_clear_records).
     pub fn clear_records(&self) -> usize {
-        self.records().len()
-    }
-
-    fn records(&self) -> std::sync::RwLockReadGuard<'_, Records> {
-        crate::lock::read(&self.inner.records)
-    }
-
-    fn records_mut(&self) -> std::sync::RwLockWriteGuard<'_, Records> {
-        crate::lock::write(&self.inner.records)
+        self.inner.records.read().len()
     }
 }
 
@@ -149,7 +141,11 @@ impl MemoryStore {
             return FillOutcome::Stored;
         }
         let tags: Arc<[u64]> = fill.tags.iter().map(|t| tag_id(t)).collect();
-        if !self.records().is_current(fill.fence, tags.iter().copied()) {
+        if !self
+            .inner
+            .records
+            .is_current(fill.fence, tags.iter().copied())
+        {
             return FillOutcome::Fenced;
         }
         // A clear landing between the check and the insert is caught on read.
@@ -163,14 +159,13 @@ impl MemoryStore {
         FillOutcome::Stored
     }
 
-    fn lookup_now(&self, key: &EntryKey) -> Lookup {
-        let records = self.records();
+    fn read(&self, key: &EntryKey) -> Lookup {
+        let records = &self.inner.records;
         let fence = records.fence();
         let found = self.inner.cache.get(key);
         let value = match found {
             Some(v) if records.is_current(v.fence, v.tags.iter().copied()) => Some(v.bytes),
             Some(_) => {
-                drop(records);
                 self.inner.cache.invalidate(key); // dead: nobody may read it again
                 None
             }
@@ -182,7 +177,12 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
-        Ok(self.lookup_now(key))
+        Ok(self.read(key))
+    }
+
+    /// Always at once: nothing here waits.
+    fn lookup_now(&self, key: &EntryKey) -> Option<Result<Lookup, StoreError>> {
+        Some(Ok(self.read(key)))
     }
 
     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {
@@ -199,10 +199,13 @@ impl Store for MemoryStore {
     }
 
     async fn invalidate(&self, tags: &[String]) -> Result<Invalidation, StoreError> {
-        let mut records = self.records_mut();
-        let seq = records.advance();
-        records.clear(tags.iter().map(|t| tag_id(t)), seq);
-        Ok(Invalidation::new(records.epoch(), seq))
+        let ids: Vec<u64> = tags.iter().map(|t| tag_id(t)).collect();
+        let (epoch, seq) = self.inner.records.write(|records| {
+            let seq = records.advance();
+            records.clear(ids, seq);
+            (records.epoch(), seq)
+        });
+        Ok(Invalidation::new(epoch, seq))
     }
 
     async fn record_hot(&self, counts: Vec<(Bytes, u64)>, keep: usize) -> Result<(), StoreError> {
@@ -229,10 +232,11 @@ impl Store for MemoryStore {
     }
 
     async fn purge(&self) -> Result<u64, StoreError> {
-        let mut records = self.records_mut();
-        let seq = records.advance();
-        records.raise_floor(seq);
-        drop(records);
+        let seq = self.inner.records.write(|records| {
+            let seq = records.advance();
+            records.raise_floor(seq);
+            seq
+        });
         // Dead already; dropping them frees the memory now.
         self.inner.cache.invalidate_all();
         Ok(seq)

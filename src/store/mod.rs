@@ -291,6 +291,15 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Reads the value under `key`, if it is current, and the fence, in one step.
     fn lookup(&self, key: &EntryKey) -> impl Future<Output = Result<Lookup, StoreError>> + Send;
 
+    /// The same answer as [`lookup`](Store::lookup), given at once when the store has it
+    /// without waiting (an in-process store, a near tier holding the key), or `None` to
+    /// have the layer await `lookup` instead (the default). A hit answered here is served
+    /// without a future of its own: no allocation, no call into the service below.
+    fn lookup_now(&self, key: &EntryKey) -> Option<Result<Lookup, StoreError>> {
+        let _ = key;
+        None
+    }
+
     /// Stores a value; a store may refuse one that a clear since `fill.fence` made dead.
     fn fill(&self, fill: Fill) -> impl Future<Output = Result<FillOutcome, StoreError>> + Send;
 

@@ -22,6 +22,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hasher;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 
@@ -188,6 +190,85 @@ impl Records {
             self.by_seq.pop_first();
             self.by_tag.remove(&id);
         }
+    }
+}
+
+/// Records behind a lock, their epoch and newest sequence also published for reading
+/// without it: an entry stamped at or after the newest clear (every entry filled since) is
+/// checked without the lock, so cores serving hits write nothing they share. Older entries,
+/// and readers that meet a change being published, take the lock.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    records: RwLock<Records>,
+    /// Odd while a change is being published.
+    version: AtomicU64,
+    epoch: AtomicU64,
+    /// The sequence at or above which no clear, purge or pruned record reaches.
+    newest: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(records: Records) -> Self {
+        let shared = Shared {
+            records: RwLock::new(Records::new(0, 1)),
+            version: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            newest: AtomicU64::new(0),
+        };
+        shared.write(|r| *r = records);
+        shared
+    }
+
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Records> {
+        crate::lock::read(&self.records)
+    }
+
+    /// Changes the records, and publishes what they became before anyone else may.
+    pub(crate) fn write<R>(&self, change: impl FnOnce(&mut Records) -> R) -> R {
+        let mut records = crate::lock::write(&self.records);
+        let out = change(&mut records);
+        let newest = (records.by_seq.last().map_or(0, |&(seq, _)| seq))
+            .max(records.seq)
+            .max(records.floor);
+        // Writers hold the lock, so they publish one at a time.
+        self.version.fetch_add(1, SeqCst);
+        self.epoch.store(records.epoch, SeqCst);
+        self.newest.store(newest, SeqCst);
+        self.version.fetch_add(1, SeqCst);
+        out
+    }
+
+    /// The epoch and newest sequence, unless a change is being published.
+    pub(crate) fn newest(&self) -> Option<Fence> {
+        let before = self.version.load(SeqCst);
+        if before & 1 == 1 {
+            return None;
+        }
+        let fence = Fence::new(self.epoch.load(SeqCst), self.newest.load(SeqCst));
+        (self.version.load(SeqCst) == before).then_some(fence)
+    }
+
+    /// The fence a lookup made now hands to its fill.
+    pub(crate) fn fence(&self) -> Fence {
+        self.newest().unwrap_or_else(|| self.read().fence())
+    }
+
+    /// [`Records::is_current`], without the lock for an entry no clear came after.
+    pub(crate) fn is_current(&self, fence: Fence, ids: impl IntoIterator<Item = u64>) -> bool {
+        if let Some(newest) = self.newest() {
+            if newest.epoch() != 0 && fence.epoch() == newest.epoch() && fence.seq() >= newest.seq()
+            {
+                return true;
+            }
+        }
+        self.read().is_current(fence, ids)
+    }
+
+    /// The entry after the stamp, when the stamp is readable and current.
+    pub(crate) fn check(&self, value: Bytes) -> Option<Bytes> {
+        let (fence, ids, start) = Stamp::read(&value)?;
+        self.is_current(fence, ids.iter())
+            .then(|| value.slice(start..))
     }
 }
 

@@ -122,6 +122,23 @@ impl TieredStore {
         self.inner.far.vouch(key).is_some()
     }
 
+    /// The near copy of `key`, if the records of the connection serving it vouch for it.
+    fn near_lookup(&self, key: &EntryKey) -> Option<Lookup> {
+        let vouch = self.inner.far.vouch(key)?;
+        let (bytes, fence, ids) = self.inner.near.peek(key)?;
+        if vouch.vouches(fence, &ids) {
+            let tally = self.inner.near_hits.local();
+            tally.hits.fetch_add(1, Ordering::Relaxed);
+            return Some(Lookup::new(Some(bytes), vouch.fence()));
+        }
+        if vouch.holds() {
+            // Dead by records still current: nobody may read it again.
+            self.inner.near.drop_entry(key);
+        }
+        // Else a change was announced meanwhile: Valkey decides.
+        None
+    }
+
     /// Copies an entry near, unless nothing vouches for its key right now: a connection
     /// without tracking, or a node holding no copy of the records, never will.
     fn near_fill(
@@ -142,19 +159,8 @@ impl TieredStore {
 
 impl Store for TieredStore {
     async fn lookup(&self, key: &EntryKey) -> Result<Lookup, StoreError> {
-        if let Some(vouch) = self.inner.far.vouch(key) {
-            if let Some((bytes, fence, ids)) = self.inner.near.peek(key) {
-                if vouch.vouches(fence, &ids) {
-                    let tally = self.inner.near_hits.local();
-                    tally.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Lookup::new(Some(bytes), vouch.fence()));
-                }
-                if vouch.holds() {
-                    // Dead by records still current: nobody may read it again.
-                    self.inner.near.drop_entry(key);
-                }
-                // Else a change was announced meanwhile: Valkey decides.
-            }
+        if let Some(near) = self.near_lookup(key) {
+            return Ok(near);
         }
         // Boxed: the far lookup's future is large, and a near hit should not carry it.
         let found = Box::pin(self.inner.far.lookup(key)).await?;
@@ -167,6 +173,11 @@ impl Store for TieredStore {
             }
         }
         Ok(found)
+    }
+
+    /// A near hit, at once; anything else waits for Valkey.
+    fn lookup_now(&self, key: &EntryKey) -> Option<Result<Lookup, StoreError>> {
+        self.near_lookup(key).map(Ok)
     }
 
     async fn fill(&self, fill: Fill) -> Result<FillOutcome, StoreError> {

@@ -19,7 +19,7 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bb8_redis::bb8;
@@ -28,7 +28,7 @@ use bb8_redis::redis::{
 };
 use bytes::Bytes;
 
-use crate::store::records::{Records, Stamp};
+use crate::store::records::{Records, Shared};
 use crate::store::Fence;
 
 /// Milliseconds on a monotonic clock (a wall clock stepping back must not make a silent
@@ -46,7 +46,7 @@ pub(super) struct Tracker {
     /// The server agreed to announce changes on this connection.
     enabled: AtomicBool,
     /// The record set as last read (epoch 0 before the first read).
-    mirror: RwLock<Records>,
+    mirror: Shared,
     /// When the server last answered on this connection (ms on a monotonic clock, see
     /// `monotonic_ms`): a connection gone silent (half-open) may be missing announcements.
     heard_ms: AtomicU64,
@@ -75,7 +75,7 @@ impl Tracker {
         Tracker {
             state: AtomicU64::new(0),
             enabled: AtomicBool::new(false),
-            mirror: RwLock::new(Records::new(0, max_records)),
+            mirror: Shared::new(Records::new(0, max_records)),
             heard_ms: AtomicU64::new(0),
         }
     }
@@ -93,11 +93,7 @@ impl Tracker {
 
     /// Whether an entry stamped `fence` with tags `ids` is current by the mirror.
     pub(super) fn is_current(&self, fence: Fence, ids: &[u64]) -> bool {
-        self.mirror().is_current(fence, ids.iter().copied())
-    }
-
-    fn mirror(&self) -> std::sync::RwLockReadGuard<'_, Records> {
-        crate::lock::read(&self.mirror)
+        self.mirror.is_current(fence, ids.iter().copied())
     }
 
     /// The fence, if the mirror is known to be current.
@@ -108,7 +104,7 @@ impl Tracker {
         }
         Some(Known {
             state,
-            fence: self.mirror().fence(),
+            fence: self.mirror.fence(),
         })
     }
 
@@ -125,18 +121,18 @@ impl Tracker {
 
     /// The state the mirror holds (current or not): what a sync asks the changes since.
     pub(super) fn synced(&self) -> Fence {
-        self.mirror().fence()
+        self.mirror.fence()
     }
 
     /// The entry in a stored value, if its stamp is current by the mirror.
     pub(super) fn check(&self, value: Bytes) -> Option<Bytes> {
-        Stamp::check(value, &self.mirror())
+        self.mirror.check(value)
     }
 
     /// Whether a fill would be dead on arrival by what the mirror knows (`false` while the
     /// mirror has never been read: the read-side check decides then).
     pub(super) fn refuses(&self, fence: Fence, ids: &[u64]) -> bool {
-        let mirror = self.mirror();
+        let mirror = self.mirror.read();
         mirror.epoch() != 0 && !mirror.is_current(fence, ids.iter().copied())
     }
 
@@ -146,31 +142,34 @@ impl Tracker {
     /// newer one), or a list of changes against another epoch. Re-arms the mirror if nothing
     /// was announced since `mark`.
     pub(super) fn merge(&self, mark: u64, from: Fence, synced: Synced) -> Option<Fence> {
-        let mut mirror = crate::lock::write(&self.mirror);
-        let announced = self.state.load(Ordering::Acquire) >> 1 != mark;
-        if synced.epoch < mirror.epoch() {
-            return None;
-        }
-        if synced.epoch > mirror.epoch() {
-            if !synced.whole {
+        let fence = self.mirror.write(|mirror| {
+            if synced.epoch < mirror.epoch() {
                 return None;
             }
-            mirror.reset(synced.epoch);
-        } else if !synced.whole && from.epoch() != synced.epoch {
-            return None; // changes since a state of another epoch say nothing
-        }
-        for (id, seq) in synced.records {
-            mirror.record(id, seq);
-        }
-        if let Some(floor) = synced.floor {
-            mirror.raise_floor(floor);
-        }
+            if synced.epoch > mirror.epoch() {
+                if !synced.whole {
+                    return None;
+                }
+                mirror.reset(synced.epoch);
+            } else if !synced.whole && from.epoch() != synced.epoch {
+                return None; // changes since a state of another epoch say nothing
+            }
+            for (id, seq) in synced.records {
+                mirror.record(id, seq);
+            }
+            if let Some(floor) = synced.floor {
+                mirror.raise_floor(floor);
+            }
+            // Absent from a list of changes: not changed since `from`.
+            let seq = synced.seq.unwrap_or(from.seq());
+            mirror.observe(seq);
+            Some(Fence::new(synced.epoch, seq))
+        })?;
         self.heard();
-        // Absent from a list of changes: not changed since `from`.
-        let seq = synced.seq.unwrap_or(from.seq());
-        mirror.observe(seq);
-        if self.enabled.load(Ordering::Acquire) && !announced {
-            // Fails if an announcement came in meanwhile: then the mirror is not trusted.
+        // Armed only once the merged records are published (lock-free readers check the
+        // state first, then the records). Fails if an announcement came in since `mark`:
+        // then the mirror is not trusted.
+        if self.enabled.load(Ordering::Acquire) {
             let _ = self.state.compare_exchange(
                 mark << 1,
                 (mark << 1) | 1,
@@ -178,7 +177,7 @@ impl Tracker {
                 Ordering::Acquire,
             );
         }
-        Some(Fence::new(synced.epoch, seq))
+        Some(fence)
     }
 
     /// A change was announced (or the connection broke, or this store cleared on another
