@@ -135,30 +135,34 @@ pub(crate) fn derive_key(
     scope: ScopeKey<'_>,
     body: Option<&[u8; 32]>,
 ) -> EntryKey {
-    let mut h = Sha256::new();
-    // Each field is length-prefixed, so no two different inputs hash the same bytes.
-    let mut field = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
+    // Each field is its length (a varint) then its bytes, and each count a varint, so no two
+    // different inputs hash the same bytes; a usual request (method, host, path, a short
+    // query) then fits in one SHA-256 block. (Until 0.1 lengths were 8 bytes each: those
+    // inputs began `03 00`, these `03 'G'` or `04 'P'`, so no key of one can equal a key
+    // of the other.)
+    let mut hasher = Sha256::new();
+    let h = &mut hasher;
     // GET and HEAD share entries; a body-keyed POST is another kind of request.
     match body {
-        None => field(b"GET"),
+        None => field(h, b"GET"),
         Some(digest) => {
-            field(b"POST");
-            field(digest);
+            field(h, b"POST");
+            field(h, digest);
         }
     }
-    field(&host(parts));
-    field(crate::percent::normalize_path(parts.uri.path()).as_bytes());
+    field(h, &host(parts));
+    field(
+        h,
+        crate::percent::normalize_path(parts.uri.path()).as_bytes(),
+    );
     // The query as a sorted list of its `&`-separated pairs, ignored ones left out.
     match parts.uri.query() {
-        None | Some("") => field(&0u64.to_le_bytes()),
+        None | Some("") => number(h, 0),
         Some(q) if !q.contains('&') => {
             let kept = !query_filter.ignores(q);
-            field(&u64::from(kept).to_le_bytes());
+            number(h, u64::from(kept));
             if kept {
-                field(q.as_bytes());
+                field(h, q.as_bytes());
             }
         }
         Some(q) => {
@@ -180,36 +184,64 @@ pub(crate) fn derive_key(
             } else {
                 pairs.sort_by(|a, b| param_name(a).cmp(param_name(b)));
             }
-            field(&(pairs.len() as u64).to_le_bytes());
+            number(h, pairs.len() as u64);
             for p in pairs {
-                field(p.as_bytes());
+                field(h, p.as_bytes());
             }
         }
     }
     for name in vary {
-        field(name.as_str().as_bytes());
+        field(h, name.as_str().as_bytes());
         let values = parts.headers.get_all(name);
         if crate::compress::is_accept_encoding(name) {
             // One entry per set of codings, not per spelling of the header.
             let joined: Vec<&[u8]> = values.iter().map(|v| v.as_bytes()).collect();
             let normalized = crate::compress::normalized_accept_encoding(&joined.join(&b","[..]));
-            field(normalized.as_bytes());
+            field(h, normalized.as_bytes());
             continue;
         }
-        field(&(values.iter().count() as u64).to_le_bytes());
+        number(h, values.iter().count() as u64);
         for v in values {
-            field(v.as_bytes());
+            field(h, v.as_bytes());
         }
     }
     match scope {
-        ScopeKey::Shared => field(b"s"),
-        ScopeKey::Anonymous => field(b"a"),
+        ScopeKey::Shared => field(h, b"s"),
+        ScopeKey::Anonymous => field(h, b"a"),
         ScopeKey::User(u) => {
-            field(b"u");
-            field(u.as_bytes());
+            field(h, b"u");
+            field(h, u.as_bytes());
         }
     }
-    EntryKey::new(route.clone(), h.finalize().into())
+    EntryKey::new(route.clone(), hasher.finalize().into())
+}
+
+/// A field of the key's input: its length, then its bytes.
+fn field(h: &mut Sha256, bytes: &[u8]) {
+    number(h, bytes.len() as u64);
+    h.update(bytes);
+}
+
+/// A count in the key's input, as a varint.
+fn number(h: &mut Sha256, n: u64) {
+    let mut buf = [0u8; 10];
+    let len = varint(n, &mut buf);
+    h.update(&buf[..len]);
+}
+
+/// `n` as LEB128 (7 bits a byte, low first) into `buf`; the bytes written.
+fn varint(mut n: u64, buf: &mut [u8; 10]) -> usize {
+    let mut len = 0;
+    loop {
+        let low = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            buf[len] = low;
+            return len + 1;
+        }
+        buf[len] = low | 0x80;
+        len += 1;
+    }
 }
 
 /// A query pair's name: what comes before its first `=`.
@@ -248,6 +280,25 @@ mod tests {
             ScopeKey::Shared,
             None,
         )
+    }
+
+    #[test]
+    fn counts_are_leb128() {
+        let cases: [(u64, &[u8]); 5] = [
+            (0, &[0]),
+            (127, &[0x7f]),
+            (128, &[0x80, 0x01]),
+            (300, &[0xac, 0x02]),
+            (
+                u64::MAX,
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+            ),
+        ];
+        for (n, want) in cases {
+            let mut buf = [0u8; 10];
+            let len = varint(n, &mut buf);
+            assert_eq!(&buf[..len], want, "{n}");
+        }
     }
 
     #[test]
