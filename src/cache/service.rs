@@ -93,13 +93,13 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let span = tracing::debug_span!("cache.request", route = key.route());
-        let call = OriginCall {
+        let call = Box::new(OriginCall {
             inner,
             req: Request::from_parts(parts, body),
             primary: key.clone(),
             key,
             route: route.clone(),
-        };
+        });
         ResponseFuture::boxed(
             Box::pin(self.engine.clone().serve(call, asked, found, timer)),
             span,

@@ -301,35 +301,51 @@ impl ValkeyStore {
                     }
                     // The records changed meanwhile: read what changed (rare).
                 }
-                let mark = t.tracker.mark();
-                let from = t.tracker.synced();
-                let mut get = redis::Cmd::with_capacity(2, size);
-                get.arg("GET").arg(entry_key);
-                let mut pipe = redis::Pipeline::with_capacity(2);
-                pipe.add_command(get)
-                    .add_command(self.sync_command(records_key, chunk, from));
-                let mut replies = c.req_packed_commands(&pipe, 0, 2).await?;
-                if is_noscript(replies.get(1)) {
-                    // The server forgot the script (a restart, SCRIPT FLUSH): load it again.
-                    SYNC.prepare_invoke().load_async(&mut c).await?;
-                    replies = c.req_packed_commands(&pipe, 0, 2).await?;
-                }
-                if replies.iter().any(is_redirect_reply) {
-                    return Ok(Read::Redirected);
-                }
-                let records = replies.pop().unwrap_or(redis::Value::Nil);
-                let entry = replies.pop().unwrap_or(redis::Value::Nil);
-                let records = whole_set_if_asked(&mut c, records_key, records).await?;
-                Ok(Read::Synced {
-                    entry,
-                    records,
-                    mark,
-                    from,
-                    tracker: t.tracker,
-                })
+                // Rare, and its future is large: boxed, so that a hit's stays small.
+                Box::pin(self.read_synced(c, t.tracker, &entry_key, size, records_key, chunk)).await
             })
             .await?;
         self.checked(read, chunk)
+    }
+
+    /// The entry and what changed in the records since the mirror's state, in one round
+    /// trip: a lookup on a connection whose mirror is not known to be current.
+    async fn read_synced(
+        &self,
+        mut c: redis::aio::MultiplexedConnection,
+        tracker: Arc<Tracker>,
+        entry_key: &KeyArg<'_>,
+        size: usize,
+        records_key: &str,
+        chunk: usize,
+    ) -> Result<Read, redis::RedisError> {
+        use redis::aio::ConnectionLike;
+        let mark = tracker.mark();
+        let from = tracker.synced();
+        let mut get = redis::Cmd::with_capacity(2, size);
+        get.arg("GET").arg(entry_key);
+        let mut pipe = redis::Pipeline::with_capacity(2);
+        pipe.add_command(get)
+            .add_command(self.sync_command(records_key, chunk, from));
+        let mut replies = c.req_packed_commands(&pipe, 0, 2).await?;
+        if is_noscript(replies.get(1)) {
+            // The server forgot the script (a restart, SCRIPT FLUSH): load it again.
+            SYNC.prepare_invoke().load_async(&mut c).await?;
+            replies = c.req_packed_commands(&pipe, 0, 2).await?;
+        }
+        if replies.iter().any(is_redirect_reply) {
+            return Ok(Read::Redirected);
+        }
+        let records = replies.pop().unwrap_or(redis::Value::Nil);
+        let entry = replies.pop().unwrap_or(redis::Value::Nil);
+        let records = whole_set_if_asked(&mut c, records_key, records).await?;
+        Ok(Read::Synced {
+            entry,
+            records,
+            mark,
+            from,
+            tracker,
+        })
     }
 
     /// What a lookup's read says: the entry if current by the records, and their state.
