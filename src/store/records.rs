@@ -413,4 +413,50 @@ mod tests {
         assert_eq!(r.len(), 0);
         assert!(!r.is_current(Fence::new(1, 8), []));
     }
+
+    /// The lock-free answer is the locked one, whatever the records went through: clears
+    /// (here and merged from elsewhere, out of order), purges, pruning, new epochs.
+    #[test]
+    fn shared_answers_as_the_records_do() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let shared = Shared::new(Records::new(1, 8));
+        for _ in 0..20_000 {
+            match next(10) {
+                0..=4 => shared.write(|r| {
+                    let seq = r.advance();
+                    r.clear([next(16), next(16)], seq);
+                }),
+                5 => shared.write(|r| {
+                    // A clear seen elsewhere, possibly ahead of or behind this sequence.
+                    let seq = r.fence().seq() + next(5);
+                    r.record(next(16), seq.saturating_sub(2));
+                    r.observe(seq);
+                }),
+                6 => shared.write(|r| {
+                    let seq = r.advance();
+                    r.raise_floor(seq);
+                }),
+                7 if next(20) == 0 => shared.write(|r| r.reset(r.epoch() + 1)),
+                _ => {}
+            }
+            let now = shared.read().fence();
+            assert!(shared.fence().seq() >= now.seq());
+            for _ in 0..4 {
+                let epoch = now.epoch() - next(2).min(now.epoch() - 1);
+                let fence = Fence::new(epoch, now.seq().saturating_sub(next(6)) + next(3));
+                let ids = [next(16), next(16)];
+                assert_eq!(
+                    shared.is_current(fence, ids),
+                    shared.read().is_current(fence, ids),
+                    "{fence:?} {ids:?}"
+                );
+            }
+        }
+    }
 }
