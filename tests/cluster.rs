@@ -90,6 +90,50 @@ async fn entries_spread_over_every_master_and_any_node_url_works() {
     assert_eq!((s.store_errors, s.hits), (0, 300), "{s:?}");
 }
 
+/// A master that stops answering (paused: its connections hang rather than close) costs
+/// requests for its keys the operation timeout only a few times in a row; then it is passed
+/// over, one operation probing it each second, while the other masters' keys stay cached.
+/// Once it answers again, so does its cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_master_is_passed_over_while_the_others_serve() {
+    // No replicas: nothing takes over, and nodes are declared failed only after 5 s.
+    let cluster = Cluster::start(Kind::Valkey, 3, 0);
+    let timeout = Duration::from_millis(250);
+    let (app, stats) = instance(store(&cluster.url(), false), Db::default());
+    fill_then_hit(&app, &stats, 30).await;
+    cluster.masters[1].pause();
+    let start = Instant::now();
+    let (mut slow, mut hits, mut requests) = (0u32, 0u32, 0u32);
+    for _ in 0..3 {
+        for id in 0..30 {
+            let asked = Instant::now();
+            let r = get(&app, &format!("/events/{id}")).await;
+            assert_eq!(r.status, 200, "{id}");
+            slow += u32::from(asked.elapsed() >= timeout * 9 / 10);
+            hits += u32::from(r.x_cache() == "HIT");
+            requests += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    cluster.masters[1].resume();
+    println!("hung master: {slow} of {requests} requests waited out the timeout, {hits} hits, in {elapsed:?}");
+    // About a third of the 90 requests are for the hung master's keys: each would wait out
+    // the timeout if it were not passed over.
+    let probes = elapsed.as_secs() as u32 + 2;
+    assert!(
+        slow <= 3 + probes,
+        "{slow} of {requests} requests waited out the timeout in {elapsed:?}"
+    );
+    assert!(
+        hits >= requests / 2,
+        "{hits} hits of {requests}: the other masters' keys"
+    );
+    assert!(
+        until_hit(&app, Duration::from_secs(10)).await.is_some(),
+        "caching did not resume on the master once it answered"
+    );
+}
+
 /// A master is killed mid-traffic; its replica takes over. No client sees an error, caching
 /// resumes, and (with `wait_for_replicas`) no read that starts after a write's response is
 /// older than it. The verdict without waiting for replicas is printed.

@@ -2,7 +2,7 @@
 //! pool when it breaks, every operation bounded by one timeout. Also what runs once a server
 //! is first reached: the eviction-policy report and the record set's keeper.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock, Weak};
 use std::time::Duration;
 
@@ -37,7 +37,15 @@ pub(super) struct Node {
     conn: RwLock<Option<Tracked>>,
     pool_size: u32,
     connect_timeout: Duration,
+    /// Failures in a row, and until when (monotonic ms) the node is passed over.
+    failures: AtomicU32,
+    skip_until_ms: AtomicU64,
 }
+
+/// Failures in a row after which a cluster node is passed over.
+const NODE_FAILURES: u32 = 3;
+/// How long a failed cluster node is passed over before one operation probes it again.
+const NODE_PAUSE_MS: u64 = 1_000;
 
 /// How every node's connections are made.
 #[derive(Clone, Debug)]
@@ -90,7 +98,50 @@ impl Node {
             connect_timeout: settings.connect_timeout,
             replicas_seen: AtomicI64::new(0),
             replicas_seen_at: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            skip_until_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Whether an operation may go to this node now: not while it is passed over after
+    /// failures in a row; once the pause is over, one operation probes it (the others keep
+    /// passing it over until the probe's outcome or another pause has gone by).
+    fn may_try(&self) -> bool {
+        let until = self.skip_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let now = super::tracking::monotonic_ms();
+        now >= until
+            && self
+                .skip_until_ms
+                .compare_exchange(
+                    until,
+                    now + NODE_PAUSE_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// An operation on this node timed out or could not reach it.
+    fn failed(&self) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= NODE_FAILURES {
+            let until = super::tracking::monotonic_ms() + NODE_PAUSE_MS;
+            self.skip_until_ms.store(until, Ordering::Relaxed);
+        }
+    }
+
+    /// An operation on this node got an answer.
+    fn answered(&self) {
+        // Read first: a write on every answer would pull these lines between cores.
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.skip_until_ms.load(Ordering::Relaxed) != 0 {
+            self.skip_until_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     /// How many replicas a clear waits for, `attached` being attached now: as many as were
@@ -197,6 +248,16 @@ impl ValkeyStore {
         F: FnOnce(Tracked) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
+        // On a cluster, a node that failed several times in a row is passed over for a
+        // while (one operation probes it each pause): the others' keys keep their cache,
+        // and requests for its keys go to the origin at once instead of waiting out the
+        // timeout each. (A single server has the layer's own breaker for that.)
+        let cluster = self.is_cluster();
+        if cluster && !node.may_try() {
+            return Err(StoreError::Unavailable(
+                "a cluster node that failed several times in a row is passed over for 1 s".into(),
+            ));
+        }
         let result = match node.cached() {
             Some(conn) => command(conn).await.map_err(classify),
             None => {
@@ -211,9 +272,16 @@ impl ValkeyStore {
             }
         };
         // A timed-out connection may be half-open: replace it rather than wait on it again.
-        if let Err(StoreError::Timeout | StoreError::Unavailable(_)) = &result {
-            node.discard();
-            self.lost_node();
+        match &result {
+            Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
+                node.discard();
+                self.lost_node();
+                if cluster {
+                    node.failed();
+                }
+            }
+            Ok(_) if cluster => node.answered(),
+            _ => {}
         }
         result
     }
