@@ -22,7 +22,26 @@ pub enum StoreError {
     Server(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// Why a cluster node was not asked: it failed several times in a row, and is passed over
+/// for a moment (see `ValkeyStore::run_on`). It says nothing new about the store's health,
+/// so the layer's own breaker does not count it.
+#[derive(Debug)]
+pub(crate) struct PassedOver;
+
+impl fmt::Display for PassedOver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a cluster node that failed several times in a row is passed over for now")
+    }
+}
+
+impl std::error::Error for PassedOver {}
+
 impl StoreError {
+    /// A cluster node passed over after failures (not a new failure of the store).
+    pub(crate) fn is_passed_over(&self) -> bool {
+        matches!(self, StoreError::Unavailable(e) if e.is::<PassedOver>())
+    }
+
     /// The same error for another waiter on the failed operation (the cause as text).
     #[cfg(feature = "valkey")]
     pub(crate) fn replicate(&self) -> StoreError {
@@ -30,6 +49,9 @@ impl StoreError {
         let text = |e: &(dyn std::error::Error + Send + Sync)| -> Cause { e.to_string().into() };
         match self {
             StoreError::Timeout => StoreError::Timeout,
+            StoreError::Unavailable(e) if e.is::<PassedOver>() => {
+                StoreError::Unavailable(Box::new(PassedOver))
+            }
             StoreError::Unavailable(e) => StoreError::Unavailable(text(&**e)),
             StoreError::Server(e) => StoreError::Server(text(&**e)),
         }

@@ -119,9 +119,10 @@ async fn a_hung_master_is_passed_over_while_the_others_serve() {
     println!("hung master: {slow} of {requests} requests waited out the timeout, {hits} hits, in {elapsed:?}");
     // About a third of the 90 requests are for the hung master's keys: each would wait out
     // the timeout if it were not passed over.
-    let probes = elapsed.as_secs() as u32 + 2;
+    // Three to find it failing, one probe a second, and two for a loaded machine's luck.
+    let probes = elapsed.as_secs() as u32 + 1;
     assert!(
-        slow <= 3 + probes,
+        slow <= 3 + probes + 2,
         "{slow} of {requests} requests waited out the timeout in {elapsed:?}"
     );
     assert!(

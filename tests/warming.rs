@@ -188,6 +188,8 @@ async fn a_new_instance_warms_what_was_hot_on_another(kind: Kind) {
     assert_eq!((report.warmed, report.skipped), (2, 1), "{report:?}");
     assert!(report.problems[0].reason.contains("per-user"), "{report:?}");
     assert_eq!(calls.get(), 2);
+    // Their fills land in the background, after the responses the warmer read.
+    fills_reach(&new_stats, 2).await;
     // With it, all four; those warmed already are fresh.
     let warmer: Warmer<_, _> = new.handle().warmer(new_app.clone()).per_user(as_user);
     let report = warmer.warm_recorded(10).await.unwrap();

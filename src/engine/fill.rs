@@ -95,7 +95,9 @@ impl<St: Store> Engine<St> {
                 Ok(FillOutcome::Dropped) => count!(counters, fills_dropped),
                 Err(e) => {
                     count!(counters, store_errors);
-                    engine.breaker.failure();
+                    if !e.is_passed_over() {
+                        engine.breaker.failure();
+                    }
                     tracing::debug!(error = %e, "cache fill failed");
                 }
             }

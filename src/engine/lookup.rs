@@ -93,7 +93,11 @@ impl<St: Store> Engine<St> {
             Ok(l) => l,
             Err(e) => {
                 count!(counters, store_errors);
-                self.breaker.failure();
+                // A cluster node passed over after failures is not a new failure: the other
+                // nodes' keys must not lose their cache through the layer's breaker.
+                if !e.is_passed_over() {
+                    self.breaker.failure();
+                }
                 tracing::debug!(error = %e, %key, "cache lookup failed; passing through");
                 return Found::Unavailable;
             }

@@ -40,12 +40,46 @@ pub(super) struct Node {
     /// Failures in a row, and until when (monotonic ms) the node is passed over.
     failures: AtomicU32,
     skip_until_ms: AtomicU64,
+    /// How long it is passed over: 1 s, or the operation timeout if longer (a probe must
+    /// be able to finish within its pause).
+    pause_ms: u64,
+    /// Numbers the shared connections: the operations in flight on one connection when it
+    /// breaks count as one failure (`failed_conn`, the last one counted), not one each.
+    conn_gen: AtomicU64,
+    failed_conn: AtomicU64,
 }
 
 /// Failures in a row after which a cluster node is passed over.
 const NODE_FAILURES: u32 = 3;
-/// How long a failed cluster node is passed over before one operation probes it again.
+/// How long a failed cluster node is passed over, at least, before one operation probes it.
 const NODE_PAUSE_MS: u64 = 1_000;
+
+/// Whether an operation may go to a node now.
+enum Turn {
+    Go,
+    /// The first after a pause: it probes the node, and the pause it set ends at `.0`.
+    Probe(u64),
+    PassOver,
+}
+
+/// A probe under way: if it ends without an outcome (its future dropped, as when another
+/// node answered a question first or an outer timeout fired), the next operation probes.
+struct Probing<'a> {
+    node: &'a Node,
+    until: u64,
+}
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        let now = super::tracking::monotonic_ms();
+        let _ = self.node.skip_until_ms.compare_exchange(
+            self.until,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
 
 /// How every node's connections are made.
 #[derive(Clone, Debug)]
@@ -100,40 +134,50 @@ impl Node {
             replicas_seen_at: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             skip_until_ms: AtomicU64::new(0),
+            pause_ms: NODE_PAUSE_MS.max(crate::entry::millis(settings.operation_timeout)),
+            conn_gen: AtomicU64::new(0),
+            failed_conn: AtomicU64::new(0),
         })
     }
 
     /// Whether an operation may go to this node now: not while it is passed over after
     /// failures in a row; once the pause is over, one operation probes it (the others keep
-    /// passing it over until the probe's outcome or another pause has gone by).
-    fn may_try(&self) -> bool {
+    /// passing it over until the probe's outcome, or another pause, has gone by).
+    fn turn(&self) -> Turn {
         let until = self.skip_until_ms.load(Ordering::Relaxed);
         if until == 0 {
-            return true;
+            return Turn::Go;
         }
         let now = super::tracking::monotonic_ms();
-        now >= until
+        let next = now + self.pause_ms;
+        let won = now >= until
             && self
                 .skip_until_ms
-                .compare_exchange(
-                    until,
-                    now + NODE_PAUSE_MS,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+                .compare_exchange(until, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if won {
+            Turn::Probe(next)
+        } else {
+            Turn::PassOver
+        }
     }
 
-    /// An operation on this node timed out or could not reach it.
-    fn failed(&self) {
+    /// An operation on this node timed out or could not reach it; `conn` numbers the
+    /// shared connection it ran on (`None`: it was connecting, which counts every time).
+    fn failed(&self, conn: Option<u64>) {
+        if let Some(conn) = conn {
+            if self.failed_conn.swap(conn, Ordering::Relaxed) == conn {
+                return; // that connection's failure is counted already
+            }
+        }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= NODE_FAILURES {
-            let until = super::tracking::monotonic_ms() + NODE_PAUSE_MS;
+            let until = super::tracking::monotonic_ms() + self.pause_ms;
             self.skip_until_ms.store(until, Ordering::Relaxed);
         }
     }
 
-    /// An operation on this node got an answer.
+    /// An operation on this node got an answer (an error reply is one too).
     fn answered(&self) {
         // Read first: a write on every answer would pull these lines between cores.
         if self.failures.load(Ordering::Relaxed) != 0 {
@@ -205,6 +249,7 @@ impl Node {
         let conn = pooled.clone();
         drop(pooled);
         *crate::lock::write(&self.conn) = Some(conn.clone());
+        self.conn_gen.fetch_add(1, Ordering::Relaxed);
         Ok(conn)
     }
 }
@@ -243,46 +288,83 @@ impl ValkeyStore {
     /// Runs one command on `node`'s shared connection, bounded by the operation timeout
     /// (the connection's own response timeout, plus an outer one when it must reconnect
     /// first).
+    ///
+    /// On a cluster, a node that failed several times in a row is passed over for a while
+    /// (one operation probes it each pause): the others' keys keep their cache, and requests
+    /// for its keys go to the origin at once instead of waiting out the timeout each. (A
+    /// single server has the layer's own breaker for that.)
     pub(super) async fn run_on<T, F, Fut>(&self, node: &Node, command: F) -> Result<T, StoreError>
     where
         F: FnOnce(Tracked) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        // On a cluster, a node that failed several times in a row is passed over for a
-        // while (one operation probes it each pause): the others' keys keep their cache,
-        // and requests for its keys go to the origin at once instead of waiting out the
-        // timeout each. (A single server has the layer's own breaker for that.)
+        self.run_on_node(node, true, command).await
+    }
+
+    /// [`run_on`](Self::run_on), also on a node passed over: for clears, which write every
+    /// copy of the records at once and would fail whole for the copies a probe left out.
+    pub(super) async fn run_on_even_passed_over<T, F, Fut>(
+        &self,
+        node: &Node,
+        command: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnOnce(Tracked) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        self.run_on_node(node, false, command).await
+    }
+
+    async fn run_on_node<T, F, Fut>(
+        &self,
+        node: &Node,
+        pass_over: bool,
+        command: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnOnce(Tracked) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
         let cluster = self.is_cluster();
-        if cluster && !node.may_try() {
-            return Err(StoreError::Unavailable(
-                "a cluster node that failed several times in a row is passed over for 1 s".into(),
-            ));
+        let mut probing = None;
+        if cluster && pass_over {
+            match node.turn() {
+                Turn::Go => {}
+                Turn::Probe(until) => probing = Some(Probing { node, until }),
+                Turn::PassOver => {
+                    return Err(StoreError::Unavailable(Box::new(crate::error::PassedOver)))
+                }
+            }
         }
-        let result = match node.cached() {
-            Some(conn) => command(conn).await.map_err(classify),
+        let conn_gen = node.conn_gen.load(Ordering::Relaxed);
+        let (result, on_conn) = match node.cached() {
+            Some(conn) => (command(conn).await.map_err(classify), Some(conn_gen)),
             None => {
                 // Rare (only after a failure), and its future is large: boxed, so that every
                 // operation's future stays small.
                 let attempt = async { command(self.connect(node).await?).await.map_err(classify) };
                 let bounded = Box::pin(tokio::time::timeout(self.inner.operation_timeout, attempt));
-                match bounded.await {
+                let result = match bounded.await {
                     Ok(r) => r,
                     Err(_) => Err(StoreError::Timeout),
-                }
+                };
+                (result, None)
             }
         };
-        // A timed-out connection may be half-open: replace it rather than wait on it again.
         match &result {
+            // A timed-out connection may be half-open: replace it rather than wait on it again.
             Err(StoreError::Timeout | StoreError::Unavailable(_)) => {
                 node.discard();
                 self.lost_node();
                 if cluster {
-                    node.failed();
+                    node.failed(on_conn);
                 }
             }
-            Ok(_) if cluster => node.answered(),
+            Ok(_) | Err(StoreError::Server(_)) if cluster => node.answered(),
             _ => {}
         }
+        // The probe had its outcome.
+        std::mem::forget(probing);
         result
     }
 
@@ -453,6 +535,7 @@ impl ValkeyStore {
             Err(e) => Err(e),
             Ok(reply) => {
                 conn.tracker.heard();
+                node.answered();
                 // What it read raises the mark: a set it made anew is this store's newest.
                 if let Some(synced) = super::replies::parse_synced(reply)? {
                     let seq = match synced.seq {

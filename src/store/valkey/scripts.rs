@@ -159,8 +159,10 @@ impl ValkeyStore {
             let each = chunks.iter().map(|&chunk| {
                 let invocation = self.clear_invocation(chunk, tags);
                 async move {
+                    // Even on a node passed over after failures: a clear writes every
+                    // copy at once, and a probe would leave all but one out.
                     let (epoch, seq): (u64, u64) = self
-                        .run_on(node, |mut t| async move {
+                        .run_on_even_passed_over(node, |mut t| async move {
                             invocation.invoke_async(&mut t.conn).await
                         })
                         .await?;
