@@ -221,10 +221,7 @@ async fn the_near_tier_stops_answering_when_its_connection_breaks(kind: Kind) {
 /// A `FLUSHALL` (or the record set's eviction) starts a new epoch, whose first clear is
 /// numbered 1: a near tier must not take it for a clear older than its entries.
 async fn a_clear_in_a_new_epoch_reaches_the_near_tier(kind: Kind) {
-    use tower_cache_aside::{
-        store::{Fill, Store},
-        EntryKey,
-    };
+    use tower_cache_aside::{store::Store, EntryKey};
     let server = Server::start(kind);
     let (a, b) = (tiered(&server), valkey_store(&server));
     let key = EntryKey::new("r", [3; 32]);
@@ -238,15 +235,7 @@ async fn a_clear_in_a_new_epoch_reaches_the_near_tier(kind: Kind) {
     let deadline = Instant::now() + Duration::from_secs(2);
     while a.near().entry_count() == 0 {
         assert!(Instant::now() < deadline, "never copied near");
-        let fence = a.lookup(&key).await.unwrap().fence;
-        let fill = Fill::new(
-            key.clone(),
-            "v".into(),
-            Duration::from_secs(60),
-            vec!["t".into()],
-            fence,
-        );
-        a.fill(fill).await.unwrap();
+        support::fill_as_looked_up(&a, &key, "t").await;
     }
     server.command(&["FLUSHALL"]);
     let done = b.invalidate(&["t".to_owned()]).await.unwrap();

@@ -731,17 +731,12 @@ async fn a_server_refusing_resp3_gets_resp2(kind: Kind) {
 async fn a_server_without_the_cluster_command_is_one_server(kind: Kind) {
     let server = Server::start_with(kind, None, &["--rename-command", "CLUSTER", ""]);
     let (a, b) = (valkey_store(&server), valkey_store(&server));
-    use tower_cache_aside::store::{Fill, FillOutcome, Store};
+    use tower_cache_aside::store::{FillOutcome, Store};
     let key = tower_cache_aside::EntryKey::new("r", [9; 32]);
-    let fence = a.lookup(&key).await.unwrap().fence;
-    let fill = Fill::new(
-        key.clone(),
-        "v".into(),
-        Duration::from_secs(60),
-        vec!["t".into()],
-        fence,
+    assert_eq!(
+        support::fill_as_looked_up(&a, &key, "t").await,
+        FillOutcome::Stored
     );
-    assert_eq!(a.fill(fill).await.unwrap(), FillOutcome::Stored);
     assert!(
         a.lookup(&key).await.unwrap().value.is_some(),
         "stored and served"

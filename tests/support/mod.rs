@@ -405,3 +405,21 @@ pub async fn fills_reach(stats: &CacheStats, n: u64) {
 pub async fn settle() {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
+
+/// Looks `key` up on `store`, then fills it with `v` for 60 s, tagged `tag`, under the
+/// fence that lookup read (what the layer does on a miss).
+pub async fn fill_as_looked_up<St: tower_cache_aside::store::Store>(
+    store: &St,
+    key: &tower_cache_aside::EntryKey,
+    tag: &str,
+) -> tower_cache_aside::store::FillOutcome {
+    let fence = store.lookup(key).await.unwrap().fence;
+    let fill = tower_cache_aside::store::Fill::new(
+        key.clone(),
+        "v".into(),
+        Duration::from_secs(60),
+        vec![tag.to_owned()],
+        fence,
+    );
+    store.fill(fill).await.unwrap()
+}
