@@ -99,7 +99,7 @@ pin_project! {
         // Read by a task at the origin's speed; the client is fed from `queue`.
         // `ended` once the reader said the body ended (or failed): a body polled again after
         // that answers `None`, as wrappers such as compression bodies expect.
-        Driven { queue: mpsc::UnboundedReceiver<Fed<B>>, rest: Option<Pin<Box<B>>>, hint: SizeHint, ended: bool },
+        Driven { queue: Queue<B>, rest: Option<Pin<Box<B>>>, hint: SizeHint, ended: bool },
     }
 }
 
@@ -243,42 +243,46 @@ impl<B: Body> CacheBody<B> {
             };
         };
         let hint = inner.size_hint();
-        let (client, queue) = mpsc::unbounded_channel();
         // What the body has ready now is read here: most handlers' bodies are whole at once,
-        // need no reader task, and reach the client with the headers in one write (a
-        // first poll that waited on a task would send the headers alone, and a small body
-        // after them can then wait out a delayed ACK).
+        // need no reader task (nor a channel), and reach the client with the headers in one
+        // write (a first poll that waited on a task would send the headers alone, and a
+        // small body after them can then wait out a delayed ACK).
         let mut inner = Box::pin(inner);
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
         let mut tee = tee;
+        let mut queue = Queue::Held {
+            data: None,
+            ended: false,
+        };
         loop {
             if inner.is_end_stream() {
                 tee.complete();
-                let _ = client.send(Fed::End);
+                queue.push(Fed::End);
                 break;
             }
             match inner.as_mut().poll_frame(&mut cx) {
                 Poll::Pending => {
                     let deadline = tokio::time::Instant::now() + patience;
+                    let client = queue.open_channel();
                     runtime.spawn(read_for_fill(inner, tee, client, deadline));
                     break;
                 }
                 Poll::Ready(None) => {
                     tee.complete();
-                    let _ = client.send(Fed::End);
+                    queue.push(Fed::End);
                     break;
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let _ = client.send(Fed::Error(Box::new(e))); // not stored
+                    queue.push(Fed::Error(Box::new(e))); // not stored
                     break;
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     let frame = frame.map_data(to_bytes);
                     let within = tee.observe(&frame);
-                    let _ = client.send(Fed::Frame(frame));
+                    queue.push(Fed::Frame(frame));
                     if !within {
-                        let _ = client.send(Fed::Rest(inner));
+                        queue.push(Fed::Rest(inner));
                         break;
                     }
                 }
@@ -291,6 +295,91 @@ impl<B: Body> CacheBody<B> {
                 hint,
                 ended: false,
             },
+        }
+    }
+}
+
+/// Where the client's frames come from: what `filling` read at once (one data frame, and
+/// whether the body ended there), or a reader task's channel. Only data and the end are
+/// held inline (anything else, rare, takes the channel), so that the body stays `Sync`
+/// whenever the inner one is, as it was with the channel alone.
+enum Queue<B> {
+    Held {
+        data: Option<Bytes>,
+        ended: bool,
+    },
+    /// The sender, while `filling` still feeds it, and the receiver the client reads.
+    Channel {
+        tx: Option<mpsc::UnboundedSender<Fed<B>>>,
+        rx: mpsc::UnboundedReceiver<Fed<B>>,
+    },
+}
+
+impl<B> Queue<B> {
+    /// Queues what comes next: held inline while that is one data frame and the end.
+    fn push(&mut self, fed: Fed<B>) {
+        if let Queue::Held { data, ended } = self {
+            if !*ended {
+                match fed {
+                    Fed::Frame(frame) if data.is_none() && frame.is_data() => {
+                        *data = frame.into_data().ok();
+                        return;
+                    }
+                    Fed::End => {
+                        *ended = true;
+                        return;
+                    }
+                    fed => {
+                        let _ = self.open_channel().send(fed);
+                        return;
+                    }
+                }
+            }
+        }
+        // Past the end (which `filling` never sends), or a channel already: in order.
+        let _ = self.open_channel().send(fed);
+    }
+
+    /// Turns what is held into a channel (in order) and returns its sender, for a reader
+    /// task (or `filling`) to go on feeding; the queue keeps a clone until it is read.
+    fn open_channel(&mut self) -> mpsc::UnboundedSender<Fed<B>> {
+        if let Queue::Channel { tx: Some(tx), .. } = self {
+            return tx.clone();
+        }
+        debug_assert!(
+            matches!(self, Queue::Held { .. }),
+            "nothing is queued once the client reads"
+        );
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Queue::Held { data, ended } = self {
+            if let Some(d) = data.take() {
+                let _ = tx.send(Fed::Frame(Frame::data(d)));
+            }
+            if *ended {
+                let _ = tx.send(Fed::End);
+            }
+        }
+        *self = Queue::Channel {
+            tx: Some(tx.clone()),
+            rx,
+        };
+        tx
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Fed<B>>> {
+        match self {
+            Queue::Held { data, ended } => Poll::Ready(match data.take() {
+                Some(d) => Some(Fed::Frame(Frame::data(d))),
+                None if *ended => Some(Fed::End),
+                // Cannot happen: `filling` holds only a body that ended.
+                None => None,
+            }),
+            Queue::Channel { tx, rx } => {
+                // The queue's own sender must not keep the channel open once the reader
+                // task (or `filling`) is done with it.
+                tx.take();
+                rx.poll_recv(cx)
+            }
         }
     }
 }
@@ -419,5 +508,92 @@ impl<B> std::fmt::Debug for CacheBody<B> {
             Kind::Filling { .. } => "CacheBody::Filling",
             Kind::Driven { .. } => "CacheBody::Driven",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    type Stored = Arc<Mutex<Option<Bytes>>>;
+
+    fn tee(stored: &Stored, limit: usize) -> Tee {
+        let stored = stored.clone();
+        let stats = CacheStats::new(Arc::new(crate::breaker::Breaker::new(
+            3,
+            std::time::Duration::from_secs(1),
+        )));
+        Tee::new(
+            limit,
+            stats,
+            Box::new(move |body, _| *stored.lock().unwrap() = Some(body)),
+        )
+    }
+
+    fn ready_body(chunks: &[&'static str]) -> impl Body<Data = Bytes, Error = Infallible> {
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[test]
+    fn the_body_is_as_sync_as_the_inner_one() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<CacheBody<http_body_util::Full<Bytes>>>();
+    }
+
+    /// Bodies whole at once (no frame, one, several) reach the client in order and whole,
+    /// and the copy is kept; one over the limit reaches the client whole and is not kept.
+    #[tokio::test]
+    async fn bodies_ready_at_once_reach_the_client_in_order() {
+        let cases: [(&[&str], usize, bool); 5] = [
+            (&[], 100, true),
+            (&["one"], 100, true),
+            (&["one", "two", "three"], 100, true),
+            (&["one", "two"], 4, false),
+            (&["toolong"], 4, false),
+        ];
+        for (chunks, limit, kept) in cases {
+            let stored = Stored::default();
+            let body = CacheBody::filling(
+                ready_body(chunks),
+                tee(&stored, limit),
+                std::time::Duration::from_secs(1),
+            );
+            let read = body.collect().await.unwrap().to_bytes();
+            assert_eq!(read, chunks.concat().as_bytes(), "{chunks:?}");
+            let copy = stored.lock().unwrap().take();
+            assert_eq!(copy.is_some(), kept, "{chunks:?} within {limit}");
+            if kept {
+                assert_eq!(copy.unwrap(), chunks.concat().as_bytes());
+            }
+        }
+    }
+
+    /// An error after a frame read at once reaches the client after that frame.
+    #[tokio::test]
+    async fn an_error_read_at_once_follows_the_frame_before_it() {
+        let frames: Vec<Result<Frame<Bytes>, &'static str>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"a"))), Err("broken")];
+        let stored = Stored::default();
+        let mut body = CacheBody::filling(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            tee(&stored, 100),
+            std::time::Duration::from_secs(1),
+        );
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "a");
+        assert_eq!(body.frame().await.unwrap().unwrap_err(), "broken");
+        assert!(
+            stored.lock().unwrap().is_none(),
+            "a broken body is not kept"
+        );
     }
 }

@@ -4,7 +4,6 @@
 //! "hit-for-miss" for a while, as Varnish does, so later misses go straight to the origin
 //! instead of queueing behind each other.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,8 +43,8 @@ struct Flight {
 
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
-    in_flight: Mutex<HashMap<EntryKey, Flight>>,
-    hit_for_miss: Mutex<HashMap<EntryKey, Instant>>,
+    in_flight: Mutex<crate::Map<EntryKey, Flight>>,
+    hit_for_miss: Mutex<crate::Map<EntryKey, Instant>>,
     /// Whether `hit_for_miss` may hold anything: most apps never fill it, and then a miss
     /// does not take its lock. A hint, like the map.
     any_hit_for_miss: AtomicBool,

@@ -3,7 +3,7 @@
 //! the store's record now and then. A new or restarted instance warms from that record; a
 //! clear on a route that asks for it fetches the hottest entries it made dead again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -193,7 +193,7 @@ impl Recorded {
 /// One stripe's sightings, on a cache line of its own.
 #[derive(Default)]
 #[repr(align(128))]
-struct Pending(Mutex<HashMap<[u8; 32], u64>>);
+struct Pending(Mutex<crate::Map<[u8; 32], u64>>);
 
 struct Slot {
     /// Requests seen (halved at each flush, so that the record follows what is hot now).
@@ -223,7 +223,7 @@ struct Refreshing {
 pub(crate) struct Hot {
     capacity: usize,
     flush_every: Duration,
-    shards: [Mutex<HashMap<[u8; 32], Slot>>; SHARDS],
+    shards: [Mutex<crate::Map<[u8; 32], Slot>>; SHARDS],
     /// Sightings of recorded keys not yet added to their slots, one map per thread stripe:
     /// a hit counts under its own core's lock, so two cores serving one hot key do not
     /// pass its shard's lock back and forth. Added to the slots before anything reads them.
@@ -262,7 +262,7 @@ impl Hot {
         *write(&self.refresher) = Some(refresher);
     }
 
-    fn shard(&self, key: &EntryKey) -> &Mutex<HashMap<[u8; 32], Slot>> {
+    fn shard(&self, key: &EntryKey) -> &Mutex<crate::Map<[u8; 32], Slot>> {
         &self.shards[key.digest()[0] as usize % SHARDS]
     }
 

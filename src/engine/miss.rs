@@ -55,135 +55,136 @@ enum Joined {
 impl<St: Store> Engine<St> {
     /// Answers a miss (or a stale entry that may be served only if the origin fails).
     /// `fence` is `None` when the store could not be asked: nothing is stored then.
-    pub(crate) async fn fetch<S, ReqBody, ResBody>(
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn fetch<S, ReqBody, ResBody>(
         self: Arc<Self>,
-        call: OriginCall<S, ReqBody>,
+        mut call: OriginCall<S, ReqBody>,
         asked: Asked,
         fence: Option<Fence>,
-        previous: Option<Entry>,
-    ) -> Result<Response<CacheBody<ResBody>>, S::Error>
+        mut previous: Option<Entry>,
+    ) -> impl std::future::Future<Output = Result<Response<CacheBody<ResBody>>, S::Error>>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: Body + Send + 'static,
         ResBody::Data: Send,
         ResBody::Error: Send + 'static,
     {
-        let OriginCall {
-            mut inner,
-            mut req,
-            mut key,
-            primary,
-            route,
-        } = call;
-        let want = asked.want;
-        let accept = asked.accept_encoding.as_ref();
-        // A stale entry this client could not take (a coding it refuses) is no use to it.
-        let previous = previous.filter(|e| servable(e, accept));
-        let mut joined = self.join_flight(&key, fence, &asked).await;
-        if let Joined::Varies(names) = joined {
-            // The URL turned out to vary: this request's variant has a flight of its own.
-            joined = match vary::variant_key(&primary, &names, req.headers()) {
-                Some(variant) => {
-                    key = variant;
-                    match self.join_flight(&key, fence, &asked).await {
-                        Joined::Varies(_) => Joined::Lead(None),
-                        other => other,
+        // An `async` block using its captures in place: an `async fn` (or a block moving
+        // them into locals) would hold its arguments twice, in a future allocated for
+        // every miss.
+        async move {
+            let want = asked.want;
+            let accept = asked.accept_encoding.as_ref();
+            // A stale entry this client could not take (a coding it refuses) is no use to it.
+            if previous.as_ref().is_some_and(|e| !servable(e, accept)) {
+                previous = None;
+            }
+            let mut joined = self.join_flight(&call.key, fence, &asked).await;
+            if let Joined::Varies(names) = joined {
+                // The URL turned out to vary: this request's variant has a flight of its own.
+                joined = match vary::variant_key(&call.primary, &names, call.req.headers()) {
+                    Some(variant) => {
+                        call.key = variant;
+                        match self.join_flight(&call.key, fence, &asked).await {
+                            Joined::Varies(_) => Joined::Lead(None),
+                            other => other,
+                        }
                     }
+                    None => Joined::Lead(None),
+                };
+            }
+            let flight = match joined {
+                Joined::Varies(_) => None,
+                Joined::Served(entry) => {
+                    count_route!(self.stats.inner, call.route.counters, collapsed);
+                    return Ok(self.hit_response(entry, &asked, now_ms(), Served::Collapsed));
                 }
-                None => Joined::Lead(None),
+                Joined::Lead(flight) => flight,
             };
-        }
-        let flight = match joined {
-            Joined::Varies(_) => None,
-            Joined::Served(entry) => {
-                count_route!(self.stats.inner, route.counters, collapsed);
-                return Ok(self.hit_response(entry, &asked, now_ms(), Served::Collapsed));
+            let tags = self.entry_tags(call.req.headers(), call.req.uri());
+            // The client's headers, for the key of a response that turns out to vary on some of
+            // them (taken before the layer changes the validators).
+            let request = call.req.headers().clone();
+            // What the origin is asked to confirm: the stale entry, when it has a validator.
+            let mut revalidating = None;
+            if let (Want::Body, Some(fence)) = (want, fence) {
+                // The fill needs a full response: the client's validators are answered here.
+                strip_conditions(call.req.headers_mut());
+                if let Some(entry) = previous.as_ref().filter(|e| has_validator(e)) {
+                    ask_about(call.req.headers_mut(), entry);
+                    revalidating = Some(fence);
+                }
             }
-            Joined::Lead(flight) => flight,
-        };
-        let tags = self.entry_tags(req.headers(), req.uri());
-        // The client's headers, for the key of a response that turns out to vary on some of
-        // them (taken before the layer changes the validators).
-        let request = req.headers().clone();
-        // What the origin is asked to confirm: the stale entry, when it has a validator.
-        let mut revalidating = None;
-        if let (Want::Body, Some(fence)) = (want, fence) {
-            // The fill needs a full response: the client's validators are answered here.
-            strip_conditions(req.headers_mut());
-            if let Some(entry) = previous.as_ref().filter(|e| has_validator(e)) {
-                ask_about(req.headers_mut(), entry);
-                revalidating = Some(fence);
+            let asked_at_ms = now_ms();
+            let timer = Timer::start();
+            let result = call.inner.call(call.req).await;
+            timer.origin(&call.route.counters);
+            // Stale-if-error: an origin failure is answered with the stale entry while its
+            // window lasts.
+            let now = now_ms();
+            if let Some(entry) = previous
+                .as_ref()
+                .filter(|e| e.staleness(now) != Staleness::Dead)
+            {
+                let failed = match &result {
+                    Ok(res) => res.status().is_server_error(),
+                    Err(_) => true,
+                };
+                if failed {
+                    count!(self.stats.inner, stale_on_error);
+                    let served = Served::Stale(Stale::IfError);
+                    let entry = entry.clone();
+                    return Ok(self.hit_response(entry, &asked, now, served));
+                }
             }
-        }
-        let asked_at_ms = now_ms();
-        let timer = Timer::start();
-        let result = inner.call(req).await;
-        timer.origin(&route.counters);
-        // Stale-if-error: an origin failure is answered with the stale entry while its
-        // window lasts.
-        let now = now_ms();
-        if let Some(entry) = previous
-            .as_ref()
-            .filter(|e| e.staleness(now) != Staleness::Dead)
-        {
-            let failed = match &result {
-                Ok(res) => res.status().is_server_error(),
-                Err(_) => true,
+            let res = result?;
+            if previous.is_some() && res.status().is_server_error() {
+                // Past the stale-if-error window: the error goes out, and the stale entry is not
+                // replaced by it (nor is a revalidation answered by it).
+                return Ok(self.unstored(res, &call.route, Uncacheable::Status, flight));
+            }
+            if let (Some(fence), Some(stale)) = (revalidating, previous) {
+                if res.status() == StatusCode::NOT_MODIFIED {
+                    let (parts, _) = res.into_parts();
+                    let entry = self.clone().revalidated(
+                        MissKeys {
+                            key: call.key,
+                            primary: call.primary,
+                            request,
+                            asked_at_ms,
+                        },
+                        &call.route,
+                        stale,
+                        &parts,
+                        fence,
+                        flight,
+                    );
+                    return Ok(self.hit_response(entry, &asked, now_ms(), Served::Revalidated));
+                }
+            }
+            if want == Want::HeadersOnly {
+                // A HEAD response has no body to store, and storing it would poison GET.
+                count_route!(self.stats.inner, call.route.counters, misses);
+                let (mut parts, body) = res.into_parts();
+                self.mark(&mut parts.headers, Status::Miss(Miss::Head));
+                return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
+            }
+            let keys = MissKeys {
+                key: call.key,
+                primary: call.primary,
+                request,
+                asked_at_ms,
             };
-            if failed {
-                count!(self.stats.inner, stale_on_error);
-                let served = Served::Stale(Stale::IfError);
-                let entry = entry.clone();
-                return Ok(self.hit_response(entry, &asked, now, served));
+            let res = self.miss_response(res, keys, &call.route, tags, fence, flight);
+            // Only a response being stored is answered 304 here: it is the cache's to validate
+            // (one refused for Set-Cookie, say, goes out whole, cookie and all).
+            let stored = res.body().is_filling();
+            match &asked.conditions {
+                Some(c) if stored && c.not_modified(res.status(), res.headers(), now_ms()) => {
+                    Ok(self.not_modified_miss(res))
+                }
+                _ => Ok(res),
             }
-        }
-        let res = result?;
-        if previous.is_some() && res.status().is_server_error() {
-            // Past the stale-if-error window: the error goes out, and the stale entry is not
-            // replaced by it (nor is a revalidation answered by it).
-            return Ok(self.unstored(res, &route, Uncacheable::Status, flight));
-        }
-        if let (Some(fence), Some(stale)) = (revalidating, previous) {
-            if res.status() == StatusCode::NOT_MODIFIED {
-                let (parts, _) = res.into_parts();
-                let entry = self.clone().revalidated(
-                    MissKeys {
-                        key,
-                        primary,
-                        request,
-                        asked_at_ms,
-                    },
-                    &route,
-                    stale,
-                    &parts,
-                    fence,
-                    flight,
-                );
-                return Ok(self.hit_response(entry, &asked, now_ms(), Served::Revalidated));
-            }
-        }
-        if want == Want::HeadersOnly {
-            // A HEAD response has no body to store, and storing it would poison GET.
-            count_route!(self.stats.inner, route.counters, misses);
-            let (mut parts, body) = res.into_parts();
-            self.mark(&mut parts.headers, Status::Miss(Miss::Head));
-            return Ok(Response::from_parts(parts, CacheBody::passthrough(body)));
-        }
-        let keys = MissKeys {
-            key,
-            primary,
-            request,
-            asked_at_ms,
-        };
-        let res = self.miss_response(res, keys, &route, tags, fence, flight);
-        // Only a response being stored is answered 304 here: it is the cache's to validate
-        // (one refused for Set-Cookie, say, goes out whole, cookie and all).
-        let stored = res.body().is_filling();
-        match &asked.conditions {
-            Some(c) if stored && c.not_modified(res.status(), res.headers(), now_ms()) => {
-                Ok(self.not_modified_miss(res))
-            }
-            _ => Ok(res),
         }
     }
 
@@ -198,7 +199,10 @@ impl<St: Store> Engine<St> {
             return Joined::Lead(None);
         }
         match self.flights.join(key) {
-            Join::Leader(guard) => self.lease(key, fence, guard, accept).await,
+            Join::Leader(guard) if self.lease.is_none() => Joined::Lead(Some(guard)),
+            // Boxed: its future (a store round trip, then perhaps a wait for another
+            // instance's fill) would double the size of every miss's.
+            Join::Leader(guard) => Box::pin(self.lease(key, fence, guard, accept)).await,
             Join::Waiter(rx) => match wait_for(rx, self.stampede_wait).await {
                 Landed::Entry(bytes) => {
                     // The leader's data is ours only if no clear happened between its

@@ -13,7 +13,6 @@
 //! The marker carries the same tags and fence as its variants, so a clear makes both dead at
 //! once. An instance of an older version reads a marker as an unreadable entry: a miss.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -167,7 +166,7 @@ pub(crate) fn read_marker(bytes: &[u8]) -> Stored {
 /// variants per URL counts only live ones.
 #[derive(Debug, Default)]
 pub(crate) struct Variants {
-    seen: Mutex<HashMap<EntryKey, Vec<Live>>>,
+    seen: Mutex<crate::Map<EntryKey, Vec<Live>>>,
 }
 
 /// A variant (the first bytes of its key's digest) and until when it lives.

@@ -15,7 +15,7 @@ use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Store, HOT
 use crate::error::StoreError;
 use crate::key::EntryKey;
 
-type Hasher = foldhash::fast::RandomState;
+type Hasher = crate::Keyed;
 
 /// Bytes counted per entry on top of its key, value and tags: moka's node, deques and timer
 /// slots, the `Arc`s, the allocator's slack. Measured (benches/load.rs fills a 64 MiB store

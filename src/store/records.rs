@@ -20,7 +20,7 @@
 // Each store uses part of this; a build with one store (or none) leaves the rest unused.
 #![cfg_attr(not(all(feature = "memory", feature = "valkey")), allow(dead_code))]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -44,7 +44,7 @@ pub(crate) fn tag_id(tag: &str) -> u64 {
 
 /// Keyed per process: tag ids are SHA-256 bits, but anyone can grind tags whose ids share
 /// the low bits a plain table would index by, and make every lookup walk a long chain.
-type IdMap = HashMap<u64, u64>;
+type IdMap = std::collections::HashMap<u64, u64>;
 
 /// An epoch no record set has: 52 random bits (a Valkey score holds integers exactly up to
 /// 2^53), never 0.

@@ -47,41 +47,54 @@ impl Reply {
             Reply::Waiting(tx) => {
                 let _ = tx.send(outcome);
             }
-            Reply::Call(done) => done(outcome),
+            // The writer task runs every batch's callbacks: one that panics must not take
+            // the other batches in flight, and the fills queued behind them, down with it.
+            Reply::Call(done) => {
+                let call = std::panic::AssertUnwindSafe(move || done(outcome));
+                if std::panic::catch_unwind(call).is_err() {
+                    tracing::error!("a fill's completion callback panicked");
+                }
+            }
         }
     }
 }
 
 /// Writes queued fills, as many as are waiting (up to a batch) in one pipeline, a few
 /// batches at a time: under load, the fills of concurrent misses share one write and one
-/// round trip; alone, a fill is sent at once. Ends when the store is dropped.
+/// round trip; alone, a fill is sent at once. The batches in flight are driven by this task
+/// itself (no task per batch). Ends when the store is dropped, once its batches are done.
 async fn write_fills(inner: Weak<ValkeyInner>, mut queue: mpsc::Receiver<PendingFill>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(FILL_IN_FLIGHT));
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let mut in_flight = FuturesUnordered::new();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = queue.recv().await else {
-            return;
-        };
-        let Some(inner) = inner.upgrade() else { return };
+        let next = std::future::poll_fn(|cx| {
+            // Batches that finished free their room; a wake from one polls them all.
+            while let std::task::Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+            if in_flight.len() < FILL_IN_FLIGHT {
+                queue.poll_recv(cx)
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        let Some(first) = next else { break };
+        let Some(inner) = inner.upgrade() else { break };
         let mut bytes = first.fill.value.len();
-        let mut batch = Vec::with_capacity(FILL_BATCH);
-        batch.push(first);
-        while batch.len() < FILL_BATCH && bytes < FILL_BATCH_BYTES {
+        let (mut fills, mut replies) = (Vec::with_capacity(4), Vec::with_capacity(4));
+        fills.push(first.fill);
+        replies.push(first.done);
+        while fills.len() < FILL_BATCH && bytes < FILL_BATCH_BYTES {
             match queue.try_recv() {
                 Ok(next) => {
                     bytes += next.fill.value.len();
-                    batch.push(next);
+                    fills.push(next.fill);
+                    replies.push(next.done);
                 }
                 Err(_) => break,
             }
         }
         inner.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        let (fills, replies): (Vec<Fill>, Vec<Reply>) =
-            batch.into_iter().map(|p| (p.fill, p.done)).unzip();
-        tokio::spawn(async move {
-            let _slot = slot;
+        in_flight.push(async move {
             let store = ValkeyStore { inner };
             match store.fill_batch(&fills).await {
                 Ok(outcomes) => {
@@ -97,6 +110,7 @@ async fn write_fills(inner: Weak<ValkeyInner>, mut queue: mpsc::Receiver<Pending
             }
         });
     }
+    while in_flight.next().await.is_some() {}
 }
 
 impl ValkeyStore {
@@ -228,7 +242,11 @@ impl ValkeyStore {
         for &j in &sent {
             let fill = &batch[which[j]];
             let ttl_ms = crate::entry::millis(fill.ttl).clamp(1, MAX_TTL_MS);
-            pipe.cmd("SET")
+            // Sized for its arguments at once: the entry is copied in once, never regrown.
+            let key_len = self.inner.entry_prefix.len() + fill.key.route().len() + 80;
+            let size = 16 + key_len + 8 * ids[j].len() + 32 + fill.value.len();
+            let mut cmd = redis::Cmd::with_capacity(5, size);
+            cmd.arg("SET")
                 .arg(self.entry_key(&fill.key))
                 .arg(StampedValue {
                     fence: fill.fence,
@@ -237,6 +255,7 @@ impl ValkeyStore {
                 })
                 .arg("PX")
                 .arg(ttl_ms);
+            pipe.add_command(cmd);
         }
         let count = sent.len();
         let replies = self
