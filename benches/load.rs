@@ -8,7 +8,10 @@
 //! two cases of a round ran seconds apart, while this machine's speed drifts). Varnish
 //! joins when `varnishd` is installed. Everything shares this machine's cores, as in
 //! production-like single-box measurements: compare ratios from one run, not absolute numbers
-//! across runs. Then it fills a near cache with a million distinct keys and reports its memory.
+//! across runs. Three floor rows do no cache work at all: the bare handler sending a hit's
+//! header lines, the raw `GET` handler sending them, and one raw `GET` before the 1 ms
+//! backend; what a target leaves to the layer is its ratio to them. Then it fills a near
+//! cache with a million distinct keys and reports its memory.
 
 #[path = "../tests/support/server.rs"]
 #[allow(dead_code)]
@@ -540,8 +543,27 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        (addrs, tiered)
+        // The two floors: a hit's very headers (taken from a near-cache hit) with no cache
+        // work; one raw lookup round trip before the 1 ms backend.
+        let hit_headers = |headers: Vec<(String, String)>| {
+            assert!(
+                headers
+                    .iter()
+                    .any(|(n, v)| n == "cache-status" && v.contains("hit")),
+                "the cache answers a hit: {headers:?}"
+            );
+            headers
+        };
+        let near_hit = hit_headers(raw_get(addrs[4], "/static").await);
+        let valkey_hit = hit_headers(raw_get(addrs[3], "/static").await);
+        let floors = [
+            serve(hit_headers_app(near_hit)).await,
+            serve(lookup_then_backend(conn.clone(), backend.clone())).await,
+            serve(raw_get_with_hit_headers(conn.clone(), valkey_hit)).await,
+        ];
+        ((addrs, floors), tiered)
     });
+    let (addrs, floors) = addrs;
     let v = varnish(addrs[0]);
     let n = nginx(addrs[0]);
 
@@ -667,6 +689,31 @@ fn main() {
         )),
         None => cases.push(("nginx (not installed)", String::new(), same(&[]))),
     }
+    // 18-20: the floors under a hit, a miss and a Valkey hit (see `hit_headers_app`,
+    // `lookup_then_backend` and `raw_get_with_hit_headers`).
+    cases.push((
+        "floor: bare handler sending a hit's headers (no cache work)",
+        format!("http://{}/static", floors[0]),
+        same(&[]),
+    ));
+    cases.push((
+        "floor: one raw Valkey GET, then the 1 ms backend (no cache)",
+        format!("http://{}/slow/", floors[1]),
+        How {
+            paths: Paths::Unique,
+            headers: &[],
+            valkey_pid: Some(valkey_pid.as_str()),
+        },
+    ));
+    cases.push((
+        "floor: raw Valkey GET handler sending a hit's headers (no cache work)",
+        format!("http://{}/static", floors[2]),
+        How {
+            paths: Paths::Same,
+            headers: &[],
+            valkey_pid: Some(valkey_pid.as_str()),
+        },
+    ));
     let mut samples: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, (name, url, how)) in cases.iter().enumerate() {
@@ -750,7 +797,29 @@ fn main() {
     ratio("Valkey hit / nginx hit (for reference)", 3, 17, 0.0);
     ratio("near-cache hit / bare handler", 4, 0, 0.90);
     ratio("near-cache hit / Varnish hit", 4, 12, 1.5);
-    ratio("miss + fill / 1 ms backend alone", 9, 8, 0.95);
+    ratio("miss + fill / 1 ms backend alone", 9, 8, 0.90);
+    // What the targets above leave to the layer: the floors' own ratios, and ours over them.
+    ratio(
+        "floor: a hit's headers / bare handler (for reference)",
+        18,
+        0,
+        0.0,
+    );
+    ratio(
+        "floor: raw GET + a hit's headers / raw GET (for reference)",
+        20,
+        1,
+        0.0,
+    );
+    ratio("Valkey hit / that floor (for reference)", 3, 20, 0.0);
+    ratio("near-cache hit / that floor (for reference)", 4, 18, 0.0);
+    ratio(
+        "floor: one GET + 1 ms backend / backend alone (for reference)",
+        19,
+        8,
+        0.0,
+    );
+    ratio("miss + fill / that floor (for reference)", 9, 19, 0.0);
     ratio(
         "miss + fill / 1 ms tokio sleep alone (timer-quantized)",
         7,
@@ -783,7 +852,7 @@ fn main() {
     rt.block_on(entry_bytes(&url));
 
     // Memory: a 64 MiB near cache after a million distinct 1 KiB entries.
-    if !wanted(18) {
+    if !wanted(21) {
         return;
     }
     rt.block_on(async {
@@ -855,12 +924,94 @@ async fn entry_bytes(url: &str) {
     );
 }
 
-/// A minimal HTTP/1.1 GET over a raw socket (the benchmark needs no HTTP client crate).
-async fn raw_get(addr: SocketAddr, path: &str) {
+/// A minimal HTTP/1.1 GET over a raw socket (the benchmark needs no HTTP client crate);
+/// the response's header lines (status line, `Date`, `Connection` and `Content-Length`
+/// left out), as `(name, value)`.
+async fn raw_get(addr: SocketAddr, path: &str) -> Vec<(String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .filter(|(n, _)| !matches!(n.as_str(), "date" | "connection" | "content-length"))
+        .collect()
+}
+
+/// The floor under a hit: a handler answering the bare handler's body with the very
+/// header lines a cached hit carries (`Age`, `ETag`, `Cache-Status`, ...), doing no cache
+/// work at all. What a hit costs beyond it is the layer's own work; what it costs over the
+/// bare handler, the bytes and lines of those headers (for the server and for wrk).
+fn hit_headers_app(headers: Vec<(String, String)>) -> Router {
+    let (b, map) = (body(), header_map(headers));
+    Router::new().route(
+        "/static",
+        get(move || {
+            let (b, map) = (b.clone(), map.clone());
+            async move { (map, b) }
+        }),
+    )
+}
+
+/// The floor under a Valkey hit: the raw multiplexed `GET` handler sending a hit's
+/// header lines (see `hit_headers_app`).
+fn raw_get_with_hit_headers(
+    conn: redis::aio::MultiplexedConnection,
+    headers: Vec<(String, String)>,
+) -> Router {
+    let map = header_map(headers);
+    Router::new().route(
+        "/static",
+        get(move || {
+            let (mut c, map) = (conn.clone(), map.clone());
+            async move {
+                let value: Vec<u8> = redis::cmd("GET")
+                    .arg("raw")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                (map, Bytes::from(value))
+            }
+        }),
+    )
+}
+
+fn header_map(headers: Vec<(String, String)>) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for (n, v) in headers {
+        map.append(
+            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(&v).unwrap(),
+        );
+    }
+    map
+}
+
+/// The floor under a miss: a handler that makes one multiplexed Valkey `GET` (of a key
+/// that is not there, as a cache-aside lookup of a new URL does) before awaiting the 1 ms
+/// backend. Any cache-aside layer pays that round trip before the origin.
+fn lookup_then_backend(conn: redis::aio::MultiplexedConnection, backend: DelayLine) -> Router {
+    let b = body();
+    Router::new().route(
+        "/slow/{n}",
+        get(move |Path(n): Path<String>| {
+            let (b, backend, mut c) = (b.clone(), backend.clone(), conn.clone());
+            async move {
+                let found: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(format!("absent:{n}"))
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                assert!(found.is_none());
+                backend.wait(Duration::from_millis(1)).await;
+                b
+            }
+        }),
+    )
 }
