@@ -8,10 +8,11 @@
 //! two cases of a round ran seconds apart, while this machine's speed drifts). Varnish
 //! joins when `varnishd` is installed. Everything shares this machine's cores, as in
 //! production-like single-box measurements: compare ratios from one run, not absolute numbers
-//! across runs. Three floor rows do no cache work at all: the bare handler sending a hit's
-//! header lines, the raw `GET` handler sending them, and one raw `GET` before the 1 ms
-//! backend; what a target leaves to the layer is its ratio to them. Then it fills a near
-//! cache with a million distinct keys and reports its memory.
+//! across runs. Four floor rows do no cache work at all: the bare handler sending a hit's
+//! header lines (or only `Age` and `Cache-Status`), the raw `GET` handler sending them, and
+//! one raw `GET` before the 1 ms backend; what a target leaves to the layer is its ratio to
+//! them. Each runs right after its baseline, and every other round runs backwards. Then it
+//! fills a near cache with a million distinct keys and reports its memory.
 
 #[path = "../tests/support/server.rs"]
 #[allow(dead_code)]
@@ -40,6 +41,9 @@ struct Row {
     p99: String,
     /// CPU time per request of this process (the servers) and of Valkey, in µs.
     cpu_us: Option<(f64, f64)>,
+    /// wrk's CPU time per request, in µs: on these shared cores, what a response costs
+    /// the client counts against the server's throughput too.
+    wrk_us: Option<f64>,
 }
 
 /// The run with the median req/s (its latencies with it), CPU averaged over all runs.
@@ -51,8 +55,11 @@ fn median(name: &'static str, runs: &mut [Row]) -> Row {
             p50: "-".into(),
             p99: "-".into(),
             cpu_us: None,
+            wrk_us: None,
         };
     }
+    let wrk: Vec<f64> = runs.iter().filter_map(|r| r.wrk_us).collect();
+    let wrk_us = (!wrk.is_empty()).then(|| wrk.iter().sum::<f64>() / wrk.len() as f64);
     let cpu: Vec<(f64, f64)> = runs.iter().filter_map(|r| r.cpu_us).collect();
     let cpu_us = (!cpu.is_empty()).then(|| {
         let n = cpu.len() as f64;
@@ -69,11 +76,24 @@ fn median(name: &'static str, runs: &mut [Row]) -> Row {
         p50: mid.p50.clone(),
         p99: mid.p99.clone(),
         cpu_us,
+        wrk_us,
     }
 }
 
 /// CPU seconds (user + system) a process has used, from `/proc/{pid}/stat`.
 fn cpu_secs(pid: &str) -> f64 {
+    stat_secs(pid, 11)
+}
+
+/// CPU seconds (user + system) of this process's children that have ended and been waited
+/// for: each wrk run, once it returns (Valkey, Varnish and nginx run on to the end).
+fn children_cpu_secs() -> f64 {
+    stat_secs("self", 13)
+}
+
+/// The sum of two tick counts of `/proc/{pid}/stat`, from field `at` (after the state), in
+/// seconds.
+fn stat_secs(pid: &str, at: usize) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at state (field 3).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -81,7 +101,7 @@ fn cpu_secs(pid: &str) -> f64 {
         .split_whitespace()
         .map(|v| v.parse().unwrap_or(0.0))
         .collect();
-    let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+    let ticks = f.get(at).copied().unwrap_or(0.0) + f.get(at + 1).copied().unwrap_or(0.0);
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
@@ -210,8 +230,8 @@ fn cached<St: Store>(app: Router, store: St) -> Router {
     cached_with_stats(app, store).0
 }
 
-fn cached_with_stats<St: Store>(app: Router, store: St) -> (Router, CacheStats) {
-    let routes = RouteTable::new()
+fn bench_routes() -> RouteTable {
+    RouteTable::new()
         .route(
             "/static",
             RoutePolicy::ttl(Duration::from_secs(300)).tags(["static"]),
@@ -219,10 +239,30 @@ fn cached_with_stats<St: Store>(app: Router, store: St) -> (Router, CacheStats) 
         .route(
             "/slow/{n}",
             RoutePolicy::ttl(Duration::from_secs(300)).tags(["slow:{n}"]),
-        );
-    let cache = CacheLayer::new(store).routes(routes);
+        )
+}
+
+fn cached_with_stats<St: Store>(app: Router, store: St) -> (Router, CacheStats) {
+    let cache = CacheLayer::new(store).routes(bench_routes());
     let stats = cache.stats();
     (app.layer(cache), stats)
+}
+
+/// The layer around the whole `Router` rather than inside it (`Router::layer` wraps each
+/// route, after routing): a hit is answered before axum routes the request at all.
+async fn serve_outside_router<St: Store>(app: Router, store: St) -> SocketAddr {
+    let cache = CacheLayer::new(store).routes(bench_routes());
+    // axum serves `Body` responses: the cache's body is boxed into one, as axum boxes
+    // every route's response when the layer sits inside the Router.
+    let cached = tower::Layer::layer(&cache, app);
+    let svc = tower::ServiceExt::<axum::extract::Request>::map_response(cached, |res| {
+        res.map(axum::body::Body::new)
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let make = axum::ServiceExt::<axum::extract::Request>::into_make_service(svc);
+    tokio::spawn(async move { axum::serve(listener, make).await.unwrap() });
+    addr
 }
 
 /// What paths and method a case's requests use.
@@ -291,7 +331,9 @@ fn wrk(name: &'static str, url: &str, secs: u64, how: How, warm: bool) -> Row {
         run(1); // warm up connections, caches and the CPU's branch predictors
     }
     let (ours0, valkey0) = (cpu_secs("self"), valkey_pid.map_or(0.0, cpu_secs));
+    let wrk0 = children_cpu_secs();
     let text = run(secs);
+    let wrk1 = children_cpu_secs();
     let (ours1, valkey1) = (cpu_secs("self"), valkey_pid.map_or(0.0, cpu_secs));
     let requests: f64 = text
         .lines()
@@ -321,12 +363,14 @@ fn wrk(name: &'static str, url: &str, secs: u64, how: How, warm: bool) -> Row {
     if let Some(e) = errors {
         eprintln!("{name}: {}", e.trim());
     }
+    let wrk_us = (requests > 0.0).then(|| (wrk1 - wrk0) * 1e6 / requests);
     Row {
         name,
         rps,
         p50: pct("50%"),
         p99: pct("99%"),
         cpu_us,
+        wrk_us,
     }
 }
 
@@ -556,10 +600,27 @@ fn main() {
         };
         let near_hit = hit_headers(raw_get(addrs[4], "/static").await);
         let valkey_hit = hit_headers(raw_get(addrs[3], "/static").await);
+        // The one header a cache must send (`Age`, RFC 9111 §4) and the standard status.
+        let required: Vec<(String, String)> = near_hit
+            .iter()
+            .filter(|(n, _)| n != "etag" && n != "x-cache")
+            .cloned()
+            .collect();
+        let outside = serve_outside_router(
+            static_app(),
+            TieredStore::new(MemoryStore::new(64 << 20), valkey_store()),
+        )
+        .await;
+        for _ in 0..3 {
+            raw_get(outside, "/static").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let floors = [
             serve(hit_headers_app(near_hit)).await,
             serve(lookup_then_backend(conn.clone(), backend.clone())).await,
             serve(raw_get_with_hit_headers(conn.clone(), valkey_hit)).await,
+            serve(hit_headers_app(required)).await,
+            outside,
         ];
         ((addrs, floors), tiered)
     });
@@ -694,7 +755,11 @@ fn main() {
     cases.push((
         "floor: bare handler sending a hit's headers (no cache work)",
         format!("http://{}/static", floors[0]),
-        same(&[]),
+        How {
+            paths: Paths::Same,
+            headers: &[],
+            valkey_pid: Some(valkey_pid.as_str()),
+        },
     ));
     cases.push((
         "floor: one raw Valkey GET, then the 1 ms backend (no cache)",
@@ -705,18 +770,41 @@ fn main() {
             valkey_pid: Some(valkey_pid.as_str()),
         },
     ));
+    let hits = How {
+        paths: Paths::Same,
+        headers: &[],
+        valkey_pid: Some(valkey_pid.as_str()),
+    };
     cases.push((
         "floor: raw Valkey GET handler sending a hit's headers (no cache work)",
         format!("http://{}/static", floors[2]),
-        How {
-            paths: Paths::Same,
-            headers: &[],
-            valkey_pid: Some(valkey_pid.as_str()),
-        },
+        hits,
+    ));
+    // 21: the floor with only `Age` and `Cache-Status`; 22: the near cache outside the Router.
+    cases.push((
+        "floor: bare handler sending only a hit's Age and Cache-Status",
+        format!("http://{}/static", floors[3]),
+        hits,
+    ));
+    cases.push((
+        "CacheLayer hit, TieredStore (near), layer around the Router",
+        format!("http://{}/static", floors[4]),
+        hits,
     ));
     let mut samples: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
+    // The cases a ratio compares run back to back (each floor beside its baseline), and
+    // every other round runs backwards: this machine's drift over a round then falls on
+    // both sides of a ratio alike.
+    let mut order: Vec<usize> = vec![0, 18, 21, 4, 22, 5, 12, 17, 1, 20, 3, 2, 6, 7, 8, 19, 9];
+    let rest: Vec<usize> = (0..cases.len()).filter(|i| !order.contains(i)).collect();
+    order.extend(rest);
     for round in 0..rounds {
-        for (i, (name, url, how)) in cases.iter().enumerate() {
+        let mut this_round = order.clone();
+        if round % 2 == 1 {
+            this_round.reverse();
+        }
+        for i in this_round {
+            let (name, url, how) = &cases[i];
             if wanted(i) && !url.is_empty() {
                 samples[i].push(wrk(name, url, secs, *how, round == 0));
             }
@@ -749,14 +837,17 @@ fn main() {
     }
 
     println!(
-        "\n| case | req/s | p50 | p99 | CPU µs/req: server, Valkey |\n|---|---:|---:|---:|---:|"
+        "\n| case | req/s | p50 | p99 | CPU µs/req: server, Valkey | wrk |\n|---|---:|---:|---:|---:|---:|"
     );
     for r in &rows {
         let cpu = r
             .cpu_us
             .map_or_else(|| "-".to_owned(), |(s, v)| format!("{s:.1}, {v:.1}"));
+        let wrk = r
+            .wrk_us
+            .map_or_else(|| "-".to_owned(), |w| format!("{w:.1}"));
         println!(
-            "| {} | {:.0} | {} | {} | {cpu} |",
+            "| {} | {:.0} | {} | {} | {cpu} | {wrk} |",
             r.name, r.rps, r.p50, r.p99
         );
     }
@@ -794,7 +885,7 @@ fn main() {
     };
     // (what, a, over b, goal); a goal of 0 marks a reference row. The floors' own ratios,
     // and ours over them, show what the targets leave to the layer.
-    let targets: [(&str, usize, usize, f64); 16] = [
+    let targets: [(&str, usize, usize, f64); 21] = [
         ("Valkey hit / raw multiplexed GET", 3, 1, 0.95),
         ("Valkey hit / Varnish hit", 3, 12, 1.0),
         ("Valkey hit / nginx hit (for reference)", 3, 17, 0.0),
@@ -822,6 +913,36 @@ fn main() {
             0.0,
         ),
         ("miss + fill / that floor (for reference)", 9, 19, 0.0),
+        (
+            "floor: a hit's headers / Varnish hit (for reference)",
+            18,
+            12,
+            0.0,
+        ),
+        (
+            "floor: Age and Cache-Status only / bare handler (for reference)",
+            21,
+            0,
+            0.0,
+        ),
+        (
+            "near hit, layer around the Router / bare handler",
+            22,
+            0,
+            0.90,
+        ),
+        (
+            "near hit, layer around the Router / Varnish hit",
+            22,
+            12,
+            1.5,
+        ),
+        (
+            "near hit, layer around the Router / its floor (for reference)",
+            22,
+            18,
+            0.0,
+        ),
         (
             "miss + fill / 1 ms tokio sleep alone (timer-quantized)",
             7,
@@ -858,7 +979,7 @@ fn main() {
     rt.block_on(entry_bytes(&url));
 
     // Memory: a 64 MiB near cache after a million distinct 1 KiB entries.
-    if !wanted(21) {
+    if !wanted(23) {
         return;
     }
     rt.block_on(async {
@@ -959,8 +1080,8 @@ fn hit_headers_app(headers: Vec<(String, String)>) -> Router {
     Router::new().route(
         "/static",
         get(move || {
-            let (b, map) = (b.clone(), map.clone());
-            async move { (map, b) }
+            let res = with_headers(&map, b.clone());
+            async move { res }
         }),
     )
 }
@@ -982,21 +1103,33 @@ fn raw_get_with_hit_headers(
                     .query_async(&mut c)
                     .await
                     .unwrap();
-                (map, Bytes::from(value))
+                with_headers(&map, Bytes::from(value))
             }
         }),
     )
 }
 
+/// The header lines as a map to clone per response: names and values leaked once, so
+/// that a clone touches no reference count (the floor should cost as little as it can).
 fn header_map(headers: Vec<(String, String)>) -> http::HeaderMap {
     let mut map = http::HeaderMap::new();
     for (n, v) in headers {
+        let name: &'static str = Box::leak(n.into_boxed_str());
+        let value: &'static str = Box::leak(v.into_boxed_str());
         map.append(
-            http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
-            http::HeaderValue::from_str(&v).unwrap(),
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
         );
     }
     map
+}
+
+/// A response with these headers and body, built as the layer builds a hit's (the map set
+/// whole, nothing merged into a default one).
+fn with_headers(map: &http::HeaderMap, body: Bytes) -> axum::response::Response {
+    let mut res = axum::response::Response::new(axum::body::Body::from(body));
+    *res.headers_mut() = map.clone();
+    res
 }
 
 /// The floor under a miss: a handler that makes one multiplexed Valkey `GET` (of a key
