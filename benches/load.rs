@@ -750,47 +750,44 @@ fn main() {
         )),
         None => cases.push(("nginx (not installed)", String::new(), same(&[]))),
     }
-    // 18-20: the floors under a hit, a miss and a Valkey hit (see `hit_headers_app`,
-    // `lookup_then_backend` and `raw_get_with_hit_headers`).
-    cases.push((
-        "floor: bare handler sending a hit's headers (no cache work)",
-        format!("http://{}/static", floors[0]),
-        How {
-            paths: Paths::Same,
+    // 18-21: the floors under a hit, a miss, a Valkey hit and a hit with only `Age` and
+    // `Cache-Status` (see `hit_headers_app`, `lookup_then_backend` and
+    // `raw_get_with_hit_headers`); 22: the near cache with the layer around the Router.
+    let extra: [(&'static str, &str, Paths); 5] = [
+        (
+            "floor: bare handler sending a hit's headers (no cache work)",
+            "static",
+            Paths::Same,
+        ),
+        (
+            "floor: one raw Valkey GET, then the 1 ms backend (no cache)",
+            "slow/",
+            Paths::Unique,
+        ),
+        (
+            "floor: raw Valkey GET handler sending a hit's headers (no cache work)",
+            "static",
+            Paths::Same,
+        ),
+        (
+            "floor: bare handler sending only a hit's Age and Cache-Status",
+            "static",
+            Paths::Same,
+        ),
+        (
+            "CacheLayer hit, TieredStore (near), layer around the Router",
+            "static",
+            Paths::Same,
+        ),
+    ];
+    for ((name, path, paths), addr) in extra.into_iter().zip(floors) {
+        let how = How {
+            paths,
             headers: &[],
             valkey_pid: Some(valkey_pid.as_str()),
-        },
-    ));
-    cases.push((
-        "floor: one raw Valkey GET, then the 1 ms backend (no cache)",
-        format!("http://{}/slow/", floors[1]),
-        How {
-            paths: Paths::Unique,
-            headers: &[],
-            valkey_pid: Some(valkey_pid.as_str()),
-        },
-    ));
-    let hits = How {
-        paths: Paths::Same,
-        headers: &[],
-        valkey_pid: Some(valkey_pid.as_str()),
-    };
-    cases.push((
-        "floor: raw Valkey GET handler sending a hit's headers (no cache work)",
-        format!("http://{}/static", floors[2]),
-        hits,
-    ));
-    // 21: the floor with only `Age` and `Cache-Status`; 22: the near cache outside the Router.
-    cases.push((
-        "floor: bare handler sending only a hit's Age and Cache-Status",
-        format!("http://{}/static", floors[3]),
-        hits,
-    ));
-    cases.push((
-        "CacheLayer hit, TieredStore (near), layer around the Router",
-        format!("http://{}/static", floors[4]),
-        hits,
-    ));
+        };
+        cases.push((name, format!("http://{addr}/{path}"), how));
+    }
     let mut samples: Vec<Vec<Row>> = cases.iter().map(|_| Vec::new()).collect();
     // The cases a ratio compares run back to back (each floor beside its baseline), and
     // every other round runs backwards: this machine's drift over a round then falls on
