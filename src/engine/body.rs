@@ -577,6 +577,42 @@ mod tests {
         }
     }
 
+    /// A body whose first frame is ready and whose rest comes later is still copied whole
+    /// (the reader task takes over from what was held) while its client reads nothing.
+    #[tokio::test]
+    async fn the_copy_lands_while_the_client_reads_nothing() {
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let frames = futures_util::stream::unfold((0, Some(released)), |(i, rx)| async move {
+            let (data, rx) = match i {
+                0 => ("first", rx),
+                1 => {
+                    rx?.await.ok()?;
+                    ("second", None)
+                }
+                _ => return None,
+            };
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(data))),
+                (i + 1, rx),
+            ))
+        });
+        let stored = Stored::default();
+        let body = CacheBody::filling(
+            StreamBody::new(frames),
+            tee(&stored, 100),
+            std::time::Duration::from_secs(5),
+        );
+        release.send(()).unwrap();
+        for _ in 0..200 {
+            if stored.lock().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(stored.lock().unwrap().take().unwrap(), "firstsecond");
+        drop(body);
+    }
+
     /// An error after a frame read at once reaches the client after that frame.
     #[tokio::test]
     async fn an_error_read_at_once_follows_the_frame_before_it() {

@@ -94,7 +94,7 @@ async fn write_fills(inner: Weak<ValkeyInner>, mut queue: mpsc::Receiver<Pending
             }
         }
         inner.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        in_flight.push(async move {
+        let batch = async move {
             let store = ValkeyStore { inner };
             match store.fill_batch(&fills).await {
                 Ok(outcomes) => {
@@ -107,6 +107,18 @@ async fn write_fills(inner: Weak<ValkeyInner>, mut queue: mpsc::Receiver<Pending
                         reply.send(Err(e.replicate()));
                     }
                 }
+            }
+        };
+        // A batch that panics (in the store or the client below) loses its own fills only:
+        // its waiting callers hear that their sender went, the writer goes on.
+        in_flight.push(async move {
+            use futures_util::FutureExt;
+            if std::panic::AssertUnwindSafe(batch)
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!("writing a batch of fills panicked; its fills are dropped");
             }
         });
     }
