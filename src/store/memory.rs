@@ -1,31 +1,29 @@
-//! The in-process store: a byte-bounded moka cache with per-entry TTLs, checked on read
-//! against clear records (see `records`): a clear costs O(tags), and an entry carrying a
-//! cleared tag is dead from that moment, wherever it is.
+//! The in-process store: a byte-bounded map with per-entry TTLs (see `bounded`), checked
+//! on read against clear records (see `records`): a clear costs O(tags), and an entry
+//! carrying a cleared tag is dead from that moment, wherever it is.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use moka::sync::Cache;
-use moka::Expiry;
 
+use super::bounded::Bounded;
 use super::records::{new_epoch, tag_id, Records, Shared, DEFAULT_MAX_RECORDS};
 use super::{Fence, Fill, FillDone, FillOutcome, Invalidation, Lookup, Store, HOT_FADE};
 use crate::error::StoreError;
 use crate::key::EntryKey;
 
-type Hasher = crate::Keyed;
-
-/// Bytes counted per entry on top of its key, value and tags: moka's node, deques and timer
-/// slots, the `Arc`s, the allocator's slack. Measured (benches/load.rs fills a 64 MiB store
-/// with a million 1 KiB entries and compares the process's growth with the budget).
-const ENTRY_OVERHEAD: usize = 560;
+/// Bytes counted per entry on top of its key, value and tags: its slot and index entry, the
+/// `Arc`s, the allocator's slack. Measured (benches/load.rs fills a 64 MiB store with a
+/// million 1 KiB entries and compares the process's growth with the budget).
+const ENTRY_OVERHEAD: usize = 400;
 
 /// An in-process store bounded by bytes: the embedded default that needs no server.
 ///
-/// Clones share the same cache. Entries are evicted by moka's TinyLFU policy when the byte
-/// budget is reached, and expire after their TTL. A clear records each tag's clear (at most
+/// Clones share the same cache. When the byte budget is reached, entries are evicted by
+/// CLOCK (second chance: an entry read since the last pass is kept, the first one not read
+/// goes); they expire after their TTL. A clear records each tag's clear (at most
 /// 16,384 records, about 1 MiB beyond the budget, by default) and costs the same whatever
 /// the tags carry; entries it made dead are dropped when next read, or by TTL and eviction.
 ///
@@ -40,7 +38,7 @@ pub struct MemoryStore {
 }
 
 struct MemoryInner {
-    cache: Cache<EntryKey, MemValue, Hasher>,
+    cache: Bounded<MemValue>,
     /// Clears, purges and the sequence. Lookups read them under the read lock, so a clear
     /// (write lock) is either wholly before a lookup or wholly after it.
     records: Shared,
@@ -48,48 +46,26 @@ struct MemoryInner {
     hot: std::sync::Mutex<HashMap<Bytes, f64>>,
 }
 
-#[derive(Clone)]
 struct MemValue {
     bytes: Bytes,
-    ttl: Duration,
     fence: Fence,
-    tags: Arc<[u64]>,
+    tags: Box<[u64]>,
 }
 
-struct PerEntryTtl;
-
-impl Expiry<EntryKey, MemValue> for PerEntryTtl {
-    fn expire_after_create(&self, _: &EntryKey, value: &MemValue, _: Instant) -> Option<Duration> {
-        Some(value.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &EntryKey,
-        value: &MemValue,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.ttl)
+impl MemValue {
+    /// What the entry counts against the budget.
+    fn weight(&self, key: &EntryKey) -> u32 {
+        let size = key.route().len() + 32 + self.bytes.len() + 8 * self.tags.len() + ENTRY_OVERHEAD;
+        u32::try_from(size).unwrap_or(u32::MAX)
     }
 }
 
 impl MemoryStore {
     /// A store holding at most `max_bytes` of keys and entries.
     pub fn new(max_bytes: u64) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|k: &EntryKey, v: &MemValue| {
-                let size = k.route().len() + 32 + v.bytes.len() + 8 * v.tags.len() + ENTRY_OVERHEAD;
-                u32::try_from(size).unwrap_or(u32::MAX)
-            })
-            .expire_after(PerEntryTtl)
-            // Keys are digests already: a fast keyed hash is enough (and moka's default,
-            // SipHash, was a visible part of a hit).
-            .build_with_hasher(Hasher::default());
         MemoryStore {
             inner: Arc::new(MemoryInner {
-                cache,
+                cache: Bounded::new(max_bytes),
                 records: Shared::new(Records::new(new_epoch(), DEFAULT_MAX_RECORDS)),
                 hot: Default::default(),
             }),
@@ -108,14 +84,12 @@ impl MemoryStore {
     /// Number of entries (after pending maintenance has run). Entries made dead by a clear
     /// count until they are read, expire or are evicted.
     pub fn entry_count(&self) -> u64 {
-        self.inner.cache.run_pending_tasks();
-        self.inner.cache.entry_count()
+        self.inner.cache.count().0
     }
 
     /// Bytes in use as counted against the budget (after pending maintenance has run).
     pub fn weighted_size(&self) -> u64 {
-        self.inner.cache.run_pending_tasks();
-        self.inner.cache.weighted_size()
+        self.inner.cache.count().1
     }
 
     /// Number of clear records kept: bounded by [`max_clear_records`](Self::max_clear_records).
@@ -126,9 +100,10 @@ impl MemoryStore {
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (entries, weighted_size) = self.inner.cache.count();
         f.debug_struct("MemoryStore")
-            .field("entries", &self.inner.cache.entry_count())
-            .field("weighted_size", &self.inner.cache.weighted_size())
+            .field("entries", &entries)
+            .field("weighted_size", &weighted_size)
             .field("clear_records", &self.clear_records())
             .finish()
     }
@@ -140,7 +115,7 @@ impl MemoryStore {
         if fill.ttl.is_zero() {
             return FillOutcome::Stored;
         }
-        let tags: Arc<[u64]> = fill.tags.iter().map(|t| tag_id(t)).collect();
+        let tags: Box<[u64]> = fill.tags.iter().map(|t| tag_id(t)).collect();
         if !self
             .inner
             .records
@@ -151,22 +126,26 @@ impl MemoryStore {
         // A clear landing between the check and the insert is caught on read.
         let value = MemValue {
             bytes: fill.value,
-            ttl: fill.ttl,
             fence: fill.fence,
             tags,
         };
-        self.inner.cache.insert(fill.key, value);
+        let weight = value.weight(&fill.key);
+        self.inner.cache.insert(fill.key, value, weight, fill.ttl);
         FillOutcome::Stored
     }
 
     fn read(&self, key: &EntryKey) -> Lookup {
         let records = &self.inner.records;
         let fence = records.fence();
-        let found = self.inner.cache.get(key);
+        let found = self.inner.cache.read(key, |v| {
+            records
+                .is_current(v.fence, v.tags.iter().copied())
+                .then(|| v.bytes.clone())
+        });
         let value = match found {
-            Some(v) if records.is_current(v.fence, v.tags.iter().copied()) => Some(v.bytes),
-            Some(_) => {
-                self.inner.cache.invalidate(key); // dead: nobody may read it again
+            Some(Some(bytes)) => Some(bytes),
+            Some(None) => {
+                self.inner.cache.remove(key); // dead: nobody may read it again
                 None
             }
             None => None,
@@ -238,7 +217,7 @@ impl Store for MemoryStore {
             seq
         });
         // Dead already; dropping them frees the memory now.
-        self.inner.cache.invalidate_all();
+        self.inner.cache.clear();
         Ok(seq)
     }
 }
@@ -247,12 +226,16 @@ impl Store for MemoryStore {
 /// (see `TieredStore`): its own records are not consulted.
 #[cfg_attr(not(feature = "valkey"), allow(dead_code))]
 impl MemoryStore {
-    /// An entry as stored, with the stamp it was filled under, whether current or not.
-    pub(crate) fn peek(&self, key: &EntryKey) -> Option<(Bytes, Fence, Arc<[u64]>)> {
+    /// Calls `f` with an entry as stored and the stamp it was filled under (its fence and
+    /// tag ids), whether current or not; under a lock: `f` copies out what it needs.
+    pub(crate) fn peek<R>(
+        &self,
+        key: &EntryKey,
+        f: impl FnOnce(&Bytes, Fence, &[u64]) -> R,
+    ) -> Option<R> {
         self.inner
             .cache
-            .get(key)
-            .map(|v| (v.bytes, v.fence, v.tags))
+            .read(key, |v| f(&v.bytes, v.fence, &v.tags))
     }
 
     /// Stores an entry without checking it against this store's records.
@@ -267,25 +250,22 @@ impl MemoryStore {
         if ttl.is_zero() {
             return;
         }
-        let tags: Arc<[u64]> = tags.iter().map(|t| tag_id(t)).collect();
-        self.inner.cache.insert(
-            key,
-            MemValue {
-                bytes,
-                ttl,
-                fence,
-                tags,
-            },
-        );
+        let value = MemValue {
+            bytes,
+            fence,
+            tags: tags.iter().map(|t| tag_id(t)).collect(),
+        };
+        let weight = value.weight(&key);
+        self.inner.cache.insert(key, value, weight, ttl);
     }
 
     /// Drops one entry.
     pub(crate) fn drop_entry(&self, key: &EntryKey) {
-        self.inner.cache.invalidate(key);
+        self.inner.cache.remove(key);
     }
 
     /// Drops every entry, keeping the records.
     pub(crate) fn flush(&self) {
-        self.inner.cache.invalidate_all();
+        self.inner.cache.clear();
     }
 }

@@ -21,6 +21,8 @@ pub(crate) const HOT_FADE: f64 = 0.9;
 use crate::key::EntryKey;
 
 #[cfg(feature = "memory")]
+mod bounded;
+#[cfg(feature = "memory")]
 mod memory;
 pub(crate) mod records;
 #[cfg(all(feature = "valkey", feature = "memory"))]

@@ -125,8 +125,10 @@ impl TieredStore {
     /// The near copy of `key`, if the records of the connection serving it vouch for it.
     fn near_lookup(&self, key: &EntryKey) -> Option<Lookup> {
         let vouch = self.inner.far.vouch(key)?;
-        let (bytes, fence, ids) = self.inner.near.peek(key)?;
-        if vouch.vouches(fence, &ids) {
+        let held = self.inner.near.peek(key, |bytes, fence, ids| {
+            vouch.vouches(fence, ids).then(|| bytes.clone())
+        })?;
+        if let Some(bytes) = held {
             let tally = self.inner.near_hits.local();
             tally.hits.fetch_add(1, Ordering::Relaxed);
             return Some(Lookup::new(Some(bytes), vouch.fence()));
