@@ -8,6 +8,7 @@ pub mod admin;
 pub mod body_digest;
 mod breaker;
 pub mod cache;
+pub(crate) mod clock;
 mod compress;
 mod engine;
 mod entry;

@@ -192,9 +192,16 @@ pub(crate) struct Timer {
 
 impl Timer {
     pub(crate) fn start() -> Self {
+        Self::started(std::time::Instant::now())
+    }
+
+    /// A timer started at `at`. (Its end is read from the clock itself, never a pinned
+    /// instant: see `clock`.)
+    pub(crate) fn started(at: std::time::Instant) -> Self {
+        let _ = at;
         Timer {
             #[cfg(feature = "metrics")]
-            started: std::time::Instant::now(),
+            started: at,
         }
     }
 

@@ -70,10 +70,13 @@ where
                 });
             }
         };
-        let asked = Asked::of(&parts);
-        let timer = Timer::start();
+        // The one clock read of a hit answered here (see `clock`).
+        let at = std::time::Instant::now();
+        let asked = Asked::of(&parts, crate::clock::wall_ms_at(at));
+        let timer = Timer::started(at);
         self.engine.seen(&key, route, &parts, asked.at_ms);
-        let found = match self.engine.begin_lookup(&key, asked.at_ms) {
+        let engine = &self.engine;
+        let begun = crate::clock::pinned(at, || match engine.begin_lookup(&key, asked.at_ms) {
             // A hit the store had at once is answered here: no future to allocate, nothing
             // cloned, the service below untouched (and still ready for the next call). One
             // stored compressed for a client that does not take it is decompressed in the
@@ -81,13 +84,17 @@ where
             Begun::Found(Found::Hit { entry, fence })
                 if as_stored(&entry, asked.accept_encoding.as_ref()) =>
             {
-                match self.engine.fresh_hit(entry, route, &asked, timer) {
-                    Some(res) => return ResponseFuture::ready(res),
-                    None => Some(Box::new(Found::Miss { fence })),
+                match engine.fresh_hit(entry, route, &asked, timer) {
+                    Some(res) => Ok(res),
+                    None => Err(Some(Box::new(Found::Miss { fence }))),
                 }
             }
-            Begun::Found(found) => Some(Box::new(found)),
-            Begun::Ask => None,
+            Begun::Found(found) => Err(Some(Box::new(found))),
+            Begun::Ask => Err(None),
+        });
+        let found = match begun {
+            Ok(res) => return ResponseFuture::ready(res),
+            Err(found) => found,
         };
         // The clone was not polled ready; keep it and hand the ready one to the future.
         let clone = self.inner.clone();

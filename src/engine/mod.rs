@@ -173,7 +173,8 @@ pub(crate) struct Asked {
 }
 
 impl Asked {
-    pub(crate) fn of(parts: &http::request::Parts) -> Self {
+    /// What `parts` ask, received at `at_ms` (milliseconds since the Unix epoch).
+    pub(crate) fn of(parts: &http::request::Parts, at_ms: u64) -> Self {
         let want = if parts.method == http::Method::HEAD {
             Want::HeadersOnly
         } else {
@@ -188,7 +189,7 @@ impl Asked {
             want,
             conditions,
             accept_encoding: crate::compress::accept_encoding(&parts.headers),
-            at_ms: crate::entry::now_ms(),
+            at_ms,
         }
     }
 }

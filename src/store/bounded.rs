@@ -32,6 +32,9 @@ use crate::lock;
 const MIN_SHARD_BYTES: u64 = 8 << 20;
 /// The most shards: enough that two cores writing rarely meet on one lock.
 const MAX_SHARDS: usize = 16;
+/// A shard with this many slots or more drops its empty ones once fewer than a quarter
+/// are held.
+const COMPACT_FROM: usize = 64;
 
 /// A concurrent map from keys to values, bounded by the weights its inserts declare.
 pub(crate) struct Bounded<V> {
@@ -62,17 +65,12 @@ struct Held<V> {
     key: EntryKey,
     value: V,
     weight: u32,
-    /// When it expires, in ms of `monotonic_ms`.
+    /// When it expires, in ms of `clock::monotonic_ms`.
     expires: u64,
 }
 
-/// Milliseconds on a monotonic clock, from the first call: a wall clock stepping back must
-/// not keep an entry alive.
-fn monotonic_ms() -> u64 {
-    static BASE: std::sync::LazyLock<std::time::Instant> =
-        std::sync::LazyLock::new(std::time::Instant::now);
-    u64::try_from(BASE.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
+/// Expiry is on a monotonic clock: a wall clock stepping back must not keep an entry alive.
+use crate::clock::monotonic_ms;
 
 impl<V> Bounded<V> {
     /// A map holding at most `budget` of declared weight.
@@ -103,7 +101,9 @@ impl<V> Bounded<V> {
     }
 
     /// Calls `f` with the value under `key`, unless there is none or it has expired; marks
-    /// it used. `f` runs under the shard's read lock: it should copy out what it needs.
+    /// it used. `f` runs under the shard's read lock: it should copy out what it needs, and
+    /// must neither touch this map nor take a lock (a writer waiting on the shard would
+    /// stall every reader of it behind `f`'s wait).
     pub(crate) fn read<R>(&self, key: &EntryKey, f: impl FnOnce(&V) -> R) -> Option<R> {
         let now = monotonic_ms();
         let shard = lock::read(self.shard(key));
@@ -120,19 +120,23 @@ impl<V> Bounded<V> {
     }
 
     /// Stores `value` under `key` for `ttl`, counted as `weight`; evicts what it must to
-    /// stay within the budget. A value heavier than a shard's share is not stored (and any
-    /// value the key had goes).
-    pub(crate) fn insert(&self, key: EntryKey, value: V, weight: u32, ttl: Duration) {
+    /// stay within the budget. `false` when it was not stored: a value heavier than a
+    /// shard's share; any value the key had goes then.
+    pub(crate) fn insert(&self, key: EntryKey, value: V, weight: u32, ttl: Duration) -> bool {
         let now = monotonic_ms();
         let expires = now.saturating_add(crate::entry::millis(ttl));
+        // Nothing weighs nothing: every entry can be evicted to make room.
+        let weight = weight.max(1);
         let shard = self.shard(&key);
         if u64::from(weight) > self.share {
             let gone = lock::write(shard).take_key(&key);
             drop(gone);
-            return;
+            return false;
         }
         let mut s = lock::write(shard);
-        let (at, old) = s.put(key, value, weight, expires);
+        let Some((at, old)) = s.put(key, value, weight, expires) else {
+            return false;
+        };
         let mut evicted = Vec::new();
         while s.weight > self.share {
             match s.evict_one(at, now) {
@@ -140,9 +144,11 @@ impl<V> Bounded<V> {
                 None => break,
             }
         }
+        s.settle();
         drop(s);
         // Dropped outside the lock: the last reference to a large body frees it.
         drop((old, evicted));
+        true
     }
 
     /// Takes the value under `key` out, if any (expired or not).
@@ -159,30 +165,13 @@ impl<V> Bounded<V> {
         }
     }
 
-    /// Drops the expired entries; returns how many entries are left and their weight.
+    /// How many entries are held and their weight: exact, expired ones included until
+    /// they are evicted or written over. Takes each shard's read lock in turn.
     pub(crate) fn count(&self) -> (u64, u64) {
-        let now = monotonic_ms();
-        let (mut entries, mut weight) = (0, 0);
-        for shard in self.shards.iter() {
-            let mut s = lock::write(shard);
-            let expired: Vec<u32> = s
-                .index
-                .values()
-                .copied()
-                .filter(|&at| {
-                    s.slots[at as usize]
-                        .entry
-                        .as_ref()
-                        .is_some_and(|h| h.expires <= now)
-                })
-                .collect();
-            let gone: Vec<_> = expired.into_iter().filter_map(|at| s.take(at)).collect();
-            entries += s.index.len() as u64;
-            weight += s.weight;
-            drop(s);
-            drop(gone);
-        }
-        (entries, weight)
+        self.shards.iter().fold((0, 0), |(entries, weight), shard| {
+            let s = lock::read(shard);
+            (entries + s.index.len() as u64, weight + s.weight)
+        })
     }
 }
 
@@ -197,15 +186,15 @@ impl<V> Shard<V> {
         }
     }
 
-    /// Puts the entry in (over the key's old one, which it returns); where it is.
+    /// Puts the entry in (over the key's old one, which it returns); where it is. `None`
+    /// (and nothing put) when a new slot would not have an index.
     fn put(
         &mut self,
         key: EntryKey,
         value: V,
         weight: u32,
         expires: u64,
-    ) -> (usize, Option<Held<V>>) {
-        self.weight += u64::from(weight);
+    ) -> Option<(usize, Option<Held<V>>)> {
         if let Some(&at) = self.index.get(&key) {
             let slot = &mut self.slots[at as usize];
             let new = Held {
@@ -215,10 +204,11 @@ impl<V> Shard<V> {
                 expires,
             };
             let old = slot.entry.replace(new);
+            self.weight += u64::from(weight);
             if let Some(old) = &old {
                 self.weight -= u64::from(old.weight);
             }
-            return (at as usize, old);
+            return Some((at as usize, old));
         }
         let held = Held {
             key: key.clone(),
@@ -234,17 +224,19 @@ impl<V> Shard<V> {
                 at
             }
             None => {
+                // 4 G entries in one shard: not a budget anyone sets, but never a slot two
+                // keys share.
+                let at = u32::try_from(self.slots.len()).ok()?;
                 self.slots.push(Slot {
                     entry: Some(held),
                     used: AtomicBool::new(false),
                 });
-                // At most `u32::MAX` slots: a shard's share over 4 G entries is not a
-                // budget anyone sets, and weights are at least the key's size.
-                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+                at
             }
         };
+        self.weight += u64::from(weight);
         self.index.insert(key, at);
-        (at as usize, None)
+        Some((at as usize, None))
     }
 
     /// Evicts one entry other than `keep`: the first the hand finds expired or not used
@@ -270,9 +262,12 @@ impl<V> Shard<V> {
         None
     }
 
+    /// Takes `key`'s entry out (and settles: see `settle`).
     fn take_key(&mut self, key: &EntryKey) -> Option<Held<V>> {
         let at = *self.index.get(key)?;
-        self.take(at)
+        let held = self.take(at);
+        self.settle();
+        held
     }
 
     fn take(&mut self, at: u32) -> Option<Held<V>> {
@@ -283,6 +278,40 @@ impl<V> Shard<V> {
         self.weight -= u64::from(held.weight);
         self.free.push(at);
         Some(held)
+    }
+
+    /// Drops the empty slots once fewer than a quarter of them hold an entry: a shard that
+    /// held many small entries and now holds a few large ones keeps no room for the many.
+    /// (Slot numbers change: never while an insert still needs its own.)
+    fn settle(&mut self) {
+        if self.slots.len() >= COMPACT_FROM && self.index.len() * 4 < self.slots.len() {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let hand = self.hand;
+        let mut kept = Vec::with_capacity(self.index.len());
+        let mut new_hand = None;
+        for (at, slot) in std::mem::take(&mut self.slots).into_iter().enumerate() {
+            if slot.entry.is_some() {
+                if new_hand.is_none() && at >= hand {
+                    new_hand = Some(kept.len());
+                }
+                kept.push(slot);
+            }
+        }
+        self.hand = new_hand.unwrap_or(0);
+        self.index.clear();
+        self.index.shrink_to(kept.len());
+        for (at, slot) in kept.iter().enumerate() {
+            if let Some(held) = &slot.entry {
+                // Fewer slots than before: every index fits.
+                self.index.insert(held.key.clone(), at as u32);
+            }
+        }
+        self.slots = kept;
+        self.free = Vec::new();
     }
 }
 
@@ -403,21 +432,25 @@ mod tests {
     }
 
     #[test]
-    fn expired_entries_are_not_read_and_go_when_counted() {
+    fn expired_entries_are_not_read_nor_handed_out() {
         let m = Bounded::new(1 << 20);
-        m.insert(key(1), 1, 100, Duration::from_millis(30));
+        m.insert(key(1), 1, 100, Duration::from_millis(300));
         m.insert(key(2), 2, 100, HOUR);
         m.insert(key(3), 3, 100, Duration::ZERO);
         assert_eq!(get(&m, 1), Some(1));
         assert_eq!(get(&m, 3), None, "a zero lifetime is expired at once");
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(400));
         assert_eq!(get(&m, 1), None);
+        assert_eq!(get(&m, 2), Some(2));
+        assert_eq!(m.count(), (3, 300), "counted until evicted or written over");
         assert_eq!(
             m.remove(&key(1)),
             None,
             "an expired value is not handed out"
         );
-        assert_eq!(m.count(), (1, 100));
+        assert_eq!(m.count(), (2, 200), "but removed all the same");
+        m.insert(key(3), 33, 100, HOUR);
+        assert_eq!(get(&m, 3), Some(33), "written over");
     }
 
     #[test]
@@ -427,14 +460,70 @@ mod tests {
             m.insert(key(i), i, 100, HOUR);
             assert_eq!(get(&m, i), Some(i));
         }
-        m.insert(key(9), 9, 100, Duration::from_millis(20));
+        m.insert(key(9), 9, 100, Duration::from_millis(200));
         assert_eq!(get(&m, 9), Some(9));
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(300));
         m.insert(key(10), 10, 100, HOUR);
         for i in 0..9 {
             assert_eq!(get(&m, i), Some(i), "{i}");
         }
         assert_eq!(get(&m, 10), Some(10));
+    }
+
+    #[test]
+    fn absurd_sizes_and_lifetimes_neither_panic_nor_overflow() {
+        let m = Bounded::new(1 << 20);
+        assert!(m.insert(key(1), 1, 100, Duration::MAX));
+        assert_eq!(get(&m, 1), Some(1));
+        assert!(
+            !m.insert(key(2), 2, u32::MAX, HOUR),
+            "heavier than the budget"
+        );
+        assert!(m.insert(key(3), 3, 0, HOUR), "weightless is counted as 1");
+        assert_eq!(m.count(), (2, 101));
+        let none = Bounded::new(0);
+        assert!(
+            !none.insert(key(1), 1, 0, HOUR),
+            "a zero budget holds nothing"
+        );
+        assert_eq!(none.count(), (0, 0));
+        // A budget of many shards refuses what exceeds one shard's share, and keeps the rest.
+        let big = Bounded::new(256 << 20);
+        assert_eq!(big.shards.len(), MAX_SHARDS);
+        assert!(big.insert(key(1), 1, 16 << 20, HOUR), "exactly a share");
+        assert!(!big.insert(key(1), 2, (16 << 20) + 1, HOUR), "over it");
+        assert_eq!(get(&big, 1), None, "the key's older value went too");
+    }
+
+    #[test]
+    fn a_shard_drops_its_empty_slots_when_few_are_held() {
+        let m = Bounded::new(100_000);
+        for i in 0..1_000 {
+            m.insert(key(i), i, 100, HOUR);
+        }
+        let slots = |m: &Bounded<u64>| lock::read(&m.shards[0]).slots.len();
+        assert_eq!(slots(&m), 1_000);
+        // Large entries push the small ones out: ten fit.
+        for i in 0..10 {
+            assert!(m.insert(key(10_000 + i), i, 10_000, HOUR));
+            assert_eq!(get(&m, 10_000 + i), Some(i));
+        }
+        assert_eq!(m.count(), (10, 100_000));
+        assert!(slots(&m) < 64, "{} slots for 10 entries", slots(&m));
+        for i in 0..10 {
+            assert_eq!(get(&m, 10_000 + i), Some(i), "kept through compaction");
+        }
+        // Removing most of what is held compacts too.
+        for i in 0..1_000 {
+            m.insert(key(i), i, 10, HOUR);
+        }
+        for i in 0..990 {
+            m.remove(&key(i));
+        }
+        assert!(slots(&m) < 200, "{} slots", slots(&m));
+        for i in 990..1_000 {
+            assert_eq!(get(&m, i), Some(i));
+        }
     }
 
     #[test]
@@ -452,19 +541,22 @@ mod tests {
 
     #[test]
     fn readers_and_writers_at_once_keep_it_consistent() {
-        let m = std::sync::Arc::new(Bounded::<u64>::new(64 << 10));
+        // Four shards of 8 MiB, over full: eviction, removal and compaction on every shard
+        // while others read.
+        let m = std::sync::Arc::new(Bounded::<u64>::new(32 << 20));
+        assert_eq!(m.shards.len(), 4);
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
                 let m = m.clone();
                 std::thread::spawn(move || {
                     for i in 0..20_000u64 {
-                        let k = (i * 7 + t) % 2_000;
+                        let k = (i * 7 + t * 13) % 3_001;
                         if (i + t) % 3 == 0 {
-                            m.insert(key(k), k, 64 + (k % 5) as u32 * 32, HOUR);
+                            m.insert(key(k), k, 8_000 + (k % 5) as u32 * 4_000, HOUR);
                         } else if let Some(v) = get(&m, k) {
                             assert_eq!(v, k, "a key reads its own value");
                         }
-                        if i % 997 == 0 {
+                        if i % 97 == 0 {
                             m.remove(&key(k));
                         }
                     }
@@ -475,10 +567,10 @@ mod tests {
             t.join().unwrap();
         }
         let (entries, weight) = m.count();
-        assert!(weight <= 64 << 10);
-        // The index and the slots agree: every indexed entry reads, and the weights add up.
-        let mut seen = 0;
-        let mut total = 0;
+        assert!(weight <= 32 << 20);
+        assert!(weight > 24 << 20, "filled: {weight}");
+        // The index, the slots and the free list agree, and the weights add up.
+        let (mut seen, mut total) = (0, 0);
         for shard in m.shards.iter() {
             let s = lock::read(shard);
             for (k, &at) in &s.index {
@@ -490,10 +582,15 @@ mod tests {
                 total += u64::from(held.weight);
                 seen += 1;
             }
-            assert_eq!(
-                s.slots.iter().filter(|x| x.entry.is_some()).count(),
-                s.index.len()
-            );
+            let held = s.slots.iter().filter(|x| x.entry.is_some()).count();
+            assert_eq!(held, s.index.len());
+            let mut free = s.free.clone();
+            free.sort_unstable();
+            free.dedup();
+            assert_eq!(free.len(), s.free.len(), "no slot freed twice");
+            assert!(free.iter().all(|&at| s.slots[at as usize].entry.is_none()));
+            assert_eq!(free.len() + held, s.slots.len(), "every empty slot is free");
+            assert!(s.hand < s.slots.len().max(1));
         }
         assert_eq!((seen, total), (entries, weight));
     }

@@ -23,7 +23,10 @@ const ENTRY_OVERHEAD: usize = 400;
 ///
 /// Clones share the same cache. When the byte budget is reached, entries are evicted by
 /// CLOCK (second chance: an entry read since the last pass is kept, the first one not read
-/// goes); they expire after their TTL. A clear records each tag's clear (at most
+/// goes); they expire after their TTL. The budget is split into up to 16 shards of at least
+/// 8 MiB each, and an entry is stored only if it fits in one: under a 16 MiB budget any
+/// entry up to the budget, above it any entry up to 8 MiB or a sixteenth of the budget,
+/// whichever is more (a fill over it reports [`FillOutcome::Dropped`]). A clear records each tag's clear (at most
 /// 16,384 records, about 1 MiB beyond the budget, by default) and costs the same whatever
 /// the tags carry; entries it made dead are dropped when next read, or by TTL and eviction.
 ///
@@ -81,13 +84,14 @@ impl MemoryStore {
         self
     }
 
-    /// Number of entries (after pending maintenance has run). Entries made dead by a clear
-    /// count until they are read, expire or are evicted.
+    /// Number of entries held. Entries made dead by a clear count until they are read or
+    /// evicted; expired ones until they are evicted or written over.
     pub fn entry_count(&self) -> u64 {
         self.inner.cache.count().0
     }
 
-    /// Bytes in use as counted against the budget (after pending maintenance has run).
+    /// Bytes in use as counted against the budget (the entries [`entry_count`](Self::entry_count)
+    /// counts).
     pub fn weighted_size(&self) -> u64 {
         self.inner.cache.count().1
     }
@@ -130,17 +134,27 @@ impl MemoryStore {
             tags,
         };
         let weight = value.weight(&fill.key);
-        self.inner.cache.insert(fill.key, value, weight, fill.ttl);
-        FillOutcome::Stored
+        if self.inner.cache.insert(fill.key, value, weight, fill.ttl) {
+            FillOutcome::Stored
+        } else {
+            FillOutcome::Dropped
+        }
     }
 
     fn read(&self, key: &EntryKey) -> Lookup {
         let records = &self.inner.records;
         let fence = records.fence();
+        // Under the map's shard lock only what takes no lock (see `TieredStore`).
         let found = self.inner.cache.read(key, |v| {
-            records
-                .is_current(v.fence, v.tags.iter().copied())
-                .then(|| v.bytes.clone())
+            if records.surely_current(v.fence) {
+                Ok(v.bytes.clone())
+            } else {
+                Err((v.bytes.clone(), v.fence, v.tags.to_vec()))
+            }
+        });
+        let found = found.map(|held| match held {
+            Ok(bytes) => Some(bytes),
+            Err((bytes, fence, ids)) => records.is_current(fence, ids).then_some(bytes),
         });
         let value = match found {
             Some(Some(bytes)) => Some(bytes),
@@ -256,7 +270,7 @@ impl MemoryStore {
             tags: tags.iter().map(|t| tag_id(t)).collect(),
         };
         let weight = value.weight(&key);
-        self.inner.cache.insert(key, value, weight, ttl);
+        let _ = self.inner.cache.insert(key, value, weight, ttl);
     }
 
     /// Drops one entry.

@@ -209,8 +209,9 @@ pub enum FillOutcome {
     /// Not written: one of its tags was cleared (or the store purged, or its records
     /// started a new epoch) after the fence, so it could never be served.
     Fenced,
-    /// Not written: the store is too far behind to take more fills right now. Not a
-    /// failure (the layer's circuit breaker ignores it); the next miss fills again.
+    /// Not written: the store is too far behind to take more fills right now, or the value
+    /// is larger than it holds (see [`MemoryStore`](crate::store)). Not a failure (the
+    /// layer's circuit breaker ignores it); the next miss fills again.
     Dropped,
 }
 

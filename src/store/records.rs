@@ -253,13 +253,18 @@ impl Shared {
         self.newest().unwrap_or_else(|| self.read().fence())
     }
 
+    /// Whether no clear at all came after `fence` (in its epoch): current whatever its
+    /// tags, told without the lock. `false` says nothing: ask [`is_current`](Self::is_current).
+    pub(crate) fn surely_current(&self, fence: Fence) -> bool {
+        self.newest().is_some_and(|newest| {
+            newest.epoch() != 0 && fence.epoch() == newest.epoch() && fence.seq() >= newest.seq()
+        })
+    }
+
     /// [`Records::is_current`], without the lock for an entry no clear came after.
     pub(crate) fn is_current(&self, fence: Fence, ids: impl IntoIterator<Item = u64>) -> bool {
-        if let Some(newest) = self.newest() {
-            if newest.epoch() != 0 && fence.epoch() == newest.epoch() && fence.seq() >= newest.seq()
-            {
-                return true;
-            }
+        if self.surely_current(fence) {
+            return true;
         }
         self.read().is_current(fence, ids)
     }

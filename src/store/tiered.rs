@@ -125,10 +125,20 @@ impl TieredStore {
     /// The near copy of `key`, if the records of the connection serving it vouch for it.
     fn near_lookup(&self, key: &EntryKey) -> Option<Lookup> {
         let vouch = self.inner.far.vouch(key)?;
+        // Under the near map's shard lock only what takes no lock: an entry some clear came
+        // after is copied out and checked against the records (which lock) after it.
         let held = self.inner.near.peek(key, |bytes, fence, ids| {
-            vouch.vouches(fence, ids).then(|| bytes.clone())
+            if vouch.vouches_at_once(fence) {
+                Ok(bytes.clone())
+            } else {
+                Err((bytes.clone(), fence, ids.to_vec()))
+            }
         })?;
-        if let Some(bytes) = held {
+        let current = match held {
+            Ok(bytes) => Some(bytes),
+            Err((bytes, fence, ids)) => vouch.vouches(fence, &ids).then_some(bytes),
+        };
+        if let Some(bytes) = current {
             let tally = self.inner.near_hits.local();
             tally.hits.fetch_add(1, Ordering::Relaxed);
             return Some(Lookup::new(Some(bytes), vouch.fence()));

@@ -34,6 +34,12 @@ impl Vouch {
         self.tracker.is_current(fence, ids) && self.tracker.still(&self.known)
     }
 
+    /// [`vouches`](Self::vouches) when it can be told without a lock (no clear after
+    /// `fence` at all); `false` says nothing. For callers holding a lock of their own.
+    pub(crate) fn vouches_at_once(&self, fence: Fence) -> bool {
+        self.tracker.surely_current(fence) && self.tracker.still(&self.known)
+    }
+
     /// Whether the records are still as they were taken (no announcement since).
     pub(crate) fn holds(&self) -> bool {
         self.tracker.still(&self.known)

@@ -32,12 +32,9 @@ use crate::store::records::{Records, Shared};
 use crate::store::Fence;
 
 /// Milliseconds on a monotonic clock (a wall clock stepping back must not make a silent
-/// connection look recently heard), from 1.
-pub(super) fn monotonic_ms() -> u64 {
-    static BASE: std::sync::LazyLock<std::time::Instant> =
-        std::sync::LazyLock::new(std::time::Instant::now);
-    BASE.elapsed().as_millis() as u64 + 1
-}
+/// connection look recently heard), from 1; the request's pinned instant inside
+/// `Cache::call` (see `clock`).
+pub(super) use crate::clock::monotonic_ms;
 
 /// What this connection knows of the record set, and whether it still holds.
 pub(super) struct Tracker {
@@ -94,6 +91,12 @@ impl Tracker {
     /// Whether an entry stamped `fence` with tags `ids` is current by the mirror.
     pub(super) fn is_current(&self, fence: Fence, ids: &[u64]) -> bool {
         self.mirror.is_current(fence, ids.iter().copied())
+    }
+
+    /// Whether the mirror holds no clear after `fence` at all (told without its lock;
+    /// `false` says nothing).
+    pub(super) fn surely_current(&self, fence: Fence) -> bool {
+        self.mirror.surely_current(fence)
     }
 
     /// The fence, if the mirror is known to be current.
