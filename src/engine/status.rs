@@ -110,13 +110,21 @@ impl fmt::Display for Status {
 impl<St> Engine<St> {
     /// `{name}; {status}` as a header value.
     fn status_value(&self, status: Status) -> HeaderValue {
+        match status {
+            // Every hit: one of the values this thread made lately (see `hit_values`).
+            Status::Hit { ttl } => hit_values(&self.status_name, ttl, || self.format(status)),
+            _ => self.format(status),
+        }
+    }
+
+    fn format(&self, status: Status) -> HeaderValue {
         use std::io::Write;
         let fallback = |_| HeaderValue::from_static("tower-cache-aside");
         // Formatted on the stack and copied once into an exactly sized buffer: one
         // allocation (a `Vec` with spare capacity would need a second for `Bytes`).
         let mut buf = [0u8; 160];
         if let Status::Hit { ttl } = status {
-            // Every hit: written without the formatting machinery.
+            // Written without the formatting machinery.
             if let Some(n) = hit_value(&mut buf, &self.status_name, ttl) {
                 return HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(fallback);
             }
@@ -147,6 +155,45 @@ impl<St> Engine<St> {
             headers.insert(&X_CACHE, HeaderValue::from_static(status.x_cache()));
         }
     }
+}
+
+/// How many hit values each thread keeps (by `ttl`, direct-mapped).
+const HIT_VALUES: usize = 8;
+
+thread_local! {
+    /// The hit values this thread made lately, with the status name they were made for
+    /// (held, so that its address names it): a hot entry's value is made once a second
+    /// per thread instead of once a hit. A clone shares the value's bytes, which only this
+    /// thread's responses touch in the common case.
+    static HIT_VALUE_MEMO: std::cell::RefCell<[Option<(std::sync::Arc<str>, u64, HeaderValue)>; HIT_VALUES]> =
+        const { std::cell::RefCell::new([const { None }; HIT_VALUES]) };
+}
+
+/// The `Cache-Status` value of a hit with `ttl` left under `name`, from this thread's memo
+/// or `make`.
+fn hit_values(
+    name: &std::sync::Arc<str>,
+    ttl: u64,
+    make: impl FnOnce() -> HeaderValue,
+) -> HeaderValue {
+    let slot = (ttl % HIT_VALUES as u64) as usize;
+    let found = HIT_VALUE_MEMO
+        .try_with(|memo| match &memo.try_borrow().ok()?[slot] {
+            Some((n, t, v)) if *t == ttl && std::sync::Arc::ptr_eq(n, name) => Some(v.clone()),
+            _ => None,
+        })
+        .ok()
+        .flatten();
+    if let Some(v) = found {
+        return v;
+    }
+    let v = make();
+    let _ = HIT_VALUE_MEMO.try_with(|memo| {
+        if let Ok(mut memo) = memo.try_borrow_mut() {
+            memo[slot] = Some((name.clone(), ttl, v.clone()));
+        }
+    });
+    v
 }
 
 /// `{name}; hit; ttl={ttl}` into `buf`; its length, or `None` when it does not fit.
@@ -228,6 +275,41 @@ mod tests {
                     format!("{name}; {status}")
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_hit_memo_never_mixes_names_or_ttls() {
+        // Two layers with names of the same length, on one thread, taking turns; ttls that
+        // share a memo slot (0 and 8) and ttls that do not.
+        let engines: Vec<Engine<()>> = ["aaa", "bbb"]
+            .into_iter()
+            .map(|name| {
+                let mut e = Engine::new(());
+                e.status_name = std::sync::Arc::from(name);
+                e
+            })
+            .collect();
+        for round in 0..3 {
+            for ttl in [0, 8, 1, 9, 16, 0, 300, 300 + 8] {
+                for (e, name) in engines.iter().zip(["aaa", "bbb"]) {
+                    assert_eq!(
+                        e.status_value(Status::Hit { ttl }).to_str().unwrap(),
+                        format!("{name}; hit; ttl={ttl}"),
+                        "round {round}"
+                    );
+                }
+            }
+        }
+        // A layer dropped and another made with a new name: the memo holds the old name,
+        // so the new one (wherever it lives) is never taken for it.
+        for name in ["x1", "x2", "x3"] {
+            let mut e = Engine::new(());
+            e.status_name = std::sync::Arc::from(name);
+            assert_eq!(
+                e.status_value(Status::Hit { ttl: 5 }).to_str().unwrap(),
+                format!("{name}; hit; ttl=5")
+            );
         }
     }
 }
