@@ -160,12 +160,15 @@ impl<St> Engine<St> {
 /// How many hit values each thread keeps (by `ttl`, direct-mapped).
 const HIT_VALUES: usize = 8;
 
+/// A hit's `Cache-Status` value, with the status name and ttl it was made for.
+type HitValue = (std::sync::Arc<str>, u64, HeaderValue);
+
 thread_local! {
     /// The hit values this thread made lately, with the status name they were made for
     /// (held, so that its address names it): a hot entry's value is made once a second
     /// per thread instead of once a hit. A clone shares the value's bytes, which only this
     /// thread's responses touch in the common case.
-    static HIT_VALUE_MEMO: std::cell::RefCell<[Option<(std::sync::Arc<str>, u64, HeaderValue)>; HIT_VALUES]> =
+    static HIT_VALUE_MEMO: std::cell::RefCell<[Option<HitValue>; HIT_VALUES]> =
         const { std::cell::RefCell::new([const { None }; HIT_VALUES]) };
 }
 

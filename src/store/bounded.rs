@@ -14,7 +14,7 @@
 //! It replaced moka, whose reads (a concurrent hash table, an epoch pin, a read-event queue
 //! and its maintenance, a clock read) were the largest single item of a near-cache hit:
 //! 135 ns a read against 50 here, clock read included, on one thread; 820 against about
-//! 400 with two threads reading one key (`examples` measured it once; `cargo bench --bench
+//! 400 with two threads reading one key (a throwaway comparison; `cargo bench --bench
 //! hot_path -- memory` shows the hit as a whole). CLOCK keeps what is read again and lets
 //! what was read once go first; it has no frequency sketch, so a scan of many new keys can
 //! push out entries read only once since the hand last passed.
