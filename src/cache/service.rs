@@ -74,7 +74,6 @@ where
         let at = std::time::Instant::now();
         let asked = Asked::of(&parts, crate::clock::wall_ms_at(at));
         let timer = Timer::started(at);
-        self.engine.seen(&key, route, &parts, asked.at_ms);
         let engine = &self.engine;
         let begun = crate::clock::pinned(at, || match engine.begin_lookup(&key, asked.at_ms) {
             // A hit the store had at once is answered here: no future to allocate, nothing
@@ -92,6 +91,9 @@ where
             Begun::Found(found) => Err(Some(Box::new(found))),
             Begun::Ask => Err(None),
         });
+        // Counted after the pinned work: a key's first sighting runs the route's scope
+        // function, which must not age the pinned instant.
+        self.engine.seen(&key, route, &parts, asked.at_ms);
         let found = match begun {
             Ok(res) => return ResponseFuture::ready(res),
             Err(found) => found,

@@ -157,6 +157,26 @@ impl<V> Bounded<V> {
         (held.expires > monotonic_ms()).then_some(held.value)
     }
 
+    /// Takes the value under `key` out if it is still the one `same` recognizes (not one a
+    /// write put there since it was read); whether it did.
+    pub(crate) fn remove_if(&self, key: &EntryKey, same: impl FnOnce(&V) -> bool) -> bool {
+        let mut shard = lock::write(self.shard(key));
+        let Some(&at) = shard.index.get(key) else {
+            return false;
+        };
+        if !shard.slots[at as usize]
+            .entry
+            .as_ref()
+            .is_some_and(|held| same(&held.value))
+        {
+            return false;
+        }
+        let held = shard.take_key(key);
+        drop(shard);
+        drop(held);
+        true
+    }
+
     /// Drops every entry.
     pub(crate) fn clear(&self) {
         for shard in self.shards.iter() {
@@ -524,6 +544,17 @@ mod tests {
         for i in 990..1_000 {
             assert_eq!(get(&m, i), Some(i));
         }
+    }
+
+    #[test]
+    fn remove_if_spares_a_value_written_since() {
+        let m = Bounded::new(1 << 20);
+        m.insert(key(1), 1, 100, HOUR);
+        assert!(!m.remove_if(&key(1), |v| *v == 2), "not the value read");
+        assert_eq!(get(&m, 1), Some(1));
+        assert!(m.remove_if(&key(1), |v| *v == 1));
+        assert_eq!(get(&m, 1), None);
+        assert!(!m.remove_if(&key(1), |_| true), "nothing to remove");
     }
 
     #[test]

@@ -23,10 +23,11 @@ const ENTRY_OVERHEAD: usize = 400;
 ///
 /// Clones share the same cache. When the byte budget is reached, entries are evicted by
 /// CLOCK (second chance: an entry read since the last pass is kept, the first one not read
-/// goes); they expire after their TTL. The budget is split into up to 16 shards of at least
-/// 8 MiB each, and an entry is stored only if it fits in one: under a 16 MiB budget any
-/// entry up to the budget, above it any entry up to 8 MiB or a sixteenth of the budget,
-/// whichever is more (a fill over it reports [`FillOutcome::Dropped`]). A clear records each tag's clear (at most
+/// goes); they expire after their TTL. The budget is split into shards (one per 8 MiB of
+/// budget, rounded down to a power of two, at most 16), and an entry is stored only if it
+/// fits in one: a shard's share is the whole budget under 16 MiB, else at least 8 MiB and at
+/// least a sixteenth of the budget. An entry weighs its body, key and tags plus about
+/// 400 bytes; a fill heavier than a share reports [`FillOutcome::Dropped`]. A clear records each tag's clear (at most
 /// 16,384 records, about 1 MiB beyond the budget, by default) and costs the same whatever
 /// the tags carry; entries it made dead are dropped when next read, or by TTL and eviction.
 ///
@@ -152,17 +153,17 @@ impl MemoryStore {
                 Err((v.bytes.clone(), v.fence, v.tags.to_vec()))
             }
         });
-        let found = found.map(|held| match held {
-            Ok(bytes) => Some(bytes),
-            Err((bytes, fence, ids)) => records.is_current(fence, ids).then_some(bytes),
-        });
         let value = match found {
-            Some(Some(bytes)) => Some(bytes),
-            Some(None) => {
-                self.inner.cache.remove(key); // dead: nobody may read it again
+            None => None,
+            Some(Ok(bytes)) => Some(bytes),
+            Some(Err((bytes, stamp, ids))) if records.is_current(stamp, ids.iter().copied()) => {
+                Some(bytes)
+            }
+            Some(Err((bytes, stamp, _))) => {
+                // Dead: nobody may read it again (unless a fill replaced it meanwhile).
+                self.drop_if_same(key, &bytes, stamp);
                 None
             }
-            None => None,
         };
         Lookup { value, fence }
     }
@@ -274,8 +275,12 @@ impl MemoryStore {
     }
 
     /// Drops one entry.
-    pub(crate) fn drop_entry(&self, key: &EntryKey) {
-        self.inner.cache.remove(key);
+    /// Drops `key`'s entry if it is still the one read (these bytes, this fence): not one a
+    /// fill put there meanwhile.
+    pub(crate) fn drop_if_same(&self, key: &EntryKey, bytes: &Bytes, fence: Fence) {
+        self.inner.cache.remove_if(key, |v| {
+            v.fence == fence && v.bytes.as_ptr() == bytes.as_ptr() && v.bytes.len() == bytes.len()
+        });
     }
 
     /// Drops every entry, keeping the records.

@@ -210,7 +210,7 @@ pub enum FillOutcome {
     /// started a new epoch) after the fence, so it could never be served.
     Fenced,
     /// Not written: the store is too far behind to take more fills right now, or the value
-    /// is larger than it holds (see [`MemoryStore`](crate::store)). Not a failure (the
+    /// is larger than it holds (see `MemoryStore`). Not a failure (the
     /// layer's circuit breaker ignores it); the next miss fills again.
     Dropped,
 }
@@ -297,7 +297,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// The same answer as [`lookup`](Store::lookup), given at once when the store has it
     /// without waiting (an in-process store, a near tier holding the key), or `None` to
     /// have the layer await `lookup` instead (the default). A hit answered here is served
-    /// without a future of its own: no allocation, no call into the service below.
+    /// without a future of its own: no allocation, no call into the service below. It runs
+    /// inside the service's `call`: it must not block, wait for a lock held across I/O, or
+    /// poll a future to completion.
     fn lookup_now(&self, key: &EntryKey) -> Option<Result<Lookup, StoreError>> {
         let _ = key;
         None

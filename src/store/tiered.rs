@@ -135,17 +135,22 @@ impl TieredStore {
             }
         })?;
         let current = match held {
-            Ok(bytes) => Some(bytes),
-            Err((bytes, fence, ids)) => vouch.vouches(fence, &ids).then_some(bytes),
+            Ok(bytes) => Ok(bytes),
+            Err((bytes, fence, ids)) if vouch.vouches(fence, &ids) => Ok(bytes),
+            Err((bytes, fence, _)) => Err((bytes, fence)),
         };
-        if let Some(bytes) = current {
-            let tally = self.inner.near_hits.local();
-            tally.hits.fetch_add(1, Ordering::Relaxed);
-            return Some(Lookup::new(Some(bytes), vouch.fence()));
-        }
+        let (bytes, fence) = match current {
+            Ok(bytes) => {
+                let tally = self.inner.near_hits.local();
+                tally.hits.fetch_add(1, Ordering::Relaxed);
+                return Some(Lookup::new(Some(bytes), vouch.fence()));
+            }
+            Err(dead) => dead,
+        };
         if vouch.holds() {
-            // Dead by records still current: nobody may read it again.
-            self.inner.near.drop_entry(key);
+            // Dead by records still current: nobody may read it again (unless a fill
+            // replaced it meanwhile).
+            self.inner.near.drop_if_same(key, &bytes, fence);
         }
         // Else a change was announced meanwhile: Valkey decides.
         None
