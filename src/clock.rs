@@ -33,11 +33,13 @@ static OFFSET_AT: AtomicU64 = AtomicU64::new(0);
 const OFFSET_FOR_MS: u64 = 1_000;
 
 /// Now: the pinned instant inside a pin on this thread, else the clock.
+#[cfg_attr(not(any(feature = "memory", feature = "valkey")), allow(dead_code))]
 pub(crate) fn instant() -> Instant {
     PINNED.with(Cell::get).unwrap_or_else(Instant::now)
 }
 
-/// Milliseconds on the monotonic clock, from 1 (0 can mean "never").
+/// Milliseconds on the monotonic clock, from 1 (0 can mean "never"). (Used by the stores.)
+#[cfg_attr(not(any(feature = "memory", feature = "valkey")), allow(dead_code))]
 pub(crate) fn monotonic_ms() -> u64 {
     mono_ms(instant())
 }

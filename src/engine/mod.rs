@@ -44,6 +44,8 @@ mod conditional;
 mod fill;
 mod flights;
 mod hot;
+// Only the admin service (feature `serde`) inspects.
+#[cfg(feature = "serde")]
 mod inspect;
 mod lookup;
 mod miss;
@@ -58,6 +60,7 @@ pub use body::CacheBody;
 pub use clear::RecentClear;
 pub(crate) use clear::{Clear, Deferred, Recent};
 pub(crate) use hot::{Hot, Recorded, Refresh, Warming, MAX_REFRESH};
+#[cfg(feature = "serde")]
 pub(crate) use inspect::Inspection;
 pub(crate) use lookup::{Begun, Found};
 pub(crate) use miss::OriginCall;

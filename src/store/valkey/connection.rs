@@ -209,7 +209,8 @@ impl Node {
         crate::lock::read(&self.conn).clone()
     }
 
-    /// What the shared connection knows of the records, if one is open.
+    /// What the shared connection knows of the records, if one is open (for a near tier).
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(super) fn tracker(&self) -> Option<std::sync::Arc<super::tracking::Tracker>> {
         crate::lock::read(&self.conn)
             .as_ref()

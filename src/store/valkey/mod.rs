@@ -46,7 +46,6 @@ mod topology;
 mod tracking;
 
 pub use builder::ValkeyStoreBuilder;
-#[cfg(feature = "memory")]
 use connection::Node;
 use fill_queue::Reply;
 use keys::{lease_token, KeyArg};

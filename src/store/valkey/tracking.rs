@@ -83,18 +83,21 @@ impl Tracker {
     }
 
     /// Whether the server answered on this connection within `within_ms`.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(super) fn heard_within(&self, within_ms: u64) -> bool {
         let heard = self.heard_ms.load(Ordering::Relaxed);
         heard != 0 && monotonic_ms().saturating_sub(heard) <= within_ms
     }
 
     /// Whether an entry stamped `fence` with tags `ids` is current by the mirror.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(super) fn is_current(&self, fence: Fence, ids: &[u64]) -> bool {
         self.mirror.is_current(fence, ids.iter().copied())
     }
 
     /// Whether the mirror holds no clear after `fence` at all (told without its lock;
     /// `false` says nothing).
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(super) fn surely_current(&self, fence: Fence) -> bool {
         self.mirror.surely_current(fence)
     }
