@@ -1,26 +1,31 @@
 //! The in-process store's map: bounded by bytes, each entry with a lifetime of its own,
-//! evicted by CLOCK (second chance).
+//! evicted by S3-FIFO.
 //!
 //! Sharded by a keyed hash of the key's digest, each shard behind a `RwLock` with an equal
-//! share of the budget. A read takes the read lock, marks
-//! the entry used (a flag written only when not set already, so readers of a hot entry
-//! write nothing shared beyond the lock) and hands the caller a reference for the moment
-//! the lock is held: it copies out what it needs. An insert that takes its shard over its
-//! share evicts: a hand goes round the shard's slots, passing over (and unmarking) the
-//! entries used since it last came by, and takes the first that was not, or has expired.
-//! Expired entries are never read; they go when the hand reaches them, when their key is
-//! written again, or when the map is counted.
+//! share of the budget. A read takes the read lock, counts the read on the entry (a small
+//! counter, written only while below its cap, so readers of a hot entry write nothing
+//! shared beyond the lock) and hands the caller a reference for the moment the lock is
+//! held: it copies out what it needs.
+//!
+//! Eviction is S3-FIFO (Yang et al., SOSP 2023): a new entry joins a small queue (a tenth
+//! of the share); when the small queue is over its tenth, its oldest entry moves to the
+//! main queue if it was read since it came in, or goes (its key remembered in a ghost
+//! queue, so that it joins the main queue directly if it comes back soon). The main queue
+//! is a FIFO that gives an entry read since it was last considered another round. One-hit
+//! wonders and scans so pass through the small queue without pushing out what is read
+//! again. Expired entries are never read; they go when their queue reaches them, when their
+//! key is written again, or when they are removed.
 //!
 //! It replaced moka, whose reads (a concurrent hash table, an epoch pin, a read-event queue
 //! and its maintenance, a clock read) were the largest single item of a near-cache hit:
 //! 135 ns a read against 50 here, clock read included, on one thread; 820 against about
 //! 400 with two threads reading one key (a throwaway comparison; `cargo bench --bench
-//! hot_path -- memory` shows the hit as a whole). CLOCK keeps what is read again and lets
-//! what was read once go first; it has no frequency sketch, so a scan of many new keys can
-//! push out entries read only once since the hand last passed.
+//! hot_path -- memory` shows the hit as a whole). Its hit ratios, from a replay of Zipf
+//! traces against moka's TinyLFU and an exact LRU, are in the README; the first version of
+//! this map used CLOCK, which did as LRU does and lost 4–7 points of hit ratio to moka.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -35,6 +40,8 @@ const MAX_SHARDS: usize = 16;
 /// A shard with this many slots or more drops its empty ones once fewer than a quarter
 /// are held.
 const COMPACT_FROM: usize = 64;
+/// Reads counted per entry (more are not told apart).
+const MAX_READS: u8 = 3;
 
 /// A concurrent map from keys to values, bounded by the weights its inserts declare.
 pub(crate) struct Bounded<V> {
@@ -44,29 +51,48 @@ pub(crate) struct Bounded<V> {
     hasher: crate::Keyed,
 }
 
+/// Which queue an entry is in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Queue {
+    Small,
+    Main,
+}
+
 struct Shard<V> {
     index: HashMap<EntryKey, u32, crate::Keyed>,
     slots: Vec<Slot<V>>,
     /// Slots whose entry went, to fill before growing.
     free: Vec<u32>,
-    /// Where the hand is (an index into `slots`).
-    hand: usize,
-    /// The weights of the entries held.
-    weight: u64,
+    /// The queues, oldest first: a slot and the stamp its entry was queued under (an entry
+    /// that went since leaves its place behind, told by a stamp that no longer matches).
+    small: VecDeque<(u32, u32)>,
+    main: VecDeque<(u32, u32)>,
+    /// The weights of the entries in each queue.
+    small_weight: u64,
+    main_weight: u64,
+    /// Hashes of keys lately evicted from the small queue unread, oldest first.
+    ghosts: VecDeque<u64>,
+    ghost_set: HashSet<u64, crate::Keyed>,
+    /// The next stamp.
+    stamp: u32,
 }
 
 struct Slot<V> {
     entry: Option<Held<V>>,
-    /// Read since the hand last passed.
-    used: AtomicBool,
+    /// Reads since the entry came in, or since the main queue last gave it another round.
+    reads: AtomicU8,
 }
 
 struct Held<V> {
     key: EntryKey,
+    /// The key's hash (`Bounded::hash`), remembered as a ghost when it is evicted unread.
+    hash: u64,
     value: V,
     weight: u32,
     /// When it expires, in ms of `clock::monotonic_ms`.
     expires: u64,
+    queue: Queue,
+    stamp: u32,
 }
 
 /// Expiry is on a monotonic clock: a wall clock stepping back must not keep an entry alive.
@@ -78,7 +104,7 @@ impl<V> Bounded<V> {
         let shards = usize::try_from(budget / MIN_SHARD_BYTES)
             .unwrap_or(MAX_SHARDS)
             .clamp(1, MAX_SHARDS);
-        // A power of two, so the shard is a mask of the digest.
+        // A power of two, so the shard is a mask of the hash.
         let shards = if shards.is_power_of_two() {
             shards
         } else {
@@ -91,30 +117,34 @@ impl<V> Bounded<V> {
         }
     }
 
-    fn shard(&self, key: &EntryKey) -> &RwLock<Shard<V>> {
+    /// The key's hash: its shard (the high bits; the index's table takes the low ones) and
+    /// its ghost. Hashed rather than read off the digest: a key made with `EntryKey::new`
+    /// can have any digest, and its shard must still be anyone's.
+    fn hash(&self, key: &EntryKey) -> u64 {
         use std::hash::BuildHasher;
-        // Hashed rather than read off the digest: a key made with `EntryKey::new` can have
-        // any digest, and its shard must still be anyone's. The high bits: the index's
-        // table takes the low ones.
-        let h = self.hasher.hash_one(key.digest());
-        &self.shards[(h >> 48) as usize & (self.shards.len() - 1)]
+        self.hasher.hash_one(key.digest())
     }
 
-    /// Calls `f` with the value under `key`, unless there is none or it has expired; marks
-    /// it used. `f` runs under the shard's read lock: it should copy out what it needs, and
+    fn shard(&self, hash: u64) -> &RwLock<Shard<V>> {
+        &self.shards[(hash >> 48) as usize & (self.shards.len() - 1)]
+    }
+
+    /// Calls `f` with the value under `key`, unless there is none or it has expired; counts
+    /// the read. `f` runs under the shard's read lock: it should copy out what it needs, and
     /// must neither touch this map nor take a lock (a writer waiting on the shard would
     /// stall every reader of it behind `f`'s wait).
     pub(crate) fn read<R>(&self, key: &EntryKey, f: impl FnOnce(&V) -> R) -> Option<R> {
         let now = monotonic_ms();
-        let shard = lock::read(self.shard(key));
+        let shard = lock::read(self.shard(self.hash(key)));
         let at = *shard.index.get(key)?;
         let slot = &shard.slots[at as usize];
         let held = slot.entry.as_ref()?;
         if held.expires <= now {
             return None;
         }
-        if !slot.used.load(Ordering::Relaxed) {
-            slot.used.store(true, Ordering::Relaxed);
+        let reads = slot.reads.load(Ordering::Relaxed);
+        if reads < MAX_READS {
+            slot.reads.store(reads + 1, Ordering::Relaxed);
         }
         Some(f(&held.value))
     }
@@ -127,19 +157,20 @@ impl<V> Bounded<V> {
         let expires = now.saturating_add(crate::entry::millis(ttl));
         // Nothing weighs nothing: every entry can be evicted to make room.
         let weight = weight.max(1);
-        let shard = self.shard(&key);
+        let hash = self.hash(&key);
+        let shard = self.shard(hash);
         if u64::from(weight) > self.share {
             let gone = lock::write(shard).take_key(&key);
             drop(gone);
             return false;
         }
         let mut s = lock::write(shard);
-        let Some((at, old)) = s.put(key, value, weight, expires) else {
+        let Some((at, old)) = s.put(key, hash, value, weight, expires) else {
             return false;
         };
         let mut evicted = Vec::new();
-        while s.weight > self.share {
-            match s.evict_one(at, now) {
+        while s.small_weight + s.main_weight > self.share {
+            match s.evict_one(at, now, self.share) {
                 Some(held) => evicted.push(held),
                 None => break,
             }
@@ -153,14 +184,14 @@ impl<V> Bounded<V> {
 
     /// Takes the value under `key` out, if any (expired or not).
     pub(crate) fn remove(&self, key: &EntryKey) -> Option<V> {
-        let held = lock::write(self.shard(key)).take_key(key)?;
+        let held = lock::write(self.shard(self.hash(key))).take_key(key)?;
         (held.expires > monotonic_ms()).then_some(held.value)
     }
 
     /// Takes the value under `key` out if it is still the one `same` recognizes (not one a
     /// write put there since it was read); whether it did.
     pub(crate) fn remove_if(&self, key: &EntryKey, same: impl FnOnce(&V) -> bool) -> bool {
-        let mut shard = lock::write(self.shard(key));
+        let mut shard = lock::write(self.shard(self.hash(key)));
         let Some(&at) = shard.index.get(key) else {
             return false;
         };
@@ -190,7 +221,10 @@ impl<V> Bounded<V> {
     pub(crate) fn count(&self) -> (u64, u64) {
         self.shards.iter().fold((0, 0), |(entries, weight), shard| {
             let s = lock::read(shard);
-            (entries + s.index.len() as u64, weight + s.weight)
+            (
+                entries + s.index.len() as u64,
+                weight + s.small_weight + s.main_weight,
+            )
         })
     }
 }
@@ -201,46 +235,77 @@ impl<V> Shard<V> {
             index: HashMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
-            hand: 0,
-            weight: 0,
+            small: VecDeque::new(),
+            main: VecDeque::new(),
+            small_weight: 0,
+            main_weight: 0,
+            ghosts: VecDeque::new(),
+            ghost_set: HashSet::default(),
+            stamp: 0,
         }
     }
 
-    /// Puts the entry in (over the key's old one, which it returns); where it is. `None`
-    /// (and nothing put) when a new slot would not have an index.
+    fn next_stamp(&mut self) -> u32 {
+        self.stamp = self.stamp.wrapping_add(1);
+        self.stamp
+    }
+
+    fn weight_of(&mut self, queue: Queue) -> &mut u64 {
+        match queue {
+            Queue::Small => &mut self.small_weight,
+            Queue::Main => &mut self.main_weight,
+        }
+    }
+
+    /// Puts the entry in (over the key's old one, which it returns, keeping its place in
+    /// its queue); where it is. A new key joins the small queue, or the main one when it
+    /// was evicted unread lately (a ghost). `None` (and nothing put) when a new slot would
+    /// not have an index.
     fn put(
         &mut self,
         key: EntryKey,
+        hash: u64,
         value: V,
         weight: u32,
         expires: u64,
     ) -> Option<(usize, Option<Held<V>>)> {
         if let Some(&at) = self.index.get(&key) {
             let slot = &mut self.slots[at as usize];
-            let new = Held {
+            let old = slot.entry.take()?;
+            let (queue, stamp) = (old.queue, old.stamp);
+            slot.entry = Some(Held {
                 key,
+                hash,
                 value,
                 weight,
                 expires,
-            };
-            let old = slot.entry.replace(new);
-            self.weight += u64::from(weight);
-            if let Some(old) = &old {
-                self.weight -= u64::from(old.weight);
-            }
-            return Some((at as usize, old));
+                queue,
+                stamp,
+            });
+            let w = self.weight_of(queue);
+            *w = *w + u64::from(weight) - u64::from(old.weight);
+            return Some((at as usize, Some(old)));
         }
+        let queue = if self.ghost_set.remove(&hash) {
+            Queue::Main
+        } else {
+            Queue::Small
+        };
+        let stamp = self.next_stamp();
         let held = Held {
             key: key.clone(),
+            hash,
             value,
             weight,
             expires,
+            queue,
+            stamp,
         };
         let at = match self.free.pop() {
             Some(at) => {
                 let slot = &mut self.slots[at as usize];
                 slot.entry = Some(held);
-                *slot.used.get_mut() = false;
+                *slot.reads.get_mut() = 0;
                 at
             }
             None => {
@@ -249,37 +314,116 @@ impl<V> Shard<V> {
                 let at = u32::try_from(self.slots.len()).ok()?;
                 self.slots.push(Slot {
                     entry: Some(held),
-                    used: AtomicBool::new(false),
+                    reads: AtomicU8::new(0),
                 });
                 at
             }
         };
-        self.weight += u64::from(weight);
+        match queue {
+            Queue::Small => self.small.push_back((at, stamp)),
+            Queue::Main => self.main.push_back((at, stamp)),
+        }
+        *self.weight_of(queue) += u64::from(weight);
         self.index.insert(key, at);
         Some((at as usize, None))
     }
 
-    /// Evicts one entry other than `keep`: the first the hand finds expired or not used
-    /// since it last passed. `None` when there is nothing else to evict.
-    fn evict_one(&mut self, keep: usize, now: u64) -> Option<Held<V>> {
-        let n = self.slots.len();
-        // Twice round at most: the first pass unmarks everything it passes.
-        for _ in 0..2 * n {
-            let at = self.hand;
-            self.hand = (self.hand + 1) % n;
-            if at == keep {
+    /// Whether `(at, stamp)` from a queue still names the entry queued there.
+    fn live(&self, at: u32, stamp: u32, queue: Queue) -> bool {
+        self.slots
+            .get(at as usize)
+            .and_then(|s| s.entry.as_ref())
+            .is_some_and(|h| h.stamp == stamp && h.queue == queue)
+    }
+
+    /// Evicts one entry other than `keep` (S3-FIFO, see the module docs). `None` when there
+    /// is nothing else to evict.
+    fn evict_one(&mut self, keep: usize, now: u64, share: u64) -> Option<Held<V>> {
+        // Each turn evicts, moves one entry from small to main, takes a read off one main
+        // entry (at most `MAX_READS` each) or drops a stale place: bounded by the queues.
+        let turns = (self.small.len() + self.main.len()) * (usize::from(MAX_READS) + 2) + 2;
+        let mut small_first = true;
+        // The main queue holds nothing to evict but the newcomer.
+        let mut main_spent = false;
+        for _ in 0..turns {
+            let from_small = small_first
+                && (self.small_weight > share / 10 || self.main.is_empty() || main_spent);
+            if from_small {
+                let Some((at, stamp)) = self.small.pop_front() else {
+                    small_first = false;
+                    continue;
+                };
+                if !self.live(at, stamp, Queue::Small) {
+                    continue;
+                }
+                if at as usize == keep {
+                    // The newcomer stays; the main queue gives up one instead.
+                    self.small.push_front((at, stamp));
+                    small_first = false;
+                    continue;
+                }
+                let slot = &mut self.slots[at as usize];
+                let held = slot.entry.as_mut()?;
+                if held.expires <= now {
+                    return self.take(at);
+                }
+                if *slot.reads.get_mut() > 0 {
+                    // Read since it came in: into the main queue.
+                    *slot.reads.get_mut() = 0;
+                    held.queue = Queue::Main;
+                    let w = u64::from(held.weight);
+                    let stamp = self.next_stamp();
+                    if let Some(held) = self.slots[at as usize].entry.as_mut() {
+                        held.stamp = stamp;
+                    }
+                    self.small_weight -= w;
+                    self.main_weight += w;
+                    self.main.push_back((at, stamp));
+                    continue;
+                }
+                // Unread: out, remembered as a ghost.
+                let gone = self.take(at)?;
+                self.haunt(gone.hash);
+                return Some(gone);
+            }
+            let (at, stamp) = self.main.pop_front()?;
+            if !self.live(at, stamp, Queue::Main) {
                 continue;
             }
-            let slot = &mut self.slots[at];
-            let Some(held) = &slot.entry else { continue };
-            let used = slot.used.get_mut();
-            if *used && held.expires > now {
-                *used = false;
+            if at as usize == keep {
+                self.main.push_back((at, stamp));
+                if self.main.len() == 1 {
+                    if !small_first || self.small.is_empty() {
+                        return None;
+                    }
+                    main_spent = true;
+                }
                 continue;
             }
-            return self.take(u32::try_from(at).ok()?);
+            let slot = &mut self.slots[at as usize];
+            let expired = slot.entry.as_ref().is_some_and(|h| h.expires <= now);
+            let reads = slot.reads.get_mut();
+            if *reads > 0 && !expired {
+                // Read since it was last considered: another round.
+                *reads -= 1;
+                self.main.push_back((at, stamp));
+                continue;
+            }
+            return self.take(at);
         }
         None
+    }
+
+    /// Remembers an evicted key as a ghost, keeping as many ghosts as entries (at least 16).
+    fn haunt(&mut self, hash: u64) {
+        if self.ghost_set.insert(hash) {
+            self.ghosts.push_back(hash);
+        }
+        while self.ghosts.len() > self.index.len().max(16) {
+            if let Some(old) = self.ghosts.pop_front() {
+                self.ghost_set.remove(&old);
+            }
+        }
     }
 
     /// Takes `key`'s entry out (and settles: see `settle`).
@@ -290,48 +434,75 @@ impl<V> Shard<V> {
         held
     }
 
+    /// Takes the entry in slot `at` out; its place in its queue is left behind, stale.
     fn take(&mut self, at: u32) -> Option<Held<V>> {
         let slot = self.slots.get_mut(at as usize)?;
         let held = slot.entry.take()?;
-        *slot.used.get_mut() = false;
+        *slot.reads.get_mut() = 0;
         self.index.remove(&held.key);
-        self.weight -= u64::from(held.weight);
+        *self.weight_of(held.queue) -= u64::from(held.weight);
         self.free.push(at);
         Some(held)
     }
 
-    /// Drops the empty slots once fewer than a quarter of them hold an entry: a shard that
-    /// held many small entries and now holds a few large ones keeps no room for the many.
-    /// (Slot numbers change: never while an insert still needs its own.)
+    /// Drops the empty slots once fewer than a quarter of them hold an entry (a shard that
+    /// held many small entries and now holds a few large ones keeps no room for the many),
+    /// and the stale places once the queues hold twice as many as there are entries. (Slot
+    /// numbers change: never while an insert still needs its own.)
     fn settle(&mut self) {
-        if self.slots.len() >= COMPACT_FROM && self.index.len() * 4 < self.slots.len() {
+        let held = self.index.len();
+        if self.slots.len() >= COMPACT_FROM && held * 4 < self.slots.len() {
             self.compact();
+        } else if self.small.len() + self.main.len() > 2 * held + COMPACT_FROM {
+            let (small, main) = (
+                std::mem::take(&mut self.small),
+                std::mem::take(&mut self.main),
+            );
+            self.small = small
+                .into_iter()
+                .filter(|&(at, stamp)| self.live(at, stamp, Queue::Small))
+                .collect();
+            self.main = main
+                .into_iter()
+                .filter(|&(at, stamp)| self.live(at, stamp, Queue::Main))
+                .collect();
         }
     }
 
     fn compact(&mut self) {
-        let hand = self.hand;
         let mut kept = Vec::with_capacity(self.index.len());
-        let mut new_hand = None;
-        for (at, slot) in std::mem::take(&mut self.slots).into_iter().enumerate() {
+        // Each old slot's new number (`u32::MAX`: empty, dropped).
+        let mut renumber = Vec::with_capacity(self.slots.len());
+        for slot in std::mem::take(&mut self.slots) {
             if slot.entry.is_some() {
-                if new_hand.is_none() && at >= hand {
-                    new_hand = Some(kept.len());
-                }
+                // Fewer slots than before: every number fits.
+                renumber.push(kept.len() as u32);
                 kept.push(slot);
-            }
-        }
-        self.hand = new_hand.unwrap_or(0);
-        self.index.clear();
-        self.index.shrink_to(kept.len());
-        for (at, slot) in kept.iter().enumerate() {
-            if let Some(held) = &slot.entry {
-                // Fewer slots than before: every index fits.
-                self.index.insert(held.key.clone(), at as u32);
+            } else {
+                renumber.push(u32::MAX);
             }
         }
         self.slots = kept;
         self.free = Vec::new();
+        let requeue = |queue: VecDeque<(u32, u32)>, which: Queue, slots: &[Slot<V>]| {
+            queue
+                .into_iter()
+                .filter_map(|(at, stamp)| {
+                    let at = *renumber.get(at as usize)?;
+                    let held = slots.get(at as usize)?.entry.as_ref()?;
+                    (held.stamp == stamp && held.queue == which).then_some((at, stamp))
+                })
+                .collect()
+        };
+        self.small = requeue(std::mem::take(&mut self.small), Queue::Small, &self.slots);
+        self.main = requeue(std::mem::take(&mut self.main), Queue::Main, &self.slots);
+        self.index.clear();
+        self.index.shrink_to(self.slots.len());
+        for (at, slot) in self.slots.iter().enumerate() {
+            if let Some(held) = &slot.entry {
+                self.index.insert(held.key.clone(), at as u32);
+            }
+        }
     }
 }
 
@@ -405,7 +576,7 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_read_since_the_hand_passed_outlives_one_that_was_not() {
+    fn an_entry_read_since_it_came_in_outlives_one_that_was_not() {
         // One shard of 1,000 bytes: ten entries of 100.
         let m = Bounded::new(1_000);
         for i in 0..10 {
@@ -414,7 +585,8 @@ mod tests {
         for i in 0..5 {
             assert_eq!(get(&m, i), Some(i));
         }
-        // Five new entries push out the five never read, not the five read.
+        // Five new entries push out the five never read, not the five read (which move to
+        // the main queue).
         for i in 10..15 {
             m.insert(key(i), i, 100, HOUR);
         }
@@ -557,6 +729,126 @@ mod tests {
         assert!(!m.remove_if(&key(1), |_| true), "nothing to remove");
     }
 
+    /// A Zipf(`s`) trace over `keys` keys (ranks spread over the key space), `n` requests.
+    fn zipf(keys: u64, s: f64, n: usize, seed: u64) -> Vec<u64> {
+        let mut cdf: Vec<f64> = (1..=keys).map(|i| 1.0 / (i as f64).powf(s)).collect();
+        let total: f64 = cdf.iter().sum();
+        let mut acc = 0.0;
+        for p in &mut cdf {
+            acc += *p / total;
+            *p = acc;
+        }
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+                (cdf.partition_point(|&c| c < u) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            })
+            .collect()
+    }
+
+    /// Hit ratios of this map and of an exact LRU of the same size, read-through.
+    fn replay(trace: &[u64], size: u64) -> (f64, f64) {
+        let m = Bounded::new(size);
+        let mut ours = 0;
+        for &k in trace {
+            if get(&m, k).is_some() {
+                ours += 1;
+            } else {
+                m.insert(key(k), k, 1, HOUR);
+            }
+        }
+        let (mut at, mut order) = (HashMap::new(), std::collections::BTreeMap::new());
+        let mut lru = 0;
+        for (tick, &k) in trace.iter().enumerate() {
+            if let Some(old) = at.insert(k, tick) {
+                order.remove(&old);
+                lru += 1;
+            }
+            order.insert(tick, k);
+            if at.len() as u64 > size {
+                if let Some((_, oldest)) = order.pop_first() {
+                    at.remove(&oldest);
+                }
+            }
+        }
+        let n = trace.len() as f64;
+        (ours as f64 / n, lru as f64 / n)
+    }
+
+    #[test]
+    fn hit_ratios_beat_an_exact_lru_on_skewed_and_scanned_traces() {
+        // A cache of 1% of the keys, as a near tier in front of a large key space is. (A
+        // replay of 1,000,000 requests against moka's TinyLFU is in the README: this map
+        // came within half a point of it or better; CLOCK, its first policy, did as LRU
+        // does.)
+        let skewed = zipf(20_000, 0.8, 200_000, 0x5EED);
+        let (ours, lru) = replay(&skewed, 200);
+        assert!(
+            ours >= lru + 0.05,
+            "Zipf 0.8: {ours:.3} against LRU {lru:.3}"
+        );
+        // The same with a scan of 2,000 keys never seen again every 5,000 requests.
+        let mut scanned = Vec::new();
+        for (i, k) in zipf(20_000, 1.0, 200_000, 0xFEED).into_iter().enumerate() {
+            if i % 5_000 == 4_999 {
+                scanned.extend((0..2_000).map(|j| (1 << 40) + (i * 2_000 + j) as u64));
+            }
+            scanned.push(k);
+        }
+        let (ours, lru) = replay(&scanned, 200);
+        assert!(
+            ours >= lru + 0.03,
+            "Zipf 1.0 with scans: {ours:.3} against LRU {lru:.3}"
+        );
+    }
+
+    #[test]
+    fn an_evicted_key_that_comes_back_soon_goes_straight_to_the_main_queue() {
+        let m = Bounded::new(1_000);
+        for i in 0..10 {
+            m.insert(key(i), i, 100, HOUR);
+        }
+        // Key 0 goes unread (the oldest in the small queue) and is remembered.
+        m.insert(key(10), 10, 100, HOUR);
+        assert_eq!(get(&m, 0), None);
+        m.insert(key(0), 0, 100, HOUR);
+        let queue = |i: u64| {
+            let s = lock::read(&m.shards[0]);
+            let at = s.index[&key(i)];
+            s.slots[at as usize].entry.as_ref().map(|h| h.queue)
+        };
+        assert_eq!(
+            queue(0),
+            Some(Queue::Main),
+            "a ghost comes back into the main queue"
+        );
+        assert_eq!(queue(10), Some(Queue::Small));
+        // A scan of new keys, never read, passes through the small queue: key 0 stays.
+        for i in 100..200 {
+            m.insert(key(i), i, 100, HOUR);
+        }
+        assert_eq!(get(&m, 0), Some(0));
+    }
+
+    #[test]
+    fn a_heavy_ghost_coming_back_evicts_from_the_small_queue_when_it_must() {
+        let m = Bounded::new(1_000);
+        m.insert(key(1), 1, 950, HOUR);
+        // Pushed out unread by key 2: a ghost.
+        m.insert(key(2), 2, 60, HOUR);
+        assert_eq!(get(&m, 1), None);
+        // Key 1 comes back into the (empty) main queue; the small queue (60, under its
+        // tenth) must give way all the same.
+        assert!(m.insert(key(1), 1, 950, HOUR));
+        assert_eq!(get(&m, 1), Some(1));
+        assert_eq!(get(&m, 2), None);
+        assert!(m.count().1 <= 1_000);
+    }
+
     #[test]
     fn cleared_means_empty_and_usable() {
         let m = Bounded::new(1 << 20);
@@ -621,7 +913,23 @@ mod tests {
             assert_eq!(free.len(), s.free.len(), "no slot freed twice");
             assert!(free.iter().all(|&at| s.slots[at as usize].entry.is_none()));
             assert_eq!(free.len() + held, s.slots.len(), "every empty slot is free");
-            assert!(s.hand < s.slots.len().max(1));
+            // Every entry is queued exactly once where it says it is, and the queues'
+            // weights are the entries'.
+            let (mut small, mut main) = (0, 0);
+            for (at, slot) in s.slots.iter().enumerate() {
+                let Some(h) = &slot.entry else { continue };
+                let place = (at as u32, h.stamp);
+                let queued = match h.queue {
+                    Queue::Small => s.small.iter().filter(|&&q| q == place).count(),
+                    Queue::Main => s.main.iter().filter(|&&q| q == place).count(),
+                };
+                assert_eq!(queued, 1, "slot {at} queued once in {:?}", h.queue);
+                match h.queue {
+                    Queue::Small => small += u64::from(h.weight),
+                    Queue::Main => main += u64::from(h.weight),
+                }
+            }
+            assert_eq!((small, main), (s.small_weight, s.main_weight));
         }
         assert_eq!((seen, total), (entries, weight));
     }
