@@ -536,6 +536,19 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
+    /// One shard of 1,000 bytes holding ten entries of 100 (keys 0 to 9), each read once
+    /// if `read`.
+    fn full_shard(read: bool) -> Bounded<u64> {
+        let m = Bounded::new(1_000);
+        for i in 0..10 {
+            m.insert(key(i), i, 100, HOUR);
+            if read {
+                assert_eq!(get(&m, i), Some(i));
+            }
+        }
+        m
+    }
+
     fn get(m: &Bounded<u64>, i: u64) -> Option<u64> {
         m.read(&key(i), |v| *v)
     }
@@ -595,11 +608,7 @@ mod tests {
 
     #[test]
     fn an_entry_read_since_it_came_in_outlives_one_that_was_not() {
-        // One shard of 1,000 bytes: ten entries of 100.
-        let m = Bounded::new(1_000);
-        for i in 0..10 {
-            m.insert(key(i), i, 100, HOUR);
-        }
+        let m = full_shard(false);
         for i in 0..5 {
             assert_eq!(get(&m, i), Some(i));
         }
@@ -621,11 +630,7 @@ mod tests {
 
     #[test]
     fn the_entry_being_inserted_is_never_its_own_victim() {
-        let m = Bounded::new(1_000);
-        for i in 0..10 {
-            m.insert(key(i), i, 100, HOUR);
-            assert_eq!(get(&m, i), Some(i));
-        }
+        let m = full_shard(true);
         // Everything is marked used; the heavy newcomer still goes in.
         m.insert(key(99), 99, 900, HOUR);
         assert_eq!(get(&m, 99), Some(99));
@@ -826,10 +831,7 @@ mod tests {
 
     #[test]
     fn an_evicted_key_that_comes_back_soon_goes_straight_to_the_main_queue() {
-        let m = Bounded::new(1_000);
-        for i in 0..10 {
-            m.insert(key(i), i, 100, HOUR);
-        }
+        let m = full_shard(false);
         // Key 0 goes unread (the oldest in the small queue) and is remembered.
         m.insert(key(10), 10, 100, HOUR);
         assert_eq!(get(&m, 0), None);
@@ -974,19 +976,12 @@ mod tests {
     fn a_rewrite_of_the_oldest_small_entry_still_keeps_the_budget() {
         // The reviewer's case: the rewritten key is at the front of the small queue and the
         // main queue is empty.
-        let m = Bounded::new(1_000);
-        for i in 0..10 {
-            m.insert(key(i), i, 100, HOUR);
-        }
+        let m = full_shard(false);
         m.insert(key(0), 0, 200, HOUR);
         assert_eq!(get(&m, 0), Some(0));
         check(&m);
         // The same with a main queue holding only stale places (its entries removed).
-        let m = Bounded::new(1_000);
-        for i in 0..10 {
-            m.insert(key(i), i, 100, HOUR);
-            assert_eq!(get(&m, i), Some(i));
-        }
+        let m = full_shard(true);
         m.insert(key(10), 10, 100, HOUR); // moves the read ones to the main queue
         for i in 0..9 {
             m.remove(&key(i));
