@@ -55,7 +55,7 @@ fn mono_ms(at: Instant) -> u64 {
 pub(crate) fn wall_ms_at(at: Instant) -> u64 {
     let mono = mono_ms(at);
     let checked = OFFSET_AT.load(Ordering::Acquire);
-    if checked == 0 || mono.saturating_sub(checked) > OFFSET_FOR_MS {
+    let offset = if checked == 0 || mono.saturating_sub(checked) > OFFSET_FOR_MS {
         // The wall clock between two monotonic reads, taken again (a few times at most)
         // when the thread was held up between them; measured against the clock now, not
         // `at` (which may be a pinned instant).
@@ -78,14 +78,10 @@ pub(crate) fn wall_ms_at(at: Instant) -> u64 {
         let offset = i64::try_from(wall).unwrap_or(i64::MAX) - i64::try_from(now).unwrap_or(0);
         OFFSET.store(offset, Ordering::Relaxed);
         OFFSET_AT.store(now, Ordering::Release);
-        return u64::try_from(
-            i64::try_from(mono)
-                .unwrap_or(i64::MAX)
-                .saturating_add(offset),
-        )
-        .unwrap_or(0);
-    }
-    let offset = OFFSET.load(Ordering::Relaxed);
+        offset
+    } else {
+        OFFSET.load(Ordering::Relaxed)
+    };
     u64::try_from(
         i64::try_from(mono)
             .unwrap_or(i64::MAX)

@@ -271,73 +271,63 @@ impl<V> Shard<V> {
         weight: u32,
         expires: u64,
     ) -> Option<(usize, Option<Held<V>>)> {
-        if let Some(&at) = self.index.get(&key) {
-            // A rewrite in the small queue goes to its back, as a newcomer (eviction takes
-            // the one being inserted to be the youngest there); in the main queue it keeps
-            // its place.
-            let requeued = match self.slots[at as usize].entry.as_ref()?.queue {
-                Queue::Small => Some(self.next_stamp()),
-                Queue::Main => None,
-            };
-            let slot = &mut self.slots[at as usize];
-            let old = slot.entry.take()?;
-            let (queue, stamp) = (old.queue, requeued.unwrap_or(old.stamp));
-            if requeued.is_some() {
-                self.small.push_back((at, stamp));
+        // Where it goes: over the key's old entry, or into a slot of its own.
+        // `queued`: it keeps the place it has.
+        let (at, old, queue, stamp, queued) = match self.index.get(&key) {
+            Some(&at) => {
+                let old = self.slots[at as usize].entry.take()?;
+                // A rewrite in the small queue goes to its back, as a newcomer (eviction
+                // takes the one being inserted to be the youngest there); in the main
+                // queue it keeps its place.
+                let stamp = match old.queue {
+                    Queue::Small => self.next_stamp(),
+                    Queue::Main => old.stamp,
+                };
+                let (queue, queued) = (old.queue, stamp == old.stamp);
+                *self.weight_of(queue) -= u64::from(old.weight);
+                (at, Some(old), queue, stamp, queued)
             }
-            slot.entry = Some(Held {
-                key,
-                hash,
-                value,
-                weight,
-                expires,
-                queue,
-                stamp,
-            });
-            let w = self.weight_of(queue);
-            *w = *w + u64::from(weight) - u64::from(old.weight);
-            return Some((at as usize, Some(old)));
-        }
-        let queue = if self.ghost_set.remove(&hash).is_some() {
-            Queue::Main
-        } else {
-            Queue::Small
+            None => {
+                let queue = if self.ghost_set.remove(&hash).is_some() {
+                    Queue::Main
+                } else {
+                    Queue::Small
+                };
+                let at = match self.free.pop() {
+                    Some(at) => at,
+                    None => {
+                        // 4 G entries in one shard: not a budget anyone sets, but never a
+                        // slot two keys share.
+                        let at = u32::try_from(self.slots.len()).ok()?;
+                        self.slots.push(Slot {
+                            entry: None,
+                            reads: AtomicU8::new(0),
+                        });
+                        at
+                    }
+                };
+                *self.slots[at as usize].reads.get_mut() = 0;
+                self.index.insert(key.clone(), at);
+                (at, None, queue, self.next_stamp(), false)
+            }
         };
-        let stamp = self.next_stamp();
-        let held = Held {
-            key: key.clone(),
+        if !queued {
+            match queue {
+                Queue::Small => self.small.push_back((at, stamp)),
+                Queue::Main => self.main.push_back((at, stamp)),
+            }
+        }
+        *self.weight_of(queue) += u64::from(weight);
+        self.slots[at as usize].entry = Some(Held {
+            key,
             hash,
             value,
             weight,
             expires,
             queue,
             stamp,
-        };
-        let at = match self.free.pop() {
-            Some(at) => {
-                let slot = &mut self.slots[at as usize];
-                slot.entry = Some(held);
-                *slot.reads.get_mut() = 0;
-                at
-            }
-            None => {
-                // 4 G entries in one shard: not a budget anyone sets, but never a slot two
-                // keys share.
-                let at = u32::try_from(self.slots.len()).ok()?;
-                self.slots.push(Slot {
-                    entry: Some(held),
-                    reads: AtomicU8::new(0),
-                });
-                at
-            }
-        };
-        match queue {
-            Queue::Small => self.small.push_back((at, stamp)),
-            Queue::Main => self.main.push_back((at, stamp)),
-        }
-        *self.weight_of(queue) += u64::from(weight);
-        self.index.insert(key, at);
-        Some((at as usize, None))
+        });
+        Some((at as usize, old))
     }
 
     /// Whether `(at, stamp)` from a queue still names the entry queued there.

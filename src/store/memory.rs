@@ -24,13 +24,14 @@ const ENTRY_OVERHEAD: usize = 448;
 /// Clones share the same cache. When the byte budget is reached, entries are evicted by
 /// S3-FIFO: a new entry that is not read again goes first, one read again is kept while
 /// it is read, and a scan of one-off keys does not push out what is read again. Entries
-/// expire after their TTL. The budget is split into shards (one per 8 MiB of
-/// budget, rounded down to a power of two, at most 16), and an entry is stored only if it
-/// fits in one: a shard's share is the whole budget under 16 MiB, else at least 8 MiB and at
-/// least a sixteenth of the budget. An entry weighs its body, key and tags plus about
-/// 450 bytes; a fill heavier than a share reports [`FillOutcome::Dropped`]. A clear records each tag's clear (at most
-/// 16,384 records, about 1 MiB beyond the budget, by default) and costs the same whatever
-/// the tags carry; entries it made dead are dropped when next read, or by TTL and eviction.
+/// expire after their TTL. The budget is split into shards (one per 8 MiB of budget,
+/// rounded down to a power of two, at most 16), and an entry is stored only if it fits in
+/// one: a shard's share is the whole budget under 16 MiB, else at least 8 MiB and at least
+/// a sixteenth of the budget. An entry weighs its body, key and tags plus about 450 bytes;
+/// a fill heavier than a share reports [`FillOutcome::Dropped`]. A clear records each tag's
+/// clear (at most 16,384 records, about 1 MiB beyond the budget, by default) and costs the
+/// same whatever the tags carry; entries it made dead are dropped when next read, or by TTL
+/// and eviction.
 ///
 /// ```
 /// use tower_cache_aside::{CacheLayer, store::MemoryStore};
